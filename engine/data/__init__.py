@@ -1,0 +1,17 @@
+"""Data spine: tokenizer, Megatron-compatible indexed datasets, GPT samples, blending, the embedded corpus.
+
+Names load on first use.
+"""
+
+from engine._lazy import lazy_exports
+
+_EXPORTS = {
+    "IndexedDataset": "engine.data.indexed_dataset",
+    "IndexedDatasetBuilder": "engine.data.indexed_dataset",
+    "GPTDataset": "engine.data.gpt_dataset",
+    "BlendedDataset": "engine.data.blended_dataset",
+    "load_tokenizer": "engine.data.tokenizer",
+    "Tokenizer": "engine.data.tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,39 @@
+"""Installs the packages `engine` and `kernels` and builds the C++ data helpers (`engine.data._helpers`)."""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext_modules = [
+    Pybind11Extension(
+        "engine.data._helpers",
+        ["csrc/helpers.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    )
+]
+
+setup(
+    name="engine",
+    version="0.1.0",
+    description="A performance-first LLM pretraining engine: Triton kernels, Megatron-style parallelism, data spine",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # A range that the CPU build on the project's machines satisfies; a bare `torch` would pull a CUDA build.
+        "torch>=2.4",
+        "numpy>=1.24",
+        "tokenizers>=0.15",
+        "tqdm>=4.60",
+        "tomli>=2.0; python_version < '3.11'",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "ruff>=0.5"],
+        # Optional speed-ups; the engine detects them at run time and never requires them.
+        "cuda": ["flash-attn", "nvidia-ml-py"],
+        "tensorboard": ["tensorboard"],
+    },
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    zip_safe=False,
+)

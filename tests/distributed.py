@@ -1,0 +1,94 @@
+"""Runs a function in N real `torch.distributed` processes on the gloo backend, for tests.
+
+Each process gets a free port, a clean teardown, and a child's traceback is raised in the parent, so a failing
+rank fails the test with its own stack.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn: Callable, rank: int, world_size: int, port: int, env: dict, args: tuple, queue) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - any failure must reach the parent with its traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 300.0, env: dict | None = None
+) -> list[Any]:
+    """Calls `fn(rank, world_size, *args)` in `world_size` spawned gloo processes; returns results by rank.
+
+    `fn` must be importable (defined at module level). The default process group is initialised before `fn`
+    runs and destroyed after it.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    env = {k: str(v) for k, v in (env or {}).items()}
+    procs = [
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, env, args, queue), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    try:
+        for _ in range(world_size):
+            try:
+                rank, status, payload = queue.get(timeout=timeout)
+            except Exception:  # queue.Empty: a rank hung or died without reporting
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                raise RuntimeError(
+                    f"distributed test timed out after {timeout}s; ranks that died: {dead}; errors so far: "
+                    + "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in errors.items())
+                ) from None
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors[rank] = payload
+                # One failing rank usually leaves the others blocked in a collective: stop waiting for them.
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 30)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        first = min(errors)
+        raise RuntimeError(f"rank {first} failed:\n{errors[first]}")
+    return [results[r] for r in range(world_size)]
