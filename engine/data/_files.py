@@ -1,0 +1,72 @@
+"""Small file helpers: temporary names renamed into place, fsync, and an fcntl lock.
+
+Data files are written under a temporary name in the destination directory and renamed only when complete, so a
+crash or Ctrl-C never leaves a half-written file under the final name (rename is atomic within one filesystem).
+"""
+
+import contextlib
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator
+
+
+def temp_path(path: str) -> str:
+    """A unique temporary name beside `path` (same directory, so the final rename stays atomic)."""
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(head, f".{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def fsync_path(path: str) -> None:
+    """Flushes a file's (or a directory's) contents to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Flushes the directory entry of `path`, so a rename into it survives a power loss."""
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories; the rename is still atomic
+        fsync_path(os.path.dirname(os.path.abspath(path)) or ".")
+
+
+def remove_quietly(*paths: str) -> None:
+    """Removes files that may not exist."""
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(p)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator:
+    """Opens a temporary file and renames it to `path` on success; on an exception the temporary file is removed."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Holds an exclusive fcntl lock on `path` (created if needed) for the duration of the block.
+
+    Other processes (ranks of one job, or two jobs) block in `file_lock` until the holder leaves; the lock is
+    released by the OS if the holder dies, so a crashed preparation never wedges later callers.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
