@@ -1,0 +1,25 @@
+"""Atomic, checksummed, manifest-described checkpoints (format in `checkpointer.py`).
+
+Names load on first use.
+"""
+
+from engine._lazy import lazy_exports
+
+_EXPORTS = {
+    "CheckpointError": "engine.checkpoint.checkpointer",
+    "LoadedCheckpoint": "engine.checkpoint.checkpointer",
+    "save_checkpoint": "engine.checkpoint.checkpointer",
+    "load_checkpoint": "engine.checkpoint.checkpointer",
+    "verify_checkpoint": "engine.checkpoint.checkpointer",
+    "read_manifest": "engine.checkpoint.checkpointer",
+    "latest_checkpoint": "engine.checkpoint.checkpointer",
+    "complete_checkpoints": "engine.checkpoint.checkpointer",
+    "resolve_checkpoint_path": "engine.checkpoint.checkpointer",
+    "apply_retention": "engine.checkpoint.checkpointer",
+    "optimizer_state_to_named": "engine.checkpoint.state",
+    "named_to_optimizer_state": "engine.checkpoint.state",
+    "capture_rng_state": "engine.checkpoint.state",
+    "restore_rng_state": "engine.checkpoint.state",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,286 @@
+"""Atomic, verifiable checkpoints: a directory per step, a JSON manifest, a checksum per file, a `latest` pointer.
+
+Layout of `ROOT/step_XXXXXXXX/` (ROOT is `RUN_DIR/checkpoints`):
+    manifest.json          format, step, caller metadata (config, layout, ...), every tensor's global shape/dtype
+                           and its shards (file, offsets, shape), and the sha256 and size of every other file
+    <group>_r<rank>.pt     named tensors of one group ("model", "optim") held by that rank
+    objects.pt             small replicated Python state (optimizer hyperparameters, loss scaler), from rank 0
+    rank_r<rank>.pt        per-rank Python state (RNG), one file per rank
+
+Protocol (why a crash never leaves a half checkpoint that looks complete): all ranks write into
+`ROOT/.step_XXXXXXXX.tmp/` and fsync their files; their checksums are gathered on rank 0, which writes and fsyncs the
+manifest, renames the directory to its final name, fsyncs ROOT, then replaces the `latest` file atomically and applies
+retention. A directory without manifest.json is never loaded.
+
+Tensors are recorded with global shapes and per-shard offsets, so a sharded layout (one file per rank holding
+slices) and resharding on load fit the same manifest; for data-parallel replicas rank 0 writes one full shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(ValueError):
+    """An unusable checkpoint (missing, corrupt, incompatible); the message is one line for the user."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_file(obj: Any, path: Path) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _dist_active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under `root` (those with a manifest), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = _STEP_RE.match(d.name)
+        if m and d.is_dir() and (d / MANIFEST).is_file():
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `ROOT/latest` names, or the newest complete one if the pointer is missing or stale."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        d = root / pointer.read_text().strip()
+        if (d / MANIFEST).is_file():
+            return d
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint directory from a user path: the directory itself, a checkpoints root, or a run directory."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"resume path {p} does not exist")
+    if (p / MANIFEST).is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"resume path {p} holds no complete checkpoint (no {MANIFEST})")
+
+
+def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint file {path} is corrupt (not valid JSON)") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_checkpoint(ckpt_dir: str | Path, files: list[str] | None = None) -> dict[str, Any]:
+    """Checks every file the manifest lists (or only `files`) against its sha256; returns the manifest."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest = read_manifest(ckpt_dir)
+    for name, info in manifest["files"].items():
+        if files is not None and name not in files:
+            continue
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {path} is corrupt (sha256 mismatch with {MANIFEST})")
+    return manifest
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    manifest: dict[str, Any]
+    tensors: dict[str, dict[str, torch.Tensor]]  # group -> name -> full (global) tensor
+    objects: dict[str, Any]
+    rank_objects: dict[str, Any] | None  # this rank's per-rank state; None when the saved layout had no such rank
+
+
+def load_checkpoint(ckpt_dir: str | Path, rank: int = 0, verify: bool = True) -> LoadedCheckpoint:
+    """Verifies and loads a checkpoint to CPU, assembling each tensor from its shards into its global shape."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest = verify_checkpoint(ckpt_dir) if verify else read_manifest(ckpt_dir)
+    cache: dict[str, dict[str, Any]] = {}
+
+    def load_file(name: str) -> Any:
+        if name not in cache:
+            path = ckpt_dir / name
+            try:
+                cache[name] = torch.load(path, map_location="cpu", weights_only=True)
+            except FileNotFoundError:
+                raise CheckpointError(f"checkpoint file {path} is missing") from None
+            except Exception as e:  # unpickling errors have many types
+                raise CheckpointError(f"checkpoint file {path} is unreadable: {type(e).__name__}") from None
+        return cache[name]
+
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for name, info in manifest["tensors"].items():
+        shape = tuple(info["shape"])
+        shards = info["shards"]
+        if len(shards) == 1 and tuple(shards[0]["shape"]) == shape:
+            full = load_file(shards[0]["file"])[name]
+        else:  # sharded: place each slice at its offsets
+            full = torch.empty(shape, dtype=getattr(torch, info["dtype"]))
+            for s in shards:
+                index = tuple(slice(o, o + n) for o, n in zip(s["offsets"], s["shape"]))
+                full[index] = load_file(s["file"])[name]
+        if tuple(full.shape) != shape:
+            raise CheckpointError(
+                f"checkpoint tensor {name} in {ckpt_dir} has shape {tuple(full.shape)}, manifest says {shape}"
+            )
+        tensors.setdefault(info["group"], {})[name] = full
+    objects = load_file("objects.pt") if "objects.pt" in manifest["files"] else {}
+    rank_file = f"rank_r{rank:05d}.pt"
+    rank_objects = load_file(rank_file) if rank_file in manifest["files"] else None
+    return LoadedCheckpoint(ckpt_dir, manifest, tensors, objects, rank_objects)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    objects: dict[str, Any],
+    rank_objects: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """Writes checkpoint `step` under `root` atomically on every rank (a collective when distributed).
+
+    `tensors` (group -> name -> tensor) and `objects` are replicated over ranks: rank 0 writes them. `rank_objects`
+    is written by every rank. `meta` (JSON-able: config, layout, data position...) goes into the manifest.
+    `keep` > 0 deletes all but the newest `keep` complete checkpoints afterwards. Returns the final directory.
+    """
+    root = Path(root)
+    distributed = _dist_active()
+    rank = dist.get_rank() if distributed else 0
+    name = step_dir_name(step)
+    tmp = root / f".{name}.tmp"
+    final = root / name
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a crash during an earlier save of this step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if distributed:
+        dist.barrier()
+
+    files: dict[str, dict[str, Any]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    if rank == 0:
+        for group, named in tensors.items():
+            fname = f"{group}_r{rank:05d}.pt"
+            cpu = {k: v.detach().cpu().contiguous() for k, v in named.items()}
+            files[fname] = _save_file(cpu, tmp / fname)
+            for k, v in cpu.items():
+                shape = list(v.shape)
+                entries[k] = {
+                    "group": group,
+                    "shape": shape,
+                    "dtype": str(v.dtype).removeprefix("torch."),
+                    "shards": [{"file": fname, "offsets": [0] * len(shape), "shape": shape}],
+                }
+        files["objects.pt"] = _save_file(objects, tmp / "objects.pt")
+    rank_file = f"rank_r{rank:05d}.pt"
+    files[rank_file] = _save_file(rank_objects, tmp / rank_file)
+
+    if distributed:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, files)
+        files = {k: v for part in gathered for k, v in part.items()}
+    if rank == 0:
+        files = dict(sorted(files.items()))
+        manifest = {"format": FORMAT_VERSION, "step": step, **meta, "tensors": entries, "files": files}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(tmp)
+        if final.exists():  # the same step saved again (e.g. a resumed run that ends where it started)
+            old = root / f".{name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_path(root)
+        pointer_tmp = root / f".{LATEST}.tmp"
+        with open(pointer_tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, root / LATEST)
+        _fsync_path(root)
+        if keep > 0:
+            apply_retention(root, keep)
+    if distributed:
+        dist.barrier()
+    return final
+
+
+def apply_retention(root: str | Path, keep: int) -> list[Path]:
+    """Deletes all but the newest `keep` complete checkpoints (never the one `latest` names); returns the deleted."""
+    root = Path(root)
+    found = complete_checkpoints(root)
+    protected = latest_checkpoint(root)
+    deleted = []
+    for _, d in found[: max(0, len(found) - keep)]:
+        if protected is not None and d.resolve() == protected.resolve():
+            continue
+        shutil.rmtree(d)
+        deleted.append(d)
+    return deleted

@@ -1,0 +1,109 @@
+"""What goes into a checkpoint besides the model: optimizer state keyed by parameter name, and RNG states.
+
+PyTorch's optimizer state_dict keys state by parameter *index*, which breaks as soon as the parameter list or its
+order changes (another layout, another grouping). Keying by parameter name, with each entry a plain tensor, is what
+lets a later load reshard it like model tensors.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def optimizer_state_to_named(
+    optimizer: torch.optim.Optimizer, param_names: dict[int, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Splits `optimizer.state_dict()` into tensors named `optim.<param>.<key>` and JSON-able metadata.
+
+    `param_names` maps `id(param)` to its name in the model. Non-tensor state values (e.g. an int step) and the
+    param groups' hyperparameters go into the metadata.
+    """
+    sd = optimizer.state_dict()
+    index_to_name = [param_names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        name = index_to_name[idx]
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{name}.{key}"] = value.detach().cpu()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    groups = []
+    for group in sd["param_groups"]:
+        g = {k: v for k, v in group.items() if k != "params"}
+        g["params"] = [index_to_name[i] for i in group["params"]]
+        groups.append(g)
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def named_to_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    param_names: dict[int, str],
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> None:
+    """Loads what `optimizer_state_to_named` produced into `optimizer` (whose groups may be ordered differently)."""
+    name_to_index = {
+        param_names[id(p)]: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])
+    }
+    state: dict[int, dict[str, Any]] = {}
+    for full, value in tensors.items():
+        if not full.startswith("optim."):
+            continue
+        name, _, key = full[len("optim.") :].rpartition(".")
+        if name not in name_to_index:
+            raise KeyError(f"checkpoint has optimizer state for unknown parameter '{name}'")
+        state.setdefault(name_to_index[name], {})[key] = value
+    for name, values in meta.get("scalars", {}).items():
+        state.setdefault(name_to_index[name], {}).update(values)
+    saved_groups = meta["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise KeyError(
+            f"checkpoint has {len(saved_groups)} optimizer param groups, this optimizer has "
+            f"{len(optimizer.param_groups)}"
+        )
+    groups = []
+    for saved, live in zip(saved_groups, optimizer.param_groups):
+        live_names = [param_names[id(p)] for p in live["params"]]
+        if sorted(saved["params"]) != sorted(live_names):
+            raise KeyError("checkpoint optimizer param groups hold different parameters than this optimizer's")
+        g = {k: v for k, v in saved.items() if k != "params"}
+        g["params"] = [name_to_index[n] for n in live_names]
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, as tensors and plain values (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Inverse of `capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

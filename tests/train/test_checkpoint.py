@@ -1,0 +1,105 @@
+"""The checkpoint format on its own: round trip, atomic layout, checksums, retention, named optimizer state."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint.checkpointer import (
+    CheckpointError,
+    apply_retention,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint_path,
+    save_checkpoint,
+)
+from engine.checkpoint.state import (
+    capture_rng_state,
+    named_to_optimizer_state,
+    optimizer_state_to_named,
+    restore_rng_state,
+)
+
+
+def _model_and_optimizer(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    opt = torch.optim.AdamW(
+        [{"params": [model[0].weight, model[1].weight]}, {"params": [model[0].bias, model[1].bias], "weight_decay": 0}]
+    )
+    model(torch.randn(5, 4)).square().mean().backward()
+    opt.step()
+    return model, opt
+
+
+def _save(root, step, model, opt, keep=0):
+    names = {id(p): n for n, p in model.named_parameters()}
+    otensors, ometa = optimizer_state_to_named(opt, names)
+    return save_checkpoint(
+        root,
+        step,
+        tensors={"model": dict(model.state_dict()), "optim": otensors},
+        objects={"optim": ometa},
+        rank_objects={"rng": capture_rng_state(torch.device("cpu"))},
+        meta={"config": {"x": 1}},
+        keep=keep,
+    )
+
+
+def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
+    model, opt = _model_and_optimizer()
+    random.seed(3)
+    np.random.seed(3)
+    path = _save(tmp_path, 5, model, opt)
+    expect = (random.random(), np.random.rand(), torch.rand(1))
+    assert path.name == "step_00000005" and (tmp_path / "latest").read_text().strip() == "step_00000005"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == 5 and manifest["config"] == {"x": 1}
+    w = manifest["tensors"]["0.weight"]
+    assert w["shape"] == [8, 4] and w["shards"][0]["offsets"] == [0, 0]
+    assert all(len(info["sha256"]) == 64 for info in manifest["files"].values())
+
+    model2, opt2 = _model_and_optimizer(seed=1)
+    ck = load_checkpoint(path)
+    model2.load_state_dict(ck.tensors["model"])
+    names2 = {id(p): n for n, p in model2.named_parameters()}
+    named_to_optimizer_state(opt2, names2, ck.tensors["optim"], ck.objects["optim"])
+    restore_rng_state(ck.rank_objects["rng"], torch.device("cpu"))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expect
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for i in s1["state"]:
+        for k in s1["state"][i]:
+            assert torch.equal(s1["state"][i][k], s2["state"][i][k])
+
+
+def test_corrupt_file_is_named(tmp_path):
+    model, opt = _model_and_optimizer()
+    path = _save(tmp_path, 1, model, opt)
+    target = path / "model_r00000.pt"
+    data = bytearray(target.read_bytes())
+    data[-10] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model_r00000.pt is corrupt"):
+        load_checkpoint(path)
+
+
+def test_retention_and_latest(tmp_path):
+    model, opt = _model_and_optimizer()
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, model, opt, keep=2)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [3, 4]
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+    (tmp_path / ".step_00000005.tmp").mkdir()  # an interrupted save is never "complete"
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+    (tmp_path / "latest").unlink()  # the pointer is a convenience: the newest complete directory is found without it
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+    assert apply_retention(tmp_path, 1)[0].name == "step_00000003"
+    assert resolve_checkpoint_path(tmp_path.parent / tmp_path.name).name == "step_00000004"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint_path(tmp_path / "nope")
