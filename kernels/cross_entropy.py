@@ -1,0 +1,329 @@
+"""Cross-entropy over a large vocabulary with the gradient computed in the forward pass.
+
+One Triton program per row streams the row's logits twice: an online softmax (Milakov & Gimelshein 2018,
+"Online normalizer calculation for softmax") gives the max `m`, the sum of exponentials `d` (so
+`lse = m + log d`), the row sum and the target logit; a second sweep writes `dloss/dlogits` (already scaled by
+`1/n_valid` for the mean) into a buffer or into the logits themselves. Backward then only multiplies that buffer by
+`grad_output`: there is no second pass over the logits in backward and no saved softmax (Liger-Kernel's scheme).
+
+Per row with target `t`, vocabulary `V`, label smoothing `eps` and z-loss coefficient `z` (PaLM, Chowdhery et al.
+2022, sec. 5: `z * lse^2` keeps the normaliser near 0):
+
+    loss = (1 - eps) * (lse - x_t) + eps * (lse - sum(x) / V) + z * lse^2
+    dloss/dx_i = softmax_i * (1 + 2 z lse) - (1 - eps) [i == t] - eps / V
+
+Rows whose target is `ignore_index` give loss 0 and gradient 0; the mean divides by the number of other rows, and is
+0 (not NaN, as in `torch.nn.functional.cross_entropy`) when every row is ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+REDUCTIONS = ("mean", "sum", "none")
+# Largest vocabulary block one loop iteration loads; longer rows loop. 4096 fp32 lanes keep registers in check on
+# GPU with 8-16 warps and make few, cheap iterations in the interpreter.
+MAX_BLOCK = 4096
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton building blocks (shared with kernels/fused_linear_cross_entropy.py)
+
+
+@triton.jit
+def _row_stats(x_ptr, V, t_local, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Online softmax over one row of `V` logits: returns (max, sum exp(x - max), sum x, x[t_local] or 0)."""
+    m = tl.full([], float("-inf"), ACC)
+    d = tl.zeros([], ACC)
+    s = tl.zeros([], ACC)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < V
+        x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        s += tl.sum(tl.where(mask, x, 0.0), 0)
+        m = m_new
+    has_t = (t_local >= 0) & (t_local < V)
+    x_t = tl.load(x_ptr + tl.where(has_t, t_local, 0), mask=has_t, other=0.0).to(ACC)
+    x_t = tl.where(has_t, x_t, 0.0)
+    return m, d, s, x_t
+
+
+@triton.jit
+def _row_grad(x_ptr, g_ptr, V, t_local, lse, scale, smooth_u, one_minus_eps, z, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Writes scale * (softmax(x) * (1 + 2 z lse) - (1 - eps) onehot(t_local) - eps / V_global) for one row."""
+    coef = 1.0 + 2.0 * z * lse
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < V
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        g = tl.exp(x - lse) * coef - smooth_u - tl.where(offs == t_local, one_minus_eps, 0.0)
+        tl.store(g_ptr + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_zero(g_ptr, V, BLOCK: tl.constexpr):
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(g_ptr + offs, tl.zeros([BLOCK], g_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    x_ptr,
+    stride_x,
+    g_ptr,
+    stride_g,
+    t_ptr,
+    loss_ptr,
+    lse_ptr,
+    scale_ptr,
+    V,
+    ignore_index,
+    eps,
+    z,
+    HAS_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """One row: loss, lse and (if HAS_GRAD) the scaled gradient. g_ptr may alias x_ptr (in-place gradient)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    g_row = g_ptr + row * stride_g
+    t = tl.load(t_ptr + row)
+    if t == ignore_index:
+        tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
+        tl.store(lse_ptr + row, tl.zeros([], lse_ptr.dtype.element_ty))
+        if HAS_GRAD:
+            _row_zero(g_row, V, BLOCK)
+    else:
+        m, d, s, x_t = _row_stats(x_row, V, t, BLOCK, ACC)
+        lse = m + tl.log(d)
+        loss = lse - (1.0 - eps) * x_t - (eps / V) * s + z * lse * lse
+        tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+        tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
+        if HAS_GRAD:
+            scale = tl.load(scale_ptr).to(ACC)
+            _row_grad(x_row, g_row, V, t, lse, scale, eps / V, 1.0 - eps, z, BLOCK, ACC)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Host side
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 for fp64 inputs (so gradcheck can run on the kernels), fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def launch_config(V: int, block: int | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of V logits."""
+    block = block or min(MAX_BLOCK, triton.next_power_of_2(V))
+    num_warps = 16 if block >= 4096 else 8 if block >= 1024 else 4
+    return block, num_warps
+
+
+def check_targets(name: str, target: torch.Tensor, n_rows: int, V: int, ignore_index: int) -> torch.Tensor:
+    """Flattens `target` and validates it; the range check runs on CPU tensors only (on GPU it would force a sync)."""
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name}: target must be an integer tensor, got {target.dtype}")
+    t = target.reshape(-1)
+    if t.numel() != n_rows:
+        raise ValueError(f"{name}: target has {t.numel()} elements but there are {n_rows} rows of logits")
+    if t.device.type == "cpu" and n_rows:
+        bad = (t != ignore_index) & ((t < 0) | (t >= V))
+        if bool(bad.any()):
+            raise ValueError(f"{name}: target {int(t[bad][0])} is outside [0, {V}) and is not ignore_index")
+    return t if t.dtype == torch.int64 else t.long()
+
+
+def check_options(name: str, label_smoothing: float, z_loss: float, reduction: str) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"{name}: z_loss must be >= 0, got {z_loss}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def loss_scale(t: torch.Tensor, ignore_index: int, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """1 / max(n_valid, 1) for the mean, else 1, as a 1-element device tensor (no host sync)."""
+    if reduction != "mean":
+        return torch.ones(1, dtype=dtype, device=t.device)
+    return (t != ignore_index).sum().clamp(min=1).to(dtype).reciprocal().reshape(1)
+
+
+def ce_forward_rows(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    grad: torch.Tensor | None,
+    scale: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the fused kernel on 2-D `x` (last dim contiguous); fills `grad` (may be `x`). Returns (loss, lse)."""
+    N, V = x.shape
+    acc = acc_dtype(x.dtype)
+    loss = torch.empty(N, dtype=acc, device=x.device)
+    lse = torch.empty(N, dtype=acc, device=x.device)
+    if N == 0:
+        return loss, lse
+    BLOCK, num_warps = launch_config(V, block)
+    g = grad if grad is not None else x
+    _ce_fwd_kernel[(N,)](
+        x,
+        x.stride(0),
+        g,
+        g.stride(0),
+        t,
+        loss,
+        lse,
+        scale,
+        V,
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        HAS_GRAD=grad is not None,
+        BLOCK=BLOCK,
+        ACC=tl_acc_dtype(x.dtype),
+        num_warps=num_warps,
+    )
+    return loss, lse
+
+
+def reduce_loss(loss_rows: torch.Tensor, scale: torch.Tensor, reduction: str, shape: torch.Size) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows.reshape(shape)
+    total = loss_rows.sum()
+    return total * scale[0] if reduction == "mean" else total
+
+
+def scale_saved_grad_(consumed: bool, grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool, name: str) -> bool:
+    """grad *= grad_output in place (per row if `per_row`); returns whether `grad` now differs from what forward made.
+
+    A scalar grad_output of exactly 1 (the usual unscaled loss) costs nothing and leaves the buffer reusable, so
+    backward may run again (e.g. gradcheck); after an actual scaling a second backward would be wrong and raises.
+    """
+    if consumed:
+        raise RuntimeError(f"{name}: backward ran twice with a grad_output other than 1 (retain_graph is unsupported)")
+    if per_row:
+        grad.mul_(grad_output.reshape(-1, 1).to(grad.dtype))
+        return True
+    if bool(grad_output == 1):
+        return False
+    grad.mul_(grad_output.to(grad.dtype))
+    return True
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper: the gradient is computed in forward; backward scales it by grad_output (once)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, block):
+        if logits.dim() < 1 or logits.shape[-1] == 0:
+            raise ValueError(f"cross_entropy: logits must have a non-empty last (vocab) dim, got {tuple(logits.shape)}")
+        if not logits.is_floating_point():
+            raise TypeError(f"cross_entropy: logits must be floating point, got {logits.dtype}")
+        shape, V = logits.shape, logits.shape[-1]
+        x = logits.reshape(-1, V)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        t = check_targets("cross_entropy", target, x.shape[0], V, ignore_index)
+        scale = loss_scale(t, ignore_index, reduction, acc_dtype(x.dtype))
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = x if inplace_backward else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        loss_rows, _ = ce_forward_rows(x, t, grad, scale, ignore_index, label_smoothing, z_loss, block)
+        ctx.reduction, ctx.shape, ctx.consumed = reduction, shape, False
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return reduce_loss(loss_rows, scale, reduction, shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        ctx.consumed = scale_saved_grad_(ctx.consumed, grad, grad_output, ctx.reduction == "none", "cross_entropy")
+        return grad.view(ctx.shape), None, None, None, None, None, None, None
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Cross-entropy of `logits` (..., V) against integer `target` (...), with the gradient computed in forward.
+
+    Returns an fp32 loss (fp64 for fp64 logits): the mean over non-ignored targets (0 if all are ignored), the sum,
+    or per-row losses (`reduction="none"`). `z_loss` adds `z_loss * logsumexp^2` per row. `inplace_backward=True`
+    writes the gradient over `logits` (saves a logits-sized buffer; only when nothing else reads the logits later).
+    The gradient buffer is scaled in place in backward, so backward can run only once.
+    """
+    check_options("cross_entropy", label_smoothing, z_loss, reduction)
+    return CrossEntropyFunction.apply(
+        logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, None
+    )
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """`torch.nn.CrossEntropyLoss` drop-in (class-index targets) backed by the Triton kernel."""
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        reduction: str = "mean",
+        inplace_backward: bool = False,
+    ):
+        super().__init__()
+        check_options("CrossEntropyLoss", label_smoothing, z_loss, reduction)
+        self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
+        self.reduction, self.inplace_backward = reduction, inplace_backward
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(
+            logits, target, self.ignore_index, self.label_smoothing, self.z_loss, self.reduction, self.inplace_backward
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+            f"reduction={self.reduction!r}"
+        )
+
+
+def cross_entropy_reference(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Plain-PyTorch reference with the same semantics, computed in the logits' own dtype (upcast to compare)."""
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V)
+    t = target.reshape(-1).long()
+    valid = t != ignore_index
+    lse = torch.logsumexp(x, dim=-1)
+    x_t = x.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
+    loss = (1.0 - label_smoothing) * (lse - x_t) + label_smoothing * (lse - x.mean(dim=-1)) + z_loss * lse * lse
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(logits.shape[:-1])
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum().clamp(min=1).to(loss.dtype)

@@ -1,0 +1,379 @@
+"""Fused linear + cross-entropy: `cross_entropy(hidden @ weight.T, target)` without materialising the logits.
+
+The rows of `hidden` are processed in chunks (Liger-Kernel's FusedLinearCrossEntropy; Wijmans et al. 2024, "Cut Your
+Losses in Large-Vocabulary Language Models", make the same memory argument). Per chunk: logits = h_c @ W^T (c x V),
+the cross-entropy kernel of kernels/cross_entropy.py turns them in place into dloss/dlogits, then
+grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Peak extra memory is one chunk of logits (O(chunk x V)) plus
+the gradient buffers, instead of N x V logits, their softmax and their gradient. Backward only scales the gradients
+computed in forward by grad_output.
+
+The tensor-parallel variant (`vocab_parallel_fused_linear_cross_entropy`) takes this rank's vocab shard of `weight`
+(Megatron's vocab-parallel output layer, Shoeybi et al. 2019): per chunk each rank computes its local max, sum of
+exponentials, row sum and target logit, and three small all-reduces over the group (one MAX, one SUM of three values
+per row) give the global log-sum-exp; the full logits are never gathered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from kernels.cross_entropy import (
+    _row_grad,
+    _row_stats,
+    _row_zero,
+    acc_dtype,
+    ce_forward_rows,
+    check_options,
+    check_targets,
+    cross_entropy_reference,
+    launch_config,
+    loss_scale,
+    reduce_loss,
+    scale_saved_grad_,
+    tl_acc_dtype,
+)
+
+FLCE_REDUCTIONS = ("mean", "sum")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels for the vocab-sharded path (the unsharded path reuses the fused one-row kernel)
+
+
+@triton.jit
+def _shard_stats_kernel(
+    x_ptr, stride_x, t_ptr, stats_ptr, V_local, vocab_start, BLOCK: tl.constexpr, ACC: tl.constexpr
+):
+    """Per row of this rank's logits: (local max, sum exp(x - local max), row sum, target logit if local else 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    t_local = tl.load(t_ptr + row) - vocab_start
+    m, d, s, x_t = _row_stats(x_ptr + row * stride_x, V_local, t_local, BLOCK, ACC)
+    out = stats_ptr + row * 4
+    tl.store(out, m)
+    tl.store(out + 1, d)
+    tl.store(out + 2, s)
+    tl.store(out + 3, x_t)
+
+
+@triton.jit
+def _shard_grad_kernel(
+    x_ptr,
+    stride_x,
+    t_ptr,
+    lse_ptr,
+    scale_ptr,
+    V_local,
+    vocab_start,
+    V_global,
+    ignore_index,
+    eps,
+    z,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Overwrites this rank's logits with dloss/dlogits given the global log-sum-exp of each row."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    t = tl.load(t_ptr + row)
+    if t == ignore_index:
+        _row_zero(x_row, V_local, BLOCK)
+    else:
+        lse = tl.load(lse_ptr + row).to(ACC)
+        scale = tl.load(scale_ptr).to(ACC)
+        _row_grad(x_row, x_row, V_local, t - vocab_start, lse, scale, eps / V_global, 1.0 - eps, z, BLOCK, ACC)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Host side
+
+
+def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
+    """Liger's choice: a power of two making one chunk of logits about as large as `hidden` (N x H)."""
+    inc = triton.cdiv(vocab, hidden)
+    return max(1, min(triton.next_power_of_2(triton.cdiv(max(n_rows, 1), inc)), max(n_rows, 1)))
+
+
+def _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size) -> None:
+    if reduction not in FLCE_REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {FLCE_REDUCTIONS} (weight grads are summed in forward)")
+    check_options(name, label_smoothing, z_loss, reduction)
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{name}: need hidden (..., H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype or not hidden.is_floating_point():
+        raise TypeError(f"{name}: hidden and weight must share a floating dtype, got {hidden.dtype} and {weight.dtype}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+
+
+def _accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with `acc` possibly fp32 while a, b are fp16/bf16 (keeps the weight gradient's sum in fp32)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:  # fp32-output GEMM (torch >= 2.8 on CUDA): no low-precision rounding of each chunk's product
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):
+            pass
+    acc.add_(a @ b)
+
+
+class _ChunkedBuffers:
+    """Gradient buffers filled chunk by chunk in forward."""
+
+    def __init__(self, h, weight, need_h, need_w):
+        self.grad_h = torch.empty_like(h) if need_h else None
+        wdtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.grad_w = torch.zeros(weight.shape, dtype=wdtype, device=weight.device) if need_w else None
+
+    def add_chunk(self, start, end, dlogits, h_c, weight):
+        if self.grad_h is not None:
+            torch.mm(dlogits, weight, out=self.grad_h[start:end])
+        if self.grad_w is not None:
+            _accumulate_mm_(self.grad_w, dlogits.t(), h_c)
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction):
+        name = "fused_linear_cross_entropy"
+        _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size)
+        h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        N, V = h.shape[0], weight.shape[0]
+        t = check_targets(name, target, N, V, ignore_index)
+        chunk = chunk_size or default_chunk_size(N, h.shape[1], V)
+        scale = loss_scale(t, ignore_index, reduction, acc_dtype(h.dtype))
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        bufs = _ChunkedBuffers(h, weight, need_h, need_w)
+        loss_rows = torch.empty(N, dtype=acc_dtype(h.dtype), device=h.device)
+        for start in range(0, N, chunk):
+            end = min(start + chunk, N)
+            h_c = h[start:end]
+            logits = h_c @ weight.t()
+            grad = logits if (need_h or need_w) else None
+            loss_rows[start:end], _ = ce_forward_rows(
+                logits, t[start:end], grad, scale, ignore_index, label_smoothing, z_loss
+            )
+            if grad is not None:
+                bufs.add_chunk(start, end, logits, h_c, weight)
+        return _finish_forward(ctx, hidden, weight, bufs, loss_rows, scale, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _scaled_grads(ctx, grad_output, "fused_linear_cross_entropy") + (None,) * 6
+
+
+def _finish_forward(ctx, hidden, weight, bufs, loss_rows, scale, reduction):
+    grad_h = bufs.grad_h.view(hidden.shape) if bufs.grad_h is not None else None
+    grad_w = bufs.grad_w
+    if grad_w is not None and grad_w.dtype != weight.dtype:
+        grad_w = grad_w.to(weight.dtype)
+    ctx.save_for_backward(grad_h, grad_w)
+    ctx.consumed = False
+    return reduce_loss(loss_rows, scale, reduction, loss_rows.shape)
+
+
+def _scaled_grads(ctx, grad_output, name):
+    grad_h, grad_w = ctx.saved_tensors
+    consumed = ctx.consumed
+    for g in (grad_h, grad_w):
+        if g is not None:
+            consumed = scale_saved_grad_(ctx.consumed, g, grad_output, False, name) or consumed
+    ctx.consumed = consumed
+    return grad_h, grad_w
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """`cross_entropy(hidden @ weight.T, target)` computed `chunk_size` rows at a time (default: about N*H logits).
+
+    hidden (..., H), weight (V, H) of one floating dtype, target (...) integer. Same options and semantics as
+    `kernels.cross_entropy` (mean over non-ignored targets, 0 if none). The weight gradient is summed in fp32 for
+    fp16/bf16 (a V x H fp32 buffer during forward). Backward can run once (twice only with grad_output == 1).
+    """
+    return FusedLinearCrossEntropyFunction.apply(
+        hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction
+    )
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """Module form: `loss = FusedLinearCrossEntropyLoss()(hidden, lm_head.weight, target)`."""
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+        reduction: str = "mean",
+    ):
+        super().__init__()
+        self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
+        self.chunk_size, self.reduction = chunk_size, reduction
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return fused_linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            self.ignore_index,
+            self.label_smoothing,
+            self.z_loss,
+            self.chunk_size,
+            self.reduction,
+        )
+
+
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Unfused plain-PyTorch reference: full logits, then `cross_entropy_reference`."""
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+    return cross_entropy_reference(logits, target.reshape(-1), ignore_index, label_smoothing, z_loss, reduction)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tensor-parallel variant: weight is this rank's vocab shard
+
+
+def _shard_layout(V_local: int, group, vocab_start: int | None, device: torch.device) -> tuple[int, int]:
+    """(vocab_start, global vocab) of this rank's shard; shards may differ in size (all-gathered once per call)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([V_local], dtype=torch.int64, device=device), group=group)
+    sizes = [int(s) for s in sizes]
+    start = sum(sizes[:rank]) if vocab_start is None else vocab_start
+    return start, sum(sizes)
+
+
+class VocabParallelFusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        target,
+        group,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        chunk_size,
+        reduction,
+        vocab_start,
+        reduce_hidden_grad,
+    ):
+        name = "vocab_parallel_fused_linear_cross_entropy"
+        _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size)
+        V_local, H = weight.shape
+        start_v, V = _shard_layout(V_local, group, vocab_start, weight.device)
+        h = hidden.reshape(-1, H).contiguous()
+        N = h.shape[0]
+        t = check_targets(name, target, N, V, ignore_index)
+        acc = acc_dtype(h.dtype)
+        scale = loss_scale(t, ignore_index, reduction, acc)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        bufs = _ChunkedBuffers(h, weight, need_h, need_w)
+        loss_rows = torch.empty(N, dtype=acc, device=h.device)
+        valid = t != ignore_index
+        chunk = chunk_size or default_chunk_size(N, H, V)
+        BLOCK, num_warps = launch_config(V_local)
+        ACC = tl_acc_dtype(h.dtype)
+        eps = float(label_smoothing)
+        for start in range(0, N, chunk):
+            end = min(start + chunk, N)
+            c = end - start
+            h_c, t_c = h[start:end], t[start:end]
+            logits = h_c @ weight.t()
+            stats = torch.empty(c, 4, dtype=acc, device=h.device)
+            _shard_stats_kernel[(c,)](
+                logits, logits.stride(0), t_c, stats, V_local, start_v, BLOCK=BLOCK, ACC=ACC, num_warps=num_warps
+            )
+            m = stats[:, 0].clone()
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            sums = torch.stack([stats[:, 1] * torch.exp(stats[:, 0] - m), stats[:, 2], stats[:, 3]])
+            dist.all_reduce(sums, group=group)
+            lse = m + torch.log(sums[0])
+            loss = (1.0 - eps) * (lse - sums[2]) + eps * (lse - sums[1] / V) + z_loss * lse * lse
+            loss_rows[start:end] = torch.where(valid[start:end], loss, torch.zeros_like(loss))
+            if need_h or need_w:
+                lse = lse.contiguous()
+                _shard_grad_kernel[(c,)](
+                    logits,
+                    logits.stride(0),
+                    t_c,
+                    lse,
+                    scale,
+                    V_local,
+                    start_v,
+                    V,
+                    ignore_index,
+                    eps,
+                    float(z_loss),
+                    BLOCK=BLOCK,
+                    ACC=ACC,
+                    num_warps=num_warps,
+                )
+                bufs.add_chunk(start, end, logits, h_c, weight)
+        if bufs.grad_h is not None and reduce_hidden_grad:
+            dist.all_reduce(bufs.grad_h, group=group)
+        return _finish_forward(ctx, hidden, weight, bufs, loss_rows, scale, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        name = "vocab_parallel_fused_linear_cross_entropy"
+        return _scaled_grads(ctx, grad_output, name) + (None,) * 9
+
+
+def vocab_parallel_fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+    vocab_start: int | None = None,
+    reduce_hidden_grad: bool = True,
+) -> torch.Tensor:
+    """Fused linear cross-entropy with `weight` = this rank's rows [vocab_start, vocab_start + V_local) of the
+    output layer; `hidden` and global `target` are the same on every rank of `group`.
+
+    Every rank returns the same global loss. Shards are laid out in rank order (sizes may differ) unless
+    `vocab_start` is given. The hidden gradient is summed over the group (as the backward of Megatron's
+    copy-to-tensor-parallel-region would); pass `reduce_hidden_grad=False` when the caller reduces it itself.
+    """
+    return VocabParallelFusedLinearCrossEntropyFunction.apply(
+        hidden,
+        weight,
+        target,
+        group,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        chunk_size,
+        reduction,
+        vocab_start,
+        reduce_hidden_grad,
+    )
