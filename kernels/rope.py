@@ -1,0 +1,262 @@
+"""Rotary position embedding (RoPE, Su et al. 2021, "RoFormer", eq. 34) in the half-rotation layout of Llama/GPT-NeoX.
+
+With ``x1, x2`` the two halves of the head dim and ``c, s = cos[p], sin[p]`` at the token's position ``p``:
+``out = cat(x1*c - x2*s, x2*c + x1*s)``. The map is a rotation by theta, so its backward is the rotation by
+-theta (sin negated); cos and sin are treated as constants (no gradient).
+
+Positions: token ``s`` of the sequence uses ``p = s + offset`` (a contiguous context-parallel shard starts at
+``offset``), or ``p = position_ids[b, s] + offset`` when ``position_ids`` is given (zigzag CP shards, packed
+sequences whose positions restart per document); ``cos``/``sin`` are then tables of shape (max_pos, head_dim // 2).
+
+The kernel sees x as rows of head_dim elements, one per (batch, seq, head), with arbitrary strides in every dim,
+so views (e.g. q, k, v split from one fused projection) need no copy, and the in-place variant rotates them where
+they lie. All math in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.utils import check_tensors, next_power_of_2, num_warps_for
+
+
+@triton.jit
+def _rope_kernel(
+    X,
+    Y,
+    COS,
+    SIN,
+    POS,
+    n_rows,
+    seq_len,
+    n_heads,
+    half,
+    offset,
+    max_pos,
+    sxb,
+    sxs,
+    sxh,
+    sxd,
+    syb,
+    sys_,
+    syh,
+    syd,
+    scp,
+    scd,
+    ssp,
+    ssd,
+    spb,
+    sps,
+    HAS_POS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # A row is one (batch, seq, head) vector; BLOCK_M of them per program, the two halves side by side.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows = rows.to(tl.int64)
+    head = rows % n_heads
+    tok = rows // n_heads
+    s = tok % seq_len
+    b = tok // seq_len
+    if HAS_POS:
+        pos = tl.load(POS + b * spb + s * sps, mask=row_mask, other=0).to(tl.int64) + offset
+    else:
+        pos = s + offset
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < half
+    mask = row_mask[:, None] & col_mask[None, :]
+    # Out-of-range positions (checked on the host for CPU tensors) read nothing rather than fault on GPU.
+    cs_mask = mask & ((pos >= 0) & (pos < max_pos))[:, None]
+    c = tl.load(COS + pos[:, None] * scp + cols[None, :] * scd, mask=cs_mask, other=0.0).to(tl.float32)
+    sn = tl.load(SIN + pos[:, None] * ssp + cols[None, :] * ssd, mask=cs_mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        sn = -sn
+    xo = (b * sxb + s * sxs + head * sxh)[:, None]
+    x1 = tl.load(X + xo + cols[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + xo + (cols[None, :] + half) * sxd, mask=mask, other=0.0).to(tl.float32)
+    yo = (b * syb + s * sys_ + head * syh)[:, None]
+    tl.store(Y + yo + cols[None, :] * syd, (x1 * c - x2 * sn).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + yo + (cols[None, :] + half) * syd, (x2 * c + x1 * sn).to(Y.dtype.element_ty), mask=mask)
+
+
+def _launch(x, y, cos, sin, position_ids, offset, backward):
+    """Rotate x (b, s, h, d) into y (same shape; y may be x for in place)."""
+    bsz, seq, heads, dim = x.shape
+    n_rows, half = bsz * seq * heads, dim // 2
+    if n_rows == 0:
+        return
+    block_n = max(16, next_power_of_2(half))
+    block_m = max(1, min(64, 4096 // block_n))
+    if position_ids is None:
+        pos, spb, sps = cos, 0, 0  # POS unused
+    else:
+        pos = position_ids
+        if pos.dim() == 1:
+            spb, sps = 0, pos.stride(0)
+        else:
+            spb, sps = (0 if pos.shape[0] == 1 else pos.stride(0)), pos.stride(1)
+    _rope_kernel[(triton.cdiv(n_rows, block_m),)](
+        x,
+        y,
+        cos,
+        sin,
+        pos,
+        n_rows,
+        seq,
+        heads,
+        half,
+        offset,
+        cos.shape[0],
+        *x.stride(),
+        *y.stride(),
+        *cos.stride(),
+        *sin.stride(),
+        spb,
+        sps,
+        HAS_POS=position_ids is not None,
+        BACKWARD=backward,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps_for(2 * block_m * block_n),
+    )
+
+
+def _rotate(x, cos, sin, position_ids, offset, backward):
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x, y, cos, sin, position_ids, offset, backward)
+    return y
+
+
+class _RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, position_ids, offset):
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.offset = offset
+        return _rotate(x, cos, sin, position_ids, offset, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin, position_ids = ctx.saved_tensors
+        return _rotate(dy, cos, sin, position_ids, ctx.offset, True), None, None, None, None
+
+
+class _RopeQKInplaceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids, offset):
+        _launch(q, q, cos, sin, position_ids, offset, False)
+        _launch(k, k, cos, sin, position_ids, offset, False)
+        ctx.mark_dirty(q, k)
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.offset = offset
+        return q, k
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        # Out of place: the incoming gradients may be shared with other consumers.
+        cos, sin, position_ids = ctx.saved_tensors
+        dq = None if dq is None else _rotate(dq, cos, sin, position_ids, ctx.offset, True)
+        dk = None if dk is None else _rotate(dk, cos, sin, position_ids, ctx.offset, True)
+        return dq, dk, None, None, None, None
+
+
+def _check(fn, xs, cos, sin, position_ids, offset):
+    check_tensors(fn, cos=cos, sin=sin, **xs)
+    name, x = next(iter(xs.items()))
+    for n, t in xs.items():
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {n} must be (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.shape[-1] % 2:
+            raise ValueError(f"{fn}: head_dim of {n} must be even for the half rotation, got {t.shape[-1]}")
+        if t.shape[:2] != x.shape[:2] or t.shape[-1] != x.shape[-1]:
+            raise ValueError(f"{fn}: {n} has shape {tuple(t.shape)}, incompatible with {name}'s {tuple(x.shape)}")
+    bsz, seq, _, dim = x.shape
+    for n, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape[1] != dim // 2:
+            raise ValueError(f"{fn}: {n} must be (positions, head_dim // 2) = (*, {dim // 2}), got {tuple(t.shape)}")
+    if cos.shape[0] != sin.shape[0]:
+        raise ValueError(f"{fn}: cos has {cos.shape[0]} positions but sin has {sin.shape[0]}")
+    max_pos = cos.shape[0]
+    if position_ids is None:
+        if offset < 0 or offset + seq > max_pos:
+            raise ValueError(f"{fn}: positions {offset}..{offset + seq - 1} fall outside the {max_pos} rows of cos/sin")
+        return
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex():
+        raise ValueError(f"{fn}: position_ids must be an integer tensor")
+    if position_ids.device != x.device:
+        raise ValueError(f"{fn}: position_ids is on {position_ids.device} but {name} is on {x.device}")
+    shape = tuple(position_ids.shape)
+    if shape not in ((seq,), (1, seq), (bsz, seq)):
+        raise ValueError(f"{fn}: position_ids must be (seq,) or (batch, seq) = ({bsz}, {seq}), got {shape}")
+    if position_ids.device.type == "cpu" and position_ids.numel():  # a device-side check would cost a sync on GPU
+        lo, hi = int(position_ids.min()) + offset, int(position_ids.max()) + offset
+        if lo < 0 or hi >= max_pos:
+            raise ValueError(f"{fn}: position_ids + offset span {lo}..{hi}, outside the {max_pos} rows of cos/sin")
+
+
+def apply_rope(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Rotate x (batch, seq, heads, head_dim) by RoPE; returns a new tensor of x's shape and dtype.
+
+    cos, sin: (positions, head_dim // 2). Token s uses row ``s + offset``, or ``position_ids[b, s] + offset``
+    (position_ids of shape (seq,) or (batch, seq)).
+    """
+    _check("kernels.apply_rope", {"x": x}, cos, sin, position_ids, int(offset))
+    return _RopeFunction.apply(x, cos, sin, position_ids, int(offset))
+
+
+def apply_rope_qk_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place RoPE on q (batch, seq, heads_q, d) and k (batch, seq, heads_kv, d); returns (q, k).
+
+    Saves two activation-sized buffers per layer; q and k may be strided views (e.g. of a fused qkv output) but
+    must not be leaves that require grad (as for any in-place op). Positions as in `apply_rope`.
+    """
+    _check("kernels.apply_rope_qk_", {"q": q, "k": k}, cos, sin, position_ids, int(offset))
+    return _RopeQKInplaceFunction.apply(q, k, cos, sin, position_ids, int(offset))
+
+
+def apply_rope_reference(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    offset: int = 0,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Plain-torch RoPE with `apply_rope`'s semantics; math in fp32 (fp64 stays fp64), or x's dtype if not upcast."""
+    seq = x.shape[1]
+    if position_ids is None:
+        pos = torch.arange(seq, device=x.device) + offset
+    else:
+        pos = position_ids.long() + offset
+    c, s = cos[pos], sin[pos]  # (seq, half) or (batch, seq, half)
+    if c.dim() == 2:
+        c, s = c[None], s[None]
+    ct = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype
+    c, s = c[:, :, None, :].to(ct), s[:, :, None, :].to(ct)
+    x1, x2 = x.to(ct).chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: int, head_dim: int, base: float = 10000.0, device=None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standard tables, theta_i = base^(-2i/head_dim) for i < head_dim/2: cos, sin of (positions, head_dim//2)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float64), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -1,0 +1,128 @@
+"""Shared host-side helpers for the Triton kernels: device checks, row/tile sizing, launch heuristics.
+
+Nothing here imports triton, so callers (the model's backend switch, the benchmarks) can ask `triton_available()`
+without paying for the import. The sizing heuristics are deliberately simple functions of the shape: the Triton
+interpreter cannot run `@triton.autotune` with more than one config (ENV-NOTES), so tests and GPU runs use the
+same launch parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+# Largest row a row-wise kernel keeps in registers at once (elements). Above this a row would spill; the
+# norms refuse it with a clear error instead of silently running slowly (hidden sizes in LLMs are <= 32k).
+MAX_FUSED_ROW = 65536
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """True when the `triton` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def can_run(t: torch.Tensor) -> bool:
+    """True when Triton kernels can run on tensor `t`: a CUDA tensor, or a CPU tensor under the interpreter."""
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def check_tensors(fn: str, **tensors: torch.Tensor | None) -> torch.device:
+    """Check that the given tensors are floating point, on one device, and that Triton can run there.
+
+    Raises a one-line ValueError naming the function and the argument. Returns the common device.
+    """
+    device = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
+        if device is None:
+            device = t.device
+            if not can_run(t):
+                raise ValueError(
+                    f"{fn}: {name} is on {t.device}; the Triton kernels need a CUDA tensor "
+                    "(or TRITON_INTERPRET=1 for CPU tensors); use the torch backend instead"
+                )
+        elif t.device != device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but the other inputs are on {device}")
+    return device
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (and >= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def num_warps_for(block_elements: int) -> int:
+    """Warps per program for a tile of this many elements (Liger's heuristic: ~1-2k elements per warp)."""
+    if block_elements >= 32768:
+        return 16
+    if block_elements >= 8192:
+        return 8
+    if block_elements >= 2048:
+        return 4
+    return 2
+
+
+def row_tile(n_cols: int, fn: str = "kernel", budget: int = 4096, max_rows: int = 64) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for a kernel that holds whole rows of `n_cols` elements in registers.
+
+    BLOCK_N covers the row (a power of two, at least 16 so the compiler never sees degenerate layouts);
+    BLOCK_M packs several short rows into one program so small hidden sizes still give each program
+    ~`budget` elements of work (on GPU: fewer, fatter programs; under the interpreter: far fewer program
+    instances, each of which costs milliseconds).
+    """
+    block_n = max(16, next_power_of_2(n_cols))
+    if block_n > MAX_FUSED_ROW:
+        raise ValueError(f"{fn}: the last dim is {n_cols}, more than the {MAX_FUSED_ROW} a fused row kernel supports")
+    block_m = max(1, min(max_rows, budget // block_n))
+    return block_m, block_n
+
+
+def elementwise_tile(n_cols: int, budget: int = 4096, max_cols: int = 1024) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for a 2-D elementwise kernel over rows of `n_cols` elements (row strides allowed)."""
+    block_n = max(16, min(max_cols, next_power_of_2(n_cols)))
+    return max(1, budget // block_n), block_n
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_reduction_programs(device: torch.device, n_tiles: int) -> int:
+    """Programs for a persistent kernel that also reduces across rows (e.g. weight gradients).
+
+    Each program writes one fp32 partial row, summed afterwards in a fixed order: deterministic for a given
+    device. One program per SM on GPU (enough to fill it, few partial rows to sum); at most 4 under the
+    interpreter, so the tests still exercise the multi-program reduction.
+    """
+    if device.type == "cuda":
+        cap = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        cap = 4
+    return max(1, min(cap, n_tiles))
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View `x` as (rows, last_dim) with a unit stride along the last dim, copying only when needed.
+
+    Row strides are kept (a `chunk` of a fused projection stays a view); the kernels take the row stride.
+    """
+    if x.dim() == 0:
+        x = x.reshape(1)
+    if x.stride(-1) != 1 and x.shape[-1] != 1:
+        x = x.contiguous()
+    # A last dim of size 1 may keep any stride: the kernels only ever index column 0 of it.
+    return x.reshape(-1, x.shape[-1])
