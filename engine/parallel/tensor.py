@@ -1,0 +1,420 @@
+"""Megatron tensor parallelism (Shoeybi et al. 2019, "Megatron-LM", sec. 3) as explicit layers.
+
+A tp region starts with a column-parallel linear (weight split by output rows: each rank computes its slice of the
+output from the full input) and ends with a row-parallel linear (weight split by input columns: each rank computes a
+partial sum that is all-reduced). The communication is in four paired autograd functions (the paper's f and g):
+
+    copy_to_tp_region      forward identity     backward all-reduce   (f: entering a region)
+    reduce_from_tp_region  forward all-reduce   backward identity     (g: leaving a region)
+    scatter_to_tp_region   forward split(-1)    backward all-gather(-1)
+    gather_from_tp_region  forward all-gather(-1)  backward split(-1)
+
+With sequence parallelism (sequence.py) f becomes an all-gather along the sequence and g a reduce-scatter.
+
+Every layer takes its process group explicitly (default: the grid's tp group), so other trainers can pass their own.
+Sharded parameters carry `partition_dim`, `full_shape` (unpadded), `padded_size`, `partition_rank` and
+`partition_size`; `init_param_` (random.py), `shard_full_` and `gather_full` use them, so initialisation equals the
+unsharded layer's for the same seed and checkpoints can be resharded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from engine.parallel.random import (
+    InitFn,
+    embedding_init,
+    init_param_,
+    linear_bias_init,
+    linear_weight_init,
+)
+from engine.parallel.sequence import (
+    ShapeError,
+    all_gather,
+    all_reduce,
+    gather_from_sequence_parallel_region,
+    mark_sequence_parallel,
+    reduce_scatter_to_sequence_parallel_region,
+    resolve_group,
+    split,
+)
+
+# --- the four mappings of a tp region ---
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return split(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, -1, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split(grad, -1, ctx.group), None
+
+
+def copy_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Identity forward; all-reduce of the input gradient (each rank's slice of the layer contributes to it)."""
+    return _CopyToTP.apply(x, resolve_group(group))
+
+
+def reduce_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All-reduce of per-rank partial sums forward; identity backward."""
+    return _ReduceFromTP.apply(x, resolve_group(group))
+
+
+def scatter_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """This rank's slice of the last dim forward; all-gather backward."""
+    return _ScatterToTP.apply(x, resolve_group(group))
+
+
+def gather_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All-gather of the last dim forward; this rank's slice backward."""
+    return _GatherFromTP.apply(x, resolve_group(group))
+
+
+def enter_tp_region(
+    x: torch.Tensor, group: dist.ProcessGroup | None = None, sequence_parallel: bool = False, seq_dim: int = 1
+) -> torch.Tensor:
+    """Brings a replicated (or, with SP, sequence-sharded) activation into a tp region: copy-to, or SP all-gather.
+
+    Call it once when several column-parallel layers share one input (q, k, v; gate and up) and build them with
+    `skip_input_comm=True`: one all-reduce (SP: one all-gather) per block side instead of one per layer.
+    """
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(x, group, seq_dim, tp_output_grad=True)
+    return copy_to_tp_region(x, group)
+
+
+# --- sharded parameters ---
+
+
+def _sharded_param(
+    full_shape: tuple[int, ...], dim: int, group: dist.ProcessGroup, padded: int | None, device, dtype
+) -> nn.Parameter:
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    padded = full_shape[dim] if padded is None else padded
+    local = list(full_shape)
+    local[dim] = padded // n
+    p = nn.Parameter(torch.empty(local, device=device, dtype=dtype))
+    p.partition_dim, p.full_shape, p.padded_size = dim, tuple(full_shape), padded
+    p.partition_rank, p.partition_size = r, n
+    return p
+
+
+@torch.no_grad()
+def shard_full_(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """Copies this rank's slice of the full unpadded tensor `full` into the sharded `param` (padding rows zero)."""
+    if tuple(full.shape) != tuple(param.full_shape):
+        raise ShapeError(f"full tensor has shape {tuple(full.shape)}, the parameter's full shape is {param.full_shape}")
+    dim, size = param.partition_dim, param.shape[param.partition_dim]
+    start = param.partition_rank * size
+    stop = min(start + size, full.shape[dim])
+    param.zero_()
+    if stop > start:
+        param.narrow(dim, 0, stop - start).copy_(full.narrow(dim, start, stop - start))
+    return param
+
+
+def gather_full(param: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The full unpadded tensor of a sharded parameter (all-gather over its group); a plain tensor as is."""
+    if getattr(param, "partition_dim", None) is None:
+        return param.detach()
+    full = all_gather(param.detach(), param.partition_dim, resolve_group(group))
+    return full.narrow(param.partition_dim, 0, param.full_shape[param.partition_dim])
+
+
+def _divisible(what: str, value: int, n: int) -> None:
+    if value % n:
+        raise ShapeError(f"{what} = {value} is not divisible by the tensor-parallel size {n}")
+
+
+# --- layers ---
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A split by output rows over tp: this rank outputs out_features / tp columns.
+
+    The input is replicated (or sequence-sharded with `sequence_parallel`, then all-gathered here). `gather_output`
+    all-gathers the output columns (not with SP). `skip_input_comm`: the caller already ran `enter_tp_region`.
+    `pad_output` pads out_features up to a multiple of tp with zero rows (an odd vocabulary in an LM head); the
+    padded columns must be masked downstream (vocab_parallel_cross_entropy's `vocab_size`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        skip_input_comm: bool = False,
+        pad_output: bool = False,
+        seq_dim: int = 1,
+        group: dist.ProcessGroup | None = None,
+        init_method: InitFn | None = None,
+        bias_init_method: InitFn | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = resolve_group(group)
+        n = dist.get_world_size(self.group)
+        if sequence_parallel and gather_output:
+            raise ValueError("ColumnParallelLinear: gather_output=True cannot be combined with sequence_parallel")
+        padded = -(-out_features // n) * n if pad_output else out_features
+        _divisible("ColumnParallelLinear out_features", padded, n)
+        self.in_features, self.out_features, self.padded_out_features = in_features, out_features, padded
+        self.gather_output, self.skip_input_comm = gather_output, skip_input_comm
+        self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
+        self.weight = _sharded_param((out_features, in_features), 0, self.group, padded, device, dtype)
+        self.bias = _sharded_param((out_features,), 0, self.group, padded, device, dtype) if bias else None
+        self.reset_parameters(init_method, bias_init_method)
+
+    def reset_parameters(self, init_method: InitFn | None = None, bias_init_method: InitFn | None = None) -> None:
+        """Default: torch.nn.Linear's init of the full weight, sliced (equal to nn.Linear for the same seed)."""
+        init_param_(self.weight, init_method or linear_weight_init)
+        if self.bias is not None:
+            init_param_(self.bias, bias_init_method or linear_bias_init(self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.skip_input_comm:
+            x = enter_tp_region(x, self.group, self.sequence_parallel, self.seq_dim)
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            y = gather_from_tp_region(y, self.group)
+            if self.padded_out_features != self.out_features:
+                y = y[..., : self.out_features]
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} (local {self.weight.shape[0]}), "
+            f"bias={self.bias is not None}, gather_output={self.gather_output}, sp={self.sequence_parallel}"
+        )
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A split by input columns over tp: each rank's partial product is summed over tp
+    (all-reduce; with `sequence_parallel`, reduce-scatter along the sequence). The bias is replicated and added
+    after the sum; under SP it is marked `sequence_parallel` (its gradient needs the tp all-reduce)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+        seq_dim: int = 1,
+        group: dist.ProcessGroup | None = None,
+        init_method: InitFn | None = None,
+        bias_init_method: InitFn | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = resolve_group(group)
+        n = dist.get_world_size(self.group)
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
+        _divisible("RowParallelLinear in_features", in_features, n)
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel, self.sequence_parallel, self.seq_dim = input_is_parallel, sequence_parallel, seq_dim
+        self.weight = _sharded_param((out_features, in_features), 1, self.group, None, device, dtype)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        if self.bias is not None and sequence_parallel:
+            mark_sequence_parallel(self.bias)
+        self.reset_parameters(init_method, bias_init_method)
+
+    def reset_parameters(self, init_method: InitFn | None = None, bias_init_method: InitFn | None = None) -> None:
+        init_param_(self.weight, init_method or linear_weight_init)
+        if self.bias is not None:
+            init_param_(self.bias, bias_init_method or linear_bias_init(self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, self.group)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y, self.group, self.seq_dim)
+        else:
+            y = reduce_from_tp_region(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
+            f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, sp={self.sequence_parallel}"
+        )
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split over tp. The vocabulary is padded to a multiple of tp with zero rows;
+    each rank looks up the ids in its range (others give zeros) and the partial rows are summed over tp
+    (all-reduce; with `sequence_parallel`, reduce-scatter along the sequence). Takes the full (b, s) ids."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        sequence_parallel: bool = False,
+        seq_dim: int = 1,
+        group: dist.ProcessGroup | None = None,
+        init_method: InitFn | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = resolve_group(group)
+        n, r = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.num_embeddings_padded = -(-num_embeddings // n) * n
+        per_rank = self.num_embeddings_padded // n
+        self.vocab_start, self.vocab_end = r * per_rank, (r + 1) * per_rank
+        self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
+        self.weight = _sharded_param(
+            (num_embeddings, embedding_dim), 0, self.group, self.num_embeddings_padded, device, dtype
+        )
+        self.reset_parameters(init_method)
+
+    def reset_parameters(self, init_method: InitFn | None = None) -> None:
+        """Default: torch.nn.Embedding's N(0, 1) on the full table, sliced."""
+        init_param_(self.weight, init_method or embedding_init)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(out, self.group, self.seq_dim)
+        return reduce_from_tp_region(out, self.group)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings} (padded {self.num_embeddings_padded}, local [{self.vocab_start}, "
+            f"{self.vocab_end})), {self.embedding_dim}, sp={self.sequence_parallel}"
+        )
+
+
+def parallel_lm_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    sequence_parallel: bool = False,
+    seq_dim: int = 1,
+) -> torch.Tensor:
+    """Vocab-sharded logits (b, s, V_padded / tp) from a vocab-sharded weight (e.g. a tied VocabParallelEmbedding's):
+    the output layer as a column-parallel linear; feed them to `vocab_parallel_cross_entropy`."""
+    return F.linear(enter_tp_region(hidden, group, sequence_parallel, seq_dim), weight)
+
+
+# --- cross-entropy over vocab-sharded logits ---
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token CE from logits split over the vocabulary (Megatron `cross_entropy.py`), in fp32.
+
+    loss = log(sum_j exp(z_j - m)) - (z_target - m) with m = max_j z_j. Two all-reduces of (tokens,) sizes: the max,
+    then the target logit and the sum of exponentials stacked into one buffer. No rank holds the full logits.
+    Gradient: softmax - onehot(target), both already local to the shard.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, group, vocab_size, ignore_index):
+        part = logits.shape[-1]
+        start = dist.get_rank(group) * part
+        z = logits.float()  # a copy when logits are lower precision; cloned below otherwise before in-place ops
+        if vocab_size is not None and start + part > vocab_size:
+            z = z.clone() if z is logits else z
+            z[..., max(vocab_size - start, 0) :] = float("-inf")  # padding columns: zero probability
+        m = z.max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        z = z - m.unsqueeze(-1)
+        local_t = target - start
+        in_shard = (local_t >= 0) & (local_t < part)
+        local_t = local_t.masked_fill(~in_shard, 0)
+        target_logit = z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0.0)
+        exp = z.exp_()
+        stats = torch.stack([target_logit, exp.sum(dim=-1)])
+        dist.all_reduce(stats, group=group)
+        target_logit, sum_exp = stats[0], stats[1]
+        valid = target != ignore_index
+        loss = (sum_exp.log() - target_logit).masked_fill(~valid, 0.0)
+        exp.div_(sum_exp.unsqueeze(-1))  # softmax, kept for backward
+        ctx.save_for_backward(exp, local_t, in_shard & valid, valid)
+        ctx.logits_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_t, hit, valid = ctx.saved_tensors
+        g = (grad_loss * valid).unsqueeze(-1)
+        grad = softmax * g
+        onehot = torch.zeros_like(softmax).scatter_(-1, local_t.unsqueeze(-1), hit.unsqueeze(-1).to(softmax.dtype))
+        grad = grad - onehot * g
+        return grad.to(ctx.logits_dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of vocab-sharded logits (..., V_padded / tp) against full-vocabulary `target` (...).
+
+    `vocab_size`: the true vocabulary; logit columns at or beyond it (tp padding) are excluded from the softmax.
+    reduction "mean" averages over targets != ignore_index (0 when there are none), like F.cross_entropy; "sum";
+    "none" gives the per-token fp32 loss (0 at ignored positions).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"vocab_parallel_cross_entropy: reduction must be mean|sum|none, got {reduction!r}")
+    if logits.shape[:-1] != target.shape:
+        raise ShapeError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree before the vocab dim")
+    loss = _VocabParallelCrossEntropy.apply(logits, target, resolve_group(group), vocab_size, ignore_index)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (target != ignore_index).sum().clamp(min=1)
