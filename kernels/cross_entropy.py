@@ -207,21 +207,17 @@ def reduce_loss(loss_rows: torch.Tensor, scale: torch.Tensor, reduction: str, sh
     return total * scale[0] if reduction == "mean" else total
 
 
-def scale_saved_grad_(consumed: bool, grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool, name: str) -> bool:
-    """grad *= grad_output in place (per row if `per_row`); returns whether `grad` now differs from what forward made.
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """grad *= grad_output in place (per row if `per_row`); free when grad_output is the scalar 1 (unscaled loss).
 
-    A scalar grad_output of exactly 1 (the usual unscaled loss) costs nothing and leaves the buffer reusable, so
-    backward may run again (e.g. gradcheck); after an actual scaling a second backward would be wrong and raises.
+    The in-place scaling bumps the saved buffer's version, so autograd refuses a second backward after it (only
+    `grad_output == 1` leaves the buffer intact, e.g. for gradcheck).
     """
-    if consumed:
-        raise RuntimeError(f"{name}: backward ran twice with a grad_output other than 1 (retain_graph is unsupported)")
     if per_row:
-        grad.mul_(grad_output.reshape(-1, 1).to(grad.dtype))
-        return True
-    if bool(grad_output == 1):
-        return False
-    grad.mul_(grad_output.to(grad.dtype))
-    return True
+        return grad.mul_(grad_output.reshape(-1, 1).to(grad.dtype))
+    if bool(grad_output == 1):  # one host sync, cheaper than a pass over the buffer
+        return grad
+    return grad.mul_(grad_output.to(grad.dtype))
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -243,7 +239,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = x if inplace_backward else torch.empty(x.shape, dtype=x.dtype, device=x.device)
         loss_rows, _ = ce_forward_rows(x, t, grad, scale, ignore_index, label_smoothing, z_loss, block)
-        ctx.reduction, ctx.shape, ctx.consumed = reduction, shape, False
+        ctx.reduction, ctx.shape = reduction, shape
         if grad is not None:
             ctx.save_for_backward(grad)
         return reduce_loss(loss_rows, scale, reduction, shape[:-1])
@@ -251,7 +247,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        ctx.consumed = scale_saved_grad_(ctx.consumed, grad, grad_output, ctx.reduction == "none", "cross_entropy")
+        scale_grad_(grad, grad_output, per_row=ctx.reduction == "none")
         return grad.view(ctx.shape), None, None, None, None, None, None, None
 
 
@@ -269,7 +265,7 @@ def cross_entropy(
     Returns an fp32 loss (fp64 for fp64 logits): the mean over non-ignored targets (0 if all are ignored), the sum,
     or per-row losses (`reduction="none"`). `z_loss` adds `z_loss * logsumexp^2` per row. `inplace_backward=True`
     writes the gradient over `logits` (saves a logits-sized buffer; only when nothing else reads the logits later).
-    The gradient buffer is scaled in place in backward, so backward can run only once.
+    The gradient buffer is scaled in place in backward, so backward runs once (or any times with grad_output 1).
     """
     check_options("cross_entropy", label_smoothing, z_loss, reduction)
     return CrossEntropyFunction.apply(

@@ -32,7 +32,7 @@ from kernels.cross_entropy import (
     launch_config,
     loss_scale,
     reduce_loss,
-    scale_saved_grad_,
+    scale_grad_,
     tl_acc_dtype,
 )
 
@@ -166,7 +166,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _scaled_grads(ctx, grad_output, "fused_linear_cross_entropy") + (None,) * 6
+        return _scaled_grads(ctx, grad_output) + (None,) * 6
 
 
 def _finish_forward(ctx, hidden, weight, bufs, loss_rows, scale, reduction):
@@ -175,18 +175,12 @@ def _finish_forward(ctx, hidden, weight, bufs, loss_rows, scale, reduction):
     if grad_w is not None and grad_w.dtype != weight.dtype:
         grad_w = grad_w.to(weight.dtype)
     ctx.save_for_backward(grad_h, grad_w)
-    ctx.consumed = False
     return reduce_loss(loss_rows, scale, reduction, loss_rows.shape)
 
 
-def _scaled_grads(ctx, grad_output, name):
+def _scaled_grads(ctx, grad_output):
     grad_h, grad_w = ctx.saved_tensors
-    consumed = ctx.consumed
-    for g in (grad_h, grad_w):
-        if g is not None:
-            consumed = scale_saved_grad_(ctx.consumed, g, grad_output, False, name) or consumed
-    ctx.consumed = consumed
-    return grad_h, grad_w
+    return tuple(None if g is None else scale_grad_(g, grad_output) for g in (grad_h, grad_w))
 
 
 def fused_linear_cross_entropy(
@@ -203,7 +197,7 @@ def fused_linear_cross_entropy(
 
     hidden (..., H), weight (V, H) of one floating dtype, target (...) integer. Same options and semantics as
     `kernels.cross_entropy` (mean over non-ignored targets, 0 if none). The weight gradient is summed in fp32 for
-    fp16/bf16 (a V x H fp32 buffer during forward). Backward can run once (twice only with grad_output == 1).
+    fp16/bf16 (a V x H fp32 buffer during forward). Backward runs once (or any times with grad_output 1).
     """
     return FusedLinearCrossEntropyFunction.apply(
         hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction
@@ -340,8 +334,7 @@ class VocabParallelFusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        name = "vocab_parallel_fused_linear_cross_entropy"
-        return _scaled_grads(ctx, grad_output, name) + (None,) * 9
+        return _scaled_grads(ctx, grad_output) + (None,) * 9
 
 
 def vocab_parallel_fused_linear_cross_entropy(

@@ -1,0 +1,191 @@
+"""kernels/cross_entropy.py against its plain-PyTorch reference (DESIGN.md numerics contract 2), under the
+Triton interpreter on CPU: fp32 to 1e-5 relative, fp16 by the 2x-error rule, fp64 gradcheck."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.cross_entropy import (
+    CrossEntropyFunction,
+    CrossEntropyLoss,
+    cross_entropy,
+    cross_entropy_reference,
+)
+
+IGN = -100
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (0 when both are 0); NaN anywhere counts as a failure."""
+    a, b = a.double(), b.double()
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        return float("inf")
+    den = b.abs().max().item()
+    num = (a - b).abs().max().item()
+    return num / den if den > 0 else num
+
+
+def make_inputs(rows, V, dtype, n_ignored=1, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, V, generator=g) * scale).to(dtype)
+    t = torch.randint(0, V, (rows,), generator=g)
+    t[torch.randperm(rows, generator=g)[: min(n_ignored, rows - 1)]] = IGN
+    return x, t
+
+
+def ours_and_ref(x, t, grad_scale=1.0, **kw):
+    """Loss and logits gradient from the kernel and from the fp64 reference on the same (rounded) inputs."""
+    xo = x.clone().requires_grad_()
+    loss = cross_entropy(xo, t, **kw)
+    (loss * grad_scale).sum().backward()
+    xr = x.detach().double().requires_grad_()
+    ref = cross_entropy_reference(xr, t, **kw)
+    (ref * grad_scale).sum().backward()
+    return loss, xo.grad, ref, xr.grad
+
+
+@pytest.mark.parametrize("V", [37, 1000, 4099])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fp32_matches_reference(V, rows):
+    x, t = make_inputs(rows, V, torch.float32, seed=V + rows)
+    loss, grad, ref, ref_grad = ours_and_ref(x, t, grad_scale=2.5)
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, ref) <= 1e-5
+    assert rel_err(grad, ref_grad) <= 1e-5
+
+
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-3), (0.2, 1e-2)])
+def test_label_smoothing_and_z_loss(label_smoothing, z_loss):
+    x, t = make_inputs(6, 1000, torch.float32, n_ignored=2, seed=3)
+    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+    loss, grad, ref, ref_grad = ours_and_ref(x, t, grad_scale=0.7, **kw)
+    assert rel_err(loss, ref) <= 1e-5
+    assert rel_err(grad, ref_grad) <= 1e-5
+    # The reference itself: torch's label smoothing, plus the PaLM z-loss term averaged over non-ignored rows.
+    xd = x.double()
+    valid = t != IGN
+    z_term = z_loss * (torch.logsumexp(xd[valid], -1) ** 2).mean()
+    expected = F.cross_entropy(xd, t, ignore_index=IGN, label_smoothing=label_smoothing) + z_term
+    assert rel_err(ref, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("V", [1000, 4099])
+def test_fp16_two_x_rule(V):
+    x, t = make_inputs(5, V, torch.float16, seed=11)
+    kw = dict(label_smoothing=0.1, z_loss=1e-4)
+    xo = x.clone().requires_grad_()
+    loss = cross_entropy(xo, t, **kw)
+    loss.backward()
+    x16 = x.clone().requires_grad_()  # same-dtype torch reference
+    ref16 = cross_entropy_reference(x16, t, **kw)
+    ref16.backward()
+    x32 = x.float().requires_grad_()  # fp32 reference on the same fp16 inputs
+    ref32 = cross_entropy_reference(x32, t, **kw)
+    ref32.backward()
+    floor = 2.0**-11  # one fp16 ulp relative: the rounding of the stored gradient
+    assert rel_err(loss, ref32) <= 2 * rel_err(ref16, ref32) + 1e-6
+    assert xo.grad.dtype == torch.float16
+    assert rel_err(xo.grad, x32.grad) <= 2 * rel_err(x16.grad, x32.grad) + floor
+
+
+def test_all_ignored_rows_and_3d_input():
+    x = torch.randn(2, 3, 37)
+    t = torch.full((2, 3), IGN)
+    xo = x.clone().requires_grad_()
+    loss = cross_entropy(xo, t)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(xo.grad, torch.zeros_like(x))
+    # Some ignored rows in a batched (b, s, V) input: their gradient rows are exactly zero.
+    t[0, 1], t[1, 2] = 5, 36
+    loss, grad, ref, ref_grad = ours_and_ref(x, t)
+    assert grad.shape == x.shape
+    assert rel_err(loss, ref) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+    assert torch.count_nonzero(grad[t == IGN]) == 0
+
+
+def test_non_contiguous_logits():
+    base = torch.randn(9, 2013)
+    t = torch.randint(0, 1000, (5,))
+    for x in (base[2:7, 5:1005], base.t()[:1000, :5].t(), base[:5, :2000:2]):  # row-strided, transposed, col-strided
+        assert not x.is_contiguous()
+        xo = x.detach().requires_grad_()
+        loss = cross_entropy(xo, t)
+        loss.backward()
+        xr = x.detach().double().requires_grad_()
+        ref = cross_entropy_reference(xr, t)
+        ref.backward()
+        assert rel_err(loss, ref) <= 1e-5 and rel_err(xo.grad, xr.grad) <= 1e-5
+
+
+def test_multi_block_rows():
+    """Rows longer than the block: the online softmax and the gradient loop over several masked blocks."""
+    x, t = make_inputs(3, 1000, torch.float32, seed=5)
+    xo = x.clone().requires_grad_()
+    loss = CrossEntropyFunction.apply(xo, t, IGN, 0.1, 1e-3, "mean", False, 256)
+    loss.backward()
+    xr = x.double().requires_grad_()
+    ref = cross_entropy_reference(xr, t, IGN, 0.1, 1e-3)
+    ref.backward()
+    assert rel_err(loss, ref) <= 1e-5 and rel_err(xo.grad, xr.grad) <= 1e-5
+
+
+def test_sum_and_none_reductions():
+    x, t = make_inputs(5, 37, torch.float32, n_ignored=2, seed=7)
+    loss, grad, ref, ref_grad = ours_and_ref(x, t, grad_scale=3.0, reduction="sum", z_loss=1e-3)
+    assert rel_err(loss, ref) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+    w = torch.randn(5)
+    loss, grad, ref, ref_grad = ours_and_ref(x, t, grad_scale=w, reduction="none", label_smoothing=0.1)
+    assert loss.shape == (5,) and (loss[t == IGN] == 0).all()
+    assert rel_err(loss, ref) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+
+
+def test_inplace_backward_overwrites_logits_with_gradient():
+    x, t = make_inputs(4, 37, torch.float32, seed=9)
+    xo = x.clone().requires_grad_()
+    loss = cross_entropy(xo, t, inplace_backward=True)
+    loss.backward()
+    xr = x.double().requires_grad_()
+    cross_entropy_reference(xr, t).backward()
+    assert rel_err(xo.grad, xr.grad) <= 1e-5
+    assert torch.equal(xo.detach(), xo.grad)  # the logits buffer now holds the gradient
+
+
+def test_no_grad_forward_and_module():
+    x, t = make_inputs(5, 37, torch.float32, seed=13)
+    module = CrossEntropyLoss(label_smoothing=0.05, z_loss=1e-3)
+    with torch.no_grad():
+        loss = module(x, t)
+    assert rel_err(loss, cross_entropy_reference(x.double(), t, IGN, 0.05, 1e-3)) <= 1e-5
+    assert "label_smoothing=0.05" in repr(module)
+
+
+def test_gradcheck_fp64():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.tensor([1, IGN, 4])
+    for reduction in ("mean", "sum"):
+        fn = lambda x: CrossEntropyFunction.apply(x, t, IGN, 0.2, 0.01, reduction, False, None)  # noqa: B023
+        assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: cross_entropy_reference(x, t, IGN, 0.2, 0.01), (x,))
+
+
+def test_second_scaled_backward_raises():
+    x = torch.randn(2, 37, requires_grad=True)
+    loss = cross_entropy(x, torch.tensor([1, 2])) * 2.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_bad_input_errors():
+    x = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="outside"):
+        cross_entropy(x, torch.tensor([0, 10, 1]))
+    with pytest.raises(ValueError, match="elements"):
+        cross_entropy(x, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer"):
+        cross_entropy(x, torch.zeros(3))
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(x, torch.tensor([0, 1, 2]), reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(x, torch.tensor([0, 1, 2]), label_smoothing=1.5)
