@@ -5,6 +5,7 @@ Layout of `ROOT/step_XXXXXXXX/` (ROOT is `RUN_DIR/checkpoints`):
                            and its shards (file, offsets, shape), and the sha256 and size of every other file
     <group>_r<rank>.pt     named tensors of one group ("model", "optim") held by that rank
     objects.pt             small replicated Python state (optimizer hyperparameters, loss scaler), from rank 0
+    config.toml            the resolved run config (optional text files, checksummed like the rest)
     rank_r<rank>.pt        per-rank Python state (RNG), one file per rank
 
 Protocol (why a crash never leaves a half checkpoint that looks complete): all ranks write into
@@ -195,12 +196,14 @@ def save_checkpoint(
     objects: dict[str, Any],
     rank_objects: dict[str, Any],
     meta: dict[str, Any],
+    texts: dict[str, str] | None = None,
     keep: int = 0,
 ) -> Path:
     """Writes checkpoint `step` under `root` atomically on every rank (a collective when distributed).
 
     `tensors` (group -> name -> tensor) and `objects` are replicated over ranks: rank 0 writes them. `rank_objects`
     is written by every rank. `meta` (JSON-able: config, layout, data position...) goes into the manifest.
+    `texts` (file name -> content, e.g. "config.toml") are written by rank 0 and checksummed like the rest.
     `keep` > 0 deletes all but the newest `keep` complete checkpoints afterwards. Returns the final directory.
     """
     root = Path(root)
@@ -233,6 +236,12 @@ def save_checkpoint(
                     "shards": [{"file": fname, "offsets": [0] * len(shape), "shape": shape}],
                 }
         files["objects.pt"] = _save_file(objects, tmp / "objects.pt")
+        for fname, text in (texts or {}).items():
+            with open(tmp / fname, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            files[fname] = {"sha256": sha256_file(tmp / fname), "bytes": (tmp / fname).stat().st_size}
     rank_file = f"rank_r{rank:05d}.pt"
     files[rank_file] = _save_file(rank_objects, tmp / rank_file)
 

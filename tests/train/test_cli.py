@@ -1,0 +1,79 @@
+"""Bad input: one line on stderr, non-zero exit, no traceback, and the run directory left as it was."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.train import main
+from tests.train.conftest import tiny_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fails(capsys, args, match):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    return err[0]
+
+
+def _snapshot(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_cli_one_line_errors_in_a_subprocess(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args, match in (
+        (["--model.n_layer", "2"], "did you mean 'model.n_layers'"),
+        (["--resume", str(tmp_path / "missing")], "does not exist"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "examples/pretrain_gpt.py", *args, "--run.dir", str(tmp_path / "run")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and match in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_impossible_batch_and_bad_shapes(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    _fails(capsys, tiny_args(run, *tiny_data, train__global_batch=6, train__micro_batch=4), "multiple of")
+    _fails(capsys, tiny_args(run, *tiny_data, model__n_heads=3), "must divide model.d_model")
+    _fails(capsys, tiny_args(run, *tiny_data, model__seq_len=100000), "seq_len")
+    assert not run.exists()
+
+
+def test_refusals_leave_the_run_directory_alone(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    assert main(tiny_args(run, *tiny_data, train__steps=3)) == 0
+    capsys.readouterr()
+    before = _snapshot(run)
+    _fails(capsys, tiny_args(run, *tiny_data, model__d_model=64), "model.d_model: checkpoint 32, now 64")
+    _fails(capsys, tiny_args(run, *tiny_data, optim__lr=1e-2), "force_resume")
+    _fails(capsys, tiny_args(run, *tiny_data, resume="never"), "already holds checkpoints")
+    _fails(capsys, tiny_args(run, *tiny_data, resume=str(tmp_path / "nowhere")), "does not exist")
+    victim = run / "checkpoints" / "step_00000003" / "optim_r00000.pt"
+    original = victim.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    line = _fails(capsys, tiny_args(run, *tiny_data), "is corrupt")
+    assert str(victim) in line
+    victim.write_bytes(original)
+    assert _snapshot(run) == before
+    # Told to, a run resumes across a changed optimizer setting (a different parallel layout needs no telling).
+    assert main(tiny_args(run, *tiny_data, optim__lr=1e-2, checkpoint__force_resume="true")) == 0
+
+
+@pytest.mark.parametrize("bad", ["--train.steps", "--train.steps=x"])
+def test_flag_errors(bad, capsys):
+    _fails(capsys, [bad], "train.steps")
