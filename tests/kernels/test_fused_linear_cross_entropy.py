@@ -1,0 +1,171 @@
+"""kernels/fused_linear_cross_entropy.py against the unfused plain-PyTorch reference, under the Triton interpreter,
+and its vocab-parallel variant on 2 gloo processes against the unsharded reference."""
+
+import os
+
+import pytest
+import torch
+
+from kernels.fused_linear_cross_entropy import (
+    FusedLinearCrossEntropyLoss,
+    default_chunk_size,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+    vocab_parallel_fused_linear_cross_entropy,
+)
+from tests.distributed import run_distributed
+from tests.kernels.test_cross_entropy import rel_err
+
+IGN = -100
+
+
+def make_inputs(lead, H, V, dtype, n_ignored=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.5 * 2).to(dtype)
+    target = torch.randint(0, V, lead, generator=g)
+    flat = target.view(-1)
+    flat[torch.randperm(flat.numel(), generator=g)[: min(n_ignored, flat.numel() - 1)]] = IGN
+    return hidden, weight, target
+
+
+def run(fn, hidden, weight, target, dtype=None, grad_scale=1.0, **kw):
+    """Loss, grad_hidden, grad_weight of `fn` on copies of the inputs (upcast to `dtype` if given)."""
+    h = hidden.detach().to(dtype or hidden.dtype).requires_grad_()
+    w = weight.detach().to(dtype or weight.dtype).requires_grad_()
+    loss = fn(h, w, target, **kw)
+    (loss * grad_scale).backward()
+    return loss, h.grad, w.grad
+
+
+@pytest.mark.parametrize(
+    "lead,H,V,chunk",
+    [((5,), 16, 37, 2), ((1,), 8, 1000, None), ((13,), 32, 4099, 4), ((2, 3), 24, 1000, 5)],
+)
+def test_fp32_matches_reference(lead, H, V, chunk):
+    hidden, weight, target = make_inputs(lead, H, V, torch.float32, seed=V)
+    ours = run(fused_linear_cross_entropy, hidden, weight, target, grad_scale=1.7, chunk_size=chunk)
+    ref = run(fused_linear_cross_entropy_reference, hidden, weight, target, torch.float64, grad_scale=1.7)
+    assert ours[0].dtype == torch.float32 and ours[1].shape == hidden.shape
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-3), (0.2, 1e-2)])
+def test_label_smoothing_and_z_loss(label_smoothing, z_loss):
+    hidden, weight, target = make_inputs((7,), 16, 1000, torch.float32, n_ignored=2, seed=2)
+    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+    ours = run(fused_linear_cross_entropy, hidden, weight, target, chunk_size=3, **kw)
+    ref = run(fused_linear_cross_entropy_reference, hidden, weight, target, torch.float64, **kw)
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_fp16_two_x_rule():
+    hidden, weight, target = make_inputs((9,), 32, 1000, torch.float16, seed=4)
+    kw = dict(label_smoothing=0.1, z_loss=1e-4)
+    ours = run(fused_linear_cross_entropy, hidden, weight, target, chunk_size=4, **kw)
+    ref16 = run(fused_linear_cross_entropy_reference, hidden, weight, target, **kw)
+    ref32 = run(fused_linear_cross_entropy_reference, hidden, weight, target, torch.float32, **kw)
+    assert ours[1].dtype == ours[2].dtype == torch.float16
+    floor = 2.0**-11
+    for a, b16, b32 in zip(ours, ref16, ref32):
+        assert rel_err(a, b32) <= 2 * rel_err(b16, b32) + floor
+
+
+def test_chunk_size_does_not_change_the_result():
+    hidden, weight, target = make_inputs((6,), 8, 37, torch.float32, n_ignored=2, seed=6)
+    one = run(fused_linear_cross_entropy, hidden, weight, target, chunk_size=1, z_loss=1e-3)
+    whole = run(fused_linear_cross_entropy, hidden, weight, target, chunk_size=6, z_loss=1e-3)
+    for a, b in zip(one, whole):
+        assert rel_err(a, b) <= 1e-6
+    assert default_chunk_size(8192, 4096, 131072) == 256  # logits chunk ~ N x H, as Liger picks
+    assert default_chunk_size(3, 4096, 37) == 3
+
+
+def test_all_ignored_and_partial_grads():
+    hidden, weight, _ = make_inputs((4,), 8, 37, torch.float32)
+    target = torch.full((4,), IGN)
+    loss, gh, gw = run(fused_linear_cross_entropy, hidden, weight, target, chunk_size=3)
+    assert loss.item() == 0.0 and torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
+    # Only one input requires grad (frozen embedding / frozen trunk), and none (evaluation).
+    hidden, weight, target = make_inputs((4,), 8, 37, torch.float32, seed=8)
+    w = weight.clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w, target, reduction="sum").backward()
+    h64, w64 = hidden.double(), weight.double().requires_grad_()
+    fused_linear_cross_entropy_reference(h64, w64, target, reduction="sum").backward()
+    assert rel_err(w.grad, w64.grad) <= 1e-5
+    with torch.no_grad():
+        loss = FusedLinearCrossEntropyLoss(z_loss=1e-3)(hidden, weight, target)
+    assert rel_err(loss, fused_linear_cross_entropy_reference(h64, w64.detach(), target, z_loss=1e-3)) <= 1e-5
+
+
+def test_gradcheck_fp64():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.tensor([1, IGN, 4])
+    fn = lambda h, w: fused_linear_cross_entropy(h, w, t, label_smoothing=0.2, z_loss=0.01, chunk_size=2)
+    assert torch.autograd.gradcheck(fn, (h, w), fast_mode=True)
+    ref = lambda h, w: fused_linear_cross_entropy_reference(h, w, t, label_smoothing=0.2, z_loss=0.01)
+    assert torch.autograd.gradcheck(ref, (h, w))
+
+
+def test_bad_input_errors():
+    h, w = torch.randn(3, 8), torch.randn(10, 8)
+    t = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(h, w, t, reduction="none")
+    with pytest.raises(ValueError, match="weight"):
+        fused_linear_cross_entropy(h, torch.randn(10, 7), t)
+    with pytest.raises(TypeError, match="dtype"):
+        fused_linear_cross_entropy(h, w.half(), t)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="outside"):
+        fused_linear_cross_entropy(h, w, torch.tensor([0, 10, 1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tensor-parallel variant: 2 gloo ranks holding uneven vocab shards (20 + 17 of 37 rows)
+
+SHARDS = [(0, 20), (20, 37)]
+
+
+def _tp_worker(rank, world_size):
+    import torch.distributed as dist
+
+    results = []
+    cases = [dict(), dict(label_smoothing=0.1, z_loss=1e-3)]
+    for i, kw in enumerate(cases):
+        hidden, weight, target = make_inputs((5,), 16, 37, torch.float32, n_ignored=2, seed=10 + i)
+        lo, hi = SHARDS[rank]
+        h = hidden.clone().requires_grad_()
+        w = weight[lo:hi].clone().requires_grad_()
+        loss = vocab_parallel_fused_linear_cross_entropy(h, w, target, None, chunk_size=2, **kw)
+        (loss * 1.5).backward()
+        ref = run(fused_linear_cross_entropy_reference, hidden, weight, target, torch.float64, grad_scale=1.5, **kw)
+        results.append(
+            (rel_err(loss, ref[0]), rel_err(h.grad, ref[1]), rel_err(w.grad, ref[2][lo:hi]), w.grad.shape[0])
+        )
+    # Without the built-in reduction, the per-rank hidden gradients sum to the full one.
+    hidden, weight, target = make_inputs((3,), 8, 37, torch.float32, seed=20)
+    lo, hi = SHARDS[rank]
+    h = hidden.clone().requires_grad_()
+    vocab_parallel_fused_linear_cross_entropy(h, weight[lo:hi], target, reduce_hidden_grad=False).backward()
+    partial = h.grad.clone()
+    dist.all_reduce(partial)
+    ref = run(fused_linear_cross_entropy_reference, hidden, weight, target, torch.float64)
+    results.append((0.0, rel_err(partial, ref[1]), 0.0, hi - lo))
+    return results
+
+
+@pytest.mark.distributed
+def test_vocab_parallel_matches_unsharded_reference():
+    env = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    per_rank = run_distributed(_tp_worker, 2, timeout=120, env=env)
+    for rank, results in enumerate(per_rank):
+        for loss_err, h_err, w_err, rows in results:
+            assert rows == SHARDS[rank][1] - SHARDS[rank][0]
+            assert loss_err <= 1e-5 and h_err <= 1e-5 and w_err <= 1e-5, (rank, results)
