@@ -1,0 +1,163 @@
+"""The backend switch for the model's fused ops (DESIGN.md, Backends).
+
+Every op takes `backend` = "auto" | "torch" | "triton" (the `model.kernels` config key) and resolves it per call
+from the input's device, so a model built on CPU and moved to CUDA picks the right path:
+- "torch": plain PyTorch (`F.scaled_dot_product_attention`, `F.rms_norm`, `F.layer_norm`, `F.cross_entropy`).
+- "triton": our kernels (`kernels.*`, imported lazily). On CPU this needs the Triton interpreter
+  (`TRITON_INTERPRET=1`); forcing it without one, or without triton installed, is a one-line error.
+- "auto": triton on CUDA when triton imports, torch otherwise (always torch on CPU: the interpreter is for tests).
+
+Attention has no Triton kernel of ours behind this switch yet unless `kernels` exports `flash_attention`; until
+then both backends use `F.scaled_dot_product_attention` (FlashAttention-2 / memory-efficient kernels on CUDA).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import ConfigError
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class BackendError(ConfigError):
+    """A forced backend that cannot run here; the message is one line."""
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    # find_spec does not import triton, so calling this from "auto" on CPU stays cheap and side-effect free.
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_backend(backend: str) -> None:
+    """Validates a backend name up front (model construction), before any device is known."""
+    if backend not in BACKENDS:
+        raise BackendError(f"model.kernels must be one of {'|'.join(BACKENDS)}, got '{backend}'")
+    if backend == "triton" and not _triton_importable():
+        raise BackendError("model.kernels=triton needs the triton package (pip install triton); use auto or torch")
+
+
+def select(backend: str, x: torch.Tensor) -> str:
+    """Resolves `backend` for a tensor on x's device to "torch" or "triton"."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if x.is_cuda and _triton_importable() else "torch"
+    if backend == "triton":
+        check_backend(backend)
+        if not x.is_cuda and not _interpreter_on():
+            raise BackendError(
+                f"model.kernels=triton on {x.device.type} needs CUDA or TRITON_INTERPRET=1; use auto or torch"
+            )
+        return "triton"
+    raise BackendError(f"model.kernels must be one of {'|'.join(BACKENDS)}, got '{backend}'")
+
+
+def _kernel(name: str):
+    """Loads kernels.<name> on first use (importing kernels imports no triton)."""
+    return getattr(importlib.import_module("kernels"), name)
+
+
+def _has_kernel(name: str) -> bool:
+    return name in getattr(importlib.import_module("kernels"), "__all__", ())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dim (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight."""
+    if select(backend, x) == "triton":
+        return _kernel("rms_norm")(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, backend: str = "auto"
+) -> torch.Tensor:
+    """LayerNorm over the last dim (Ba et al. 2016)."""
+    if select(backend, x) == "triton":
+        return _kernel("layer_norm")(x, weight, bias, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (seq_len, head_dim // 2) in fp32 (RoFormer, Su et al. 2021: freq_i = theta^(-2i/d))."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Rotary embedding, half-rotation convention: x (b, s, h, d); cos, sin (s, d/2) (DESIGN.md)."""
+    if select(backend, x) == "triton":
+        return _kernel("apply_rope")(x, cos, sin)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """SwiGLU activation (Shazeer 2020): silu(gate) * up."""
+    if select(backend, gate) == "triton":
+        return _kernel("swiglu")(gate, up)
+    return F.silu(gate) * up
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Scaled dot-product attention on (batch, seq, heads, head_dim) tensors; k/v may have fewer heads (GQA).
+
+    `mask` (optional, broadcastable to (batch, heads, seq_q, seq_k)): bool (True = may attend) or additive float;
+    with `causal` it is combined with the causal mask. Returns (batch, seq_q, heads_q, head_dim).
+    """
+    if (
+        mask is None
+        and dropout_p == 0.0
+        and select(backend, q) == "triton"
+        and _has_kernel("flash_attention")
+        and q.shape[1] == k.shape[1]
+    ):
+        return _kernel("flash_attention")(q, k, v, causal=causal)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = qh.shape[1] != kh.shape[1]
+    if mask is not None and causal:
+        sq, sk = q.shape[1], k.shape[1]
+        tri = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        mask = mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
+        causal = False
+    out = F.scaled_dot_product_attention(
+        qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=gqa
+    )
+    return out.transpose(1, 2)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, backend: str = "auto"):
+    """Mean cross-entropy over targets != ignore_index; logits (n, vocab), target (n,). Computed in fp32."""
+    if select(backend, logits) == "triton":
+        return _kernel("cross_entropy")(logits, target, ignore_index=ignore_index)
+    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, backend: str = "auto"
+) -> torch.Tensor:
+    """Mean cross-entropy of logits = hidden @ weight.T; the triton path never materialises all the logits."""
+    if select(backend, hidden) == "triton":
+        return _kernel("fused_linear_cross_entropy")(hidden, weight, target, ignore_index=ignore_index)
+    return F.cross_entropy(F.linear(hidden, weight).float(), target, ignore_index=ignore_index)
