@@ -245,8 +245,10 @@ def get_grid() -> Grid:
 def get_group(kind: str) -> dist.ProcessGroup:
     """This rank's process group of one kind (see `KINDS`)."""
     state = _state()
-    if kind not in state.groups:
+    if kind not in KINDS:
         raise LayoutError(f"unknown group kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in state.groups:  # only the embedding group leaves ranks out: the middle pipeline stages
+        raise LayoutError(f"rank {state.rank} is in no {kind} group (a middle pipeline stage)")
     return state.groups[kind]
 
 
