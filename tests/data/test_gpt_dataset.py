@@ -1,6 +1,7 @@
 """GPTDataset: windows stitched across documents, Megatron epoch/shuffle structure, the index cache, bad input."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -156,3 +157,23 @@ def test_many_epochs_of_a_tiny_dataset(make_dataset):
     gpt = GPTDataset(prefix, 100, 2, seed=0)
     assert gpt.num_epochs == 41 and len(gpt) >= 100
     _check_samples_are_stream_windows(gpt, IndexedDataset(prefix))
+
+
+def test_concurrent_construction_builds_once(make_dataset, tmp_path):
+    # ranks of one job construct the same dataset at once: one builds under the lock, the others reuse its files
+    prefix = make_dataset(_docs(np.random.default_rng(4), 40))
+    cache = str(tmp_path / "shared")
+    results: list[GPTDataset] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(GPTDataset(prefix, 300, 7, seed=9, cache_dir=cache)))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.cache_hit for r in results) == [False, True, True]
+    for r in results[1:]:
+        np.testing.assert_array_equal(r.shuffle_index, results[0].shuffle_index)
+        np.testing.assert_array_equal(r.sample_index, results[0].sample_index)
+    assert not any(".tmp-" in f for f in os.listdir(cache))
