@@ -8,7 +8,7 @@ new residual stream from one pass over memory (the sum is returned too). ``zero_
 ``gamma - 1`` and uses ``(1 + weight)`` (Megatron's ``apply_layernorm_1p``, Gemma), so weight decay pulls gamma
 towards 1 instead of 0.
 
-Numerics: statistics, the weight multiply and every gradient are computed in fp32 whatever the storage dtype; the
+Numerics: statistics, the weight multiply and every gradient are computed in fp32 (fp64 for fp64 inputs); the
 output is rounded once (Gemma's order, not Llama's cast-before-weight). When a residual is given the sum is rounded to
 its storage dtype first and the normalised tensor is computed from that rounded sum, so ``out == norm(h)`` exactly
 for the returned ``h``. Weight/bias gradients are reduced deterministically: each backward program sums its rows
@@ -22,7 +22,9 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels.utils import as_rows, check_tensors, num_reduction_programs, num_warps_for, row_tile
+from kernels.utils import acc_dtype, as_rows, check_tensors, num_reduction_programs, num_warps_for, row_tile
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
@@ -47,6 +49,7 @@ def _norm_fwd_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     ZERO_CENTERED: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -57,12 +60,12 @@ def _norm_fwd_kernel(
     col_mask = cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
     rows = rows.to(tl.int64)
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
     if HAS_RES:
-        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(ACC)
         h = (x + r).to(H.dtype.element_ty)
         tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
-        x = h.to(tl.float32)  # normalise the rounded sum that is returned (and re-read by the backward)
+        x = h.to(ACC)  # normalise the rounded sum that is returned (and re-read by the backward)
     if IS_RMS:
         xc = x
     else:
@@ -73,12 +76,12 @@ def _norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_mask)
     y = xc * rstd[:, None]
     if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
         if ZERO_CENTERED:
             w = w + 1.0
         y = y * w[None, :]
     if HAS_B:
-        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -105,6 +108,7 @@ def _norm_bwd_kernel(
     HAS_B: tl.constexpr,
     ZERO_CENTERED: tl.constexpr,
     HAS_DH: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -113,18 +117,18 @@ def _norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
         if ZERO_CENTERED:
             w = w + 1.0
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=ACC)
+    db = tl.zeros([BLOCK_N], dtype=ACC)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
         rows = rows.to(tl.int64)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(ACC)
+        x = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(ACC)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         if IS_RMS:
             xhat = x * rstd[:, None]
@@ -146,7 +150,7 @@ def _norm_bwd_kernel(
             c2 = tl.sum(g, axis=1) / n_cols
             dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         if HAS_DH:  # the gradient reaching the returned residual sum adds straight onto dh
-            dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(ACC)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_W:
         tl.store(DW + pid * n_cols + cols, dw, mask=col_mask)
@@ -159,6 +163,8 @@ class _NormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, eps, is_rms, zero_centered, fn):
         shape, n = x.shape, x.shape[-1]
         x2 = as_rows(x)
+        weight = None if weight is None else weight.contiguous()  # the kernels read weight and bias with stride 1
+        bias = None if bias is None else bias.contiguous()
         m = x2.shape[0]
         block_m, block_n = row_tile(n, fn)
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -167,8 +173,9 @@ class _NormFunction(torch.autograd.Function):
             h2 = torch.empty((m, n), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
         else:
             r2, h2 = x2, x2
-        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        mean = rstd if is_rms else torch.empty(m, dtype=torch.float32, device=x.device)
+        acc = acc_dtype(x.dtype, None if residual is None else residual.dtype)
+        rstd = torch.empty(m, dtype=acc, device=x.device)
+        mean = rstd if is_rms else torch.empty(m, dtype=acc, device=x.device)
         if m > 0:
             _norm_fwd_kernel[(triton.cdiv(m, block_m),)](
                 x2,
@@ -191,6 +198,7 @@ class _NormFunction(torch.autograd.Function):
                 HAS_W=weight is not None,
                 HAS_B=bias is not None,
                 ZERO_CENTERED=zero_centered,
+                ACC=_TL[acc],
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 num_warps=num_warps_for(block_m * block_n),
@@ -216,8 +224,9 @@ class _NormFunction(torch.autograd.Function):
         dx = torch.empty((m, n), dtype=h2.dtype, device=h2.device)
         n_tiles = triton.cdiv(m, block_m)
         programs = num_reduction_programs(h2.device, n_tiles)
-        dw_part = torch.zeros((programs, n), dtype=torch.float32, device=h2.device) if weight is not None else None
-        db_part = torch.zeros((programs, n), dtype=torch.float32, device=h2.device) if bias is not None else None
+        acc = rstd.dtype
+        dw_part = torch.zeros((programs, n), dtype=acc, device=h2.device) if weight is not None else None
+        db_part = torch.zeros((programs, n), dtype=acc, device=h2.device) if bias is not None else None
         if m > 0:
             _norm_bwd_kernel[(programs,)](
                 dy2,
@@ -241,6 +250,7 @@ class _NormFunction(torch.autograd.Function):
                 HAS_B=bias is not None,
                 ZERO_CENTERED=ctx.zero_centered,
                 HAS_DH=dh is not None,
+                ACC=_TL[acc],
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 num_warps=num_warps_for(block_m * block_n),

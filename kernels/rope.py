@@ -10,7 +10,7 @@ sequences whose positions restart per document); ``cos``/``sin`` are then tables
 
 The kernel sees x as rows of head_dim elements, one per (batch, seq, head), with arbitrary strides in every dim,
 so views (e.g. q, k, v split from one fused projection) need no copy, and the in-place variant rotates them where
-they lie. All math in fp32.
+they lie. All math in fp32 (fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import check_tensors, next_power_of_2, num_warps_for
+from kernels.utils import acc_dtype, check_tensors, next_power_of_2, num_warps_for
 
 
 @triton.jit
@@ -51,6 +51,7 @@ def _rope_kernel(
     sps,
     HAS_POS: tl.constexpr,
     BACKWARD: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -71,13 +72,13 @@ def _rope_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     # Out-of-range positions (checked on the host for CPU tensors) read nothing rather than fault on GPU.
     cs_mask = mask & ((pos >= 0) & (pos < max_pos))[:, None]
-    c = tl.load(COS + pos[:, None] * scp + cols[None, :] * scd, mask=cs_mask, other=0.0).to(tl.float32)
-    sn = tl.load(SIN + pos[:, None] * ssp + cols[None, :] * ssd, mask=cs_mask, other=0.0).to(tl.float32)
+    c = tl.load(COS + pos[:, None] * scp + cols[None, :] * scd, mask=cs_mask, other=0.0).to(ACC)
+    sn = tl.load(SIN + pos[:, None] * ssp + cols[None, :] * ssd, mask=cs_mask, other=0.0).to(ACC)
     if BACKWARD:
         sn = -sn
     xo = (b * sxb + s * sxs + head * sxh)[:, None]
-    x1 = tl.load(X + xo + cols[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + xo + (cols[None, :] + half) * sxd, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(X + xo + cols[None, :] * sxd, mask=mask, other=0.0).to(ACC)
+    x2 = tl.load(X + xo + (cols[None, :] + half) * sxd, mask=mask, other=0.0).to(ACC)
     yo = (b * syb + s * sys_ + head * syh)[:, None]
     tl.store(Y + yo + cols[None, :] * syd, (x1 * c - x2 * sn).to(Y.dtype.element_ty), mask=mask)
     tl.store(Y + yo + (cols[None, :] + half) * syd, (x2 * c + x1 * sn).to(Y.dtype.element_ty), mask=mask)
@@ -119,6 +120,7 @@ def _launch(x, y, cos, sin, position_ids, offset, backward):
         sps,
         HAS_POS=position_ids is not None,
         BACKWARD=backward,
+        ACC=tl.float64 if acc_dtype(x.dtype) == torch.float64 else tl.float32,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=num_warps_for(2 * block_m * block_n),

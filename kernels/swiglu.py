@@ -7,7 +7,8 @@
 
 The backward recomputes the activation from the saved inputs instead of storing it, so the op keeps no tensor
 beyond gate and up (which the preceding matmuls' backward keeps anyway). Inputs may be row-strided views, e.g. the
-two halves of one fused projection (``proj(x).chunk(2, -1)``); they are read in place. All math in fp32.
+two halves of one fused projection (``proj(x).chunk(2, -1)``); they are read in place. All math in fp32 (fp64 for
+fp64 inputs).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import as_rows, check_tensors, elementwise_tile, num_warps_for
+from kernels.utils import acc_dtype, as_rows, check_tensors, elementwise_tile, num_warps_for
 
 _SILU, _GELU_TANH = 0, 1
 
 
 @triton.jit
 def _act_and_grad(a, ACT: tl.constexpr):
-    """(act(a), act'(a)) in fp32."""
+    """(act(a), act'(a)), computed in a's (fp32 or fp64) dtype."""
     if ACT == 0:
         sg = tl.sigmoid(a)
         return a * sg, sg * (1.0 + a * (1.0 - sg))
@@ -53,6 +54,7 @@ def _glu_fwd_kernel(
     stride_u,
     stride_o,
     ACT: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -60,8 +62,8 @@ def _glu_fwd_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     rows = rows.to(tl.int64)[:, None]
-    a = tl.load(G + rows * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(U + rows * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(G + rows * stride_g + cols[None, :], mask=mask, other=0.0).to(ACC)
+    b = tl.load(U + rows * stride_u + cols[None, :], mask=mask, other=0.0).to(ACC)
     tl.store(OUT + rows * stride_o + cols[None, :], (_act(a, ACT) * b).to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -80,6 +82,7 @@ def _glu_bwd_kernel(
     stride_dg,
     stride_du,
     ACT: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -87,12 +90,16 @@ def _glu_bwd_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     rows = rows.to(tl.int64)[:, None]
-    do = tl.load(DO + rows * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(G + rows * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(U + rows * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows * stride_do + cols[None, :], mask=mask, other=0.0).to(ACC)
+    a = tl.load(G + rows * stride_g + cols[None, :], mask=mask, other=0.0).to(ACC)
+    b = tl.load(U + rows * stride_u + cols[None, :], mask=mask, other=0.0).to(ACC)
     act, dact = _act_and_grad(a, ACT)
     tl.store(DG + rows * stride_dg + cols[None, :], (do * b * dact).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + rows * stride_du + cols[None, :], (do * act).to(DU.dtype.element_ty), mask=mask)
+
+
+def _tl_acc(*dtypes):
+    return tl.float64 if acc_dtype(*dtypes) == torch.float64 else tl.float32
 
 
 def _grid(m, n):
@@ -118,6 +125,7 @@ class _GLUFunction(torch.autograd.Function):
                 u2.stride(0),
                 out.stride(0),
                 ACT=act,
+                ACC=_tl_acc(gate.dtype, up.dtype),
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 num_warps=num_warps_for(block_m * block_n),
@@ -149,6 +157,7 @@ class _GLUFunction(torch.autograd.Function):
                 dg.stride(0),
                 du.stride(0),
                 ACT=ctx.act,
+                ACC=_tl_acc(*ctx.dtypes),
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 num_warps=num_warps_for(block_m * block_n),

@@ -59,6 +59,15 @@ def check_tensors(fn: str, **tensors: torch.Tensor | None) -> torch.device:
     return device
 
 
+def acc_dtype(*dtypes: torch.dtype | None) -> torch.dtype:
+    """The in-kernel compute dtype: fp64 when any input is fp64 (so gradcheck can run on the kernels), else fp32.
+
+    Every kernel upcasts to it right after loading: the interpreter's bf16 arithmetic is broken (ENV-NOTES), and
+    fp32 statistics are what the numerics contract asks for anyway.
+    """
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (and >= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
@@ -126,3 +135,43 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
     # A last dim of size 1 may keep any stride: the kernels only ever index column 0 of it.
     return x.reshape(-1, x.shape[-1])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out - ref| / max|ref| (the absolute error when ref is all zero); inf on NaN/inf mismatch or bad shape.
+
+    Normwise rather than elementwise, so entries near zero do not dominate; the fp32 parity bound of the numerics
+    contract (DESIGN.md, contract 2) applies to this number.
+    """
+    if out.shape != ref.shape:
+        return float("inf")
+    out, ref = out.detach().double(), ref.detach().double()
+    if not torch.equal(torch.isfinite(out), torch.isfinite(ref)):
+        return float("inf")
+    fin = torch.isfinite(ref)
+    if not fin.any():
+        return 0.0
+    num = (out[fin] - ref[fin]).abs().max().item()
+    den = ref[fin].abs().max().item()
+    return num / den if den > 0 else num
+
+
+def two_x_rule(
+    out: torch.Tensor, ref: torch.Tensor, ref_same_dtype: torch.Tensor, floor_ulps: float = 1.0
+) -> tuple[float, float]:
+    """(error, allowed) for the low-precision parity rule of DESIGN.md contract 2 (FlashAttention's test rule).
+
+    error = max|out - ref| against a high-precision reference; allowed = 2 * max|ref_same_dtype - ref|, where
+    ref_same_dtype is plain torch computing in out's dtype, plus a floor of `floor_ulps` units in the last place of
+    out's dtype at ref's largest magnitude (one rounding of the result, so exact-looking references don't make the
+    bound zero). Pass when error <= allowed.
+    """
+    if not (out.shape == ref.shape == ref_same_dtype.shape):
+        raise ValueError(f"two_x_rule: shapes differ: {tuple(out.shape)} vs {tuple(ref.shape)}")
+    if ref.numel() == 0:
+        return 0.0, 0.0
+    r = ref.detach().double()
+    err = (out.detach().double() - r).abs().max().item()
+    base = (ref_same_dtype.detach().double() - r).abs().max().item()
+    floor = floor_ulps * torch.finfo(out.dtype).eps * r.abs().max().item()
+    return (float("inf") if err != err else err), 2.0 * base + floor
