@@ -268,9 +268,6 @@ class _Run:
             load_checkpoint,
             resolve_checkpoint_path,
         )
-        from engine.model.gpt import GPT, flops_per_token, resolve
-        from engine.optim import build_optimizer
-        from engine.parallel.state import initialize
 
         cfg = self.cfg
         self.run_dir = Path(cfg.run.dir)
@@ -286,6 +283,10 @@ class _Run:
             )
         else:
             resume_path = latest_checkpoint(self.ckpt_root) if resume == "auto" else None
+
+        from engine.model.gpt import GPT, flops_per_token, resolve
+        from engine.optim import build_optimizer
+        from engine.parallel.state import initialize
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.owns_parallel = not _parallel_initialized()
@@ -365,17 +366,14 @@ class _Run:
         dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step at self.step + 1; returns (mean loss over the global batch, lr, grad norm)."""
-        from engine.optim import clip_grad_norm, lr_at
+        from engine.optim.clip import clip_grad_norm
+        from engine.optim.schedules import lr_at, set_lr
 
         cfg = self.cfg
         lr = lr_at(self.step, self.rcfg.optim, self.rcfg.optim.decay_steps)
-        self._set_lr(lr)
+        set_lr(self.optimizer, lr)
         batches = _micro_batches(self.consumed, cfg.train.global_batch, self.micro, self.dp_rank, self.dp)
         loss_sum = torch.zeros((), device=self.device)
         for i, idx in enumerate(batches):

@@ -25,7 +25,7 @@ def _snapshot(run_dir):
 
 
 def test_cli_one_line_errors_in_a_subprocess(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for args, match in (
         (["--model.n_layer", "2"], "did you mean 'model.n_layers'"),
         (["--resume", str(tmp_path / "missing")], "does not exist"),
