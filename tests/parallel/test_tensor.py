@@ -1,0 +1,173 @@
+"""Each tensor-parallel layer against its torch.nn twin on the gathered weights, forward and backward, at tp=4 and
+tp=2 (two tp groups beside each other in one 4-process world), including init equality and odd vocabularies."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from engine.parallel import state
+from engine.parallel.sequence import all_gather, split
+from engine.parallel.tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    gather_full,
+    vocab_parallel_cross_entropy,
+)
+from tests.distributed import run_distributed
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _grad_full(param, group):
+    """The full (unpadded) gradient of a sharded parameter."""
+    full = all_gather(param.grad, param.partition_dim, group)
+    return full.narrow(param.partition_dim, 0, param.full_shape[param.partition_dim])
+
+
+def _inputs(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+
+
+def _check_column(group, tp):
+    for gather_output, out in ((True, 8), (False, 8), (True, 7)):  # 7: padded to a multiple of tp
+        torch.manual_seed(10)
+        ref = nn.Linear(6, out)
+        torch.manual_seed(10)
+        col = ColumnParallelLinear(6, out, gather_output=gather_output, pad_output=out % tp != 0, group=group)
+        assert torch.equal(gather_full(col.weight, group), ref.weight), "init differs from nn.Linear"
+        assert torch.equal(gather_full(col.bias, group), ref.bias)
+        assert col.weight.shape == (-(-out // tp), 6)
+        x, x_ref = _inputs(3, 5, 6, seed=1), _inputs(3, 5, 6, seed=1)
+        dy = torch.randn(3, 5, out, generator=torch.Generator().manual_seed(2))
+        y, y_ref = col(x), ref(x_ref)
+        if gather_output:
+            _close(y, y_ref, "column output")
+            y.backward(dy)
+        else:  # this rank's output columns, and their slice of the upstream gradient
+            _close(y, split(y_ref, -1, group), "column output")
+            y.backward(split(dy, -1, group))
+        y_ref.backward(dy)
+        _close(x.grad, x_ref.grad, "column input grad")
+        _close(_grad_full(col.weight, group), ref.weight.grad, "column weight grad")
+        _close(_grad_full(col.bias, group), ref.bias.grad, "column bias grad")
+        if out % tp:
+            assert torch.count_nonzero(all_gather(col.weight.grad, 0, group)[out:]) == 0, "padding rows got gradient"
+
+
+def _check_row(group, tp):
+    for input_is_parallel in (True, False):
+        torch.manual_seed(11)
+        ref = nn.Linear(8, 5)
+        torch.manual_seed(11)
+        row = RowParallelLinear(8, 5, input_is_parallel=input_is_parallel, group=group)
+        assert torch.equal(gather_full(row.weight, group), ref.weight) and torch.equal(row.bias, ref.bias)
+        x, x_ref = _inputs(2, 4, 8, seed=3), _inputs(2, 4, 8, seed=3)
+        y = row(split(x, -1, group) if input_is_parallel else x)
+        y_ref = ref(x_ref)
+        _close(y, y_ref, "row output")
+        dy = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(4))
+        y.backward(dy)
+        y_ref.backward(dy)
+        x_grad = x.grad if not input_is_parallel else x.grad.narrow(-1, dist.get_rank(group) * 8 // tp, 8 // tp)
+        x_grad_ref = x_ref.grad if not input_is_parallel else split(x_ref.grad, -1, group)
+        _close(x_grad, x_grad_ref, "row input grad")
+        _close(_grad_full(row.weight, group), ref.weight.grad, "row weight grad")
+        _close(row.bias.grad, ref.bias.grad, "row bias grad")
+
+
+def _check_embedding(group, tp):
+    for vocab in (11, 5):  # 5 at tp=4: padded to 8, the last rank's shard is all padding
+        torch.manual_seed(12)
+        ref = nn.Embedding(vocab, 6)
+        torch.manual_seed(12)
+        emb = VocabParallelEmbedding(vocab, 6, group=group)
+        assert emb.num_embeddings_padded % tp == 0 and emb.num_embeddings_padded - vocab < tp
+        assert torch.equal(gather_full(emb.weight, group), ref.weight), "init differs from nn.Embedding"
+        ids = torch.tensor([[0, vocab - 1, 3, 3], [1, 2, vocab - 2, 0]])
+        y, y_ref = emb(ids), ref(ids)
+        _close(y, y_ref, "embedding output")
+        dy = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(5))
+        y.backward(dy)
+        y_ref.backward(dy)
+        _close(_grad_full(emb.weight, group), ref.weight.grad, "embedding grad")
+        assert torch.count_nonzero(all_gather(emb.weight.grad, 0, group)[vocab:]) == 0
+
+
+def _check_cross_entropy(group, tp):
+    gen = torch.Generator().manual_seed(6)
+    for vocab in (11, 5, 12):
+        padded = -(-vocab // tp) * tp
+        full = torch.randn(3, 4, padded, generator=gen) * 3  # padding columns hold junk: they must be masked
+        target = torch.randint(0, vocab, (3, 4), generator=gen)
+        target[0, 1] = target[2, 3] = -100
+        ref_logits = full[..., :vocab].clone().requires_grad_()
+        local = split(full, -1, group).requires_grad_()
+        for reduction in ("mean", "sum", "none"):
+            loss = vocab_parallel_cross_entropy(local, target, group, vocab_size=vocab, reduction=reduction)
+            ref = F.cross_entropy(ref_logits.transpose(1, 2), target, reduction=reduction)
+            _close(loss, ref, f"cross-entropy {reduction} (vocab {vocab})")
+        w = torch.randn(3, 4, generator=gen)
+        (vocab_parallel_cross_entropy(local, target, group, vocab_size=vocab, reduction="none") * w).sum().backward()
+        (F.cross_entropy(ref_logits.transpose(1, 2), target, reduction="none") * w).sum().backward()
+        grad_ref = F.pad(ref_logits.grad, (0, padded - vocab))
+        _close(local.grad, split(grad_ref, -1, group), f"cross-entropy grad (vocab {vocab})")
+    # bf16 logits: the loss is computed in fp32, the gradient comes back in bf16.
+    local = split(full, -1, group).to(torch.bfloat16).requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, group, vocab_size=vocab)
+    loss.backward()
+    assert loss.dtype == torch.float32 and local.grad.dtype == torch.bfloat16
+    ref = F.cross_entropy(full[..., :vocab].to(torch.bfloat16).float().transpose(1, 2), target)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def _check_errors(group, tp):
+    messages = []
+    for make in (
+        lambda: ColumnParallelLinear(6, 4 * tp + 1, group=group),
+        lambda: RowParallelLinear(4 * tp + 1, 6, group=group),
+        lambda: ColumnParallelLinear(6, 8, gather_output=True, sequence_parallel=True, group=group),
+        lambda: RowParallelLinear(8, 6, input_is_parallel=False, sequence_parallel=True, group=group),
+        lambda: vocab_parallel_cross_entropy(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), group),
+    ):
+        try:
+            make()
+        except ValueError as e:
+            messages.append(str(e))
+    return messages
+
+
+def _layers_worker(rank, world):
+    out = {}
+    for tp in (4, 2):
+        state.initialize(tp=tp)
+        try:
+            group = state.get_tp_group()
+            _check_column(group, tp)
+            _check_row(group, tp)
+            _check_embedding(group, tp)
+            _check_cross_entropy(group, tp)
+            out[tp] = _check_errors(group, tp)
+        finally:
+            state.destroy()
+    return out
+
+
+@pytest.mark.distributed
+def test_layers_match_torch_nn_at_tp4_and_tp2():
+    results = run_distributed(_layers_worker, 4, timeout=240)
+    for by_tp in results:
+        for tp, messages in by_tp.items():
+            assert len(messages) == 5, messages
+            assert f"out_features = {4 * tp + 1} is not divisible by the tensor-parallel size {tp}" in messages[0]
+            assert f"in_features = {4 * tp + 1} is not divisible" in messages[1]
+            assert "gather_output=True cannot be combined with sequence_parallel" in messages[2]
+            assert "needs input_is_parallel=True" in messages[3]
+            assert "disagree before the vocab dim" in messages[4]
+            assert all("\n" not in m for m in messages)
