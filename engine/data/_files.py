@@ -11,6 +11,12 @@ import uuid
 from collections.abc import Iterator
 
 
+def cache_root(cache_dir: str | None = None) -> str:
+    """The engine's cache directory: `cache_dir` if given, else `$ENGINE_CACHE`, else ~/.cache/engine."""
+    root = cache_dir or os.environ.get("ENGINE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "engine")
+    return os.path.abspath(root)
+
+
 def temp_path(path: str) -> str:
     """A unique temporary name beside `path` (same directory, so the final rename stays atomic)."""
     head, tail = os.path.split(os.path.abspath(path))

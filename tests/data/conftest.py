@@ -30,3 +30,11 @@ def make_dataset(tmp_path):
         return prefix
 
     return make
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(engine_cache):
+    """The 4096-token BPE trained on the embedded corpus, trained once per test session into the private cache."""
+    from engine.data.tokenizer import load_tokenizer
+
+    return load_tokenizer("bpe", cache_dir=engine_cache, bpe_vocab=4096)
