@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.utils import check_tensors
+
 REDUCTIONS = ("mean", "sum", "none")
 # Largest vocabulary block one loop iteration loads; longer rows loop. 4096 fp32 lanes keep registers in check on
 # GPU with 8-16 warps and make few, cheap iterations in the interpreter.
@@ -130,10 +132,14 @@ def launch_config(V: int, block: int | None = None) -> tuple[int, int]:
     return block, num_warps
 
 
-def check_targets(name: str, target: torch.Tensor, n_rows: int, V: int, ignore_index: int) -> torch.Tensor:
+def check_targets(
+    name: str, target: torch.Tensor, n_rows: int, V: int, ignore_index: int, device: torch.device
+) -> torch.Tensor:
     """Flattens `target` and validates it; the range check runs on CPU tensors only (on GPU it would force a sync)."""
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"{name}: target must be an integer tensor, got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"{name}: target is on {target.device} but the inputs are on {device}")
     t = target.reshape(-1)
     if t.numel() != n_rows:
         raise ValueError(f"{name}: target has {t.numel()} elements but there are {n_rows} rows of logits")
@@ -227,13 +233,12 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, block):
         if logits.dim() < 1 or logits.shape[-1] == 0:
             raise ValueError(f"cross_entropy: logits must have a non-empty last (vocab) dim, got {tuple(logits.shape)}")
-        if not logits.is_floating_point():
-            raise TypeError(f"cross_entropy: logits must be floating point, got {logits.dtype}")
+        check_tensors("cross_entropy", logits=logits)
         shape, V = logits.shape, logits.shape[-1]
         x = logits.reshape(-1, V)
         if x.stride(-1) != 1:
             x = x.contiguous()
-        t = check_targets("cross_entropy", target, x.shape[0], V, ignore_index)
+        t = check_targets("cross_entropy", target, x.shape[0], V, ignore_index, x.device)
         scale = loss_scale(t, ignore_index, reduction, acc_dtype(x.dtype))
         grad = None
         if ctx.needs_input_grad[0]:

@@ -35,6 +35,7 @@ from kernels.cross_entropy import (
     scale_grad_,
     tl_acc_dtype,
 )
+from kernels.utils import check_tensors
 
 FLCE_REDUCTIONS = ("mean", "sum")
 
@@ -104,8 +105,9 @@ def _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chun
         raise ValueError(
             f"{name}: need hidden (..., H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
-    if hidden.dtype != weight.dtype or not hidden.is_floating_point():
-        raise TypeError(f"{name}: hidden and weight must share a floating dtype, got {hidden.dtype} and {weight.dtype}")
+    check_tensors(name, hidden=hidden, weight=weight)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{name}: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
 
@@ -122,6 +124,16 @@ def _accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         except (TypeError, RuntimeError):
             pass
     acc.add_(a @ b)
+
+
+def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under autocast, run the linear in the autocast dtype as `F.linear` would (differentiable casts, so fp32
+    master weights still get their gradient); the chunks inside then run with autocast off, in that dtype."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return hidden.to(dt), weight.to(dt)
+    return hidden, weight
 
 
 class _ChunkedBuffers:
@@ -146,22 +158,23 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size)
         h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
         N, V = h.shape[0], weight.shape[0]
-        t = check_targets(name, target, N, V, ignore_index)
+        t = check_targets(name, target, N, V, ignore_index, h.device)
         chunk = chunk_size or default_chunk_size(N, h.shape[1], V)
         scale = loss_scale(t, ignore_index, reduction, acc_dtype(h.dtype))
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         bufs = _ChunkedBuffers(h, weight, need_h, need_w)
         loss_rows = torch.empty(N, dtype=acc_dtype(h.dtype), device=h.device)
-        for start in range(0, N, chunk):
-            end = min(start + chunk, N)
-            h_c = h[start:end]
-            logits = h_c @ weight.t()
-            grad = logits if (need_h or need_w) else None
-            loss_rows[start:end], _ = ce_forward_rows(
-                logits, t[start:end], grad, scale, ignore_index, label_smoothing, z_loss
-            )
-            if grad is not None:
-                bufs.add_chunk(start, end, logits, h_c, weight)
+        with torch.autocast(h.device.type, enabled=False):  # chunks run in the inputs' dtype
+            for start in range(0, N, chunk):
+                end = min(start + chunk, N)
+                h_c = h[start:end]
+                logits = h_c @ weight.t()
+                grad = logits if (need_h or need_w) else None
+                loss_rows[start:end], _ = ce_forward_rows(
+                    logits, t[start:end], grad, scale, ignore_index, label_smoothing, z_loss
+                )
+                if grad is not None:
+                    bufs.add_chunk(start, end, logits, h_c, weight)
         return _finish_forward(ctx, hidden, weight, bufs, loss_rows, scale, reduction)
 
     @staticmethod
@@ -199,6 +212,7 @@ def fused_linear_cross_entropy(
     `kernels.cross_entropy` (mean over non-ignored targets, 0 if none). The weight gradient is summed in fp32 for
     fp16/bf16 (a V x H fp32 buffer during forward). Backward runs once (or any times with grad_output 1).
     """
+    hidden, weight = _autocast_inputs(hidden, weight)
     return FusedLinearCrossEntropyFunction.apply(
         hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction
     )
@@ -282,7 +296,7 @@ class VocabParallelFusedLinearCrossEntropyFunction(torch.autograd.Function):
         start_v, V = _shard_layout(V_local, group, vocab_start, weight.device)
         h = hidden.reshape(-1, H).contiguous()
         N = h.shape[0]
-        t = check_targets(name, target, N, V, ignore_index)
+        t = check_targets(name, target, N, V, ignore_index, h.device)
         acc = acc_dtype(h.dtype)
         scale = loss_scale(t, ignore_index, reduction, acc)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -293,41 +307,42 @@ class VocabParallelFusedLinearCrossEntropyFunction(torch.autograd.Function):
         BLOCK, num_warps = launch_config(V_local)
         ACC = tl_acc_dtype(h.dtype)
         eps = float(label_smoothing)
-        for start in range(0, N, chunk):
-            end = min(start + chunk, N)
-            c = end - start
-            h_c, t_c = h[start:end], t[start:end]
-            logits = h_c @ weight.t()
-            stats = torch.empty(c, 4, dtype=acc, device=h.device)
-            _shard_stats_kernel[(c,)](
-                logits, logits.stride(0), t_c, stats, V_local, start_v, BLOCK=BLOCK, ACC=ACC, num_warps=num_warps
-            )
-            m = stats[:, 0].clone()
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            sums = torch.stack([stats[:, 1] * torch.exp(stats[:, 0] - m), stats[:, 2], stats[:, 3]])
-            dist.all_reduce(sums, group=group)
-            lse = m + torch.log(sums[0])
-            loss = (1.0 - eps) * (lse - sums[2]) + eps * (lse - sums[1] / V) + z_loss * lse * lse
-            loss_rows[start:end] = torch.where(valid[start:end], loss, torch.zeros_like(loss))
-            if need_h or need_w:
-                lse = lse.contiguous()
-                _shard_grad_kernel[(c,)](
-                    logits,
-                    logits.stride(0),
-                    t_c,
-                    lse,
-                    scale,
-                    V_local,
-                    start_v,
-                    V,
-                    ignore_index,
-                    eps,
-                    float(z_loss),
-                    BLOCK=BLOCK,
-                    ACC=ACC,
-                    num_warps=num_warps,
+        with torch.autocast(h.device.type, enabled=False):  # chunks run in the inputs' dtype
+            for start in range(0, N, chunk):
+                end = min(start + chunk, N)
+                c = end - start
+                h_c, t_c = h[start:end], t[start:end]
+                logits = h_c @ weight.t()
+                stats = torch.empty(c, 4, dtype=acc, device=h.device)
+                _shard_stats_kernel[(c,)](
+                    logits, logits.stride(0), t_c, stats, V_local, start_v, BLOCK=BLOCK, ACC=ACC, num_warps=num_warps
                 )
-                bufs.add_chunk(start, end, logits, h_c, weight)
+                m = stats[:, 0].clone()
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+                sums = torch.stack([stats[:, 1] * torch.exp(stats[:, 0] - m), stats[:, 2], stats[:, 3]])
+                dist.all_reduce(sums, group=group)
+                lse = m + torch.log(sums[0])
+                loss = (1.0 - eps) * (lse - sums[2]) + eps * (lse - sums[1] / V) + z_loss * lse * lse
+                loss_rows[start:end] = torch.where(valid[start:end], loss, torch.zeros_like(loss))
+                if need_h or need_w:
+                    lse = lse.contiguous()
+                    _shard_grad_kernel[(c,)](
+                        logits,
+                        logits.stride(0),
+                        t_c,
+                        lse,
+                        scale,
+                        V_local,
+                        start_v,
+                        V,
+                        ignore_index,
+                        eps,
+                        float(z_loss),
+                        BLOCK=BLOCK,
+                        ACC=ACC,
+                        num_warps=num_warps,
+                    )
+                    bufs.add_chunk(start, end, logits, h_c, weight)
         if bufs.grad_h is not None and reduce_hidden_grad:
             dist.all_reduce(bufs.grad_h, group=group)
         return _finish_forward(ctx, hidden, weight, bufs, loss_rows, scale, reduction)
@@ -357,6 +372,7 @@ def vocab_parallel_fused_linear_cross_entropy(
     `vocab_start` is given. The hidden gradient is summed over the group (as the backward of Megatron's
     copy-to-tensor-parallel-region would); pass `reduce_hidden_grad=False` when the caller reduces it itself.
     """
+    hidden, weight = _autocast_inputs(hidden, weight)
     return VocabParallelFusedLinearCrossEntropyFunction.apply(
         hidden,
         weight,

@@ -177,7 +177,7 @@ def test_second_scaled_backward_raises():
         loss.backward()
 
 
-def test_bad_input_errors():
+def test_bad_input_errors(monkeypatch):
     x = torch.randn(3, 10)
     with pytest.raises(ValueError, match="outside"):
         cross_entropy(x, torch.tensor([0, 10, 1]))
@@ -189,3 +189,7 @@ def test_bad_input_errors():
         cross_entropy(x, torch.tensor([0, 1, 2]), reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(x, torch.tensor([0, 1, 2]), label_smoothing=1.5)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: a clear error
+        with pytest.raises(ValueError, match="CUDA tensor"):
+            cross_entropy(x, torch.tensor([0, 1, 2]))

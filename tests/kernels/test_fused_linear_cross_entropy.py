@@ -100,6 +100,19 @@ def test_all_ignored_and_partial_grads():
     assert rel_err(loss, fused_linear_cross_entropy_reference(h64, w64.detach(), target, z_loss=1e-3)) <= 1e-5
 
 
+def test_autocast_runs_the_linear_in_the_autocast_dtype():
+    """fp32 master weights under fp16 autocast: the loss is that of the fp16-cast inputs, the grads reach fp32."""
+    hidden, weight, target = make_inputs((6,), 16, 37, torch.float32, seed=12)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = fused_linear_cross_entropy(h, w, target, chunk_size=4)
+    loss.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    ref = run(fused_linear_cross_entropy_reference, hidden.half(), weight.half(), target, torch.float64)
+    assert rel_err(loss, ref[0]) <= 2e-4  # the logits are fp16-rounded, as F.linear under autocast makes them
+    assert rel_err(h.grad, ref[1]) <= 2e-3 and rel_err(w.grad, ref[2]) <= 2e-3  # fp16-rounded gradients
+
+
 def test_gradcheck_fp64():
     g = torch.Generator().manual_seed(3)
     h = torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True)
