@@ -146,23 +146,21 @@ class _RopeFunction(torch.autograd.Function):
         return _rotate(dy, cos, sin, position_ids, ctx.offset, True), None, None, None, None
 
 
-class _RopeQKInplaceFunction(torch.autograd.Function):
+class _RopeInplaceFunction(torch.autograd.Function):
+    # One tensor per Function: autograd cannot rebase several in-place-modified views (q, k of one qkv) at once.
     @staticmethod
-    def forward(ctx, q, k, cos, sin, position_ids, offset):
-        _launch(q, q, cos, sin, position_ids, offset, False)
-        _launch(k, k, cos, sin, position_ids, offset, False)
-        ctx.mark_dirty(q, k)
+    def forward(ctx, x, cos, sin, position_ids, offset):
+        _launch(x, x, cos, sin, position_ids, offset, False)
+        ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.offset = offset
-        return q, k
+        return x
 
     @staticmethod
-    def backward(ctx, dq, dk):
-        # Out of place: the incoming gradients may be shared with other consumers.
+    def backward(ctx, dy):
+        # Out of place: the incoming gradient may be shared with other consumers.
         cos, sin, position_ids = ctx.saved_tensors
-        dq = None if dq is None else _rotate(dq, cos, sin, position_ids, ctx.offset, True)
-        dk = None if dk is None else _rotate(dk, cos, sin, position_ids, ctx.offset, True)
-        return dq, dk, None, None, None, None
+        return _rotate(dy, cos, sin, position_ids, ctx.offset, True), None, None, None, None
 
 
 def _check(fn, xs, cos, sin, position_ids, offset):
@@ -215,6 +213,21 @@ def apply_rope(
     return _RopeFunction.apply(x, cos, sin, position_ids, int(offset))
 
 
+def apply_rope_(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """In-place `apply_rope`: rotates x (batch, seq, heads, head_dim) where it lies and returns it.
+
+    x may be a strided view (e.g. of a fused qkv output) but not a leaf that requires grad (as any in-place op).
+    """
+    _check("kernels.apply_rope_", {"x": x}, cos, sin, position_ids, int(offset))
+    return _RopeInplaceFunction.apply(x, cos, sin, position_ids, int(offset))
+
+
 def apply_rope_qk_(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -226,10 +239,13 @@ def apply_rope_qk_(
     """In-place RoPE on q (batch, seq, heads_q, d) and k (batch, seq, heads_kv, d); returns (q, k).
 
     Saves two activation-sized buffers per layer; q and k may be strided views (e.g. of a fused qkv output) but
-    must not be leaves that require grad (as for any in-place op). Positions as in `apply_rope`.
+    must not be leaves that require grad (as for any in-place op). Positions as in `apply_rope`. Both are checked
+    before either is modified.
     """
     _check("kernels.apply_rope_qk_", {"q": q, "k": k}, cos, sin, position_ids, int(offset))
-    return _RopeQKInplaceFunction.apply(q, k, cos, sin, position_ids, int(offset))
+    q = _RopeInplaceFunction.apply(q, cos, sin, position_ids, int(offset))
+    k = _RopeInplaceFunction.apply(k, cos, sin, position_ids, int(offset))
+    return q, k
 
 
 def apply_rope_reference(
