@@ -15,7 +15,7 @@ import sysconfig
 from dataclasses import dataclass
 
 # Bump when the selection or the split changes: caches are keyed by it.
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 VALID_PERCENT = 5
 MAX_FILE_BYTES = 100_000
 MAX_CODE_BYTES = 8_000_000
@@ -78,7 +78,7 @@ def split_of(name: str) -> str:
 
 
 def documents(split: str = "all") -> list[Document]:
-    """The embedded corpus (or one split of it), prose topics first, then code, each sorted by name."""
+    """The embedded corpus (or one split of it), sorted by document name."""
     if split not in SPLITS:
         raise ValueError(f"unknown corpus split {split!r} (choose from {', '.join(SPLITS)})")
     from pydoc_data.topics import topics
@@ -90,6 +90,7 @@ def documents(split: str = "all") -> list[Document]:
                 docs.append(Document(name, f.read()))
         except UnicodeDecodeError:
             continue  # a stdlib file in another encoding: rare, skipped the same way everywhere
+    docs.sort(key=lambda d: d.name)
     if split != "all":
         docs = [d for d in docs if split_of(d.name) == split]
     return docs
