@@ -177,3 +177,22 @@ def test_concurrent_construction_builds_once(make_dataset, tmp_path):
         np.testing.assert_array_equal(r.shuffle_index, results[0].shuffle_index)
         np.testing.assert_array_equal(r.sample_index, results[0].sample_index)
     assert not any(".tmp-" in f for f in os.listdir(cache))
+
+
+def test_round_trip_text_to_samples(tmp_path):
+    # text -> byte tokenizer -> .bin/.idx -> GPTDataset (vocab-checked) -> samples that decode to windows of the text
+    from engine.data.embedded import tokenize_to_dataset
+    from engine.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("byte")
+    texts = [f"document {i}: " + "lorem ipsum " * (i % 7) for i in range(40)]
+    prefix = str(tmp_path / "text")
+    tokenize_to_dataset(texts, tok, prefix)
+    gpt = GPTDataset(prefix, 120, 16, seed=2, vocab_size=tok.vocab_size, cache_dir=str(tmp_path / "c"))
+    encoded = [np.array(tok.encode(t) + [tok.eod_id]) for t in texts]
+    stream = np.concatenate([encoded[int(d)] for d in gpt.document_index])
+    for k in range(120):
+        i = int(gpt.shuffle_index[k])
+        tokens = gpt[k]["tokens"]
+        np.testing.assert_array_equal(tokens, stream[16 * i : 16 * i + 17])
+    assert "document" in tok.decode(gpt[0]["tokens"]) or "lorem" in tok.decode(gpt[0]["tokens"])
