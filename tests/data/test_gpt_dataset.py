@@ -195,4 +195,3 @@ def test_round_trip_text_to_samples(tmp_path):
         i = int(gpt.shuffle_index[k])
         tokens = gpt[k]["tokens"]
         np.testing.assert_array_equal(tokens, stream[16 * i : 16 * i + 17])
-    assert "document" in tok.decode(gpt[0]["tokens"]) or "lorem" in tok.decode(gpt[0]["tokens"])
