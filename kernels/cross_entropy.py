@@ -45,7 +45,8 @@ def _row_stats(x_ptr, V, t_local, BLOCK: tl.constexpr, ACC: tl.constexpr):
         mask = offs < V
         x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(x, 0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf prefix (masked vocab) must not give NaN
+        d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
         s += tl.sum(tl.where(mask, x, 0.0), 0)
         m = m_new
     has_t = (t_local >= 0) & (t_local < V)
@@ -226,28 +227,35 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool = F
     return grad.mul_(grad_output.to(grad.dtype))
 
 
+def _cross_entropy_forward(logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace, block, need_grad):
+    """(loss, gradient buffer or None). The buffer has logits' shape and dtype and already holds dloss/dlogits."""
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"cross_entropy: logits must have a non-empty last (vocab) dim, got {tuple(logits.shape)}")
+    check_tensors("cross_entropy", logits=logits)
+    shape, V = logits.shape, logits.shape[-1]
+    x = logits.reshape(-1, V)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    t = check_targets("cross_entropy", target, x.shape[0], V, ignore_index, x.device)
+    scale = loss_scale(t, ignore_index, reduction, acc_dtype(x.dtype))
+    grad = None
+    if need_grad:
+        grad = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    loss_rows, _ = ce_forward_rows(x, t, grad, scale, ignore_index, label_smoothing, z_loss, block)
+    return reduce_loss(loss_rows, scale, reduction, shape[:-1]), grad
+
+
 class CrossEntropyFunction(torch.autograd.Function):
-    """Autograd wrapper: the gradient is computed in forward; backward scales it by grad_output (once)."""
+    """Autograd wrapper: the gradient is computed in forward; backward scales it by grad_output."""
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, block):
-        if logits.dim() < 1 or logits.shape[-1] == 0:
-            raise ValueError(f"cross_entropy: logits must have a non-empty last (vocab) dim, got {tuple(logits.shape)}")
-        check_tensors("cross_entropy", logits=logits)
-        shape, V = logits.shape, logits.shape[-1]
-        x = logits.reshape(-1, V)
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        t = check_targets("cross_entropy", target, x.shape[0], V, ignore_index, x.device)
-        scale = loss_scale(t, ignore_index, reduction, acc_dtype(x.dtype))
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = x if inplace_backward else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        loss_rows, _ = ce_forward_rows(x, t, grad, scale, ignore_index, label_smoothing, z_loss, block)
-        ctx.reduction, ctx.shape = reduction, shape
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return reduce_loss(loss_rows, scale, reduction, shape[:-1])
+        loss, grad = _cross_entropy_forward(
+            logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, block, True
+        )
+        ctx.reduction, ctx.shape = reduction, logits.shape
+        ctx.save_for_backward(grad)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -273,9 +281,10 @@ def cross_entropy(
     The gradient buffer is scaled in place in backward, so backward runs once (or any times with grad_output 1).
     """
     check_options("cross_entropy", label_smoothing, z_loss, reduction)
-    return CrossEntropyFunction.apply(
-        logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, None
-    )
+    args = (logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, None)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return CrossEntropyFunction.apply(*args)
+    return _cross_entropy_forward(*args, need_grad=False)[0]  # evaluation: one read of the logits, no buffer
 
 
 class CrossEntropyLoss(torch.nn.Module):

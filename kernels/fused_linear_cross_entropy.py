@@ -144,6 +144,14 @@ class _ChunkedBuffers:
         wdtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         self.grad_w = torch.zeros(weight.shape, dtype=wdtype, device=weight.device) if need_w else None
 
+    def result(self, hidden, weight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(grad_hidden shaped like hidden, grad_weight in weight's dtype)."""
+        grad_h = self.grad_h.view(hidden.shape) if self.grad_h is not None else None
+        grad_w = self.grad_w
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w
+
     def add_chunk(self, start, end, dlogits, h_c, weight):
         if self.grad_h is not None:
             torch.mm(dlogits, weight, out=self.grad_h[start:end])
@@ -151,49 +159,60 @@ class _ChunkedBuffers:
             _accumulate_mm_(self.grad_w, dlogits.t(), h_c)
 
 
+def _flce_forward(hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction, need_h, need_w):
+    """(loss, grad_hidden or None, grad_weight or None), the gradients already those of the loss."""
+    name = "fused_linear_cross_entropy"
+    _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size)
+    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    N, V = h.shape[0], weight.shape[0]
+    t = check_targets(name, target, N, V, ignore_index, h.device)
+    chunk = chunk_size or default_chunk_size(N, h.shape[1], V)
+    scale = loss_scale(t, ignore_index, reduction, acc_dtype(h.dtype))
+    bufs = _ChunkedBuffers(h, weight, need_h, need_w)
+    loss_rows = torch.empty(N, dtype=acc_dtype(h.dtype), device=h.device)
+    with torch.autocast(h.device.type, enabled=False):  # chunks run in the inputs' dtype
+        for start in range(0, N, chunk):
+            end = min(start + chunk, N)
+            h_c = h[start:end]
+            logits = h_c @ weight.t()
+            grad = logits if (need_h or need_w) else None
+            loss_rows[start:end], _ = ce_forward_rows(
+                logits, t[start:end], grad, scale, ignore_index, label_smoothing, z_loss
+            )
+            if grad is not None:
+                bufs.add_chunk(start, end, logits, h_c, weight)
+    return (reduce_loss(loss_rows, scale, reduction, loss_rows.shape),) + bufs.result(hidden, weight)
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction):
-        name = "fused_linear_cross_entropy"
-        _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size)
-        h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-        N, V = h.shape[0], weight.shape[0]
-        t = check_targets(name, target, N, V, ignore_index, h.device)
-        chunk = chunk_size or default_chunk_size(N, h.shape[1], V)
-        scale = loss_scale(t, ignore_index, reduction, acc_dtype(h.dtype))
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        bufs = _ChunkedBuffers(h, weight, need_h, need_w)
-        loss_rows = torch.empty(N, dtype=acc_dtype(h.dtype), device=h.device)
-        with torch.autocast(h.device.type, enabled=False):  # chunks run in the inputs' dtype
-            for start in range(0, N, chunk):
-                end = min(start + chunk, N)
-                h_c = h[start:end]
-                logits = h_c @ weight.t()
-                grad = logits if (need_h or need_w) else None
-                loss_rows[start:end], _ = ce_forward_rows(
-                    logits, t[start:end], grad, scale, ignore_index, label_smoothing, z_loss
-                )
-                if grad is not None:
-                    bufs.add_chunk(start, end, logits, h_c, weight)
-        return _finish_forward(ctx, hidden, weight, bufs, loss_rows, scale, reduction)
+        loss, grad_h, grad_w = _flce_forward(
+            hidden,
+            weight,
+            target,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            chunk_size,
+            reduction,
+            *ctx.needs_input_grad[:2],
+        )
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         return _scaled_grads(ctx, grad_output) + (None,) * 6
 
 
-def _finish_forward(ctx, hidden, weight, bufs, loss_rows, scale, reduction):
-    grad_h = bufs.grad_h.view(hidden.shape) if bufs.grad_h is not None else None
-    grad_w = bufs.grad_w
-    if grad_w is not None and grad_w.dtype != weight.dtype:
-        grad_w = grad_w.to(weight.dtype)
-    ctx.save_for_backward(grad_h, grad_w)
-    return reduce_loss(loss_rows, scale, reduction, loss_rows.shape)
-
-
 def _scaled_grads(ctx, grad_output):
     grad_h, grad_w = ctx.saved_tensors
     return tuple(None if g is None else scale_grad_(g, grad_output) for g in (grad_h, grad_w))
+
+
+def _needs_grads(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
 
 
 def fused_linear_cross_entropy(
@@ -213,9 +232,10 @@ def fused_linear_cross_entropy(
     fp16/bf16 (a V x H fp32 buffer during forward). Backward runs once (or any times with grad_output 1).
     """
     hidden, weight = _autocast_inputs(hidden, weight)
-    return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction
-    )
+    args = (hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction)
+    if _needs_grads(hidden, weight):
+        return FusedLinearCrossEntropyFunction.apply(*args)
+    return _flce_forward(*args, need_h=False, need_w=False)[0]
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
@@ -274,78 +294,87 @@ def _shard_layout(V_local: int, group, vocab_start: int | None, device: torch.de
     return start, sum(sizes)
 
 
+def _vp_flce_forward(
+    hidden,
+    weight,
+    target,
+    group,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    chunk_size,
+    reduction,
+    vocab_start,
+    reduce_hidden_grad,
+    need_h,
+    need_w,
+):
+    """(loss, grad_hidden, grad_weight_shard): per chunk the local softmax statistics of this rank's logits are
+    all-reduced (max, then sum-exp / row sum / target logit) into the global log-sum-exp; each rank then writes the
+    gradient of its own logits."""
+    name = "vocab_parallel_fused_linear_cross_entropy"
+    _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size)
+    V_local, H = weight.shape
+    start_v, V = _shard_layout(V_local, group, vocab_start, weight.device)
+    h = hidden.reshape(-1, H).contiguous()
+    N = h.shape[0]
+    t = check_targets(name, target, N, V, ignore_index, h.device)
+    acc = acc_dtype(h.dtype)
+    scale = loss_scale(t, ignore_index, reduction, acc)
+    bufs = _ChunkedBuffers(h, weight, need_h, need_w)
+    loss_rows = torch.empty(N, dtype=acc, device=h.device)
+    valid = t != ignore_index
+    chunk = chunk_size or default_chunk_size(N, H, V)
+    BLOCK, num_warps = launch_config(V_local)
+    ACC = tl_acc_dtype(h.dtype)
+    eps = float(label_smoothing)
+    with torch.autocast(h.device.type, enabled=False):  # chunks run in the inputs' dtype
+        for start in range(0, N, chunk):
+            end = min(start + chunk, N)
+            c = end - start
+            h_c, t_c = h[start:end], t[start:end]
+            logits = h_c @ weight.t()
+            stats = torch.empty(c, 4, dtype=acc, device=h.device)
+            _shard_stats_kernel[(c,)](
+                logits, logits.stride(0), t_c, stats, V_local, start_v, BLOCK=BLOCK, ACC=ACC, num_warps=num_warps
+            )
+            m = stats[:, 0].clone()
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            sums = torch.stack([stats[:, 1] * torch.exp(stats[:, 0] - m), stats[:, 2], stats[:, 3]])
+            dist.all_reduce(sums, group=group)
+            lse = m + torch.log(sums[0])
+            loss = (1.0 - eps) * (lse - sums[2]) + eps * (lse - sums[1] / V) + z_loss * lse * lse
+            loss_rows[start:end] = torch.where(valid[start:end], loss, torch.zeros_like(loss))
+            if need_h or need_w:
+                lse = lse.contiguous()
+                _shard_grad_kernel[(c,)](
+                    logits,
+                    logits.stride(0),
+                    t_c,
+                    lse,
+                    scale,
+                    V_local,
+                    start_v,
+                    V,
+                    ignore_index,
+                    eps,
+                    float(z_loss),
+                    BLOCK=BLOCK,
+                    ACC=ACC,
+                    num_warps=num_warps,
+                )
+                bufs.add_chunk(start, end, logits, h_c, weight)
+    if bufs.grad_h is not None and reduce_hidden_grad:
+        dist.all_reduce(bufs.grad_h, group=group)
+    return (reduce_loss(loss_rows, scale, reduction, loss_rows.shape),) + bufs.result(hidden, weight)
+
+
 class VocabParallelFusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        target,
-        group,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        chunk_size,
-        reduction,
-        vocab_start,
-        reduce_hidden_grad,
-    ):
-        name = "vocab_parallel_fused_linear_cross_entropy"
-        _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size)
-        V_local, H = weight.shape
-        start_v, V = _shard_layout(V_local, group, vocab_start, weight.device)
-        h = hidden.reshape(-1, H).contiguous()
-        N = h.shape[0]
-        t = check_targets(name, target, N, V, ignore_index, h.device)
-        acc = acc_dtype(h.dtype)
-        scale = loss_scale(t, ignore_index, reduction, acc)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        bufs = _ChunkedBuffers(h, weight, need_h, need_w)
-        loss_rows = torch.empty(N, dtype=acc, device=h.device)
-        valid = t != ignore_index
-        chunk = chunk_size or default_chunk_size(N, H, V)
-        BLOCK, num_warps = launch_config(V_local)
-        ACC = tl_acc_dtype(h.dtype)
-        eps = float(label_smoothing)
-        with torch.autocast(h.device.type, enabled=False):  # chunks run in the inputs' dtype
-            for start in range(0, N, chunk):
-                end = min(start + chunk, N)
-                c = end - start
-                h_c, t_c = h[start:end], t[start:end]
-                logits = h_c @ weight.t()
-                stats = torch.empty(c, 4, dtype=acc, device=h.device)
-                _shard_stats_kernel[(c,)](
-                    logits, logits.stride(0), t_c, stats, V_local, start_v, BLOCK=BLOCK, ACC=ACC, num_warps=num_warps
-                )
-                m = stats[:, 0].clone()
-                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-                sums = torch.stack([stats[:, 1] * torch.exp(stats[:, 0] - m), stats[:, 2], stats[:, 3]])
-                dist.all_reduce(sums, group=group)
-                lse = m + torch.log(sums[0])
-                loss = (1.0 - eps) * (lse - sums[2]) + eps * (lse - sums[1] / V) + z_loss * lse * lse
-                loss_rows[start:end] = torch.where(valid[start:end], loss, torch.zeros_like(loss))
-                if need_h or need_w:
-                    lse = lse.contiguous()
-                    _shard_grad_kernel[(c,)](
-                        logits,
-                        logits.stride(0),
-                        t_c,
-                        lse,
-                        scale,
-                        V_local,
-                        start_v,
-                        V,
-                        ignore_index,
-                        eps,
-                        float(z_loss),
-                        BLOCK=BLOCK,
-                        ACC=ACC,
-                        num_warps=num_warps,
-                    )
-                    bufs.add_chunk(start, end, logits, h_c, weight)
-        if bufs.grad_h is not None and reduce_hidden_grad:
-            dist.all_reduce(bufs.grad_h, group=group)
-        return _finish_forward(ctx, hidden, weight, bufs, loss_rows, scale, reduction)
+    def forward(ctx, *args):
+        loss, grad_h, grad_w = _vp_flce_forward(*args, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -373,16 +402,8 @@ def vocab_parallel_fused_linear_cross_entropy(
     copy-to-tensor-parallel-region would); pass `reduce_hidden_grad=False` when the caller reduces it itself.
     """
     hidden, weight = _autocast_inputs(hidden, weight)
-    return VocabParallelFusedLinearCrossEntropyFunction.apply(
-        hidden,
-        weight,
-        target,
-        group,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        chunk_size,
-        reduction,
-        vocab_start,
-        reduce_hidden_grad,
-    )
+    args = (hidden, weight, target, group, ignore_index, label_smoothing, z_loss, chunk_size, reduction)
+    args += (vocab_start, reduce_hidden_grad)
+    if _needs_grads(hidden, weight):
+        return VocabParallelFusedLinearCrossEntropyFunction.apply(*args)
+    return _vp_flce_forward(*args, need_h=False, need_w=False)[0]

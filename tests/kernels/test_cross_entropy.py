@@ -157,6 +157,11 @@ def test_no_grad_forward_and_module():
         loss = module(x, t)
     assert rel_err(loss, cross_entropy_reference(x.double(), t, IGN, 0.05, 1e-3)) <= 1e-5
     assert "label_smoothing=0.05" in repr(module)
+    # Under no_grad no gradient is computed, so even inplace_backward leaves the logits intact.
+    xg = x.clone().requires_grad_()
+    with torch.no_grad():
+        loss = cross_entropy(xg, t, inplace_backward=True)
+    assert not loss.requires_grad and torch.equal(xg.detach(), x)
 
 
 def test_gradcheck_fp64():
