@@ -164,10 +164,16 @@ def mark_sequence_parallel(*params: nn.Parameter) -> None:
         p.sequence_parallel = True
 
 
+def _partial(p: torch.Tensor) -> bool:
+    return getattr(p, "sequence_parallel", False) or getattr(p, "tp_partial_grad", False)
+
+
 def allreduce_sequence_parallel_grads(
     params: nn.Module | Iterable[nn.Parameter], group: dist.ProcessGroup | None = None
 ) -> int:
-    """Sums over tp the gradients of every parameter marked `sequence_parallel`, in one all-reduce per dtype.
+    """Sums over tp every gradient that is a per-rank partial sum, in one all-reduce per dtype: parameters marked
+    `sequence_parallel` (norm weights, row-parallel biases under SP) or `tp_partial_grad` (replicated GQA kv
+    projections, tensor.ReplicatedKVLinear).
 
     Call after backward (after the last micro-batch is enough: the sum is linear) and before the dp reduction and
     the optimizer. Returns the number of gradients reduced.
@@ -175,7 +181,7 @@ def allreduce_sequence_parallel_grads(
     group = resolve_group(group)
     if isinstance(params, nn.Module):
         params = params.parameters()
-    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [p.grad for p in params if _partial(p) and p.grad is not None]
     if not grads or dist.get_world_size(group) == 1:
         return len(grads)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

@@ -335,6 +335,79 @@ class VocabParallelEmbedding(nn.Module):
         )
 
 
+def attention_heads_per_rank(n_heads: int, n_kv_heads: int, tp: int) -> tuple[int, int, bool]:
+    """(q heads, kv heads, kv replicated) per tp rank for attention with `n_heads` query and `n_kv_heads` kv heads.
+
+    q heads split evenly. kv heads split too when tp divides them; with fewer kv heads than ranks (GQA), tp must be
+    a multiple of n_kv_heads and each rank keeps the one kv head its q heads use (`ReplicatedKVLinear`).
+    """
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"model.n_heads = {n_heads} is not a multiple of model.n_kv_heads = {n_kv_heads}")
+    if n_heads % tp:
+        raise ValueError(f"model.n_heads = {n_heads} is not divisible by parallel.tp = {tp}")
+    if n_kv_heads % tp == 0:
+        return n_heads // tp, n_kv_heads // tp, False
+    if tp % n_kv_heads:
+        raise ValueError(
+            f"model.n_kv_heads = {n_kv_heads} and parallel.tp = {tp}: one must divide the other (kv heads are split "
+            "over tp, or replicated when there are fewer than tp)"
+        )
+    return n_heads // tp, 1, True
+
+
+def check_tp_divisibility(n_heads: int, n_kv_heads: int, ffn_hidden: int, tp: int) -> None:
+    """One-line ValueError naming the config key when a model shape cannot be split over `tp` ranks."""
+    attention_heads_per_rank(n_heads, n_kv_heads, tp)
+    if ffn_hidden % tp:
+        raise ValueError(f"model.ffn_hidden = {ffn_hidden} is not divisible by parallel.tp = {tp}")
+
+
+class ReplicatedKVLinear(nn.Module):
+    """The k or v projection under GQA when n_kv_heads < tp: every rank holds the full (n_kv_heads * head_dim, in)
+    weight (initialised as the unsharded nn.Linear) and outputs only kv head `tp_rank // (tp / n_kv_heads)`, the
+    one its q heads attend with. Each rank's weight gradient is then a partial sum: it is marked `tp_partial_grad`
+    and `allreduce_sequence_parallel_grads` sums it over tp (call it whenever tp > 1, with or without SP)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        n_kv_heads: int,
+        head_dim: int,
+        bias: bool = False,
+        *,
+        sequence_parallel: bool = False,
+        skip_input_comm: bool = False,
+        seq_dim: int = 1,
+        group: dist.ProcessGroup | None = None,
+        init_method: InitFn | None = None,
+        bias_init_method: InitFn | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = resolve_group(group)
+        n, r = dist.get_world_size(self.group), dist.get_rank(self.group)
+        if n % n_kv_heads:
+            raise ValueError(f"ReplicatedKVLinear: tp = {n} is not a multiple of n_kv_heads = {n_kv_heads}")
+        self.in_features, self.head_dim, self.head = in_features, head_dim, r // (n // n_kv_heads)
+        self.sequence_parallel, self.skip_input_comm, self.seq_dim = sequence_parallel, skip_input_comm, seq_dim
+        out = n_kv_heads * head_dim
+        self.weight = nn.Parameter(torch.empty(out, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out, device=device, dtype=dtype)) if bias else None
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.tp_partial_grad = True
+        init_param_(self.weight, init_method or linear_weight_init)
+        if self.bias is not None:
+            init_param_(self.bias, bias_init_method or linear_bias_init(in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.skip_input_comm:
+            x = enter_tp_region(x, self.group, self.sequence_parallel, self.seq_dim)
+        rows = slice(self.head * self.head_dim, (self.head + 1) * self.head_dim)
+        return F.linear(x, self.weight[rows], None if self.bias is None else self.bias[rows])
+
+
 def parallel_lm_logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,

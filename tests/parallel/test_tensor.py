@@ -8,11 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.parallel import state
-from engine.parallel.sequence import all_gather, split
+from engine.parallel.sequence import all_gather, allreduce_sequence_parallel_grads, split
 from engine.parallel.tensor import (
     ColumnParallelLinear,
+    ReplicatedKVLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    attention_heads_per_rank,
+    check_tp_divisibility,
     gather_full,
     vocab_parallel_cross_entropy,
 )
@@ -127,6 +130,31 @@ def _check_cross_entropy(group, tp):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
 
 
+def _check_replicated_kv(group, tp):
+    """GQA with fewer kv heads than tp ranks (tp=4: 2 kv heads; tp=2: 1): each rank keeps its q heads' kv head."""
+    n_kv, hd = tp // 2, 3
+    assert attention_heads_per_rank(8, n_kv, tp) == (8 // tp, 1, True)
+    torch.manual_seed(13)
+    ref = nn.Linear(6, n_kv * hd)
+    torch.manual_seed(13)
+    kv = ReplicatedKVLinear(6, n_kv, hd, bias=True, group=group)
+    assert torch.equal(kv.weight, ref.weight) and torch.equal(kv.bias, ref.bias)
+    rank = dist.get_rank(group)
+    head = rank // (tp // n_kv)
+    x, x_ref = _inputs(2, 4, 6, seed=7), _inputs(2, 4, 6, seed=7)
+    y, y_ref = kv(x), ref(x_ref)
+    _close(y, y_ref[..., head * hd : (head + 1) * hd], "replicated kv output")
+    # Every rank's attention sends back its own gradient; the unsharded kv head receives the sum over its ranks.
+    dys = torch.randn(tp, 2, 4, hd, generator=torch.Generator().manual_seed(8))
+    y.backward(dys[rank])
+    assert allreduce_sequence_parallel_grads(kv, group) == 2
+    dy_full = torch.cat([dys[h * (tp // n_kv) : (h + 1) * (tp // n_kv)].sum(0) for h in range(n_kv)], dim=-1)
+    y_ref.backward(dy_full)
+    _close(x.grad, x_ref.grad, "replicated kv input grad")
+    _close(kv.weight.grad, ref.weight.grad, "replicated kv weight grad")
+    _close(kv.bias.grad, ref.bias.grad, "replicated kv bias grad")
+
+
 def _check_errors(group, tp):
     messages = []
     for make in (
@@ -135,6 +163,10 @@ def _check_errors(group, tp):
         lambda: ColumnParallelLinear(6, 8, gather_output=True, sequence_parallel=True, group=group),
         lambda: RowParallelLinear(8, 6, input_is_parallel=False, sequence_parallel=True, group=group),
         lambda: vocab_parallel_cross_entropy(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), group),
+        lambda: check_tp_divisibility(4 * tp + 1, 1, 8 * tp, tp),
+        lambda: check_tp_divisibility(4 * tp, 3, 8 * tp, tp),
+        lambda: check_tp_divisibility(6 * tp, 3 * tp // 2, 8 * tp, tp),
+        lambda: check_tp_divisibility(8 * tp, 8, 8 * tp + 1, tp),
     ):
         try:
             make()
@@ -153,6 +185,7 @@ def _layers_worker(rank, world):
             _check_row(group, tp)
             _check_embedding(group, tp)
             _check_cross_entropy(group, tp)
+            _check_replicated_kv(group, tp)
             out[tp] = _check_errors(group, tp)
         finally:
             state.destroy()
@@ -164,10 +197,14 @@ def test_layers_match_torch_nn_at_tp4_and_tp2():
     results = run_distributed(_layers_worker, 4, timeout=240)
     for by_tp in results:
         for tp, messages in by_tp.items():
-            assert len(messages) == 5, messages
+            assert len(messages) == 9, messages
             assert f"out_features = {4 * tp + 1} is not divisible by the tensor-parallel size {tp}" in messages[0]
             assert f"in_features = {4 * tp + 1} is not divisible" in messages[1]
             assert "gather_output=True cannot be combined with sequence_parallel" in messages[2]
             assert "needs input_is_parallel=True" in messages[3]
             assert "disagree before the vocab dim" in messages[4]
+            assert f"model.n_heads = {4 * tp + 1} is not divisible by parallel.tp = {tp}" in messages[5]
+            assert "is not a multiple of model.n_kv_heads = 3" in messages[6]
+            assert f"model.n_kv_heads = {3 * tp // 2} and parallel.tp = {tp}: one must divide the other" in messages[7]
+            assert f"model.ffn_hidden = {8 * tp + 1} is not divisible by parallel.tp = {tp}" in messages[8]
             assert all("\n" not in m for m in messages)
