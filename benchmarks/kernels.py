@@ -402,20 +402,29 @@ def run_cpu(names: list[str]) -> list[dict]:
     return rows
 
 
-def run_gpu(names: list[str], dtype: torch.dtype, warmup: int, rep: int, do_compile: bool) -> list[dict]:
+def run_gpu(
+    names: list[str],
+    dtype: torch.dtype,
+    warmup: int,
+    rep: int,
+    do_compile: bool,
+    device: str = "cuda",
+    small: bool = False,
+) -> list[dict]:
+    """The timed run. `device`/`small` (tiny shapes) exist so the orchestration can be tested without a GPU."""
     ceilings = measure_ceilings(warmup, rep)
     print(f"ceilings measured now: copy {ceilings['GB/s']:.0f} GB/s, bf16 matmul {ceilings['TFLOP/s']:.0f} TFLOP/s")
     rows = []
     for name in names:
         spec = SPECS[name]
         mod = _load(spec)
-        for shape in spec.gpu_shapes:
+        for shape in spec.cpu_shapes if small else spec.gpu_shapes:
             base = {"kernel": name, "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", "")}
             if isinstance(mod, str):
                 rows.append({**base, "impl": "ours", "status": mod})
                 continue
             try:
-                case = spec.build(mod, shape, dtype, "cuda")
+                case = spec.build(mod, shape, dtype, device)
                 fwd_err, bwd_err, ok = check_case(case, torch.float32)
             except Exception as exc:  # noqa: BLE001
                 rows.append({**base, "impl": "ours", "status": f"error ({type(exc).__name__}: {exc})"[:200]})
@@ -446,7 +455,8 @@ def run_gpu(names: list[str], dtype: torch.dtype, warmup: int, rep: int, do_comp
             del case
             torch.cuda.empty_cache()
     for r in rows:
-        r.update(device=torch.cuda.get_device_name(), ceiling_gbs=ceilings["GB/s"], ceiling_tflops=ceilings["TFLOP/s"])
+        name = torch.cuda.get_device_name() if device == "cuda" else device
+        r.update(device=name, ceiling_gbs=ceilings["GB/s"], ceiling_tflops=ceilings["TFLOP/s"])
     return rows
 
 

@@ -75,3 +75,38 @@ def test_gpu_report_helpers():
     assert table.splitlines()[2].split()[:3] == ["fused_linear_ce", "ours", "10"]
     assert bench._throughput(2e9, 1.0, "GB/s") == pytest.approx(2000.0)  # 2 GB in 1 ms
     assert bench._throughput(1e12, 1.0, "TFLOP/s") == pytest.approx(1000.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real GPU run covers this")
+def test_timed_run_orchestration_on_cpu(monkeypatch):
+    """run_gpu's bookkeeping (2x-rule check in fp16, throughput, % of ceiling, ratios, memory line) with the three
+    device-only measurements replaced: the real ones need CUDA events and a CUDA allocator."""
+    times = {}
+
+    def fake_bench(fn, inputs, backward, warmup, rep):
+        t = times.setdefault(id(fn), 1.0 + len(times))  # ours is timed first: 1 ms, torch eager 2 ms
+        return [t * (2 if backward else 1), 0.9 * t, 1.1 * t]
+
+    monkeypatch.setattr(bench, "measure_ceilings", lambda warmup, rep: {"GB/s": 1000.0, "TFLOP/s": 100.0})
+    monkeypatch.setattr(bench, "_bench", fake_bench)
+    # Per case ours is timed first, then torch: odd and even indices.
+    monkeypatch.setattr(bench, "_peak_memory_mb", lambda fn, inputs: 8.0 if times[id(fn)] % 2 else 24.0)
+    rows = bench.run_gpu(["swiglu", "fused_linear_ce"], torch.float16, 1, 1, False, device="cpu", small=True)
+    assert [(r["kernel"], r["impl"]) for r in rows] == [
+        ("swiglu", "ours"),
+        ("swiglu", "torch"),
+        ("fused_linear_ce", "ours"),
+        ("fused_linear_ce", "torch"),
+    ]
+    ours = rows[0]
+    assert ours["status"] == "ok" and ours["fwd_err"] < 1e-2  # fp16 passes the 2x rule against fp32
+    n = 5 * 37 * 2  # swiglu 5x37 fp16: bytes of one tensor
+    assert ours["fwdbwd_tput"] == pytest.approx(8 * n / 2.0 / 1e6)
+    assert ours["pct_ceiling"] == pytest.approx(100 * ours["fwdbwd_tput"] / 1000.0)
+    assert ours["speedup_vs_best"] == pytest.approx(2.0)
+    flce = rows[2]
+    assert flce["metric"] == "TFLOP/s" and flce["fwdbwd_tput"] == pytest.approx(
+        6 * 5 * 16 * 37 / flce["fwdbwd_ms"] / 1e9
+    )
+    assert rows[3]["device"] == "cpu" and rows[3]["ceiling_tflops"] == 100.0
+    assert "fused 8 MB vs unfused torch 24 MB (3.0x less)" in bench.flce_memory_summary(rows)
