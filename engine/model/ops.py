@@ -64,13 +64,27 @@ def select(backend: str, x: torch.Tensor) -> str:
     raise BackendError(f"model.kernels must be one of {'|'.join(BACKENDS)}, got '{backend}'")
 
 
+# Kernel name -> module (INTERFACES.md). Imported from the module itself: `kernels.cross_entropy` as a package
+# attribute becomes the submodule once that submodule is imported, so `kernels.<name>` is not reliable.
+_KERNEL_MODULES = {
+    "rms_norm": "kernels.norms",
+    "layer_norm": "kernels.norms",
+    "apply_rope": "kernels.rope",
+    "swiglu": "kernels.swiglu",
+    "cross_entropy": "kernels.cross_entropy",
+    "fused_linear_cross_entropy": "kernels.fused_linear_cross_entropy",
+    "flash_attention": "kernels.flash_attention",
+}
+
+
 def _kernel(name: str):
-    """Loads kernels.<name> on first use (importing kernels imports no triton)."""
-    return getattr(importlib.import_module("kernels"), name)
+    """Loads the kernel function `name` on first use (importing `kernels` itself imports no triton)."""
+    return getattr(importlib.import_module(_KERNEL_MODULES[name]), name)
 
 
+@functools.cache
 def _has_kernel(name: str) -> bool:
-    return name in getattr(importlib.import_module("kernels"), "__all__", ())
+    return importlib.util.find_spec(_KERNEL_MODULES[name]) is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:

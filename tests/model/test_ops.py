@@ -1,0 +1,162 @@
+"""The backend switch: torch paths against explicit formulas, backend selection, triton parity (interpreter on CPU)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import ConfigError
+from engine.model import ops
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def test_select_and_errors(monkeypatch):
+    x = torch.zeros(2)
+    assert ops.select("torch", x) == "torch"
+    assert ops.select("auto", x) == "torch"  # CPU: always torch, the interpreter is for tests
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.select("triton", x) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="model.kernels=triton on cpu needs CUDA or TRITON_INTERPRET=1") as e:
+        ops.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5, backend="triton")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="model.kernels must be one of auto|torch|triton"):
+        ops.check_backend("cuda")
+    with pytest.raises(ConfigError, match="model.kernels must be one of"):
+        ops.select("fast", x)
+
+
+def test_forcing_triton_without_the_package(monkeypatch):
+    monkeypatch.setattr(ops, "_triton_importable", lambda: False)
+    with pytest.raises(ConfigError, match="needs the triton package"):
+        ops.check_backend("triton")
+    assert ops.select("auto", torch.zeros(1)) == "torch"
+
+
+def test_torch_norms_match_formulas():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 5, 16), torch.randn(16), torch.randn(16)
+    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5, backend="torch"), ref)
+    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(
+        ops.layer_norm(x, w, b, 1e-5, backend="torch"), (x - mu) / torch.sqrt(var + 1e-5) * w + b
+    )
+
+
+def test_rope_matches_complex_rotation_and_preserves_dot_products():
+    torch.manual_seed(0)
+    b, s, h, d = 2, 7, 3, 8
+    x = torch.randn(b, s, h, d)
+    cos, sin = ops.rope_cos_sin(s, d, 10000.0)
+    assert cos.shape == (s, d // 2)
+    out = ops.apply_rope(x, cos, sin, backend="torch")
+    # half-rotation convention = multiplying (x1 + i x2) by exp(i * pos * theta^(-2j/d))
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double())
+    ang = torch.arange(s).double()[:, None] * 10000.0 ** (-torch.arange(0, d, 2).double() / d)
+    rz = z * torch.exp(1j * ang)[None, :, None, :]
+    torch.testing.assert_close(out, torch.cat((rz.real, rz.imag), -1).float())
+    # relative positions: <rope(q, m), rope(k, n)> depends only on m - n
+    q, k = torch.randn(d), torch.randn(d)
+    rot = lambda v, p: ops.apply_rope(v.expand(1, s, 1, d), cos, sin, backend="torch")[0, p, 0]
+    assert torch.dot(rot(q, 5), rot(k, 3)).item() == pytest.approx(torch.dot(rot(q, 2), rot(k, 0)).item(), rel=1e-5)
+
+
+def manual_attention(q, k, v, causal, mask=None):
+    b, sq, h, d = q.shape
+    rep = h // k.shape[2]
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    allowed = torch.ones(sq, k.shape[1], dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril()
+    if mask is not None:
+        allowed = allowed & mask
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_torch_causal_gqa_mask(kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 4, 8)
+    k, v = torch.randn(2, 6, kv_heads, 8), torch.randn(2, 6, kv_heads, 8)
+    torch.testing.assert_close(ops.attention(q, k, v, causal=True, backend="torch"), manual_attention(q, k, v, True))
+    torch.testing.assert_close(ops.attention(q, k, v, causal=False, backend="torch"), manual_attention(q, k, v, False))
+    # a padding mask (batch, 1, 1, seq_k): key 5 hidden from row 0
+    pad = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    pad[0, ..., 5] = False
+    out = ops.attention(q, k, v, causal=True, mask=pad, backend="torch")
+    torch.testing.assert_close(out, manual_attention(q, k, v, True, pad))
+    torch.testing.assert_close(out[1], ops.attention(q, k, v, causal=True, backend="torch")[1])
+
+
+def test_cross_entropy_torch_ignore_index():
+    torch.manual_seed(0)
+    logits, target = torch.randn(10, 7), torch.randint(0, 7, (10,))
+    target[:3] = -100
+    ref = -logits.log_softmax(-1)[torch.arange(3, 10), target[3:]].mean()
+    torch.testing.assert_close(ops.cross_entropy(logits, target, backend="torch"), ref)
+    hidden, weight = torch.randn(10, 5), torch.randn(7, 5)
+    torch.testing.assert_close(
+        ops.linear_cross_entropy(hidden, weight, target, backend="torch"),
+        F.cross_entropy(hidden @ weight.T, target),
+    )
+
+
+# -- triton backend: the real kernels (under TRITON_INTERPRET=1 on CPU) against the torch path, fp32 -------------
+
+
+def _parity(fn, *inputs, rtol=1e-5, atol=1e-6):
+    """Forward and input gradients of fn(backend=...) agree between torch and triton."""
+    outs, grads = [], []
+    for backend in ("torch", "triton"):
+        xs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        out = fn(*xs, backend=backend)
+        torch.manual_seed(1)
+        out.backward(torch.randn_like(out))
+        outs.append(out.detach())
+        grads.append([x.grad for x in xs if x.is_floating_point()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=rtol, atol=atol)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def test_triton_rms_norm():
+    torch.manual_seed(0)
+    _parity(lambda x, w, backend: ops.rms_norm(x, w, 1e-5, backend=backend), torch.randn(2, 3, 32), torch.randn(32))
+
+
+def test_triton_layer_norm():
+    torch.manual_seed(0)
+    _parity(
+        lambda x, w, b, backend: ops.layer_norm(x, w, b, 1e-5, backend=backend),
+        torch.randn(2, 3, 32),
+        torch.randn(32),
+        torch.randn(32),
+    )
+
+
+def test_triton_rope():
+    torch.manual_seed(0)
+    cos, sin = ops.rope_cos_sin(5, 16, 10000.0)
+    _parity(lambda x, backend: ops.apply_rope(x, cos, sin, backend=backend), torch.randn(2, 5, 3, 16))
+
+
+def test_triton_swiglu():
+    torch.manual_seed(0)
+    _parity(lambda g, u, backend: ops.swiglu(g, u, backend=backend), torch.randn(2, 3, 24), torch.randn(2, 3, 24))
+
+
+def test_triton_cross_entropy():
+    torch.manual_seed(0)
+    target = torch.randint(0, 50, (12,))
+    target[2] = -100
+    _parity(lambda x, backend: ops.cross_entropy(x, target, backend=backend), torch.randn(12, 50))
+    _parity(
+        lambda h, w, backend: ops.linear_cross_entropy(h, w, target, backend=backend),
+        torch.randn(12, 16),
+        torch.randn(50, 16),
+    )
