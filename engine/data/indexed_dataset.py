@@ -242,8 +242,7 @@ class IndexedDatasetBuilder:
         self.num_tokens = 0
 
     def _as_tokens(self, tokens) -> np.ndarray:
-        arr = tokens.numpy() if hasattr(tokens, "numpy") and not isinstance(tokens, np.ndarray) else tokens
-        arr = np.asarray(arr)
+        arr = np.asarray(tokens.numpy() if hasattr(tokens, "numpy") else tokens)  # numpy() for torch tensors
         if arr.ndim != 1:
             arr = arr.reshape(-1)
         if arr.size == 0 or arr.dtype == self.dtype:

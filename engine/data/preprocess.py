@@ -16,6 +16,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -136,6 +137,9 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(tokenizer: Tokenizer) -> None:
     global _worker_tokenizer
+    # Ctrl-C reaches the whole process group: the parent alone handles it (terminates the pool, removes its
+    # temporary files), so the workers' tracebacks do not bury its one-line message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One thread per worker process: the pool is the parallelism (no oversubscription of `tokenizers` threads).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = tokenizer

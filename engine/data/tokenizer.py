@@ -134,6 +134,7 @@ class HFTokenizer(Tokenizer):
         tok.encode_special_tokens = True
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self._fast = hasattr(tok, "encode_batch_fast")
+        self._fingerprint: str | None = None
 
     @property
     def backend(self):
@@ -167,7 +168,9 @@ class HFTokenizer(Tokenizer):
 
     @property
     def fingerprint(self) -> str:
-        return "hf-" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:12]
+        if self._fingerprint is None:  # serialising a large vocabulary takes a while: once per instance
+            self._fingerprint = "hf-" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:12]
+        return self._fingerprint
 
     def __getstate__(self) -> dict:
         return {"name": self.name, "json": self._tok.to_str()}
