@@ -8,7 +8,6 @@ same launch parameters.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -74,14 +73,14 @@ def next_power_of_2(n: int) -> int:
 
 
 def num_warps_for(block_elements: int) -> int:
-    """Warps per program for a tile of this many elements (Liger's heuristic: ~1-2k elements per warp)."""
+    """Warps per program for a tile of this many elements (Liger-Kernel's `calculate_settings` thresholds)."""
     if block_elements >= 32768:
-        return 16
+        return 32
     if block_elements >= 8192:
-        return 8
+        return 16
     if block_elements >= 2048:
-        return 4
-    return 2
+        return 8
+    return 4
 
 
 def row_tile(n_cols: int, fn: str = "kernel", budget: int = 4096, max_rows: int = 64) -> tuple[int, int]:
@@ -105,11 +104,6 @@ def elementwise_tile(n_cols: int, budget: int = 4096, max_cols: int = 1024) -> t
     return max(1, budget // block_n), block_n
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_reduction_programs(device: torch.device, n_tiles: int) -> int:
     """Programs for a persistent kernel that also reduces across rows (e.g. weight gradients).
 
@@ -118,7 +112,8 @@ def num_reduction_programs(device: torch.device, n_tiles: int) -> int:
     interpreter, so the tests still exercise the multi-program reduction.
     """
     if device.type == "cuda":
-        cap = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = torch.cuda.get_device_properties(index).multi_processor_count  # cached by torch
     else:
         cap = 4
     return max(1, min(cap, n_tiles))

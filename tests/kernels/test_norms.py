@@ -144,11 +144,13 @@ def test_without_affine_parameters(kind):
     ref, _, ref_grads = run(REFERENCE[kind], tensors, gy, None, dtype=torch.float64)
     assert set(grads) == {"x"}
     assert rel_err(out, ref) <= 1e-5 and rel_err(grads["x"], ref_grads["x"]) <= 1e-5
-    if kind == "ln":  # weight without bias
-        t = dict(tensors, weight=torch.rand(30) + 0.5)
-        out, _, grads = run(KERNEL[kind], t, gy, None)
-        ref, _, ref_grads = run(REFERENCE[kind], t, gy, None, dtype=torch.float64)
-        assert rel_err(out, ref) <= 1e-5 and rel_err(grads["weight"], ref_grads["weight"]) <= 1e-5
+    if kind == "ln":  # weight without bias, bias without weight
+        for t in (dict(tensors, weight=torch.rand(30) + 0.5), dict(tensors, bias=torch.randn(30))):
+            out, _, grads = run(KERNEL[kind], t, gy, None)
+            ref, _, ref_grads = run(REFERENCE[kind], t, gy, None, dtype=torch.float64)
+            assert rel_err(out, ref) <= 1e-5 and set(grads) == set(ref_grads) and len(grads) == 2
+            for name in grads:
+                assert rel_err(grads[name], ref_grads[name]) <= 1e-5, name
 
 
 @pytest.mark.parametrize("kind", ["rms", "ln"])
