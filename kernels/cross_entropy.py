@@ -22,12 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import check_tensors
+from kernels.utils import check_tensors, interpreting, num_warps_for
 
 REDUCTIONS = ("mean", "sum", "none")
-# Largest vocabulary block one loop iteration loads; longer rows loop. 4096 fp32 lanes keep registers in check on
-# GPU with 8-16 warps and make few, cheap iterations in the interpreter.
-MAX_BLOCK = 4096
+# Largest vocabulary block one loop iteration loads; longer rows loop. On GPU Liger-Kernel's choice (32k lanes over
+# 32 warps: many bytes in flight per row); in the interpreter 4096, so CPU tests reach the multi-block path cheaply.
+MAX_BLOCK_GPU = 32768
+MAX_BLOCK_INTERPRETER = 4096
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,9 +129,9 @@ def tl_acc_dtype(dtype: torch.dtype):
 
 def launch_config(V: int, block: int | None = None) -> tuple[int, int]:
     """(BLOCK, num_warps) for rows of V logits."""
-    block = block or min(MAX_BLOCK, triton.next_power_of_2(V))
-    num_warps = 16 if block >= 4096 else 8 if block >= 1024 else 4
-    return block, num_warps
+    max_block = MAX_BLOCK_INTERPRETER if interpreting() else MAX_BLOCK_GPU
+    block = block or min(max_block, triton.next_power_of_2(V))
+    return block, num_warps_for(block)
 
 
 def check_targets(
