@@ -39,7 +39,7 @@ def _stream_samples(sizes, document_idx, seq_length, extra, sample_idx) -> None:
 @needs_cpp
 def test_cpp_numpy_python_agree_on_random_documents():
     rng = np.random.default_rng(1234)
-    for trial in range(400):
+    for trial in range(200):
         sizes, document_idx, seq_length, epochs, tokens_per_epoch = _random_case(rng, trial)
         for drop_last in (True, False):
             for extra in (0, 1):
@@ -49,6 +49,31 @@ def test_cpp_numpy_python_agree_on_random_documents():
                     got = h.build_sample_idx(*args, impl=impl)
                     assert got.dtype == ref.dtype == np.int32
                     np.testing.assert_array_equal(got, ref, err_msg=f"{impl} trial {trial} {args}")
+
+
+EDGE_CASES = [
+    ([7], [0], 3, 1),  # one document
+    ([7], [0, 0, 0], 3, 3),  # one document, three epochs
+    ([0, 0, 5, 0, 0], [0, 1, 2, 3, 4], 2, 1),  # empty documents around the only tokens, leading and trailing
+    ([1, 1, 1, 1, 1, 1], [5, 4, 3, 2, 1, 0], 1, 1),  # 1-token documents, seq_length 1
+    ([3, 4], [1, 0], 6, 1),  # seq_length longer than every document: exactly one sample
+    ([2, 9, 0, 1], [3, 2, 1, 0, 0, 1, 2, 3], 5, 2),  # two epochs
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("sizes, document_idx, seq_length, epochs", EDGE_CASES)
+def test_edge_cases_agree(sizes, document_idx, seq_length, epochs):
+    sizes = np.array(sizes, np.int32)
+    document_idx = np.array(document_idx, np.int64)
+    tokens_per_epoch = int(sizes.sum())
+    for drop_last in (True, False):
+        for extra in (0, 1):
+            args = (sizes, document_idx, seq_length, epochs, tokens_per_epoch, drop_last, extra)
+            ref = h.build_sample_idx_python(*args)
+            np.testing.assert_array_equal(h.build_sample_idx(*args, impl="numpy"), ref)
+            np.testing.assert_array_equal(h.build_sample_idx(*args, impl="cpp"), ref)
+            _stream_samples(sizes, document_idx, seq_length, extra, ref)
 
 
 @needs_cpp
