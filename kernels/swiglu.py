@@ -29,9 +29,9 @@ def _act_and_grad(a, ACT: tl.constexpr):
         sg = tl.sigmoid(a)
         return a * sg, sg * (1.0 + a * (1.0 - sg))
     else:
-        k: tl.constexpr = 1.5957691216057308  # 2 * sqrt(2 / pi)
-        sg = tl.sigmoid(k * (a + 0.044715 * a * a * a))
-        return a * sg, sg + a * sg * (1.0 - sg) * k * (1.0 + 3.0 * 0.044715 * a * a)
+        # 1.5957691216057308 = 2 * sqrt(2 / pi); 0.134145 = 3 * 0.044715
+        sg = tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a))
+        return a * sg, sg + a * sg * (1.0 - sg) * 1.5957691216057308 * (1.0 + 0.134145 * a * a)
 
 
 @triton.jit
@@ -39,8 +39,7 @@ def _act(a, ACT: tl.constexpr):
     if ACT == 0:
         return a * tl.sigmoid(a)
     else:
-        k: tl.constexpr = 1.5957691216057308
-        return a * tl.sigmoid(k * (a + 0.044715 * a * a * a))
+        return a * tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a))
 
 
 @triton.jit

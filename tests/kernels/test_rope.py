@@ -75,7 +75,7 @@ def test_gradcheck_fp64():
     cos, sin = rope_cos_sin(6, 4, dtype=torch.float64)
     pid = torch.tensor([[4, 0], [1, 3]])
     x.requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos, sin, pid), (x,))
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos, sin, pid), (x,), fast_mode=True)
     assert torch.autograd.gradcheck(lambda t: apply_rope_(t.clone(), cos, sin, pid, offset=1), (x,), fast_mode=True)
 
 
