@@ -240,3 +240,31 @@ def test_triton_backend_matches_torch(arch):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+def test_cuda_auto_picks_triton_and_trains_in_bf16():
+    from engine.config import OptimConfig
+    from engine.model import ops
+    from engine.optim import build_optimizer
+
+    dev = torch.device("cuda")
+    tokens = torch.randint(0, 128, (4, 32), device=dev)
+    assert ops.select("auto", tokens.float()) == "triton"
+    losses = {}
+    for backend in ("torch", "auto"):
+        torch.manual_seed(0)
+        model = GPT(tiny(kernels=backend, n_kv_heads=2)).to(dev)
+        losses[backend] = model(tokens, tokens).item()
+    assert losses["auto"] == pytest.approx(losses["torch"], rel=1e-3)  # TF32/reduction order on GPU
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    assert opt.defaults["fused"] is True
+    first = None
+    for _ in range(10):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(tokens, tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        first = first if first is not None else loss.item()
+    assert math.isfinite(loss.item()) and loss.item() < first
