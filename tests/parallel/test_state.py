@@ -127,3 +127,29 @@ def test_initialize_from_env_builds_every_group():
         assert "already initialised with tp=2 pp=2" in errs[0]
         assert "world size 4 is not divisible by tp*pp*cp*dp_shard = 3*1*1*1" in errs[1]
         assert "call engine.parallel.initialize" in errs[2]
+
+
+def test_single_process_initialize_without_torchrun(monkeypatch):
+    """No torchrun environment: a 1-process world (layers then run at tp=1 with no communication)."""
+    import torch
+    import torch.distributed as dist
+
+    from engine.parallel import state
+    from engine.parallel.tensor import ColumnParallelLinear
+
+    for key in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this pytest process")
+    try:
+        grid = state.initialize(backend="gloo")
+        assert grid.world_size == 1 and state.get_tp_world_size() == 1 and state.get_dp_rank() == 0
+        torch.manual_seed(0)
+        ref = torch.nn.Linear(4, 6)
+        torch.manual_seed(0)
+        col = ColumnParallelLinear(4, 6)
+        x = torch.randn(3, 4)
+        assert torch.equal(col(x), ref(x))
+    finally:
+        state.destroy()
+    assert not dist.is_initialized()
