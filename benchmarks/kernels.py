@@ -11,6 +11,9 @@ The fused-linear-CE shapes include vocab 128k, where the peak memory column is t
 Without a GPU it runs only the correctness part (tiny shapes, fp32, ours vs the fp64 reference under the Triton
 interpreter) and says so. Each kernel module is imported lazily: a missing one is reported as unavailable.
 A table is printed last; `--csv` writes one row per (kernel, shape, implementation).
+
+On a lent GPU, in one call: `python -m pytest -q -m gpu tests/kernels && python -m benchmarks.kernels --csv
+$OUT/kernels.csv` (Liger-Kernel, if wanted as a baseline, travels as a wheel: the device machine has no network).
 """
 
 from __future__ import annotations

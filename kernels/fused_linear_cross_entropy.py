@@ -9,8 +9,8 @@ computed in forward by grad_output.
 
 The tensor-parallel variant (`vocab_parallel_fused_linear_cross_entropy`) takes this rank's vocab shard of `weight`
 (Megatron's vocab-parallel output layer, Shoeybi et al. 2019): per chunk each rank computes its local max, sum of
-exponentials, row sum and target logit, and three small all-reduces over the group (one MAX, one SUM of three values
-per row) give the global log-sum-exp; the full logits are never gathered.
+exponentials, row sum and target logit, and two small all-reduces over the group (a MAX of one value per row, then a
+SUM of three) give the global log-sum-exp; the full logits are never gathered.
 """
 
 from __future__ import annotations
