@@ -153,7 +153,10 @@ def attention(
     if mask is not None and causal:
         sq, sk = q.shape[1], k.shape[1]
         tri = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-        mask = mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
+        if mask.dtype == torch.bool:
+            mask = mask & tri
+        else:
+            mask = mask + torch.zeros(sq, sk, dtype=mask.dtype, device=q.device).masked_fill(~tri, float("-inf"))
         causal = False
     out = F.scaled_dot_product_attention(
         qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=gqa

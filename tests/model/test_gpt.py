@@ -134,6 +134,21 @@ def test_causal(arch):
     assert not torch.allclose(la[:, 12:], lb[:, 12:])
 
 
+def test_mask_argument_reaches_attention():
+    model = GPT(tiny())
+    tokens = torch.randint(0, 128, (2, 10))
+    tril = torch.ones(10, 10, dtype=torch.bool).tril()
+    torch.testing.assert_close(model(tokens, mask=tril, causal=False), model(tokens))
+    # prefix-LM style: the first 4 positions see each other both ways; later positions change nothing before them
+    prefix = tril.clone()
+    prefix[:4, :4] = True
+    out = model(tokens, mask=prefix, causal=False)
+    assert not torch.allclose(out[:, :3], model(tokens)[:, :3])
+    later = tokens.clone()
+    later[:, 7] = (later[:, 7] + 1) % 128
+    torch.testing.assert_close(model(later, mask=prefix, causal=False)[:, :7], out[:, :7])
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
     torch.manual_seed(0)
     gqa = GPT(tiny(n_heads=4, n_kv_heads=2))

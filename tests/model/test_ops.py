@@ -91,6 +91,8 @@ def test_attention_torch_causal_gqa_mask(kv_heads):
     out = ops.attention(q, k, v, causal=True, mask=pad, backend="torch")
     torch.testing.assert_close(out, manual_attention(q, k, v, True, pad))
     torch.testing.assert_close(out[1], ops.attention(q, k, v, causal=True, backend="torch")[1])
+    additive = torch.zeros(2, 1, 1, 6).masked_fill(~pad, float("-inf"))
+    torch.testing.assert_close(ops.attention(q, k, v, causal=True, mask=additive, backend="torch"), out)
 
 
 def test_cross_entropy_torch_ignore_index():
