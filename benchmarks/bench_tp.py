@@ -18,9 +18,12 @@ tokens, h = d_model, e = bytes per activation element, L layers:
        plus one all-reduce of the sequence-parallel gradients (norm weights 2L+1, row biases 2L: (4L+1) h fp32).
        wire = 2(t-1)/t * ((4L + 2) n h e + 12 n + (4L + 1) h * 4)
 
-GPU (`--gpu`, UNTESTED: no GPU was available when this was written): one process, tp = 1; times forward+backward of
-one block: plain torch.nn.Linear, the tp layers at tp = 1 (their overhead), and the fused Triton norm/SwiGLU kernels
-(`kernels.rms_norm`, `kernels.swiglu`) when importable. Prints a table.
+GPU (`--gpu`; UNTESTED on a GPU: none was available when this was written, only the CPU path of `--time` ran):
+one process, tp = 1; times forward+backward of one block: plain torch.nn.Linear, the tp layers at tp = 1 (their
+overhead), and the fused Triton norm/SwiGLU kernels (`kernels.rms_norm`, `kernels.swiglu`) when importable.
+
+    python -m benchmarks.bench_tp --gpu [--d-model 4096 --heads 32 --ffn 11008 --batch 4 --seq 2048]
+    python -m benchmarks.bench_tp --time    # the same on CPU, small shapes, fp32, no fused variant
 """
 
 from __future__ import annotations
@@ -219,45 +222,56 @@ def run_cpu(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _time(fn, iters: int) -> float:
+def _time(fn, iters: int, cuda: bool) -> float:
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / iters * 1e3
 
 
-def run_gpu(args: argparse.Namespace) -> int:  # untested: written without access to a GPU
-    if not torch.cuda.is_available():
-        print("--gpu needs a CUDA device", file=sys.stderr)
+def run_timing(args: argparse.Namespace) -> int:
+    """tp = 1 per-block time: nn.Linear twin vs the tp layers (their overhead), unfused vs fused kernels (GPU)."""
+    cuda = torch.cuda.is_available()
+    if args.gpu and not cuda:
+        print("--gpu needs a CUDA device; use --time for a CPU timing", file=sys.stderr)
         return 2
-    state.initialize(tp=1)
-    dtype, dev = torch.bfloat16, "cuda"
+    state.initialize(tp=1, backend="gloo")  # one process, no communication: gloo avoids an NCCL setup
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     x = torch.randn(args.batch, args.seq, args.d_model, device=dev, dtype=dtype, requires_grad=True)
     dy = torch.randn_like(x)
     rows = []
     variants = [("torch nn.Linear block", lambda: ReferenceBlock(args.d_model, args.heads, args.ffn))]
     variants.append(("tp layers, tp=1, unfused", lambda: ParallelBlock(args.d_model, args.heads, args.ffn)))
+    if not cuda:
+        rows.append(("tp layers, tp=1, fused", "GPU only (the CPU runs Triton in the interpreter)"))
+    else:
+        try:
+            import kernels
+
+            kernels.rms_norm, kernels.swiglu  # noqa: B018 - import the kernel modules now, to report a failure here
+            fused = lambda: ParallelBlock(args.d_model, args.heads, args.ffn, fused=True)
+            variants.append(("tp layers, tp=1, fused", fused))
+        except Exception as e:  # noqa: BLE001 - report, do not fail, when the kernels are unavailable
+            rows.append(("tp layers, tp=1, fused", f"unavailable: {type(e).__name__}: {e}"))
     try:
-        import kernels
+        for name, make in variants:
+            block = make().to(dev, dtype)
 
-        kernels.rms_norm, kernels.swiglu  # noqa: B018 - import the kernel modules now, to report a failure here
-        fused = lambda: ParallelBlock(args.d_model, args.heads, args.ffn, fused=True)
-        variants.append(("tp layers, tp=1, fused", fused))
-    except Exception as e:  # noqa: BLE001 - report, do not fail, when the kernels are unavailable
-        rows.append(("tp layers, tp=1, fused", f"unavailable: {type(e).__name__}"))
-    for name, make in variants:
-        block = make().to(dev, dtype)
+            def step(block=block):
+                block(x).backward(dy)
 
-        def step(block=block):
-            block(x).backward(dy)
-
-        rows.append((name, f"{_time(step, args.iters):.3f} ms"))
-    state.destroy()
-    print(f"one block fwd+bwd, b={args.batch} s={args.seq} d={args.d_model} heads={args.heads} ffn={args.ffn} bf16")
+            rows.append((name, f"{_time(step, args.iters, cuda):.3f} ms"))
+    finally:
+        state.destroy()
+    print(
+        f"one block fwd+bwd on {dev}, b={args.batch} s={args.seq} d={args.d_model} heads={args.heads} "
+        f"ffn={args.ffn} {str(dtype).removeprefix('torch.')}"
+    )
     for name, value in rows:
         print(f"{name:32} {value}")
     return 0
@@ -274,15 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=251)
     p.add_argument("--batch", type=int, help="default 2 on CPU, 4 with --gpu")
     p.add_argument("--seq", type=int, help="default 16 on CPU, 2048 with --gpu")
-    p.add_argument("--gpu", action="store_true", help="time one block on a GPU at tp=1 (untested)")
+    p.add_argument("--gpu", action="store_true", help="time one block on a GPU at tp=1 (untested on a GPU)")
+    p.add_argument("--time", action="store_true", help="time one block at tp=1 on whatever device there is")
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args(argv)
-    defaults = (4096, 32, 11008, 4, 2048) if args.gpu else (64, 4, 128, 2, 16)
+    big = args.gpu or (args.time and torch.cuda.is_available())
+    defaults = (4096, 32, 11008, 4, 2048) if big else (64, 4, 128, 2, 16)
     for key, value in zip(("d_model", "heads", "ffn", "batch", "seq"), defaults):
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.gpu:
-        return run_gpu(args)
+    if args.gpu or args.time:
+        return run_timing(args)
     if args.tp < 2:
         p.error("--tp must be at least 2 for the communication count")
     return run_cpu(args)
