@@ -10,8 +10,14 @@ _EXPORTS = {
     "IndexedDatasetBuilder": "engine.data.indexed_dataset",
     "GPTDataset": "engine.data.gpt_dataset",
     "BlendedDataset": "engine.data.blended_dataset",
+    "merge_datasets": "engine.data.indexed_dataset",
+    "optimal_dtype": "engine.data.indexed_dataset",
     "load_tokenizer": "engine.data.tokenizer",
     "Tokenizer": "engine.data.tokenizer",
+    "ByteTokenizer": "engine.data.tokenizer",
+    "HFTokenizer": "engine.data.tokenizer",
+    "prepare_embedded": "engine.data.embedded",
+    "EmbeddedData": "engine.data.embedded",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
