@@ -46,12 +46,13 @@ FLCE_REDUCTIONS = ("mean", "sum")
 
 @triton.jit
 def _shard_stats_kernel(
-    x_ptr, stride_x, t_ptr, stats_ptr, V_local, vocab_start, BLOCK: tl.constexpr, ACC: tl.constexpr
+    x_ptr, stride_x, t_ptr, stats_ptr, V_valid, vocab_start, BLOCK: tl.constexpr, ACC: tl.constexpr
 ):
-    """Per row of this rank's logits: (local max, sum exp(x - local max), row sum, target logit if local else 0)."""
+    """Per row of this rank's first V_valid logits (the rest is vocab padding): (local max, sum exp(x - local max),
+    row sum, target logit if local else 0)."""
     row = tl.program_id(0).to(tl.int64)
     t_local = tl.load(t_ptr + row) - vocab_start
-    m, d, s, x_t = _row_stats(x_ptr + row * stride_x, V_local, t_local, BLOCK, ACC)
+    m, d, s, x_t = _row_stats(x_ptr + row * stride_x, V_valid, t_local, BLOCK, ACC)
     out = stats_ptr + row * 4
     tl.store(out, m)
     tl.store(out + 1, d)
@@ -67,6 +68,7 @@ def _shard_grad_kernel(
     lse_ptr,
     scale_ptr,
     V_local,
+    V_valid,
     vocab_start,
     V_global,
     ignore_index,
@@ -75,7 +77,8 @@ def _shard_grad_kernel(
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Overwrites this rank's logits with dloss/dlogits given the global log-sum-exp of each row."""
+    """Overwrites this rank's logits with dloss/dlogits given the global log-sum-exp of each row; the padding
+    columns [V_valid, V_local) get gradient 0."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     t = tl.load(t_ptr + row)
@@ -84,7 +87,8 @@ def _shard_grad_kernel(
     else:
         lse = tl.load(lse_ptr + row).to(ACC)
         scale = tl.load(scale_ptr).to(ACC)
-        _row_grad(x_row, x_row, V_local, t - vocab_start, lse, scale, eps / V_global, 1.0 - eps, z, BLOCK, ACC)
+        _row_grad(x_row, x_row, V_valid, t - vocab_start, lse, scale, eps / V_global, 1.0 - eps, z, BLOCK, ACC)
+        _row_zero(x_row + V_valid, V_local - V_valid, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -284,14 +288,23 @@ def fused_linear_cross_entropy_reference(
 # Tensor-parallel variant: weight is this rank's vocab shard
 
 
-def _shard_layout(V_local: int, group, vocab_start: int | None, device: torch.device) -> tuple[int, int]:
-    """(vocab_start, global vocab) of this rank's shard; shards may differ in size (all-gathered once per call)."""
+def _shard_layout(
+    name: str, V_local: int, group, vocab_start: int | None, vocab_size: int | None, device: torch.device
+) -> tuple[int, int, int]:
+    """(vocab_start, global vocabulary, valid columns of this shard). Shards may differ in size (their sizes are
+    all-gathered once per call); columns at or beyond `vocab_size` are padding (Megatron pads the vocabulary to a
+    multiple of the tensor-parallel size)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([V_local], dtype=torch.int64, device=device), group=group)
     sizes = [int(s) for s in sizes]
     start = sum(sizes[:rank]) if vocab_start is None else vocab_start
-    return start, sum(sizes)
+    padded = sum(sizes)
+    if vocab_size is None:
+        vocab_size = padded
+    if not 0 < vocab_size <= padded:
+        raise ValueError(f"{name}: vocab_size {vocab_size} must be in [1, {padded}] (the shards' total)")
+    return start, vocab_size, min(max(vocab_size - start, 0), V_local)
 
 
 def _vp_flce_forward(
@@ -305,6 +318,7 @@ def _vp_flce_forward(
     chunk_size,
     reduction,
     vocab_start,
+    vocab_size,
     reduce_hidden_grad,
     need_h,
     need_w,
@@ -315,7 +329,7 @@ def _vp_flce_forward(
     name = "vocab_parallel_fused_linear_cross_entropy"
     _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size)
     V_local, H = weight.shape
-    start_v, V = _shard_layout(V_local, group, vocab_start, weight.device)
+    start_v, V, V_valid = _shard_layout(name, V_local, group, vocab_start, vocab_size, weight.device)
     h = hidden.reshape(-1, H).contiguous()
     N = h.shape[0]
     t = check_targets(name, target, N, V, ignore_index, h.device)
@@ -336,7 +350,7 @@ def _vp_flce_forward(
             logits = h_c @ weight.t()
             stats = torch.empty(c, 4, dtype=acc, device=h.device)
             _shard_stats_kernel[(c,)](
-                logits, logits.stride(0), t_c, stats, V_local, start_v, BLOCK=BLOCK, ACC=ACC, num_warps=num_warps
+                logits, logits.stride(0), t_c, stats, V_valid, start_v, BLOCK=BLOCK, ACC=ACC, num_warps=num_warps
             )
             m = stats[:, 0].clone()
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -354,6 +368,7 @@ def _vp_flce_forward(
                     lse,
                     scale,
                     V_local,
+                    V_valid,
                     start_v,
                     V,
                     ignore_index,
@@ -378,7 +393,7 @@ class VocabParallelFusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _scaled_grads(ctx, grad_output) + (None,) * 9
+        return _scaled_grads(ctx, grad_output) + (None,) * 10
 
 
 def vocab_parallel_fused_linear_cross_entropy(
@@ -392,18 +407,21 @@ def vocab_parallel_fused_linear_cross_entropy(
     chunk_size: int | None = None,
     reduction: str = "mean",
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
     reduce_hidden_grad: bool = True,
 ) -> torch.Tensor:
     """Fused linear cross-entropy with `weight` = this rank's rows [vocab_start, vocab_start + V_local) of the
     output layer; `hidden` and global `target` are the same on every rank of `group`.
 
     Every rank returns the same global loss. Shards are laid out in rank order (sizes may differ) unless
-    `vocab_start` is given. The hidden gradient is summed over the group (as the backward of Megatron's
-    copy-to-tensor-parallel-region would); pass `reduce_hidden_grad=False` when the caller reduces it itself.
+    `vocab_start` is given. `vocab_size`: the true vocabulary when the shards are padded beyond it (as
+    `engine.parallel.vocab_parallel_cross_entropy`); padding columns are left out of the softmax and get no gradient.
+    The hidden gradient is summed over the group (as the backward of Megatron's copy-to-tensor-parallel-region
+    would); pass `reduce_hidden_grad=False` when the caller reduces it itself.
     """
     hidden, weight = _autocast_inputs(hidden, weight)
     args = (hidden, weight, target, group, ignore_index, label_smoothing, z_loss, chunk_size, reduction)
-    args += (vocab_start, reduce_hidden_grad)
+    args += (vocab_start, vocab_size, reduce_hidden_grad)
     if _needs_grads(hidden, weight):
         return VocabParallelFusedLinearCrossEntropyFunction.apply(*args)
     return _vp_flce_forward(*args, need_h=False, need_w=False)[0]

@@ -161,6 +161,17 @@ def _tp_worker(rank, world_size):
         results.append(
             (rel_err(loss, ref[0]), rel_err(h.grad, ref[1]), rel_err(w.grad, ref[2][lo:hi]), w.grad.shape[0])
         )
+    # Vocabulary padded to 40 rows (20 + 20), true vocabulary 37: the padding is outside the softmax, gradient 0.
+    hidden, weight, target = make_inputs((5,), 16, 37, torch.float32, n_ignored=1, seed=30)
+    padded = torch.cat([weight, 5 * torch.randn(3, 16)])  # large padding logits would change the loss if counted
+    lo, hi = (0, 20) if rank == 0 else (20, 40)
+    h = hidden.clone().requires_grad_()
+    w = padded[lo:hi].clone().requires_grad_()
+    loss = vocab_parallel_fused_linear_cross_entropy(h, w, target, vocab_size=37, chunk_size=3, z_loss=1e-3)
+    loss.backward()
+    ref = run(fused_linear_cross_entropy_reference, hidden, weight, target, torch.float64, z_loss=1e-3)
+    ref_w = torch.cat([ref[2], torch.zeros(3, 16, dtype=ref[2].dtype)])[lo:hi]
+    results.append((rel_err(loss, ref[0]), rel_err(h.grad, ref[1]), rel_err(w.grad, ref_w), hi - lo))
     # Without the built-in reduction, the per-rank hidden gradients sum to the full one.
     hidden, weight, target = make_inputs((3,), 8, 37, torch.float32, seed=20)
     lo, hi = SHARDS[rank]
@@ -179,6 +190,9 @@ def test_vocab_parallel_matches_unsharded_reference():
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     per_rank = run_distributed(_tp_worker, 2, timeout=120, env=env)
     for rank, results in enumerate(per_rank):
-        for loss_err, h_err, w_err, rows in results:
-            assert rows == SHARDS[rank][1] - SHARDS[rank][0]
+        assert [r[3] for r in results] == [SHARDS[rank][1] - SHARDS[rank][0]] * 2 + [
+            20,
+            SHARDS[rank][1] - SHARDS[rank][0],
+        ]
+        for loss_err, h_err, w_err, _ in results:
             assert loss_err <= 1e-5 and h_err <= 1e-5 and w_err <= 1e-5, (rank, results)
