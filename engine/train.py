@@ -275,7 +275,10 @@ class _Run:
         # The resume target is checked before any process group or data work: a wrong path fails in a second.
         resume = cfg.resume
         if resume not in ("auto", "never"):
-            resume_path = resolve_checkpoint_path(resume)
+            try:
+                resume_path = resolve_checkpoint_path(resume)
+            except CheckpointError as e:
+                raise CheckpointError(f"--resume: {e}") from None
         elif resume == "never" and complete_checkpoints(self.ckpt_root):
             raise CheckpointError(
                 f"--resume never, but {self.ckpt_root} already holds checkpoints that this run would overwrite; "

@@ -102,14 +102,14 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     """A checkpoint directory from a user path: the directory itself, a checkpoints root, or a run directory."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"resume path {p} does not exist")
+        raise CheckpointError(f"checkpoint path {p} does not exist")
     if (p / MANIFEST).is_file():
         return p
     for root in (p, p / "checkpoints"):
         found = latest_checkpoint(root)
         if found is not None:
             return found
-    raise CheckpointError(f"resume path {p} holds no complete checkpoint (no {MANIFEST})")
+    raise CheckpointError(f"checkpoint path {p} holds no complete checkpoint (no {MANIFEST})")
 
 
 def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
