@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import check_tensors, interpreting, num_warps_for
+from kernels.utils import acc_dtype, check_tensors, interpreting, num_warps_for
 
 REDUCTIONS = ("mean", "sum", "none")
 # Largest vocabulary block one loop iteration loads; longer rows loop. On GPU Liger-Kernel's choice (32k lanes over
@@ -116,11 +116,6 @@ def _ce_fwd_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Host side
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp64 for fp64 inputs (so gradcheck can run on the kernels), fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tl_acc_dtype(dtype: torch.dtype):
