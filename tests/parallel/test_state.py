@@ -121,6 +121,7 @@ def _groups_worker(rank, world, port):
     return errors
 
 
+@pytest.mark.distributed
 def test_initialize_from_env_builds_every_group():
     errors = run_distributed(_groups_worker, 4, free_port(), timeout=120)
     for errs in errors:
