@@ -212,3 +212,39 @@ def test_layers_match_torch_nn_at_tp4_and_tp2():
             assert f"model.n_kv_heads = {3 * tp // 2} and parallel.tp = {tp}: one must divide the other" in messages[7]
             assert f"model.ffn_hidden = {8 * tp + 1} is not divisible by parallel.tp = {tp}" in messages[8]
             assert all("\n" not in m for m in messages)
+
+
+def test_rng_tracker_forks_and_restores():
+    from engine.parallel.random import RNGStatesTracker, init_param_, model_parallel_seed
+
+    draws = []
+    for tp_rank in (0, 1):
+        tracker = model_parallel_seed(7, tp_rank)
+        a = torch.rand(3)
+        with tracker.fork("tp"):
+            b = torch.rand(3)
+        with tracker.fork("tp"):
+            c = torch.rand(3)  # the tracked stream advanced: no repeat
+        d = torch.rand(3)  # the default stream continues as if the forks never happened
+        draws.append((a, b, c, d))
+    torch.manual_seed(7)
+    assert torch.equal(draws[0][0], torch.rand(3)) and torch.equal(draws[0][3], torch.rand(3))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][3], draws[1][3])  # same on every tp rank
+    assert not torch.equal(draws[0][1], draws[1][1])  # tp stream differs per tp rank
+    assert not torch.equal(draws[0][1], draws[0][2])
+    tracker = RNGStatesTracker()
+    with pytest.raises(ValueError, match="never added"):
+        with tracker.fork("tp"):
+            pass
+    tracker.add("x", 1)
+    with pytest.raises(ValueError, match="already exists"):
+        tracker.add("x", 2)
+    saved = tracker.get_states()
+    with tracker.fork("x"):
+        first = torch.rand(2)
+    tracker.set_states(saved)
+    with tracker.fork("x"):
+        assert torch.equal(torch.rand(2), first)  # checkpointed states replay
+    p = nn.Parameter(torch.empty(4))
+    init_param_(p, nn.init.ones_)  # an unsharded parameter: init_fn runs on it directly
+    assert torch.equal(p.detach(), torch.ones(4))
