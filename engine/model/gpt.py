@@ -84,10 +84,10 @@ def resolve(cfg: ModelConfig, tokenizer_vocab: int | None = None, tp: int = 1) -
 
 
 def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
-    """Closed-form parameter count of GPT(cfg) (cfg resolved), without building it.
+    """Closed-form parameter count of GPT(cfg) (cfg resolved), without building it; shared tensors once.
 
-    non_embedding=True leaves out the input lookup tables (token embedding when untied, learned positions) but keeps
-    the output projection, tied or not, since it is a matmul: these are the N of 6N FLOPs (as nanoGPT counts).
+    non_embedding=True counts the transformer layers and final norm only, leaving out the vocabulary matrices
+    (token embedding and output projection, tied or not) and learned positions: Kaplan et al. 2020's N.
     """
     d, f, v, L = cfg.d_model, cfg.ffn_hidden, cfg.vocab_size, cfg.n_layers
     kv = cfg.n_kv_heads * (d // cfg.n_heads)
@@ -97,24 +97,26 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     else:
         layer = (2 * d * d + 2 * d * kv + 2 * d + 2 * kv) + (2 * d * f + f + d) + 4 * d
         final_norm = 2 * d
-    n = L * layer + final_norm + v * d  # v * d: the output projection (= the token embedding when tied)
+    n = L * layer + final_norm
     if non_embedding:
         return n
-    if not cfg.tie_embeddings:
-        n += v * d  # a separate token embedding
+    n += v * d if cfg.tie_embeddings else 2 * v * d
     if cfg.arch == "gpt2":
         n += cfg.seq_len * d
     return n
 
 
 def flops_per_token(cfg: ModelConfig) -> int:
-    """Model FLOPs per trained token, forward + backward, 6N + 12·L·H·Q·T (PaLM App. B; reference/methods.md §1.5).
+    """Model FLOPs per trained token, forward + backward: 6N + 12·L·H·Q·T (PaLM App. B; reference/methods.md §1.5).
 
-    N is `count_params(cfg, non_embedding=True)`; recomputation is not counted (this is the MFU numerator).
+    N counts every parameter that takes part in a matmul: the non-embedding parameters plus the output projection
+    (vocab_size·d_model; the logits are real compute, as Megatron's 6·h·V term and nanoGPT's tied `wte` count them).
+    The embedding lookup is not a matmul. Recomputation is not counted (this is the MFU numerator, not HFU).
     """
     cfg = resolve(cfg)
     head_dim = cfg.d_model // cfg.n_heads
-    return 6 * count_params(cfg, non_embedding=True) + 12 * cfg.n_layers * cfg.n_heads * head_dim * cfg.seq_len
+    n = count_params(cfg, non_embedding=True) + cfg.vocab_size * cfg.d_model
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim * cfg.seq_len
 
 
 class Norm(nn.Module):
@@ -187,11 +189,13 @@ class GPT(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, each shared tensor once; non_embedding: as `count_params` (keeps the output projection)."""
+        """Parameters, each shared tensor once; non_embedding: without the vocabulary matrices and positions
+        (as `count_params`)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
+            n -= self.tok_emb.weight.numel()
             if self.lm_head is not None:
-                n -= self.tok_emb.weight.numel()
+                n -= self.lm_head.weight.numel()
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
         return n

@@ -34,7 +34,7 @@ def expected_params(arch, L, d, h, kv, f, V, T, tied):
     emb = V * d
     head = 0 if tied else V * d
     total = L * (attn + mlp + norms) + final + emb + head + pos
-    non_emb = L * (attn + mlp + norms) + final + V * d  # output projection counted once, tied or not
+    non_emb = L * (attn + mlp + norms) + final  # Kaplan's N: no vocabulary matrices, no positions
     return total, non_emb
 
 
@@ -49,7 +49,8 @@ def test_shapes_params_flops(arch, tied):
     total, non_emb = expected_params(arch, 2, 64, 4, r.n_kv_heads, f, 128, 32, tied)
     assert model.num_params() == total == count_params(r)
     assert model.num_params(non_embedding=True) == non_emb == count_params(r, non_embedding=True)
-    assert flops_per_token(cfg) == 6 * non_emb + 12 * 2 * 4 * 16 * 32
+    # 6N + 12LHQT with N = the matmul parameters: non-embedding + the output projection (the logits)
+    assert flops_per_token(cfg) == 6 * (non_emb + 128 * 64) + 12 * 2 * 4 * 16 * 32
     tokens = torch.randint(0, 128, (3, 17))
     logits = model(tokens)
     assert logits.shape == (3, 17, 128)
@@ -57,6 +58,17 @@ def test_shapes_params_flops(arch, tied):
     assert loss.ndim == 0 and torch.isfinite(loss)
     # untrained, near-uniform predictions: the loss is about ln(V)
     assert abs(model(tokens, torch.randint(0, 128, (3, 17))).item() - math.log(128)) < 0.5
+
+
+def test_published_parameter_counts():
+    """Anchors: Hugging Face GPT-2 small (vocab 50257) has 124,439,808 parameters; Llama-2-7B 6,738,415,616."""
+    gpt2 = ModelConfig(arch="gpt2", n_layers=12, d_model=768, n_heads=12, vocab_size=50257, seq_len=1024)
+    assert count_params(resolve(gpt2)) == 124_439_808
+    llama = ModelConfig(n_layers=32, d_model=4096, n_heads=32, ffn_hidden=11008, vocab_size=32000, seq_len=4096)
+    llama.tie_embeddings = False
+    assert count_params(resolve(llama)) == 6_738_415_616
+    # nanoGPT's estimate_mfu numerator for GPT-2 small: 6 * (params - wpe) + 12 * L * H * Q * T
+    assert flops_per_token(gpt2) == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 12 * 64 * 1024
 
 
 def test_tied_shares_one_tensor():
