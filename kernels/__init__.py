@@ -17,6 +17,7 @@ _EXPORTS = {
     "CrossEntropyLoss": "kernels.cross_entropy",
     "fused_linear_cross_entropy": "kernels.fused_linear_cross_entropy",
     "FusedLinearCrossEntropyLoss": "kernels.fused_linear_cross_entropy",
+    "vocab_parallel_fused_linear_cross_entropy": "kernels.fused_linear_cross_entropy",
 }
 
 __all__ = sorted(_EXPORTS)
