@@ -1,5 +1,5 @@
 """Sequence-parallel mappings, and a decoder block / tiny GPT built from the tp layers against their unsharded twins,
-with and without sequence parallelism, at tp=4 and tp=2 (one 4-process world)."""
+with and without sequence parallelism, at tp=4 and at tp=2 x dp=2 (one 4-process world)."""
 
 import pytest
 import torch
@@ -93,33 +93,48 @@ def _check_block(group, tp, sp):
         _close(grad, p.grad, f"grad of {name} (sp={sp})")
 
 
-def _check_gpt_steps(group, single, tp, sp):
-    """3 SGD steps of the tiny GPT (odd vocab, tied vocab-parallel head) equal a 1-rank twin's, loss by loss."""
+def _check_gpt_steps(group, single, tp, sp, twin_losses):
+    """10 SGD steps of the tiny GPT (odd vocab, tied vocab-parallel head) on tp x dp (dp = 4 / tp; each dp rank takes
+    its slice of the batch, gradients averaged over dp) give the one-process twin's losses (DESIGN contract 1)."""
     gen = torch.Generator().manual_seed(30)
-    tokens = torch.randint(0, 13, (3, 2, 9), generator=gen)
-    losses = []
-    for g, use_sp in ((group, sp), (single, False)):
+    tokens = torch.randint(0, 13, (10, 4, 9), generator=gen)
+    dp_group, dp, dp_rank = state.get_dp_group(), state.get_dp_world_size(), state.get_dp_rank()
+    runs = [(group, sp, dp_group, dp, dp_rank)]
+    if not twin_losses:  # the twin depends on nothing above: train it once per process
+        runs.append((single, False, None, 1, 0))
+    for g, use_sp, dpg, n_dp, r_dp in runs:
         torch.manual_seed(31)
         model = ParallelGPT(13, 16, 4, 32, 2, sequence_parallel=use_sp, group=g)
         run = []
-        for step in range(3):
-            loss = model(tokens[step, :, :-1], tokens[step, :, 1:])
+        for step in range(10):
+            batch = tokens[step].chunk(n_dp)[r_dp]
+            loss = model(batch[:, :-1], batch[:, 1:])
             loss.backward()
             allreduce_sequence_parallel_grads(model, g)
+            mean_loss = loss.detach().clone()
+            if n_dp > 1:  # equal token counts per dp rank: the mean of the means is the global mean
+                dist.all_reduce(mean_loss, group=dpg)
+                mean_loss /= n_dp
             with torch.no_grad():  # plain SGD (torch.optim's first step imports torch._dynamo: seconds per process)
                 for p in model.parameters():
+                    if n_dp > 1:
+                        dist.all_reduce(p.grad, group=dpg)
+                        p.grad /= n_dp
                     p -= 0.5 * p.grad
                     p.grad = None
-            run.append(loss.item())
-        losses.append(run)
-    assert losses[0][0] != losses[0][2]  # it trains
-    _close(torch.tensor(losses[0]), torch.tensor(losses[1]), "losses per step", atol=0)
-    return losses[0]
+            run.append(mean_loss.item())
+        if g is single:
+            twin_losses.extend(run)
+        else:
+            losses = run
+    assert losses[0] > losses[-1] + 0.1  # it trains
+    _close(torch.tensor(losses), torch.tensor(twin_losses), f"losses per step (tp={tp}, dp={dp}, sp={sp})", atol=0)
+    return losses
 
 
 def _sequence_worker(rank, world):
     single, _ = dist.new_subgroups(group_size=1)  # the unsharded twin's "tp group"
-    out = {}
+    out, twin_losses = {}, []
     for tp in (4, 2):
         state.initialize(tp=tp)
         try:
@@ -127,7 +142,7 @@ def _sequence_worker(rank, world):
             out[tp] = {"split_error": _check_mappings(group, tp)}
             for sp in (False, True):
                 _check_block(group, tp, sp)
-                out[tp][f"losses_sp{sp}"] = _check_gpt_steps(group, single, tp, sp)
+                out[tp][f"losses_sp{sp}"] = _check_gpt_steps(group, single, tp, sp, twin_losses)
         finally:
             state.destroy()
     return out
