@@ -149,7 +149,9 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
-        drop_records_after(self.path, start_step)
+        # Records past the resumed step belong to a crashed run and will be logged again; a fresh start (step 0)
+        # redoes everything, including the step-0 evaluation.
+        drop_records_after(self.path, start_step if start_step > 0 else -1)
         self._file = open(self.path, "a")
         if tensorboard:
             try:  # optional: torch's SummaryWriter needs the tensorboard package

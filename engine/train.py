@@ -40,7 +40,7 @@ _RESUME_LOCKED = {
     "data": ("path", "valid_path", "tokenizer", "bpe_vocab"),
     "train": ("global_batch", "seed"),
 }
-_RESUME_FREE_MODEL_KEYS = ("kernels", "recompute")
+_RESUME_FREE_KEYS = ("model.kernels", "model.recompute", "optim.impl")  # implementation choices, same math
 
 
 class TrainError(ValueError):
@@ -95,6 +95,8 @@ def _check_basic(cfg: Config) -> None:
     for key in ("tp", "pp", "cp", "dp_shard"):
         if getattr(p, key) != 1:
             raise TrainError(f"parallel.{key}={getattr(p, key)} is not supported by this training loop yet; use 1")
+    if cfg.checkpoint.async_:
+        raise TrainError("checkpoint.async is not supported by this training loop yet; use --checkpoint.async false")
     if p.zero1 or p.sp:
         raise TrainError("parallel.zero1/parallel.sp are not supported by this training loop yet; set them false")
     if not cfg.run.dir:
@@ -134,10 +136,13 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         s, c = saved.get(section, {}), current.get(section, {})
         names = keys if keys is not None else sorted(set(s) | set(c))
         for k in names:
-            if section == "model" and k in _RESUME_FREE_MODEL_KEYS:
+            if f"{section}.{k}" in _RESUME_FREE_KEYS:
                 continue
             if s.get(k) != c.get(k):
-                diffs.append(f"{section}.{k}: checkpoint {s.get(k)!r}, now {c.get(k)!r}")
+                hint = ""
+                if f"{section}.{k}" == "optim.decay_steps":
+                    hint = f" (0 means train.steps; pass --optim.decay_steps {s.get(k)} to keep the schedule)"
+                diffs.append(f"{section}.{k}: checkpoint {s.get(k)!r}, now {c.get(k)!r}{hint}")
     return diffs
 
 
@@ -250,10 +255,11 @@ def _one_line(e: BaseException) -> str:
 
 
 class _Run:
-    """Everything one training run holds; built by `_setup` (which writes nothing) and driven by `train`."""
+    """Everything one training run holds; built by `setup` (which writes nothing) and driven by `_loop`."""
 
     def __init__(self, cfg: Config) -> None:
         self.t_start = time.perf_counter()
+        self.owns_parallel = False
         _check_basic(cfg)
         self.cfg = cfg
         self.device = _resolve_device(cfg)
@@ -464,12 +470,15 @@ def train(cfg: Config) -> TrainResult:
     """Runs (or resumes) training per `cfg`; every rank of the job calls it. Returns what this run did."""
     try:
         run = _Run(cfg)
-        run.setup()
     except (ConfigError, TrainError):
         raise
-    except (ValueError, OSError) as e:  # bad input met while setting up (data, checkpoint, model shape)
-        raise TrainError(_one_line(e)) from e
     try:
+        try:
+            run.setup()
+        except (ConfigError, TrainError):
+            raise
+        except (ValueError, OSError) as e:  # bad input met while setting up (data, checkpoint, model shape)
+            raise TrainError(_one_line(e)) from e
         return _loop(run)
     finally:
         run.close()
