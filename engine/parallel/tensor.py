@@ -11,6 +11,8 @@ partial sum that is all-reduced). The communication is in four paired autograd f
 
 With sequence parallelism (sequence.py) f becomes an all-gather along the sequence and g a reduce-scatter.
 
+Layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, ReplicatedKVLinear (GQA with fewer kv
+heads than tp ranks); `parallel_lm_logits` + `vocab_parallel_cross_entropy` for the output layer and loss.
 Every layer takes its process group explicitly (default: the grid's tp group), so other trainers can pass their own.
 Sharded parameters carry `partition_dim`, `full_shape` (unpadded), `padded_size`, `partition_rank` and
 `partition_size`; `init_param_` (random.py), `shard_full_` and `gather_full` use them, so initialisation equals the
