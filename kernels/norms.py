@@ -253,7 +253,7 @@ class _NormFunction(torch.autograd.Function):
                 ACC=_TL[acc],
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
-                num_warps=num_warps_for(block_m * block_n),
+                num_warps=min(32, 2 * num_warps_for(block_m * block_n)),
             )
         dw = dw_part.sum(0).to(weight.dtype) if weight is not None else None
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None

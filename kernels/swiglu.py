@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import acc_dtype, as_rows, check_tensors, elementwise_tile, num_warps_for
+from kernels.utils import acc_dtype, as_rows, check_tensors, elementwise_tile, elementwise_warps
 
 _SILU, _GELU_TANH = 0, 1
 
@@ -127,7 +127,7 @@ class _GLUFunction(torch.autograd.Function):
                 ACC=_tl_acc(gate.dtype, up.dtype),
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
-                num_warps=num_warps_for(block_m * block_n),
+                num_warps=elementwise_warps(block_m * block_n),
             )
         ctx.save_for_backward(g2, u2)
         ctx.act, ctx.shape, ctx.dtypes = act, gate.shape, (gate.dtype, up.dtype)
@@ -159,7 +159,7 @@ class _GLUFunction(torch.autograd.Function):
                 ACC=_tl_acc(*ctx.dtypes),
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
-                num_warps=num_warps_for(block_m * block_n),
+                num_warps=elementwise_warps(block_m * block_n),
             )
         return dg.view(ctx.shape), du.view(ctx.shape), None
 
