@@ -21,6 +21,8 @@ import triton.language as tl
 
 from kernels.utils import acc_dtype, check_tensors, elementwise_warps, next_power_of_2
 
+_INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
 
 @triton.jit
 def _rope_kernel(
@@ -185,7 +187,7 @@ def _check(fn, xs, cos, sin, position_ids, offset):
         if offset < 0 or offset + seq > max_pos:
             raise ValueError(f"{fn}: positions {offset}..{offset + seq - 1} fall outside the {max_pos} rows of cos/sin")
         return
-    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex():
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in _INDEX_DTYPES:
         raise ValueError(f"{fn}: position_ids must be an integer tensor")
     if position_ids.device != x.device:
         raise ValueError(f"{fn}: position_ids is on {position_ids.device} but {name} is on {x.device}")

@@ -167,6 +167,7 @@ def test_backward_is_the_inverse_rotation():
         (lambda x, c, s: apply_rope(x, c, s, offset=3), "positions 3..6 fall outside the 6 rows"),
         (lambda x, c, s: apply_rope(x, c, s, position_ids=torch.tensor([0, 1, 2, 6])), "span 0..6, outside"),
         (lambda x, c, s: apply_rope(x, c, s, position_ids=torch.zeros(4)), "position_ids must be an integer"),
+        (lambda x, c, s: apply_rope(x, c, s, position_ids=torch.ones(4).bool()), "position_ids must be an integer"),
         (lambda x, c, s: apply_rope(x, c, s, position_ids=torch.zeros(3, 4).long()), "must be (seq,) or (batch"),
         (lambda x, c, s: apply_rope_qk_(x, x[:, :2], c, s), "k has shape (2, 2, 3, 8), incompatible with q's"),
     ],
