@@ -7,8 +7,9 @@ from the input's device, so a model built on CPU and moved to CUDA picks the rig
   (`TRITON_INTERPRET=1`); forcing it without one, or without triton installed, is a one-line error.
 - "auto": triton on CUDA when triton imports, torch otherwise (always torch on CPU: the interpreter is for tests).
 
-Attention has no Triton kernel of ours behind this switch yet unless `kernels` exports `flash_attention`; until
-then both backends use `F.scaled_dot_product_attention` (FlashAttention-2 / memory-efficient kernels on CUDA).
+Attention: "auto" on CUDA with fp16/bf16 inputs and no mask uses the flash-attn package when it is installed (an
+optional extra); the triton path uses `kernels.flash_attention` once that module exists; otherwise both backends use
+`F.scaled_dot_product_attention` (its FlashAttention-2 / memory-efficient kernels on CUDA).
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def _kernel(name: str):
 
 
 @functools.cache
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
 def _has_kernel(name: str) -> bool:
     return importlib.util.find_spec(_KERNEL_MODULES[name]) is not None
 
@@ -140,6 +146,17 @@ def attention(
     `mask` (optional, broadcastable to (batch, heads, seq_q, seq_k)): bool (True = may attend) or additive float;
     with `causal` it is combined with the causal mask. Returns (batch, seq_q, heads_q, head_dim).
     """
+    if (
+        backend == "auto"
+        and mask is None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and _flash_attn_installed()
+    ):
+        # DESIGN.md Backends: an installed specialist library first (flash-attn takes (b, s, h, d) and GQA as is)
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
     if (
         mask is None
         and dropout_p == 0.0
