@@ -2,7 +2,11 @@
 
 import os
 
-import pytest
+# Before torch is imported: its thread pool reads this once. One thread keeps 2-core runs fast and predictable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
 
 
 def _cuda_available() -> bool:
@@ -15,9 +19,6 @@ def _cuda_available() -> bool:
 HAS_CUDA = _cuda_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Keep test runs small and quiet on 2 cores; spawned children inherit this.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
