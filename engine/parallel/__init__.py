@@ -5,12 +5,39 @@ Names load on first use; importing this package starts no process group.
 
 from engine._lazy import lazy_exports
 
+_STATE = [
+    "initialize",
+    "destroy",
+    "is_initialized",
+    "build_grid",
+    "LayoutError",
+    "get_group",
+    "get_group_ranks",
+    "get_rank_in",
+    "get_world_size_of",
+    "get_tp_group",
+    "get_tp_rank",
+    "get_tp_world_size",
+    "get_dp_group",
+    "get_dp_rank",
+    "get_dp_world_size",
+]
+_TENSOR = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "ReplicatedKVLinear",
+    "vocab_parallel_cross_entropy",
+    "parallel_lm_logits",
+    "enter_tp_region",
+    "check_tp_divisibility",
+]
+_SEQUENCE = ["mark_sequence_parallel", "allreduce_sequence_parallel_grads"]
 _EXPORTS = {
-    "initialize": "engine.parallel.state",
-    "ColumnParallelLinear": "engine.parallel.tensor",
-    "RowParallelLinear": "engine.parallel.tensor",
-    "VocabParallelEmbedding": "engine.parallel.tensor",
-    "vocab_parallel_cross_entropy": "engine.parallel.tensor",
+    **{name: "engine.parallel.state" for name in _STATE},
+    **{name: "engine.parallel.tensor" for name in _TENSOR},
+    **{name: "engine.parallel.sequence" for name in _SEQUENCE},
+    "count_collectives": "engine.parallel.comm_count",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
