@@ -243,10 +243,10 @@ SPECS = {
         Spec("rmsnorm", "kernels.norms", "GB/s", _build_rmsnorm, ((5, 37), (1, 128)), ((8192, 4096), (4096, 16384))),
         Spec("layernorm", "kernels.norms", "GB/s", _build_layernorm, ((5, 37),), ((8192, 4096), (4096, 16384))),
         Spec("rope", "kernels.rope", "GB/s", _build_rope, ((2, 3, 2, 8),), ((4, 4096, 32, 128), (1, 8192, 32, 128))),
-        Spec("swiglu", "kernels.swiglu", "GB/s", _build_swiglu, ((5, 37),), ((8192, 14336), (16384, 8192))),
+        Spec("swiglu", "kernels.glu", "GB/s", _build_swiglu, ((5, 37),), ((8192, 14336), (16384, 8192))),
         Spec(
             "cross_entropy",
-            "kernels.cross_entropy",
+            "kernels.cross_entropy_loss",
             "GB/s",
             _build_cross_entropy,
             ((5, 37), (3, 1000)),
@@ -254,7 +254,7 @@ SPECS = {
         ),
         Spec(
             "fused_linear_ce",
-            "kernels.fused_linear_cross_entropy",
+            "kernels.linear_cross_entropy",
             "TFLOP/s",
             _build_fused_linear_ce,
             ((5, 16, 37),),

@@ -1,6 +1,7 @@
 """Triton kernels, each with its autograd Function and a plain-PyTorch reference.
 
-Names load on first use, so `import kernels` imports neither triton nor touches a GPU.
+Names load on first use, so `import kernels` imports neither triton nor touches a GPU. No module is named like a
+public function: importing a submodule sets it as a package attribute, which would shadow the function.
 """
 
 import importlib
@@ -10,14 +11,24 @@ _EXPORTS = {
     "layer_norm": "kernels.norms",
     "RMSNorm": "kernels.norms",
     "LayerNorm": "kernels.norms",
+    "rms_norm_reference": "kernels.norms",
+    "layer_norm_reference": "kernels.norms",
     "apply_rope": "kernels.rope",
-    "swiglu": "kernels.swiglu",
-    "geglu": "kernels.swiglu",
-    "cross_entropy": "kernels.cross_entropy",
-    "CrossEntropyLoss": "kernels.cross_entropy",
-    "fused_linear_cross_entropy": "kernels.fused_linear_cross_entropy",
-    "FusedLinearCrossEntropyLoss": "kernels.fused_linear_cross_entropy",
-    "vocab_parallel_fused_linear_cross_entropy": "kernels.fused_linear_cross_entropy",
+    "apply_rope_": "kernels.rope",
+    "apply_rope_qk_": "kernels.rope",
+    "apply_rope_reference": "kernels.rope",
+    "rope_cos_sin": "kernels.rope",
+    "swiglu_reference": "kernels.glu",
+    "geglu_reference": "kernels.glu",
+    "swiglu": "kernels.glu",
+    "geglu": "kernels.glu",
+    "cross_entropy": "kernels.cross_entropy_loss",
+    "CrossEntropyLoss": "kernels.cross_entropy_loss",
+    "cross_entropy_reference": "kernels.cross_entropy_loss",
+    "fused_linear_cross_entropy": "kernels.linear_cross_entropy",
+    "FusedLinearCrossEntropyLoss": "kernels.linear_cross_entropy",
+    "fused_linear_cross_entropy_reference": "kernels.linear_cross_entropy",
+    "vocab_parallel_fused_linear_cross_entropy": "kernels.linear_cross_entropy",
 }
 
 __all__ = sorted(_EXPORTS)

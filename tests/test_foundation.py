@@ -94,3 +94,17 @@ def test_import_is_lazy_and_gpu_free():
         "not __import__('torch').distributed.is_initialized()"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kernel_exports_are_functions_after_submodule_imports():
+    # A submodule named like a public function would shadow it as a package attribute once imported.
+    import importlib
+    import pkgutil
+
+    import kernels
+
+    for mod in pkgutil.iter_modules(kernels.__path__):
+        importlib.import_module(f"kernels.{mod.name}")
+    for name in kernels.__all__:
+        obj = getattr(kernels, name)
+        assert callable(obj) and not isinstance(obj, type(kernels)), name

@@ -65,15 +65,14 @@ def select(backend: str, x: torch.Tensor) -> str:
     raise BackendError(f"model.kernels must be one of {'|'.join(BACKENDS)}, got '{backend}'")
 
 
-# Kernel name -> module (INTERFACES.md). Imported from the module itself: `kernels.cross_entropy` as a package
-# attribute becomes the submodule once that submodule is imported, so `kernels.<name>` is not reliable.
+# Kernel name -> module, so that `_has_kernel` can ask whether a kernel family exists without importing it.
 _KERNEL_MODULES = {
     "rms_norm": "kernels.norms",
     "layer_norm": "kernels.norms",
     "apply_rope": "kernels.rope",
-    "swiglu": "kernels.swiglu",
-    "cross_entropy": "kernels.cross_entropy",
-    "fused_linear_cross_entropy": "kernels.fused_linear_cross_entropy",
+    "swiglu": "kernels.glu",
+    "cross_entropy": "kernels.cross_entropy_loss",
+    "fused_linear_cross_entropy": "kernels.linear_cross_entropy",
     "flash_attention": "kernels.flash_attention",
 }
 

@@ -4,8 +4,8 @@ at realistic vocabularies, and the fused op's memory staying O(chunk x vocab) at
 import pytest
 import torch
 
-from kernels.cross_entropy import cross_entropy, cross_entropy_reference
-from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from kernels.cross_entropy_loss import cross_entropy, cross_entropy_reference
+from kernels.linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 pytestmark = pytest.mark.gpu
 IGN = -100

@@ -1,11 +1,11 @@
-"""kernels/cross_entropy.py against its plain-PyTorch reference (DESIGN.md numerics contract 2), under the
+"""kernels/cross_entropy_loss.py against its plain-PyTorch reference (DESIGN.md numerics contract 2), under the
 Triton interpreter on CPU: fp32 to 1e-5 relative, fp16 by the 2x-error rule, fp64 gradcheck."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cross_entropy import (
+from kernels.cross_entropy_loss import (
     CrossEntropyFunction,
     CrossEntropyLoss,
     cross_entropy,

@@ -1,4 +1,4 @@
-"""kernels/fused_linear_cross_entropy.py against the unfused plain-PyTorch reference, under the Triton interpreter,
+"""kernels/linear_cross_entropy.py against the unfused plain-PyTorch reference, under the Triton interpreter,
 and its vocab-parallel variant on 2 gloo processes against the unsharded reference."""
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from kernels.fused_linear_cross_entropy import (
+from kernels.linear_cross_entropy import (
     FusedLinearCrossEntropyLoss,
     default_chunk_size,
     fused_linear_cross_entropy,

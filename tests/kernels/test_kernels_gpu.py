@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.glu import geglu, geglu_reference, swiglu, swiglu_reference
 from kernels.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, apply_rope_qk_, apply_rope_reference, rope_cos_sin
-from kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
 from kernels.utils import rel_err, two_x_rule
 
 gpu = pytest.mark.gpu
@@ -27,7 +27,7 @@ def _aot_cases():
     """(name, kernel, arg types, constexprs, num_warps) for typical launches: hidden 4096, head_dim 128, ffn rows."""
     import triton.language as tl
 
-    from kernels import norms, rope, swiglu
+    from kernels import glu, norms, rope
     from kernels.utils import elementwise_warps, num_warps_for, row_tile
 
     bf = "*bf16"
@@ -70,10 +70,10 @@ def _aot_cases():
     for act in (0, 1):
         ce = dict(ACT=act, ACC=tl.float32, BLOCK_M=4, BLOCK_N=1024)
         cases.append(
-            (f"glu_fwd act={act}", swiglu._glu_fwd_kernel, dict(G=bf, U=bf, OUT=bf), ce, elementwise_warps(4096))
+            (f"glu_fwd act={act}", glu._glu_fwd_kernel, dict(G=bf, U=bf, OUT=bf), ce, elementwise_warps(4096))
         )
         bt = dict(DO=bf, G=bf, U=bf, DG=bf, DU=bf)
-        cases.append((f"glu_bwd act={act}", swiglu._glu_bwd_kernel, bt, ce, elementwise_warps(4096)))
+        cases.append((f"glu_bwd act={act}", glu._glu_bwd_kernel, bt, ce, elementwise_warps(4096)))
     return cases
 
 

@@ -1,4 +1,4 @@
-"""kernels/swiglu.py (SwiGLU, GeGLU with tanh-approximate GELU) against its plain-PyTorch reference (DESIGN.md
+"""kernels/glu.py (SwiGLU, GeGLU with tanh-approximate GELU) against its plain-PyTorch reference (DESIGN.md
 numerics contract 2) under the Triton interpreter: fp32 to 1e-5 relative, fp16 by the 2x-error rule, fp64 gradcheck,
 strided views, and the backward recomputing the activation instead of saving it."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
+from kernels.glu import geglu, geglu_reference, swiglu, swiglu_reference
 from kernels.utils import rel_err, two_x_rule
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy sigmoid(-big)

@@ -2,7 +2,7 @@
 
 The rows of `hidden` are processed in chunks (Liger-Kernel's FusedLinearCrossEntropy; Wijmans et al. 2024, "Cut Your
 Losses in Large-Vocabulary Language Models", make the same memory argument). Per chunk: logits = h_c @ W^T (c x V),
-the cross-entropy kernel of kernels/cross_entropy.py turns them in place into dloss/dlogits, then
+the cross-entropy kernel of kernels/cross_entropy_loss.py turns them in place into dloss/dlogits, then
 grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Peak extra memory is one chunk of logits (O(chunk x V)) plus
 the gradient buffers, instead of N x V logits, their softmax and their gradient. Backward only scales the gradients
 computed in forward by grad_output.
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels.cross_entropy import (
+from kernels.cross_entropy_loss import (
     _row_grad,
     _row_stats,
     _row_zero,

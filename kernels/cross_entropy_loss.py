@@ -32,7 +32,7 @@ MAX_BLOCK_INTERPRETER = 4096
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Triton building blocks (shared with kernels/fused_linear_cross_entropy.py)
+# Triton building blocks (shared with kernels/linear_cross_entropy.py)
 
 
 @triton.jit
