@@ -5,9 +5,14 @@
 Init follows Megatron-LM: weights ~ N(0, init_std), output projections (`o_proj`, `down_proj`) ~
 N(0, init_std / sqrt(2 * n_layers)) (GPT-2 §2.3), biases 0, norm gains 1.
 
-Seams for the parallel layers: `tok_emb`, `pos_emb`, `layers[i].attn.{q,k,v,o}_proj`,
-`layers[i].mlp.{gate,up,down}_proj`, `norm`, `lm_head` (None when tied) are plain modules that can be swapped,
-and `loss()` is one method a vocab-parallel cross-entropy can override.
+Tensor parallelism (`GPT(cfg, tp_group=g, sequence_parallel=sp)` with g of size > 1; Megatron-LM, Shoeybi et al.
+2019; sequence parallelism, Korthikanti et al. 2022): `tok_emb` is a VocabParallelEmbedding, attention and MLP use
+column/row-parallel projections (attention.py, mlp.py), an untied `lm_head` is a vocab-parallel ColumnParallelLinear,
+and the loss is the vocab-parallel cross-entropy (no rank holds the full logits). With `sp` the residual stream,
+norms, dropout and learned positions live on this rank's s / tp tokens. Every parameter is initialised from the
+same full tensor the unsharded model draws (`init_param_`), so a seed gives the same model in every layout. After
+backward a trainer must call `engine.parallel.grads.finish_tp_grads` (see there). tp_group None or of size 1 builds
+the plain nn.Linear / nn.Embedding model.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import dataclasses
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,24 +29,41 @@ from engine.config import ConfigError, ModelConfig
 from engine.model import ops
 from engine.model.attention import Attention
 from engine.model.mlp import MLP
+from engine.parallel.random import init_param_
+from engine.parallel.sequence import mark_sequence_parallel
+from engine.parallel.tensor import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    check_tp_divisibility,
+    gather_from_tp_region,
+    parallel_lm_logits,
+    vocab_parallel_cross_entropy,
+)
 
 
 def padded_vocab_size(tokenizer_vocab: int, multiple: int = 64, tp: int = 1) -> int:
     """The tokenizer's vocabulary rounded up to a multiple of `multiple * tp` (Megatron's padding: each
-    tensor-parallel shard of the embedding stays a multiple of `multiple` for efficient matmuls)."""
+    tensor-parallel shard of the embedding stays a multiple of `multiple` for efficient matmuls).
+
+    `resolve` uses tp = 1 on purpose: a vocabulary that depended on tp would make every layout a different model
+    (DESIGN.md contract 1); the vocab-parallel layers pad further to a multiple of tp with masked rows instead."""
     if tokenizer_vocab < 1 or multiple < 1 or tp < 1:
         raise ConfigError(f"padded_vocab_size needs positive sizes, got vocab={tokenizer_vocab} {multiple=} {tp=}")
     step = multiple * tp
     return -(-tokenizer_vocab // step) * step
 
 
-def resolve(cfg: ModelConfig, tokenizer_vocab: int | None = None, tp: int = 1) -> ModelConfig:
+def resolve(
+    cfg: ModelConfig, tokenizer_vocab: int | None = None, tp: int = 1, sequence_parallel: bool = False
+) -> ModelConfig:
     """A validated copy of `cfg` with derived defaults filled in (the fields documented as "0: derive it").
 
     - n_kv_heads 0 -> n_heads;
     - ffn_hidden 0 -> 4 * d_model (gpt2), or 8/3 * d_model rounded up to a multiple of 64 (llama);
-    - vocab_size 0 -> padded_vocab_size(tokenizer_vocab, 64, tp) (needs `tokenizer_vocab`).
-    Raises ConfigError (one line, naming the key) for shapes the model cannot build.
+    - vocab_size 0 -> padded_vocab_size(tokenizer_vocab, 64) (needs `tokenizer_vocab`; independent of tp, so every
+      layout trains the same model).
+    `tp` > 1 checks that the shape splits over tp ranks (heads, kv heads, ffn_hidden; with `sequence_parallel` also
+    seq_len). Raises ConfigError (one line, naming the key) for shapes the model cannot build.
     """
     c = dataclasses.replace(cfg)
     if c.arch not in ("llama", "gpt2"):
@@ -68,13 +91,20 @@ def resolve(cfg: ModelConfig, tokenizer_vocab: int | None = None, tp: int = 1) -
     if c.vocab_size == 0:
         if tokenizer_vocab is None:
             raise ConfigError("model.vocab_size is 0 and no tokenizer vocabulary was given to derive it from")
-        c.vocab_size = padded_vocab_size(tokenizer_vocab, 64, tp)
+        c.vocab_size = padded_vocab_size(tokenizer_vocab, 64)
     elif tokenizer_vocab is not None and c.vocab_size < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size ({c.vocab_size}) is smaller than the tokenizer's ({tokenizer_vocab})")
-    if c.vocab_size % tp:
-        raise ConfigError(f"model.vocab_size ({c.vocab_size}) must be divisible by parallel.tp ({tp})")
-    if tp > 1 and (c.n_heads % tp or c.n_kv_heads % tp):
-        raise ConfigError(f"parallel.tp ({tp}) must divide model.n_heads ({c.n_heads}) and n_kv_heads ({c.n_kv_heads})")
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ConfigError(f"parallel.tp must be a positive integer, got {tp!r}")
+    if tp > 1:
+        try:
+            check_tp_divisibility(c.n_heads, c.n_kv_heads, c.ffn_hidden, tp)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if sequence_parallel and c.seq_len % tp:
+            raise ConfigError(
+                f"model.seq_len = {c.seq_len} is not divisible by parallel.tp = {tp} (needed with parallel.sp = true)"
+            )
     if not 0.0 <= c.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {c.dropout}")
     for key in ("norm_eps", "init_std", "rope_theta"):
@@ -120,13 +150,16 @@ def flops_per_token(cfg: ModelConfig) -> int:
 
 
 class Norm(nn.Module):
-    """RMSNorm (llama) or LayerNorm with bias (gpt2), through the backend switch."""
+    """RMSNorm (llama) or LayerNorm with bias (gpt2), through the backend switch. `sequence_parallel`: it runs on
+    sequence shards, so its parameters' gradients are partial sums over tp (marked for `finish_tp_grads`)."""
 
-    def __init__(self, dim: int, kind: str, eps: float, backend: str):
+    def __init__(self, dim: int, kind: str, eps: float, backend: str, sequence_parallel: bool = False):
         super().__init__()
         self.kind, self.eps, self.backend = kind, eps, backend
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
+        if sequence_parallel:
+            mark_sequence_parallel(*(p for p in (self.weight, self.bias) if p is not None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rms":
@@ -134,16 +167,23 @@ class Norm(nn.Module):
         return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+def _tp_size(tp_group: dist.ProcessGroup | None) -> int:
+    return 1 if tp_group is None else dist.get_world_size(tp_group)
 
-    def __init__(self, cfg: ModelConfig):
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). With tp: 2 all-reduces forward (attention
+    and MLP outputs) and 2 backward (their inputs); with sp an all-gather and a reduce-scatter each instead, and x is
+    this rank's sequence shard. `cfg` must be resolved."""
+
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
         super().__init__()
         kind = "rms" if cfg.arch == "llama" else "layer"
-        self.attn_norm = Norm(cfg.d_model, kind, cfg.norm_eps, cfg.kernels)
-        self.attn = Attention(cfg)
-        self.mlp_norm = Norm(cfg.d_model, kind, cfg.norm_eps, cfg.kernels)
-        self.mlp = MLP(cfg)
+        sp = sequence_parallel and _tp_size(tp_group) > 1
+        self.attn_norm = Norm(cfg.d_model, kind, cfg.norm_eps, cfg.kernels, sp)
+        self.attn = Attention(cfg, tp_group, sp)
+        self.mlp_norm = Norm(cfg.d_model, kind, cfg.norm_eps, cfg.kernels, sp)
+        self.mlp = MLP(cfg, tp_group, sp)
 
     def forward(self, x, cos=None, sin=None, mask=None, causal=True):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal)
@@ -151,18 +191,38 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only language model. `cfg` is resolved here; `self.cfg` is the resolved copy."""
+    """Decoder-only language model. `cfg` is resolved here; `self.cfg` is the resolved copy.
 
-    def __init__(self, cfg: ModelConfig):
+    `tp_group`: the tensor-parallel process group (e.g. `engine.parallel.get_tp_group()`); None or a group of one
+    rank builds the plain model. `sequence_parallel` (only with tp > 1): shard the residual stream over the sequence.
+    Under tp every rank gets the same full `tokens`/`targets` and returns the same loss; parameters are this rank's
+    shards (`engine.parallel.tensor.gather_full` rebuilds a full tensor).
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
         super().__init__()
-        cfg = resolve(cfg)
+        tp = _tp_size(tp_group)
+        cfg = resolve(cfg, tp=tp, sequence_parallel=sequence_parallel)
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.tp_group = tp_group if tp > 1 else None
+        self.sequence_parallel = sp = sequence_parallel and tp > 1
+        d, V = cfg.d_model, cfg.vocab_size
+        if self.tp_group is None:
+            self.tok_emb = nn.Embedding(V, d)
+        else:
+            self.tok_emb = VocabParallelEmbedding(V, d, sequence_parallel=sp, group=tp_group)
+        self.pos_emb = nn.Embedding(cfg.seq_len, d) if cfg.arch == "gpt2" else None
+        if self.pos_emb is not None and sp:
+            mark_sequence_parallel(self.pos_emb.weight)  # each rank adds (and gets gradient for) its positions only
         self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = Norm(cfg.d_model, "rms" if cfg.arch == "llama" else "layer", cfg.norm_eps, cfg.kernels)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.layers = nn.ModuleList(Block(cfg, self.tp_group, sp) for _ in range(cfg.n_layers))
+        self.norm = Norm(d, "rms" if cfg.arch == "llama" else "layer", cfg.norm_eps, cfg.kernels, sp)
+        if cfg.tie_embeddings:
+            self.lm_head = None
+        elif self.tp_group is None:
+            self.lm_head = nn.Linear(d, V, bias=False)
+        else:  # vocab-parallel output layer; its padding columns are masked in the loss
+            self.lm_head = ColumnParallelLinear(d, V, False, pad_output=True, sequence_parallel=sp, group=tp_group)
         if cfg.arch == "llama":
             cos, sin = ops.rope_cos_sin(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -173,16 +233,21 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Megatron init; draws from the default generator in module order, so a seed fixes the weights."""
+        """Megatron init; draws from the default generator in module order, so a seed fixes the weights.
+
+        A tp-sharded parameter draws its full unsharded tensor and keeps its slice (`init_param_`), and the layers'
+        constructors drew full tensors too, so every layout consumes the same stream and gets the same model.
+        """
         std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if p.ndim >= 2:
                 leaf = name.rsplit(".", 2)[-2]
-                nn.init.normal_(p, 0.0, out_std if leaf in ("o_proj", "down_proj") else std)
+                s = out_std if leaf in ("o_proj", "down_proj") else std
+                init_param_(p, lambda t, s=s: nn.init.normal_(t, 0.0, s))
             elif name.endswith("bias"):
-                nn.init.zeros_(p)
+                init_param_(p, nn.init.zeros_)
             else:
-                nn.init.ones_(p)
+                init_param_(p, nn.init.ones_)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -190,7 +255,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, each shared tensor once; non_embedding: without the vocabulary matrices and positions
-        (as `count_params`)."""
+        (as `count_params`). Under tp: this rank's (sharded parameters count their local slice, with padding)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel()
@@ -203,14 +268,22 @@ class GPT(nn.Module):
     def hidden_states(
         self, tokens: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True
     ) -> torch.Tensor:
-        """Final-norm hidden states (b, s, d) for token ids (b, s)."""
+        """Final-norm hidden states (b, s, d) for token ids (b, s); under sequence parallelism this rank's
+        (b, s / tp, d) shard, positions [rank * s / tp, (rank + 1) * s / tp)."""
         s = tokens.shape[1]
         if s > self.cfg.seq_len:
             raise ValueError(f"sequence length {s} exceeds model.seq_len {self.cfg.seq_len}")
-        x = self.tok_emb(tokens)
+        positions = torch.arange(s, device=tokens.device)
+        if self.sequence_parallel:
+            tp = dist.get_world_size(self.tp_group)
+            if s % tp:
+                raise ValueError(f"sequence length {s} is not divisible by parallel.tp = {tp} (sequence parallelism)")
+            positions = positions.chunk(tp)[dist.get_rank(self.tp_group)]
+        x = self.tok_emb(tokens)  # under SP the embedding's reduce-scatter leaves this rank's sequence shard
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(s, device=tokens.device))
+            x = x + self.pos_emb(positions)
         x = self.emb_dropout(x)
+        # RoPE needs the full sequence's angles even under SP: attention runs after the all-gather.
         cos = self.rope_cos[:s] if self.rope_cos is not None else None
         sin = self.rope_sin[:s] if self.rope_sin is not None else None
         full = self.cfg.recompute == "full" and torch.is_grad_enabled()
@@ -222,10 +295,18 @@ class GPT(nn.Module):
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(h, self.output_weight)
+        """Full logits (b, s, vocab_size) from `hidden_states`; under tp gathered from the vocab shards."""
+        if self.tp_group is None:
+            return nn.functional.linear(h, self.output_weight)
+        local = parallel_lm_logits(h, self.output_weight, self.tp_group, self.sequence_parallel)
+        return gather_from_tp_region(local, self.tp_group)[..., : self.cfg.vocab_size]
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over targets != -100 (fp32 accumulation)."""
+        """Mean cross-entropy over targets != -100 (fp32 accumulation). Under tp: logits stay split over the
+        vocabulary (b, s, V_padded / tp) and the vocab-parallel cross-entropy masks the padding columns."""
+        if self.tp_group is not None:
+            local = parallel_lm_logits(h, self.output_weight, self.tp_group, self.sequence_parallel)
+            return vocab_parallel_cross_entropy(local, targets, self.tp_group, vocab_size=self.cfg.vocab_size)
         return ops.linear_cross_entropy(
             h.reshape(-1, h.shape[-1]), self.output_weight, targets.reshape(-1), backend=self.cfg.kernels
         )

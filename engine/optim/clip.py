@@ -29,16 +29,21 @@ def grad_norm(parameters: Iterable[torch.Tensor], group: dist.ProcessGroup | Non
 
 
 def clip_grad_norm(
-    parameters: Iterable[torch.Tensor], max_norm: float, group: dist.ProcessGroup | None = None
+    parameters: Iterable[torch.Tensor],
+    max_norm: float,
+    group: dist.ProcessGroup | None = None,
+    norm_parameters: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Scales gradients in place so their global L2 norm is at most `max_norm` (0 or less: no clipping).
 
     Returns the norm before clipping (a 0-dim fp32 tensor; no host sync here). The scale factor is
     min(1, max_norm / (norm + 1e-6)), as `torch.nn.utils.clip_grad_norm_`; a non-finite norm makes the gradients
-    non-finite, for the caller's NaN guard to see.
+    non-finite, for the caller's NaN guard to see. `norm_parameters` (default: `parameters`): the ones whose
+    gradients this rank counts in the norm, when some are replicated over `group` (tensor parallelism:
+    engine.parallel.grads.norm_parameters); all of `parameters` are scaled.
     """
     params = [p for p in parameters if p.grad is not None]
-    norm = grad_norm(params, group)
+    norm = grad_norm(params if norm_parameters is None else norm_parameters, group)
     if max_norm > 0 and params:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
