@@ -1,14 +1,19 @@
-"""The collective counter, and Megatron's accounting checked with it: per block, 2 all-reduces forward and 2
-backward with tp; with sp none, an all-gather and a reduce-scatter in their place."""
+"""The collective counter, and Megatron's accounting checked with it on the real model (engine.model.gpt): per
+block, 2 all-reduces forward and 2 backward with tp; with sp none, an all-gather and a reduce-scatter in their place;
+the whole GPT's calls and bytes against bench_tp's closed form."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from benchmarks.bench_tp import ParallelBlock, closed_form, measure
+from benchmarks.bench_tp import closed_form, measure
+from engine.config import ModelConfig
+from engine.model.gpt import Block, resolve
+from engine.model.ops import rope_cos_sin
 from engine.parallel import state
 from engine.parallel.comm_count import CommCounter, Record, count_collectives
-from engine.parallel.sequence import allreduce_sequence_parallel_grads, scatter_to_sequence_parallel_region
+from engine.parallel.grads import finish_tp_grads
+from engine.parallel.sequence import scatter_to_sequence_parallel_region
 from engine.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -36,16 +41,19 @@ def test_counter_restores_torch_distributed():
 
 
 def _block_counts(group, sp):
-    block = ParallelBlock(16, 4, 32, sequence_parallel=sp, group=group)
+    cfg = resolve(ModelConfig(n_layers=1, d_model=16, n_heads=4, ffn_hidden=32, vocab_size=13, kernels="torch"))
+    block = Block(cfg, group, sp)  # llama: RMSNorm, RoPE, SwiGLU, no biases
+    cos, sin = rope_cos_sin(8, 4, cfg.rope_theta)
     x = torch.randn(2, 8, 16)
     if sp:
         x = scatter_to_sequence_parallel_region(x, group)
     with count_collectives() as fwd:
-        y = block(x)
+        y = block(x, cos, sin)
     with count_collectives() as bwd:
         y.sum().backward()
     with count_collectives() as grads:
-        allreduce_sequence_parallel_grads(block, group)
+        reduced = finish_tp_grads(block, group)
+    assert reduced == (2 if sp else 0)  # the two RMSNorm gains
     return {k: (c.by_op(), c.payload_bytes()) for k, c in (("fwd", fwd), ("bwd", bwd), ("sp_grads", grads))}
 
 
@@ -82,8 +90,13 @@ def _comm_worker(rank, world):
         out = {"tp": _block_counts(group, False), "sp": _block_counts(group, True), "layers": _layer_counts(group)}
     finally:
         state.destroy()
-    out["model"] = {sp: measure(rank, world, dict(vocab=13, d_model=16, heads=4, ffn=32, layers=3, batch=2, seq=8,
-                                                  sp=sp)) for sp in (False, True)}  # fmt: skip
+    # the whole GPT: llama with and without sp, gpt2 (biases, positions) with sp, one kv head (replicated at tp=2)
+    variants = [("llama", 4, False), ("llama", 4, True), ("gpt2", 0, True), ("llama", 1, False), ("llama", 1, True)]
+    out["model"] = {
+        v: measure(rank, world, dict(arch=v[0], kv_heads=v[1], sp=v[2], vocab=13, d_model=16, heads=4, ffn=32,
+                                     layers=3, batch=2, seq=8))
+        for v in variants
+    }  # fmt: skip
     return out
 
 
@@ -97,14 +110,14 @@ def test_megatron_communication_accounting():
         assert r["tp"]["sp_grads"] == ({}, 0)
         assert r["sp"]["fwd"] == ({"all_gather": 2, "reduce_scatter": 2}, 4 * act)
         assert r["sp"]["bwd"] == ({"reduce_scatter": 2, "all_gather": 2}, 4 * act)
-        assert r["sp"]["sp_grads"] == ({"all_reduce": 1}, 4 * 16 * 4)  # 2 norms + 2 row biases, one flat buffer
+        assert r["sp"]["sp_grads"] == ({"all_reduce": 1}, 2 * 16 * 4)  # 2 norm gains, one flat buffer
         layers = r["layers"]
         assert layers["column"] == ({}, {"all_reduce": 1})
         assert layers["row"] == ({"all_reduce": 1}, {})
         assert layers["embedding"] == ({"all_reduce": 1}, {})
         assert layers["cross_entropy"] == ({"all_reduce": 2}, {}, 2 * 8 * 4 * 3)
         assert layers["alias"] == {"reduce_scatter": 1}
-        for sp, got in r["model"].items():
-            expected = closed_form(2, sp, n_layers=3, d=16, tokens=16)
+        for (arch, kv_heads, sp), got in r["model"].items():
+            expected = closed_form(2, sp, 3, 16, 16, arch=arch, seq_len=8, n_heads=4, kv_heads=kv_heads)
             assert got["calls"] == expected["calls"]
             assert got["wire_bytes"] == pytest.approx(expected["wire_bytes"], rel=1e-12)
