@@ -35,9 +35,9 @@ from engine.parallel.tensor import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
     check_tp_divisibility,
+    enter_tp_region,
     gather_from_tp_region,
     parallel_lm_logits,
-    vocab_parallel_cross_entropy,
 )
 
 
@@ -305,8 +305,10 @@ class GPT(nn.Module):
         """Mean cross-entropy over targets != -100 (fp32 accumulation). Under tp: logits stay split over the
         vocabulary (b, s, V_padded / tp) and the vocab-parallel cross-entropy masks the padding columns."""
         if self.tp_group is not None:
-            local = parallel_lm_logits(h, self.output_weight, self.tp_group, self.sequence_parallel)
-            return vocab_parallel_cross_entropy(local, targets, self.tp_group, vocab_size=self.cfg.vocab_size)
+            h = enter_tp_region(h, self.tp_group, self.sequence_parallel)  # SP: the all-gather of the sequence
+            return ops.vocab_parallel_linear_cross_entropy(
+                h, self.output_weight, targets, self.tp_group, self.cfg.vocab_size, backend=self.cfg.kernels
+            )
         return ops.linear_cross_entropy(
             h.reshape(-1, h.shape[-1]), self.output_weight, targets.reshape(-1), backend=self.cfg.kernels
         )

@@ -73,6 +73,7 @@ _KERNEL_MODULES = {
     "swiglu": "kernels.glu",
     "cross_entropy": "kernels.cross_entropy_loss",
     "fused_linear_cross_entropy": "kernels.linear_cross_entropy",
+    "vocab_parallel_fused_linear_cross_entropy": "kernels.linear_cross_entropy",
     "flash_attention": "kernels.flash_attention",
 }
 
@@ -194,3 +195,30 @@ def linear_cross_entropy(
     if select(backend, hidden) == "triton":
         return _kernel("fused_linear_cross_entropy")(hidden, weight, target, ignore_index=ignore_index)
     return F.cross_entropy(F.linear(hidden, weight).float(), target, ignore_index=ignore_index)
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    group,
+    vocab_size: int,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mean cross-entropy of logits = hidden @ weight.T with `weight` this rank's vocabulary shard (tensor parallel).
+
+    `hidden` must already be inside the tp region (`engine.parallel.tensor.enter_tp_region`: the same full tokens on
+    every rank, with the backward that sums the hidden gradient over tp); columns >= `vocab_size` are padding.
+    torch: vocab-sharded logits + `vocab_parallel_cross_entropy` (b, s, V / tp logits per rank); triton: K2's
+    chunked kernel, which never holds more than a chunk of them (it leaves the hidden gradient to the region).
+    """
+    if select(backend, hidden) == "triton":
+        fn = _kernel("vocab_parallel_fused_linear_cross_entropy")
+        return fn(
+            hidden, weight, target, group, ignore_index=ignore_index, vocab_size=vocab_size, reduce_hidden_grad=False
+        )
+    from engine.parallel.tensor import vocab_parallel_cross_entropy
+
+    logits = F.linear(hidden, weight)
+    return vocab_parallel_cross_entropy(logits, target, group, vocab_size=vocab_size, ignore_index=ignore_index)
