@@ -1,6 +1,7 @@
 """The real GPT under tensor and sequence parallelism equals the one-process model (DESIGN.md contract 1).
 
-One 4-process gloo world runs every layout: tp=4 and tp=2 (each with and without sp), tp=2 x dp=2, for llama with
+One 4-process gloo world runs every layout: tp=4 and tp=2 (each with and without sp), tp=2 x dp=2 (DDP over the dp
+group), full and selective recomputation under tp, for llama with
 grouped-query attention (kv heads split at tp=2, replicated at tp=4 and with one kv head at tp=2) and for gpt2
 (biases, LayerNorm, learned positions, untied vocab-parallel head). Each trains 10 AdamW steps with global-norm
 clipping on a fixed batch stream and must give the one-process losses to 1e-5 relative (gradient norms 1e-4); its
@@ -10,6 +11,7 @@ weights at step 0 must equal the unsharded model's, and its gathered logits the 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from engine.config import ConfigError, ModelConfig, OptimConfig
 from engine.model.gpt import GPT, resolve
@@ -46,8 +48,9 @@ def _batches():
 
 
 def _train(cfg, tp_group=None, sp=False, dp_group=None, reference=None):
-    """10 steps; returns (losses, grad norms). Each dp rank takes its slice of the batch; gradients are averaged
-    over dp by hand (what DDP does), partial tp gradients summed, the norm taken over tp counting each element once."""
+    """10 steps; returns (losses, grad norms). Each dp rank takes its slice of the batch and DDP over the dp group
+    averages the gradients; partial tp gradients are summed and the norm taken over tp counting each element once
+    (the calls a training loop makes)."""
     torch.manual_seed(41)
     model = GPT(ModelConfig(**cfg), tp_group=tp_group, sequence_parallel=sp)
     batches = _batches()
@@ -64,6 +67,8 @@ def _train(cfg, tp_group=None, sp=False, dp_group=None, reference=None):
             _close(model(batches[0, :, :-1]), reference(batches[0, :, :-1]), "logits", atol=1e-6)
     dp = 1 if dp_group is None else dist.get_world_size(dp_group)
     dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
+    if dp > 1:
+        model = DistributedDataParallel(model, process_group=dp_group)
     opt = build_optimizer(model, OPTIM)
     losses, norms = [], []
     for step in range(STEPS):
@@ -72,12 +77,9 @@ def _train(cfg, tp_group=None, sp=False, dp_group=None, reference=None):
         loss.backward()
         finish_tp_grads(model)
         loss = loss.detach()
-        if dp > 1:  # equal token counts per dp rank: the mean of the means is the global mean
+        if dp > 1:  # for the log; equal token counts per dp rank: the mean of the means is the global mean
             dist.all_reduce(loss, group=dp_group)
             loss /= dp
-            for p in model.parameters():
-                dist.all_reduce(p.grad, group=dp_group)
-                p.grad /= dp
         norm = clip_grad_norm(model.parameters(), OPTIM.clip, group=tp_group, norm_parameters=norm_parameters(model))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -115,8 +117,10 @@ def _layouts_worker(rank, world):
         refs[name] = (GPT(ModelConfig(**cfg)), _train(cfg))
     out = {}
 
-    def run(name, label, sp, dp_group=None):
-        losses, norms = _train(CONFIGS[name], state.get_tp_group(), sp, dp_group, reference=refs[name][0])
+    def run(name, label, sp, dp_group=None, **overrides):  # overrides that do not change the model's numerics
+        cfg = {**CONFIGS[name], **overrides}
+        label += "".join(f" {k}={v}" for k, v in overrides.items())
+        losses, norms = _train(cfg, state.get_tp_group(), sp, dp_group, reference=refs[name][0])
         ref_losses, ref_norms = refs[name][1]
         _close(torch.tensor(losses), torch.tensor(ref_losses), f"{name} {label} sp={sp} losses")
         # Norms are the more sensitive: Adam turns rounding in near-zero gradients into O(lr) updates (1e-7 at
@@ -129,6 +133,7 @@ def _layouts_worker(rank, world):
         for sp in (False, True):
             run("llama_gqa", "tp4", sp)
             _check_fused_loss(state.get_tp_group(), sp)
+        run("llama_gqa", "tp4", False, recompute="selective")
     finally:
         state.destroy()
     state.initialize(tp=2)  # tp groups {0,1} {2,3}; dp groups {0,2} {1,3}
@@ -136,6 +141,7 @@ def _layouts_worker(rank, world):
         for sp in (False, True):
             run("llama_gqa", "tp2", sp)  # each tp pair trains on the whole batch alone (dp = 1)
             run("llama_gqa", "tp2xdp2", sp, state.get_dp_group())
+        run("llama_gqa", "tp2xdp2", True, state.get_dp_group(), recompute="full")
         run("llama_kv1", "tp2", True)
         run("gpt2", "tp2", False)
         run("gpt2", "tp2xdp2", True, state.get_dp_group())
@@ -148,7 +154,7 @@ def _layouts_worker(rank, world):
 def test_gpt_layouts_train_like_one_process():
     results = run_distributed(_layouts_worker, 4, timeout=240, env={"TRITON_INTERPRET": "1"})
     for r in results:
-        assert len(r["runs"]) == 9
+        assert len(r["runs"]) == 11
         for name, losses in r["ref"].items():
             assert losses[0] > losses[-1] + 0.1, (name, losses)  # it trains
     assert all(r == results[0] for r in results[1:])  # every rank saw the same losses
