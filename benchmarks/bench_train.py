@@ -5,8 +5,9 @@ Trains the same model on the same samples twice per repeat, in this one process,
   the final checkpoint is written after the timed steps);
 - "plain": a textbook PyTorch loop (`torch.optim.AdamW` with its defaults for the device, forward, backward,
   `clip_grad_norm_`, step), reading the same samples in the same order.
-Reports tokens/s of each (median over repeats, each the mean over all steps but the first), their ratio, and on a
-GPU the MFU against the device's dense bf16 peak (engine/metrics.py). Single process only.
+Reports tokens/s of each (median over repeats; each run's figure is from its median step time, all steps but the
+first, which makes it robust to other jobs on a shared machine), their ratio, and on a GPU the MFU against the
+device's dense bf16 peak (engine/metrics.py). Single process only.
 
 `--gpu-suite` runs the ~125M and ~1B configs (examples/configs) for a few steps each and prints their MFU.
 """
@@ -27,20 +28,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _engine_run(argv: list[str], run_dir: str) -> tuple[float, object]:
+def _engine_run(argv: list[str], run_dir: str) -> float:
+    """Our loop; tokens/s from the median step time logged in metrics.jsonl (all steps but the first)."""
     from engine.config import load_config
+    from engine.metrics import read_metrics
     from engine.train import train
 
     cfg = load_config(
         [*argv, "--run.dir", run_dir, "--resume", "never", "--eval.every", "0", "--checkpoint.every", "0"]
-        + ["--run.progress", "false", "--run.tensorboard", "false"]
+        + ["--run.progress", "false", "--run.tensorboard", "false", "--run.log_every", "1000000"]
     )
-    res = train(cfg)
-    return res.tokens_per_s, cfg
+    train(cfg)
+    times = [r["step_time_s"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["step"] > 1]
+    return cfg.train.global_batch * cfg.model.seq_len / statistics.median(times)
 
 
 def _plain_run(argv: list[str]) -> float:
-    """The same model, data and hyperparameters in a minimal loop; tokens/s over all steps but the first."""
+    """The same model, data and hyperparameters in a minimal loop; tokens/s from the median step time."""
     from engine.config import load_config
     from engine.model.gpt import GPT, resolve
     from engine.train import SampleStream, _load_data_sources
@@ -59,7 +63,7 @@ def _plain_run(argv: list[str]) -> float:
     bf16 = device.type == "cuda" and cfg.train.dtype in ("auto", "bf16")
     gb = cfg.train.global_batch
     mb = cfg.train.micro_batch or gb
-    tokens, seconds = 0, 0.0
+    times = []
     for step in range(cfg.train.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -76,9 +80,8 @@ def _plain_run(argv: list[str]) -> float:
         loss.item()  # synchronises, as our loop's logging does
         dt = time.perf_counter() - t0
         if step > 0:
-            tokens += gb * mcfg.seq_len
-            seconds += dt
-    return tokens / seconds
+            times.append(dt)
+    return gb * mcfg.seq_len / statistics.median(times)
 
 
 def compare(argv: list[str], repeats: int) -> dict:
@@ -92,8 +95,7 @@ def compare(argv: list[str], repeats: int) -> dict:
     for _ in range(repeats):
         plain.append(_plain_run(argv))
         with tempfile.TemporaryDirectory() as d:
-            tps, _ = _engine_run(argv, d)
-        ours.append(tps)
+            ours.append(_engine_run(argv, d))
     cfg = load_config(argv)
     mcfg = resolve(cfg.model, tokenizer_vocab=_load_data_sources(cfg).tokenizer.vocab_size)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
