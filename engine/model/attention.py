@@ -6,7 +6,9 @@ and their kv heads; with fewer kv heads than ranks, `ReplicatedKVLinear` keeps t
 use) and o is row-parallel; the input enters the tp region once (one all-reduce in backward, or with sequence
 parallelism one all-gather forward) and o's output leaves it (all-reduce, or reduce-scatter along the sequence).
 The number of local heads is read from the projections' output width at run time. Masks must broadcast over heads
-(a heads dim of 1) under tp: each rank holds only its heads.
+(a heads dim of 1) under tp: each rank holds only its heads. Dropout under tp: the attention probabilities (this
+rank's heads) and, with sp, the output (this rank's tokens) draw from the model's per-tp-rank stream (`rng_tracker`);
+without sp the output is replicated over tp and draws from the default generator, the same mask on every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import ModelConfig
 from engine.model import ops
+from engine.parallel.random import RNGStatesTracker, maybe_fork, recompute_context_fn
 from engine.parallel.tensor import (
     ColumnParallelLinear,
     ReplicatedKVLinear,
@@ -31,7 +34,13 @@ class Attention(nn.Module):
     """`tp_group` None (or of size 1): plain nn.Linear projections. Otherwise the tp layers over that group, with
     `sequence_parallel`: input and output are this rank's (b, s / tp, d) sequence shard."""
 
-    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp_group: dist.ProcessGroup | None = None,
+        sequence_parallel: bool = False,
+        rng_tracker: RNGStatesTracker | None = None,
+    ):
         super().__init__()
         bias = cfg.arch == "gpt2"
         self.head_dim = cfg.d_model // cfg.n_heads
@@ -43,6 +52,7 @@ class Attention(nn.Module):
         tp = 1 if tp_group is None else dist.get_world_size(tp_group)
         self.tp_group = tp_group if tp > 1 else None
         self.sequence_parallel = sequence_parallel and tp > 1
+        self.rng_tracker = rng_tracker if tp > 1 else None
         if self.tp_group is None:
             self.q_proj = nn.Linear(d, d, bias=bias)
             self.k_proj = nn.Linear(d, kv_width, bias=bias)
@@ -82,10 +92,18 @@ class Attention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.selective_recompute and torch.is_grad_enabled():
             # Recompute only the attention core in backward (Korthikanti et al. 2022, "selective recomputation").
-            y = checkpoint(self._core, q, k, v, mask, causal, dropout_p, use_reentrant=False)
+            y = checkpoint(
+                self._core,
+                q, k, v, mask, causal, dropout_p,
+                use_reentrant=False,
+                context_fn=recompute_context_fn(self.rng_tracker),
+            )  # fmt: skip
         else:
             y = self._core(q, k, v, mask, causal, dropout_p)
-        return self.resid_dropout(self.o_proj(y.reshape(b, s, -1)))
+        y = self.o_proj(y.reshape(b, s, -1))
+        with maybe_fork(self.rng_tracker, self.sequence_parallel and self.training and self.dropout > 0):
+            return self.resid_dropout(y)
 
     def _core(self, q, k, v, mask, causal, dropout_p):
-        return ops.attention(q, k, v, causal=causal, mask=mask, dropout_p=dropout_p, backend=self.backend)
+        with maybe_fork(self.rng_tracker, dropout_p > 0):  # this rank's heads: its own stream
+            return ops.attention(q, k, v, causal=causal, mask=mask, dropout_p=dropout_p, backend=self.backend)

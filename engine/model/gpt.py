@@ -29,7 +29,7 @@ from engine.config import ConfigError, ModelConfig
 from engine.model import ops
 from engine.model.attention import Attention
 from engine.model.mlp import MLP
-from engine.parallel.random import init_param_
+from engine.parallel.random import TP_SEED_OFFSET, RNGStatesTracker, init_param_, maybe_fork, recompute_context_fn
 from engine.parallel.sequence import mark_sequence_parallel
 from engine.parallel.tensor import (
     ColumnParallelLinear,
@@ -176,14 +176,20 @@ class Block(nn.Module):
     and MLP outputs) and 2 backward (their inputs); with sp an all-gather and a reduce-scatter each instead, and x is
     this rank's sequence shard. `cfg` must be resolved."""
 
-    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp_group: dist.ProcessGroup | None = None,
+        sequence_parallel: bool = False,
+        rng_tracker: RNGStatesTracker | None = None,
+    ):
         super().__init__()
         kind = "rms" if cfg.arch == "llama" else "layer"
         sp = sequence_parallel and _tp_size(tp_group) > 1
         self.attn_norm = Norm(cfg.d_model, kind, cfg.norm_eps, cfg.kernels, sp)
-        self.attn = Attention(cfg, tp_group, sp)
+        self.attn = Attention(cfg, tp_group, sp, rng_tracker)
         self.mlp_norm = Norm(cfg.d_model, kind, cfg.norm_eps, cfg.kernels, sp)
-        self.mlp = MLP(cfg, tp_group, sp)
+        self.mlp = MLP(cfg, tp_group, sp, rng_tracker)
 
     def forward(self, x, cos=None, sin=None, mask=None, causal=True):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal)
@@ -196,7 +202,10 @@ class GPT(nn.Module):
     `tp_group`: the tensor-parallel process group (e.g. `engine.parallel.get_tp_group()`); None or a group of one
     rank builds the plain model. `sequence_parallel` (only with tp > 1): shard the residual stream over the sequence.
     Under tp every rank gets the same full `tokens`/`targets` and returns the same loss; parameters are this rank's
-    shards (`engine.parallel.tensor.gather_full` rebuilds a full tensor).
+    shards (`engine.parallel.tensor.gather_full` rebuilds a full tensor). Seed every rank alike (`torch.manual_seed`)
+    before building: the weights are drawn from the default generator. Dropout in regions that differ per tp rank
+    draws from `self.rng_tracker` (stream "tp", seeded `torch.initial_seed() + 2718 + tp_rank` as Megatron); a
+    checkpoint that must resume dropout exactly saves `rng_tracker.get_states()`.
     """
 
     def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
@@ -206,6 +215,10 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tp_group = tp_group if tp > 1 else None
         self.sequence_parallel = sp = sequence_parallel and tp > 1
+        self.rng_tracker = None
+        if tp > 1:
+            self.rng_tracker = RNGStatesTracker()
+            self.rng_tracker.add("tp", torch.initial_seed() + TP_SEED_OFFSET + dist.get_rank(tp_group))
         d, V = cfg.d_model, cfg.vocab_size
         if self.tp_group is None:
             self.tok_emb = nn.Embedding(V, d)
@@ -215,7 +228,7 @@ class GPT(nn.Module):
         if self.pos_emb is not None and sp:
             mark_sequence_parallel(self.pos_emb.weight)  # each rank adds (and gets gradient for) its positions only
         self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg, self.tp_group, sp) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, self.tp_group, sp, self.rng_tracker) for _ in range(cfg.n_layers))
         self.norm = Norm(d, "rms" if cfg.arch == "llama" else "layer", cfg.norm_eps, cfg.kernels, sp)
         if cfg.tie_embeddings:
             self.lm_head = None
@@ -282,14 +295,19 @@ class GPT(nn.Module):
         x = self.tok_emb(tokens)  # under SP the embedding's reduce-scatter leaves this rank's sequence shard
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
-        x = self.emb_dropout(x)
+        with maybe_fork(self.rng_tracker, self.sequence_parallel and self.training and self.cfg.dropout > 0):
+            x = self.emb_dropout(x)
         # RoPE needs the full sequence's angles even under SP: attention runs after the all-gather.
         cos = self.rope_cos[:s] if self.rope_cos is not None else None
         sin = self.rope_sin[:s] if self.rope_sin is not None else None
         full = self.cfg.recompute == "full" and torch.is_grad_enabled()
         for layer in self.layers:
             if full:
-                x = checkpoint(layer, x, cos, sin, mask, causal, use_reentrant=False)
+                x = checkpoint(
+                    layer, x, cos, sin, mask, causal,
+                    use_reentrant=False,
+                    context_fn=recompute_context_fn(self.rng_tracker),
+                )  # fmt: skip
             else:
                 x = layer(x, cos, sin, mask, causal)
         return self.norm(x)

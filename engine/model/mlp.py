@@ -15,13 +15,20 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.model import ops
+from engine.parallel.random import RNGStatesTracker, maybe_fork
 from engine.parallel.tensor import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 
 
 class MLP(nn.Module):
     """`tp_group` None (or of size 1): plain nn.Linear projections; otherwise the tp layers over that group."""
 
-    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp_group: dist.ProcessGroup | None = None,
+        sequence_parallel: bool = False,
+        rng_tracker: RNGStatesTracker | None = None,
+    ):
         super().__init__()
         self.gated = cfg.arch == "llama"
         bias = cfg.arch == "gpt2"
@@ -30,6 +37,7 @@ class MLP(nn.Module):
         tp = 1 if tp_group is None else dist.get_world_size(tp_group)
         self.tp_group = tp_group if tp > 1 else None
         self.sequence_parallel = sequence_parallel and tp > 1
+        self.rng_tracker = rng_tracker if tp > 1 else None  # dropout on sequence shards (sp) draws per tp rank
         if self.tp_group is None:
             if self.gated:
                 self.gate_proj = nn.Linear(d, f, bias=False)
@@ -50,4 +58,6 @@ class MLP(nn.Module):
             h = ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")  # GPT-2's tanh approximation
-        return self.dropout(self.down_proj(h))
+        y = self.down_proj(h)
+        with maybe_fork(self.rng_tracker, self.sequence_parallel and self.training and self.dropout.p > 0):
+            return self.dropout(y)

@@ -9,6 +9,8 @@ too. Costs one full-size temporary per parameter at init time.
 Dropout: `RNGStatesTracker` keeps named generator states (Megatron's `CudaRNGStatesTracker`). Regions whose
 activations are split over tp (attention heads, sequence shards under SP) must draw different masks per tp rank:
 run them inside `tracker.fork("tp")`; replicated regions use the default generator, the same on every tp rank.
+Activation recomputation must replay the tracked streams too: `recompute_context_fn` (Megatron's checkpoint does the
+same for its CUDA RNG tracker).
 """
 
 from __future__ import annotations
@@ -115,3 +117,32 @@ def _set_state(s: tuple[torch.Tensor, torch.Tensor | None]) -> None:
     torch.set_rng_state(s[0])
     if s[1] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s[1])
+
+
+def maybe_fork(tracker: RNGStatesTracker | None, active: bool, name: str = "tp") -> contextlib.AbstractContextManager:
+    """`tracker.fork(name)` when there is a tracker and `active` (a region whose activations differ per tp rank),
+    else a no-op context: the default generator."""
+    return tracker.fork(name) if tracker is not None and active else contextlib.nullcontext()
+
+
+def recompute_context_fn(tracker: RNGStatesTracker | None) -> Callable[[], tuple]:
+    """A `context_fn` for `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` that makes the recomputation
+    draw the same tracked random numbers as the forward did (the checkpoint itself replays only the default
+    generator): the tracker's states are snapshot at the forward and swapped in for the recomputation."""
+
+    def context_fn() -> tuple:
+        if tracker is None:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        return contextlib.nullcontext(), _replaying(tracker, tracker.get_states())
+
+    return context_fn
+
+
+@contextlib.contextmanager
+def _replaying(tracker: RNGStatesTracker, saved: dict) -> Iterator[None]:
+    current = tracker.get_states()
+    tracker.set_states(saved)
+    try:
+        yield
+    finally:
+        tracker.set_states(current)

@@ -110,6 +110,45 @@ def _check_fused_loss(tp_group, sp):
         _close(b, a, f"fused vocab-parallel loss: {what} (sp={sp})", atol=1e-6)
 
 
+def _gathered(t, group):
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def _check_dropout(tp_group):
+    """Dropout under tp: regions that differ per tp rank (sp shards, split heads) draw per-rank masks, replicated ones
+    the same mask on every rank; recomputation (full, selective) replays the same masks; the default generator
+    stays in step over tp."""
+    batch = _batches()[0]
+    for sp in (False, True):
+        results = []
+        for recompute in ("none", "full", "selective"):
+            torch.manual_seed(43)
+            cfg = ModelConfig(**{**CONFIGS["gpt2"], "dropout": 0.5, "recompute": recompute})
+            model = GPT(cfg, tp_group=tp_group, sequence_parallel=sp)
+            seen = {}
+
+            def keep(key, seen=seen):  # the zero pattern of a dropout's first output (a hook returning None)
+                return lambda m, i, o: seen.update({key: o.detach() == 0}) if key not in seen else None
+
+            model.emb_dropout.register_forward_hook(keep("emb"))
+            model.layers[0].attn.resid_dropout.register_forward_hook(keep("resid"))
+            loss = model(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+            results.append([loss.detach()] + [p.grad for p in model.parameters()])
+            masks = {k: _gathered(v.to(torch.uint8), tp_group) for k, v in seen.items()}
+            for key, m in masks.items():
+                assert m[0].any(), key  # dropout ran
+                same = all(torch.equal(m[0], x) for x in m[1:])
+                assert same != sp, f"{key} dropout masks over tp ranks (sp={sp}): {'equal' if same else 'differ'}"
+            nxt = _gathered(torch.rand(4), tp_group)
+            assert all(torch.equal(nxt[0], x) for x in nxt[1:]), "default generator out of step over tp"
+        for other in results[1:]:  # recomputation replays the masks (fork inside a checkpoint included)
+            for a, b in zip(results[0], other):
+                _close(b, a, f"dropout with recompute (sp={sp})", atol=1e-7)
+
+
 def _layouts_worker(rank, world):
     refs = {}
     for name, cfg in CONFIGS.items():
@@ -142,6 +181,7 @@ def _layouts_worker(rank, world):
             run("llama_gqa", "tp2", sp)  # each tp pair trains on the whole batch alone (dp = 1)
             run("llama_gqa", "tp2xdp2", sp, state.get_dp_group())
         run("llama_gqa", "tp2xdp2", True, state.get_dp_group(), recompute="full")
+        _check_dropout(state.get_tp_group())
         run("llama_kv1", "tp2", True)
         run("gpt2", "tp2", False)
         run("gpt2", "tp2xdp2", True, state.get_dp_group())
