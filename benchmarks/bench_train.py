@@ -47,10 +47,12 @@ def _plain_run(argv: list[str]) -> float:
     """The same model, data and hyperparameters in a minimal loop; tokens/s from the median step time."""
     from engine.config import load_config
     from engine.model.gpt import GPT, resolve
-    from engine.train import SampleStream, _load_data_sources
+    from engine.train import SampleStream, _cpu_threads, _load_data_sources
 
     cfg = load_config(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(_cpu_threads(cfg))  # the engine's thread policy, so both loops get the same cores
     data = _load_data_sources(cfg)
     mcfg = resolve(cfg.model, tokenizer_vocab=data.tokenizer.vocab_size)
     stream = SampleStream(data.train_prefix, mcfg.seq_len, cfg.train.seed, mcfg.vocab_size)

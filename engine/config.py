@@ -69,6 +69,7 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     fp8: Literal["off", "delayed", "current"] = "off"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # CPU intra-op threads per process; 0: OMP_NUM_THREADS if set, else cores / processes / 2
 
 
 @dataclass
