@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import acc_dtype, check_tensors, interpreting, num_warps_for
+from kernels.utils import acc_dtype, check_tensors, interpreting, num_warps_for, tl_acc_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
 # Largest vocabulary block one loop iteration loads; longer rows loop. On GPU Liger-Kernel's choice (32k lanes over
@@ -116,10 +116,6 @@ def _ce_fwd_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Host side
-
-
-def tl_acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def launch_config(V: int, block: int | None = None) -> tuple[int, int]:

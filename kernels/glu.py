@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import acc_dtype, as_rows, check_tensors, elementwise_tile, elementwise_warps
+from kernels.utils import as_rows, check_tensors, elementwise_tile, elementwise_warps, tl_acc_dtype
 
 _SILU, _GELU_TANH = 0, 1
 
@@ -97,10 +97,6 @@ def _glu_bwd_kernel(
     tl.store(DU + rows * stride_du + cols[None, :], (do * act).to(DU.dtype.element_ty), mask=mask)
 
 
-def _tl_acc(*dtypes):
-    return tl.float64 if acc_dtype(*dtypes) == torch.float64 else tl.float32
-
-
 def _grid(m, n):
     block_m, block_n = elementwise_tile(n)
     return (triton.cdiv(m, block_m), triton.cdiv(n, block_n)), block_m, block_n
@@ -124,7 +120,7 @@ class _GLUFunction(torch.autograd.Function):
                 u2.stride(0),
                 out.stride(0),
                 ACT=act,
-                ACC=_tl_acc(gate.dtype, up.dtype),
+                ACC=tl_acc_dtype(gate.dtype, up.dtype),
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 num_warps=elementwise_warps(block_m * block_n),
@@ -156,7 +152,7 @@ class _GLUFunction(torch.autograd.Function):
                 dg.stride(0),
                 du.stride(0),
                 ACT=ctx.act,
-                ACC=_tl_acc(*ctx.dtypes),
+                ACC=tl_acc_dtype(*ctx.dtypes),
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 num_warps=elementwise_warps(block_m * block_n),

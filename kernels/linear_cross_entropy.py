@@ -24,7 +24,6 @@ from kernels.cross_entropy_loss import (
     _row_grad,
     _row_stats,
     _row_zero,
-    acc_dtype,
     ce_forward_rows,
     check_options,
     check_targets,
@@ -33,9 +32,8 @@ from kernels.cross_entropy_loss import (
     loss_scale,
     reduce_loss,
     scale_grad_,
-    tl_acc_dtype,
 )
-from kernels.utils import check_tensors
+from kernels.utils import acc_dtype, check_tensors, tl_acc_dtype
 
 FLCE_REDUCTIONS = ("mean", "sum")
 

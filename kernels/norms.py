@@ -22,9 +22,15 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels.utils import acc_dtype, as_rows, check_tensors, num_reduction_programs, num_warps_for, row_tile
-
-_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+from kernels.utils import (
+    acc_dtype,
+    as_rows,
+    check_tensors,
+    num_reduction_programs,
+    num_warps_for,
+    row_tile,
+    tl_acc_dtype,
+)
 
 
 @triton.jit
@@ -198,7 +204,7 @@ class _NormFunction(torch.autograd.Function):
                 HAS_W=weight is not None,
                 HAS_B=bias is not None,
                 ZERO_CENTERED=zero_centered,
-                ACC=_TL[acc],
+                ACC=tl_acc_dtype(acc),
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 num_warps=num_warps_for(block_m * block_n),
@@ -250,7 +256,7 @@ class _NormFunction(torch.autograd.Function):
                 HAS_B=bias is not None,
                 ZERO_CENTERED=ctx.zero_centered,
                 HAS_DH=dh is not None,
-                ACC=_TL[acc],
+                ACC=tl_acc_dtype(acc),
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 num_warps=min(32, 2 * num_warps_for(block_m * block_n)),

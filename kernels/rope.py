@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import acc_dtype, check_tensors, elementwise_warps, next_power_of_2
+from kernels.utils import check_tensors, elementwise_warps, next_power_of_2, tl_acc_dtype
 
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -123,7 +123,7 @@ def _launch(x, y, cos, sin, position_ids, offset, backward):
         sps,
         HAS_POS=position_ids is not None,
         BACKWARD=backward,
-        ACC=tl.float64 if acc_dtype(x.dtype) == torch.float64 else tl.float32,
+        ACC=tl_acc_dtype(x.dtype),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=elementwise_warps(block_m * block_n, per_thread=4),

@@ -67,6 +67,13 @@ def acc_dtype(*dtypes: torch.dtype | None) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def tl_acc_dtype(*dtypes: torch.dtype | None):
+    """`acc_dtype` as the `triton.language` dtype passed to a kernel's ACC constexpr (imports triton when called)."""
+    import triton.language as tl  # here, not at module level: importing kernels.utils must not import triton
+
+    return tl.float64 if acc_dtype(*dtypes) == torch.float64 else tl.float32
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (and >= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
