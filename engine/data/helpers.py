@@ -99,6 +99,16 @@ def _out_dtype(sizes: np.ndarray, document_idx: np.ndarray) -> type:
     return np.int32 if largest <= _INT32_MAX else np.int64
 
 
+def _sample_idx_setup(
+    sizes, document_idx, seq_length: int, num_epochs: int, tokens_per_epoch: int, drop_last: bool, extra: int
+) -> tuple[np.ndarray, np.ndarray, int, type, int]:
+    """Validated (sizes, document_idx, extra, output dtype, num_samples): the common start of the Python builders."""
+    sizes, document_idx, extra = np.asarray(sizes), np.asarray(document_idx), int(extra)
+    _check_sample_args(sizes, document_idx, seq_length, num_epochs, tokens_per_epoch, extra)
+    num_samples = _num_samples(num_epochs * tokens_per_epoch, seq_length, extra, drop_last)
+    return sizes, document_idx, extra, _out_dtype(sizes, document_idx), num_samples
+
+
 def build_sample_idx_numpy(
     sizes: np.ndarray,
     document_idx: np.ndarray,
@@ -114,12 +124,15 @@ def build_sample_idx_numpy(
     at least (k + 1) * seq_length + extra (a document ending exactly there still holds the extra token), which is
     `searchsorted(doc_ends, target, side="left")`. Empty documents have equal ends and are skipped the same way.
     """
-    sizes = np.asarray(sizes)
-    document_idx = np.asarray(document_idx)
-    extra = int(add_extra_token_to_sequence)
-    _check_sample_args(sizes, document_idx, seq_length, num_epochs, tokens_per_epoch, extra)
-    out_dtype = _out_dtype(sizes, document_idx)
-    num_samples = _num_samples(num_epochs * tokens_per_epoch, seq_length, extra, drop_last_partial_sequence)
+    sizes, document_idx, extra, out_dtype, num_samples = _sample_idx_setup(
+        sizes,
+        document_idx,
+        seq_length,
+        num_epochs,
+        tokens_per_epoch,
+        drop_last_partial_sequence,
+        add_extra_token_to_sequence,
+    )
 
     doc_sizes = sizes[document_idx].astype(np.int64)
     doc_ends = np.cumsum(doc_sizes)
@@ -157,12 +170,15 @@ def build_sample_idx_python(
 
     Reference for tests and the benchmark only: it is ~100x slower than the NumPy version.
     """
-    sizes = np.asarray(sizes)
-    document_idx = np.asarray(document_idx)
-    extra = int(add_extra_token_to_sequence)
-    _check_sample_args(sizes, document_idx, seq_length, num_epochs, tokens_per_epoch, extra)
-    out_dtype = _out_dtype(sizes, document_idx)
-    num_samples = _num_samples(num_epochs * tokens_per_epoch, seq_length, extra, drop_last_partial_sequence)
+    sizes, document_idx, extra, out_dtype, num_samples = _sample_idx_setup(
+        sizes,
+        document_idx,
+        seq_length,
+        num_epochs,
+        tokens_per_epoch,
+        drop_last_partial_sequence,
+        add_extra_token_to_sequence,
+    )
     size_list = sizes.tolist()
     doc_list = document_idx.tolist()
     last_doc = len(doc_list) - 1
