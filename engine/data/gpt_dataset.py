@@ -31,6 +31,8 @@ INDEX_VERSION = 1
 SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
 # .idx files up to this size are hashed whole for the cache key; larger ones are identified by size and mtime.
 _HASH_IDX_LIMIT = 256 << 20
+# Tokens per chunk of the vocabulary scan (bounded memory on large .bin files).
+_RANGE_CHUNK = 1 << 24
 
 
 class GPTDatasetError(ValueError):
@@ -59,9 +61,11 @@ def _token_range(ds: IndexedDataset) -> tuple[int, int]:
     if n == 0:
         return 0, 0
     tokens = np.memmap(bin_path(ds.prefix), dtype=ds.dtype, mode="r", offset=int(ds.sequence_pointers[0]), shape=(n,))
-    chunk = 1 << 24
-    lo = min(int(tokens[i : i + chunk].min()) for i in range(0, n, chunk))
-    hi = max(int(tokens[i : i + chunk].max()) for i in range(0, n, chunk))
+    lo, hi = int(tokens[0]), int(tokens[0])
+    chunk = _RANGE_CHUNK
+    for i in range(0, n, chunk):  # one pass over the file: each chunk is paged in once for both bounds
+        part = tokens[i : i + chunk]
+        lo, hi = min(lo, int(part.min())), max(hi, int(part.max()))
     del tokens
     return lo, hi
 

@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 
+from engine.data import gpt_dataset
 from engine.data.gpt_dataset import GPTDataset, GPTDatasetError, build_indices
 from engine.data.helpers import cpp_available
 from engine.data.indexed_dataset import IndexedDataset
@@ -139,6 +140,19 @@ def test_bad_input_one_line_errors(make_dataset):
         GPTDataset(prefix + "-missing", None, 4, seed=0)
     with pytest.raises(GPTDatasetError, match="num_samples"):
         GPTDataset(prefix, 0, 4, seed=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 24])
+def test_vocab_scan_sees_every_chunk(make_dataset, monkeypatch, chunk):
+    """The min/max scan over the .bin is chunked: ids outside the vocabulary are found in any chunk."""
+    monkeypatch.setattr(gpt_dataset, "_RANGE_CHUNK", chunk)
+    low = make_dataset([[5, 6, -1], [7, 8]], name="low", dtype=np.int32)
+    with pytest.raises(GPTDatasetError, match=r"token id -1 is outside"):
+        GPTDataset(low, None, 2, seed=0, vocab_size=10)
+    high = make_dataset([[5, 6, 7], [8, 300]], name="high", dtype=np.int32)  # the bad id in the last chunk
+    with pytest.raises(GPTDatasetError, match=r"token id 300 is outside"):
+        GPTDataset(high, None, 2, seed=0, vocab_size=300)
+    GPTDataset(high, None, 2, seed=0, vocab_size=301)
 
 
 def test_vocab_check_is_cached(make_dataset, tmp_path):
