@@ -248,7 +248,11 @@ class GPTDataset:
                     self.document_index, self.sample_index, self.shuffle_index = arrays
                     return
         self.cache_hit = True
-        self.document_index, self.sample_index, self.shuffle_index = (np.load(p, mmap_mode="r") for p in paths)
+        # Plain ndarray views of the mappings (still zero-copy): np.memmap's own __getitem__ doubles the per-sample
+        # indexing cost in __getitem__.
+        self.document_index, self.sample_index, self.shuffle_index = (
+            np.asarray(np.load(p, mmap_mode="r")) for p in paths
+        )
 
     def _check_vocab(self, vocab_size: int, cache_dir: str | None, identity: dict | None) -> None:
         """Every token id in the .bin must be a valid embedding row; the max id is cached beside the indices."""
@@ -282,8 +286,7 @@ class GPTDataset:
         if not 0 <= k < len(self):
             raise IndexError(f"sample {k} out of range for a GPTDataset of {len(self)} samples ({self.prefix})")
         i = int(self.shuffle_index[k])
-        doc_begin, offset_begin = (int(v) for v in self.sample_index[i])
-        doc_end, offset_end = (int(v) for v in self.sample_index[i + 1])
+        (doc_begin, offset_begin), (doc_end, offset_end) = self.sample_index[i : i + 2].tolist()
         get = self.dataset.get
         if doc_begin == doc_end:
             tokens = get(int(self.document_index[doc_begin]), offset_begin, offset_end - offset_begin + self.extra)

@@ -91,7 +91,9 @@ def test_index_cache_is_reused_and_keyed(make_dataset, tmp_path):
     assert sum(f.endswith(".npy") for f in files) == 3 and not any(".tmp-" in f for f in files)
     second = GPTDataset(prefix, 40, 10, seed=1, cache_dir=cache)
     assert second.cache_hit
-    assert isinstance(second.sample_index, np.memmap)
+    for name in ("document_index", "sample_index", "shuffle_index"):  # zero-copy views of the cached files
+        array = getattr(second, name)
+        assert type(array) is np.ndarray and isinstance(array.base, np.memmap) and not array.flags.writeable
     for name in ("document_index", "sample_index", "shuffle_index"):
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
     for k in range(len(first)):
