@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.data._files import cache_root, file_lock, fsync_dir, temp_path
@@ -22,6 +23,8 @@ CHUNK_DOCS = 32  # documents per encode_batch call: keeps memory flat while lett
 
 @dataclass(frozen=True)
 class EmbeddedData:
+    """The prepared embedded corpus: dataset prefixes of both splits and the tokenizer they were made with."""
+
     train_prefix: str
     valid_prefix: str
     tokenizer: Tokenizer
@@ -29,7 +32,9 @@ class EmbeddedData:
     meta: dict = field(default_factory=dict)  # documents and tokens per split, preparation seconds, tokenizer
 
 
-def tokenize_to_dataset(texts, tokenizer: Tokenizer, prefix: str, append_eod: bool = True) -> tuple[int, int]:
+def tokenize_to_dataset(
+    texts: Iterable[str], tokenizer: Tokenizer, prefix: str, append_eod: bool = True
+) -> tuple[int, int]:
     """Writes one document per text (EOD-terminated by default) to PREFIX.bin/.idx; returns (documents, tokens)."""
     texts = list(texts)
     with IndexedDatasetBuilder(prefix, vocab_size=tokenizer.vocab_size) as builder:

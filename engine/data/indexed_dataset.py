@@ -20,6 +20,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from engine.data._files import fsync_dir, remove_quietly, temp_path
 
@@ -44,10 +45,12 @@ class IndexedDatasetError(ValueError):
 
 
 def idx_path(prefix: str) -> str:
+    """PREFIX.idx: the index file of a dataset prefix."""
     return prefix + ".idx"
 
 
 def bin_path(prefix: str) -> str:
+    """PREFIX.bin: the token file of a dataset prefix."""
     return prefix + ".bin"
 
 
@@ -56,7 +59,7 @@ def optimal_dtype(vocab_size: int | None) -> type:
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
 
 
-def dtype_code(dtype) -> int:
+def dtype_code(dtype: DTypeLike) -> int:
     """The `.idx` dtype code of a NumPy dtype (ValueError for dtypes the format cannot store)."""
     try:
         return _CODE_OF[np.dtype(dtype)]
@@ -153,7 +156,7 @@ class IndexedDataset:
             raise IndexError(f"sequence {i} out of range for {len(self)} sequences in {self.prefix}")
         return j
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int | np.integer | slice) -> np.ndarray | list[np.ndarray]:
         """Sequence i (zero-copy, read-only), or a list of them for a contiguous slice (as Megatron's reader)."""
         if isinstance(i, (int, np.integer)):
             j = self._check_index(i)
@@ -181,6 +184,7 @@ class IndexedDataset:
 
     @property
     def dtype(self) -> np.dtype:
+        """Token dtype of the .bin (from the .idx header)."""
         return self._dtype
 
     @property
@@ -205,10 +209,12 @@ class IndexedDataset:
 
     @property
     def num_tokens(self) -> int:
+        """Total tokens over all sequences."""
         return int(self._lengths.sum(dtype=np.int64))
 
     @property
     def num_documents(self) -> int:
+        """Documents (a document may span several sequences)."""
         return max(len(self._doc_idx) - 1, 0)
 
     @staticmethod
@@ -224,7 +230,7 @@ class IndexedDatasetBuilder:
     Used as a context manager it finalizes on success and removes its temporary files on an exception.
     """
 
-    def __init__(self, prefix: str, dtype=None, *, vocab_size: int | None = None) -> None:
+    def __init__(self, prefix: str, dtype: DTypeLike = None, *, vocab_size: int | None = None) -> None:
         if dtype is None:
             dtype = optimal_dtype(vocab_size) if vocab_size is not None else np.uint16
         self.dtype = np.dtype(dtype)
@@ -241,7 +247,7 @@ class IndexedDatasetBuilder:
         self._done = False
         self.num_tokens = 0
 
-    def _as_tokens(self, tokens) -> np.ndarray:
+    def _as_tokens(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         arr = np.asarray(tokens.numpy() if hasattr(tokens, "numpy") else tokens)  # numpy() for torch tensors
         if arr.ndim != 1:
             arr = arr.reshape(-1)

@@ -11,8 +11,12 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from engine.data._files import cache_root, file_lock, temp_path
+
+if TYPE_CHECKING:  # imported lazily at run time: `tokenizers` is only needed for BPE and tokenizer.json
+    import tokenizers
 
 ROLES = ("eod", "pad", "mask", "bos", "fim_prefix", "fim_middle", "fim_suffix", "fim_pad")
 N_RESERVED = 8
@@ -137,7 +141,7 @@ class HFTokenizer(Tokenizer):
         self._fingerprint: str | None = None
 
     @property
-    def backend(self):
+    def backend(self) -> "tokenizers.Tokenizer":
         """The wrapped `tokenizers.Tokenizer`."""
         return self._tok
 
