@@ -69,9 +69,7 @@ def _aot_cases():
         )
     for act in (0, 1):
         ce = dict(ACT=act, ACC=tl.float32, BLOCK_M=4, BLOCK_N=1024)
-        cases.append(
-            (f"glu_fwd act={act}", glu._glu_fwd_kernel, dict(G=bf, U=bf, OUT=bf), ce, elementwise_warps(4096))
-        )
+        cases.append((f"glu_fwd act={act}", glu._glu_fwd_kernel, dict(G=bf, U=bf, OUT=bf), ce, elementwise_warps(4096)))
         bt = dict(DO=bf, G=bf, U=bf, DG=bf, DU=bf)
         cases.append((f"glu_bwd act={act}", glu._glu_bwd_kernel, bt, ce, elementwise_warps(4096)))
     return cases
