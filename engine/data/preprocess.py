@@ -175,6 +175,8 @@ def preprocess(
 
     if workers < 1:
         raise PreprocessError(f"--workers must be at least 1, got {workers}")
+    if chunk_docs < 1:  # 0 would silently send the whole corpus to one worker in one task
+        raise PreprocessError(f"--chunk-docs must be at least 1, got {chunk_docs}")
     files = resolve_inputs(inputs)
     tok = load_tokenizer(tokenizer, cache_dir, bpe_vocab)
     t0 = time.perf_counter()
@@ -269,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.tokenizer,
             json_key=args.json_key,
             workers=args.workers,
-            chunk_docs=max(args.chunk_docs, 1),
+            chunk_docs=args.chunk_docs,
             append_eod=args.append_eod,
             split=args.split,
             progress=args.progress,

@@ -172,7 +172,9 @@ def test_interrupted_run_leaves_no_idx(tmp_path, monkeypatch, capsys):
 
 def test_other_bad_arguments(tmp_path, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", DOCS)
-    assert "at least 1" in cli_error(["--input", src, "--output-prefix", "o", "--workers", "0"], capsys)
+    for flag in ("--workers", "--chunk-docs"):
+        err = cli_error(["--input", src, "--output-prefix", "o", flag, "0"], capsys)
+        assert f"{flag} must be at least 1" in err
     assert "is a directory" in cli_error(["--input", str(tmp_path), "--output-prefix", "o"], capsys)
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9".encode("latin-1"))
