@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from kernels.glu import geglu, geglu_reference, swiglu, swiglu_reference
-from kernels.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, apply_rope_qk_, apply_rope_reference, rope_cos_sin
 from kernels.utils import rel_err, two_x_rule
+from tests.kernels.test_norms import KERNEL, REFERENCE
 
 gpu = pytest.mark.gpu
 DEV = "cuda"
@@ -140,23 +140,8 @@ def check_2x(out, ref, low):
         assert err <= allowed, (i, err, allowed)
 
 
-def _rms(x, w, b, r, **kw):
-    return rms_norm(x, w, residual=r, **kw)
-
-
-def _rms_ref(x, w, b, r, **kw):
-    return rms_norm_reference(x, w, residual=r, **kw)
-
-
-def _ln(x, w, b, r, **kw):
-    return layer_norm(x, w, b, residual=r, **kw)
-
-
-def _ln_ref(x, w, b, r, **kw):
-    return layer_norm_reference(x, w, b, residual=r, **kw)
-
-
-NORMS = {"rms": (_rms, _rms_ref), "ln": (_ln, _ln_ref)}
+# (kernel, reference) with the uniform signature (x, weight, bias, residual, **kw) of the CPU norm tests.
+NORMS = {kind: (KERNEL[kind], REFERENCE[kind]) for kind in KERNEL}
 
 
 def norm_inputs(kind, rows, n, dtype, residual, seed=0):
@@ -213,9 +198,9 @@ def test_norm_zero_centered_bf16():
     inputs, ups = norm_inputs("rms", 2048, 4096, torch.bfloat16, residual=False, seed=3)
     inputs[1] = inputs[1] - 1
     check_2x(
-        grads_of(_rms, inputs, ups, zero_centered=True),
-        grads_of(_rms_ref, inputs, ups, dtype=torch.float32, zero_centered=True),
-        grads_of(_rms_ref, inputs, ups, upcast=False, zero_centered=True),
+        grads_of(KERNEL["rms"], inputs, ups, zero_centered=True),
+        grads_of(REFERENCE["rms"], inputs, ups, dtype=torch.float32, zero_centered=True),
+        grads_of(REFERENCE["rms"], inputs, ups, upcast=False, zero_centered=True),
     )
 
 
