@@ -77,3 +77,13 @@ def test_resume_is_bit_identical_two_processes_and_reshards(tmp_path, tiny_data)
     # A 2-process checkpoint resumes in 1 process (a different layout is not a different config).
     res = _train(tmp_path / "split", tiny_data, train__steps=8, optim__decay_steps=6)
     assert res.start_step == 6 and set(res.losses) == {7, 8}
+
+
+def test_grad_accumulation_and_bf16_autocast(tmp_path, tiny_data):
+    base = _train(tmp_path / "a", tiny_data, train__steps=3, eval__every=0).losses
+    accum = _train(tmp_path / "b", tiny_data, train__steps=3, eval__every=0, train__micro_batch=1).losses
+    for s in base:  # 4 micro steps of 1 sequence = 1 of 4, up to summation order
+        assert accum[s] == pytest.approx(base[s], rel=1e-5)
+    bf16 = _train(tmp_path / "c", tiny_data, train__steps=3, eval__every=0, train__dtype="bf16").losses
+    for s in base:  # bf16 autocast over fp32 master weights stays close to fp32
+        assert bf16[s] == pytest.approx(base[s], rel=2e-2)
