@@ -9,7 +9,8 @@ Reports tokens/s of each (median over repeats; each run's figure is from its med
 first, which makes it robust to other jobs on a shared machine), their ratio, and on a GPU the MFU against the
 device's dense bf16 peak (engine/metrics.py). Single process only.
 
-`--gpu-suite` runs the ~125M and ~1B configs (examples/configs) for a few steps each and prints their MFU.
+`--gpu-suite` runs the ~125M and ~1B configs (examples/configs) and prints their MFU; their steps are large
+(262k tokens), so keep it short: `python -m benchmarks.bench_train --gpu-suite --steps 6 --repeats 1`.
 """
 
 from __future__ import annotations
