@@ -99,10 +99,16 @@ def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
     return max(1, min(triton.next_power_of_2(triton.cdiv(max(n_rows, 1), inc)), max(n_rows, 1)))
 
 
-def _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size) -> None:
+def _check_options(name: str, label_smoothing: float, z_loss: float, reduction: str, chunk_size: int | None) -> None:
     if reduction not in FLCE_REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {FLCE_REDUCTIONS} (weight grads are summed in forward)")
     check_options(name, label_smoothing, z_loss, reduction)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+
+
+def _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size) -> None:
+    _check_options(name, label_smoothing, z_loss, reduction, chunk_size)
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{name}: need hidden (..., H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
@@ -110,8 +116,6 @@ def _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chun
     check_tensors(name, hidden=hidden, weight=weight)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"{name}: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
 
 
 def _accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -252,6 +256,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         reduction: str = "mean",
     ):
         super().__init__()
+        _check_options("FusedLinearCrossEntropyLoss", label_smoothing, z_loss, reduction, chunk_size)
         self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
         self.chunk_size, self.reduction = chunk_size, reduction
 

@@ -137,6 +137,14 @@ def test_bad_input_errors():
         fused_linear_cross_entropy(h, w, t, chunk_size=0)
     with pytest.raises(ValueError, match="outside"):
         fused_linear_cross_entropy(h, w, torch.tensor([0, 10, 1]))
+    # the module refuses bad options when built, as CrossEntropyLoss does
+    for kw, needle in (
+        ({"reduction": "none"}, "reduction"),
+        ({"label_smoothing": 2.0}, "label_smoothing"),
+        ({"chunk_size": 0}, "chunk_size"),
+    ):
+        with pytest.raises(ValueError, match=f"FusedLinearCrossEntropyLoss: {needle}"):
+            FusedLinearCrossEntropyLoss(**kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
