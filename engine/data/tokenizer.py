@@ -234,9 +234,9 @@ def bpe_path(cache_dir: str | None = None, bpe_vocab: int = 4096) -> str:
     return os.path.join(cache_root(cache_dir), "tokenizers", f"bpe{bpe_vocab}-{corpus_key()}", "tokenizer.json")
 
 
-def load_tokenizer(spec: str = "bpe", cache_dir: str | None = None, bpe_vocab: int = 4096) -> Tokenizer:
+def load_tokenizer(spec: str | Tokenizer = "bpe", cache_dir: str | None = None, bpe_vocab: int = 4096) -> Tokenizer:
     """`"byte"`, `"bpe"` (trained on the embedded corpus's train split on first use, then cached; a file lock lets
-    concurrent callers wait for one trainer), or a path to a tokenizer.json."""
+    concurrent callers wait for one trainer), a path to a tokenizer.json, or a `Tokenizer` (returned as is)."""
     if isinstance(spec, Tokenizer):
         return spec
     if spec == "byte":
