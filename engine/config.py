@@ -35,7 +35,7 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int = 0  # 0: same as n_heads (no grouped-query attention)
     ffn_hidden: int = 0  # 0: 4*d_model for gpt2; 8/3*d_model rounded up to a multiple of 64 for llama
-    vocab_size: int = 0  # 0: the tokenizer's vocabulary, padded up to a multiple of 64 * tp
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary padded up to a multiple of 64 (the same for every tp)
     seq_len: int = 128
     tie_embeddings: bool = True
     kernels: Literal["auto", "torch", "triton"] = "auto"
