@@ -6,6 +6,8 @@ from the input's device, so a model built on CPU and moved to CUDA picks the rig
 - "triton": our kernels (`kernels.*`, imported lazily). On CPU this needs the Triton interpreter
   (`TRITON_INTERPRET=1`); forcing it without one, or without triton installed, is a one-line error.
 - "auto": triton on CUDA when triton imports, torch otherwise (always torch on CPU: the interpreter is for tests).
+  For RMSNorm/LayerNorm on CUDA, "auto" uses NVIDIA apex's fused norms instead when apex is installed and measured
+  faster than our kernel on the first call for that shape and dtype (forward + backward, CUDA events).
 
 Attention: "auto" on CUDA with fp16/bf16 inputs and no mask uses the flash-attn package when it is installed (an
 optional extra); the triton path uses `kernels.flash_attention` once that module exists; otherwise both backends use
@@ -93,9 +95,80 @@ def _has_kernel(name: str) -> bool:
     return importlib.util.find_spec(_KERNEL_MODULES[name]) is not None
 
 
+@functools.cache
+def _apex_norm(op: str):
+    """apex's fused `op` ("rms_norm" | "layer_norm") as fn(x, weight, bias, eps) with our dtype rule (out has x's
+    dtype, weight may be fp32 under autocast), or None when NVIDIA apex with its CUDA norms is not installed (the PyPI
+    package named apex is an unrelated project, hence the import of the exact function)."""
+    try:
+        from apex.normalization.fused_layer_norm import (
+            FusedLayerNormAffineMixedDtypesFunction,
+            FusedRMSNormAffineMixedDtypesFunction,
+        )
+    except Exception:  # ImportError, or apex built without its CUDA extensions
+        return None
+    if op == "rms_norm":
+        return lambda x, w, b, eps: FusedRMSNormAffineMixedDtypesFunction.apply(x, w, (x.shape[-1],), eps).to(x.dtype)
+    return lambda x, w, b, eps: FusedLayerNormAffineMixedDtypesFunction.apply(x, w, b, (x.shape[-1],), eps).to(x.dtype)
+
+
+def _cuda_time_ms(fn, reps: int = 10) -> float:
+    """Median milliseconds of fn() on the current CUDA stream (after a warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+@functools.lru_cache(maxsize=64)
+def _apex_faster(
+    op: str, rows: int, hidden: int, dtype: torch.dtype, wdtype: torch.dtype, bias: bool, dev: int
+) -> bool:
+    """Times apex against our kernel, forward + backward, on random inputs of this shape (rows bucketed to a power
+    of two by the caller so a run measures once per norm shape); True if apex is faster."""
+    device = torch.device("cuda", dev)
+    x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
+    w = torch.ones(hidden, dtype=wdtype, device=device, requires_grad=True)
+    b = torch.zeros(hidden, dtype=wdtype, device=device, requires_grad=True) if bias else None
+    grad = torch.randn_like(x)
+    ours, theirs = _kernel(op), _apex_norm(op)
+
+    def run(fn):
+        return lambda: torch.autograd.grad(fn(), [t for t in (x, w, b) if t is not None], grad)
+
+    with torch.autocast("cuda", enabled=False):
+        if op == "rms_norm":
+            t_ours = _cuda_time_ms(run(lambda: ours(x, w, 1e-5)))
+        else:
+            t_ours = _cuda_time_ms(run(lambda: ours(x, w, b, 1e-5)))
+        t_apex = _cuda_time_ms(run(lambda: theirs(x, w, b, 1e-5)))
+    return t_apex < t_ours
+
+
+def _norm_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """The implementation of a norm of x: "torch", "triton", or "apex" (only from "auto", on CUDA, when faster)."""
+    chosen = select(backend, x)
+    if backend != "auto" or chosen != "triton" or _apex_norm(op) is None:
+        return chosen
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return chosen  # no timing inside a trace or a CUDA graph capture
+    rows = 1 << max(x.numel() // x.shape[-1] - 1, 0).bit_length()
+    faster = _apex_faster(op, rows, x.shape[-1], x.dtype, weight.dtype, bias is not None, x.device.index or 0)
+    return "apex" if faster else chosen
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dim (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight."""
-    if select(backend, x) == "triton":
+    impl = _norm_backend("rms_norm", backend, x, weight, None)
+    if impl == "apex":
+        return _apex_norm("rms_norm")(x, weight, None, eps)
+    if impl == "triton":
         return _kernel("rms_norm")(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
@@ -104,7 +177,10 @@ def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, backend: str = "auto"
 ) -> torch.Tensor:
     """LayerNorm over the last dim (Ba et al. 2016)."""
-    if select(backend, x) == "triton":
+    impl = _norm_backend("layer_norm", backend, x, weight, bias)
+    if impl == "apex":
+        return _apex_norm("layer_norm")(x, weight, bias, eps)
+    if impl == "triton":
         return _kernel("layer_norm")(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 

@@ -162,3 +162,52 @@ def test_triton_cross_entropy():
         torch.randn(12, 16),
         torch.randn(50, 16),
     )
+
+
+@pytest.mark.parametrize("apex_faster", [True, False])
+def test_auto_norms_take_apex_only_when_installed_and_faster(monkeypatch, apex_faster):
+    """The selection logic on CPU: select() is patched to say triton (as on CUDA) and apex is a stand-in whose
+    timing verdict is patched; the real timing and apex numerics are in the gpu test below."""
+    calls, measured = [], []
+    monkeypatch.setattr(ops, "select", lambda backend, x: "torch" if backend == "torch" else "triton")
+    monkeypatch.setattr(ops, "_apex_norm", lambda op: lambda x, w, b, eps: calls.append(("apex", op)) or x)
+    monkeypatch.setattr(ops, "_kernel", lambda op: lambda *a, **k: calls.append(("triton", op)) or a[0])
+    monkeypatch.setattr(ops, "_apex_faster", lambda *key: measured.append(key) or apex_faster)
+    x, w, b = torch.randn(3, 5, 16), torch.ones(16), torch.zeros(16)
+    ops.rms_norm(x, w, 1e-5)
+    ops.layer_norm(x, w, b, 1e-5)
+    winner = "apex" if apex_faster else "triton"
+    assert calls == [(winner, "rms_norm"), (winner, "layer_norm")]
+    # measured per op, hidden size, dtypes and bias; 15 rows bucket to 16
+    assert measured == [
+        ("rms_norm", 16, 16, torch.float32, torch.float32, False, 0),
+        ("layer_norm", 16, 16, torch.float32, torch.float32, True, 0),
+    ]
+    calls.clear()
+    ops.rms_norm(x, w, 1e-5, backend="triton")  # forcing triton never takes apex, nor times it
+    ops.layer_norm(x, w, b, 1e-5, backend="torch")
+    assert calls == [("triton", "rms_norm")] and len(measured) == 2
+    monkeypatch.setattr(ops, "_apex_norm", lambda op: None)  # apex absent: our kernel, no timing
+    calls.clear()
+    ops.rms_norm(x, w, 1e-5)
+    assert calls == [("triton", "rms_norm")] and len(measured) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_apex_norm_path_on_gpu(op):
+    if ops._apex_norm(op) is None:
+        pytest.skip("NVIDIA apex with its CUDA norms is not installed")
+    torch.manual_seed(0)
+    x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, device="cuda")
+    b = torch.randn(1024, device="cuda")
+    bias = b if op == "layer_norm" else None
+    out = ops._apex_norm(op)(x, w, bias, 1e-5)
+    ref = (F.rms_norm if op == "rms_norm" else F.layer_norm)(
+        x.float(), (1024,), w, *([b] if bias is not None else []), eps=1e-5
+    )
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    assert isinstance(ops._apex_faster(op, 512, 1024, x.dtype, w.dtype, bias is not None, 0), bool)
