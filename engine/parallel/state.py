@@ -190,7 +190,12 @@ def initialize(
     if not dist.is_initialized():
         _init_default_group(backend, timeout)
         owns = True
-    grid = build_grid(dist.get_world_size(), tp, pp, cp, dp_shard)
+    try:
+        grid = build_grid(dist.get_world_size(), tp, pp, cp, dp_shard)
+    except LayoutError:
+        if owns:  # a refused layout must not leave behind a default group the caller never asked for
+            dist.destroy_process_group()
+        raise
     if _STATE is not None:
         if _STATE.grid.shape == grid.shape:
             return _STATE.grid
