@@ -15,12 +15,15 @@ retention. A directory without manifest.json is never loaded.
 
 Tensors are recorded with global shapes and per-shard offsets, so a sharded layout (one file per rank holding
 slices) and resharding on load fit the same manifest; for data-parallel replicas rank 0 writes one full shard.
+Under tensor parallelism every rank of the first replica writes its slices (`shards` gives each one's global shape
+and offsets) and one of them the replicated tensors; the manifest merges the shards of every tensor.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -173,6 +176,11 @@ def load_checkpoint(ckpt_dir: str | Path, rank: int = 0, verify: bool = True) ->
         if len(shards) == 1 and tuple(shards[0]["shape"]) == shape:
             full = load_file(shards[0]["file"])[name]
         else:  # sharded: place each slice at its offsets
+            covered = sum(math.prod(s["shape"]) for s in shards)
+            if covered != math.prod(shape):  # torch.empty would leave the gap as garbage
+                raise CheckpointError(
+                    f"checkpoint tensor {name} in {ckpt_dir}: its shards hold {covered} of {math.prod(shape)} elements"
+                )
             full = torch.empty(shape, dtype=getattr(torch, info["dtype"]))
             for s in shards:
                 index = tuple(slice(o, o + n) for o, n in zip(s["offsets"], s["shape"]))
@@ -198,13 +206,18 @@ def save_checkpoint(
     meta: dict[str, Any],
     texts: dict[str, str] | None = None,
     keep: int = 0,
+    shards: dict[str, tuple[list[int], list[int]]] | None = None,
+    write_tensors: bool | None = None,
 ) -> Path:
     """Writes checkpoint `step` under `root` atomically on every rank (a collective when distributed).
 
-    `tensors` (group -> name -> tensor) and `objects` are replicated over ranks: rank 0 writes them. `rank_objects`
-    is written by every rank. `meta` (JSON-able: config, layout, data position...) goes into the manifest.
-    `texts` (file name -> content, e.g. "config.toml") are written by rank 0 and checksummed like the rest.
-    `keep` > 0 deletes all but the newest `keep` complete checkpoints afterwards. Returns the final directory.
+    `tensors` (group -> name -> tensor) are written by the ranks with `write_tensors` (default: rank 0 alone, for
+    data-parallel replicas). A tensor named in `shards` (name -> (global shape, offsets)) is this rank's slice of a
+    larger tensor; the others are whole, and each must come from one rank only. `objects` are replicated: rank 0
+    writes them. `rank_objects` is written by every rank. `meta` (JSON-able: config, layout, data position...) goes
+    into the manifest. `texts` (file name -> content, e.g. "config.toml") are written by rank 0 and checksummed like
+    the rest. `keep` > 0 deletes all but the newest `keep` complete checkpoints afterwards. Returns the final
+    directory.
     """
     root = Path(root)
     distributed = _dist_active()
@@ -222,19 +235,24 @@ def save_checkpoint(
 
     files: dict[str, dict[str, Any]] = {}
     entries: dict[str, dict[str, Any]] = {}
-    if rank == 0:
+    shards = shards or {}
+    if rank == 0 if write_tensors is None else write_tensors:
         for group, named in tensors.items():
+            if not named:
+                continue
             fname = f"{group}_r{rank:05d}.pt"
             cpu = {k: v.detach().cpu().contiguous() for k, v in named.items()}
             files[fname] = _save_file(cpu, tmp / fname)
             for k, v in cpu.items():
-                shape = list(v.shape)
+                local = list(v.shape)
+                shape, offsets = shards.get(k, (local, [0] * len(local)))
                 entries[k] = {
                     "group": group,
-                    "shape": shape,
+                    "shape": list(shape),
                     "dtype": str(v.dtype).removeprefix("torch."),
-                    "shards": [{"file": fname, "offsets": [0] * len(shape), "shape": shape}],
+                    "shards": [{"file": fname, "offsets": list(offsets), "shape": local}],
                 }
+    if rank == 0:
         files["objects.pt"] = _save_file(objects, tmp / "objects.pt")
         for fname, text in (texts or {}).items():
             with open(tmp / fname, "w") as f:
@@ -247,8 +265,12 @@ def save_checkpoint(
 
     if distributed:
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, files)
-        files = {k: v for part in gathered for k, v in part.items()}
+        dist.all_gather_object(gathered, (files, entries))
+        files = {k: v for part, _ in gathered for k, v in part.items()}
+        # Every rank merges (and checks) the same entries, so a bad shard set fails on all ranks alike, not in a hang.
+        entries = _merge_entries([part for _, part in gathered])
+    else:
+        entries = _merge_entries([entries])
     if rank == 0:
         files = dict(sorted(files.items()))
         manifest = {"format": FORMAT_VERSION, "step": step, **meta, "tensors": entries, "files": files}
@@ -279,6 +301,32 @@ def save_checkpoint(
     if distributed:
         dist.barrier()
     return final
+
+
+def _merge_entries(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One manifest entry per tensor from every rank's entries: the shards of a tensor joined, checked to tile it."""
+    merged: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for name, e in part.items():
+            if name not in merged:
+                merged[name] = {**e, "shards": list(e["shards"])}
+                continue
+            m = merged[name]
+            if (m["group"], m["shape"], m["dtype"]) != (e["group"], e["shape"], e["dtype"]):
+                raise ValueError(
+                    f"save_checkpoint: ranks disagree on tensor {name}: {m['group']} {m['shape']} {m['dtype']} vs "
+                    f"{e['group']} {e['shape']} {e['dtype']}"
+                )
+            m["shards"].extend(e["shards"])
+    for name, m in merged.items():
+        m["shards"].sort(key=lambda sh: sh["offsets"])
+        covered = sum(math.prod(sh["shape"]) for sh in m["shards"])
+        if covered != math.prod(m["shape"]):
+            raise ValueError(
+                f"save_checkpoint: the shards of {name} hold {covered} of {math.prod(m['shape'])} elements "
+                "(a whole tensor passed by more than one rank, or a missing slice)"
+            )
+    return merged
 
 
 def apply_retention(root: str | Path, keep: int) -> list[Path]:

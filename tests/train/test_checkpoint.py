@@ -103,3 +103,30 @@ def test_retention_and_latest(tmp_path):
     assert resolve_checkpoint_path(tmp_path.parent / tmp_path.name).name == "step_00000004"
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint_path(tmp_path / "nope")
+
+
+def test_shards_are_placed_at_their_offsets_and_must_tile_the_tensor(tmp_path):
+    full = torch.arange(12.0).reshape(4, 3)
+
+    def save(step, part, offsets, shape=(4, 3)):
+        return save_checkpoint(
+            tmp_path,
+            step,
+            tensors={"model": {"w": part}},
+            objects={},
+            rank_objects={},
+            meta={},
+            shards={"w": (list(shape), offsets)},
+        )
+
+    # One rank's shard that is the whole tensor: written as one shard, loaded as is.
+    assert torch.equal(load_checkpoint(save(1, full, [0, 0])).tensors["model"]["w"], full)
+    # A slice that leaves rows out is refused at save time, and a manifest whose shards do not tile at load time.
+    with pytest.raises(ValueError, match="the shards of w hold 6 of 12 elements"):
+        save(2, full[2:], [2, 0])
+    path = save(3, full, [0, 0])
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["tensors"]["w"]["shape"] = [8, 3]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="its shards hold 12 of 24 elements"):
+        load_checkpoint(path, verify=False)
