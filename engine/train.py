@@ -4,7 +4,10 @@ One optimizer step consumes `train.global_batch` sequences = micro batch x gradi
 sequences it sees depends only on the global sample counter (`consumed_samples`), never on the layout, so the same
 config trains on the same data with 1 or N processes, and a checkpoint's data position is that one integer.
 Precision: fp32 on CPU; bf16 autocast over fp32 master weights on CUDA; fp16 autocast with dynamic loss scaling.
-Data parallelism is torch's DistributedDataParallel for now (no_sync on all but the last micro step).
+Data parallelism is torch's DistributedDataParallel for now (no_sync on all but the last micro step), over the dp
+group of the grid. Tensor parallelism (`parallel.tp`, optionally `parallel.sp`) uses the model's Megatron layers:
+the tp ranks of one dp rank see the same batch; after backward the partial tp gradients are summed
+(`finish_tp_grads`) and the clipping norm counts every element once over the model-parallel group. World = tp x dp.
 
 Resume exactness (DESIGN.md, contract 3): the LR is a pure function of the step, the data position is
 consumed_samples, and model, optimizer, loss-scaler and RNG states are restored exactly, so N straight steps and
@@ -109,13 +112,18 @@ def _check_basic(cfg: Config) -> None:
     if cfg.train.fp8 != "off":
         raise TrainError("train.fp8 is not supported by this training loop yet; use --train.fp8 off")
     p = cfg.parallel
-    for key in ("tp", "pp", "cp", "dp_shard"):
+    if isinstance(p.tp, bool) or not isinstance(p.tp, int) or p.tp < 1:
+        raise ConfigError(f"parallel.tp must be a positive integer, got {p.tp!r}")
+    for key in ("pp", "cp", "dp_shard"):
         if getattr(p, key) != 1:
             raise TrainError(f"parallel.{key}={getattr(p, key)} is not supported by this training loop yet; use 1")
     if cfg.checkpoint.async_:
         raise TrainError("checkpoint.async is not supported by this training loop yet; use --checkpoint.async false")
-    if p.zero1 or p.sp:
-        raise TrainError("parallel.zero1/parallel.sp are not supported by this training loop yet; set them false")
+    if p.zero1:
+        raise TrainError("parallel.zero1 is not supported by this training loop yet; set it false")
+    if p.tp > 1 and cfg.optim.name == "adafactor":
+        # Its factored second moments and RMS scalings are statistics of whole matrices: on tp shards they differ.
+        raise TrainError("optim.name adafactor does not support parallel.tp > 1 yet; use --optim.name adamw or tp 1")
     if not cfg.run.dir:
         raise ConfigError("run.dir must not be empty")
 
@@ -234,6 +242,31 @@ def _eval_dataset(path: str, num_samples: int, seq_len: int, seed: int, vocab_si
     return GPTDataset(path, num_samples, seq_len, seed, vocab_size=vocab_size)
 
 
+def _layout_text(layout: dict[str, Any]) -> str:
+    keys = ("world_size", "dp", "tp", "sp", "pp", "cp", "dp_shard")
+    return " ".join(f"{k}={layout[k]}" for k in keys if k in layout)
+
+
+def _shard_slice(param: torch.Tensor) -> tuple[int, int, int]:
+    """(dim, start, rows): where a tp-sharded parameter's valid rows sit in its full unpadded tensor; its local rows
+    past `rows` are vocabulary padding (zero, never saved)."""
+    dim, size = param.partition_dim, param.shape[param.partition_dim]
+    start = param.partition_rank * size
+    return dim, start, max(0, min(size, param.full_shape[dim] - start))
+
+
+def _local_shard(full: torch.Tensor, param: torch.Tensor, what: str) -> torch.Tensor:
+    """This rank's slice of a checkpoint's full tensor, shaped like the sharded `param` (padding zero)."""
+    from engine.checkpoint.checkpointer import CheckpointError
+
+    if tuple(full.shape) != tuple(param.full_shape):
+        raise CheckpointError(f"checkpoint tensor {what} has shape {tuple(full.shape)}, expected {param.full_shape}")
+    dim, start, rows = _shard_slice(param)
+    out = full.new_zeros(param.shape)
+    out.narrow(dim, 0, rows).copy_(full.narrow(dim, start, rows))
+    return out
+
+
 def _micro_batches(consumed: int, global_batch: int, micro: int, dp_rank: int, dp: int) -> list[list[int]]:
     from engine.data.sampler import micro_batch_indices
 
@@ -291,6 +324,7 @@ class _Run:
             complete_checkpoints,
             latest_checkpoint,
             load_checkpoint,
+            read_manifest,
             resolve_checkpoint_path,
         )
 
@@ -314,20 +348,29 @@ class _Run:
 
         from engine.model.gpt import GPT, flops_per_token, resolve
         from engine.optim import build_optimizer
-        from engine.parallel.state import initialize
+        from engine.parallel import state
 
+        # The model's shape against tp first (any vocabulary will do): a head count tp cannot split fails in a
+        # second, before process groups and data preparation.
+        self.tp, self.sp = cfg.parallel.tp, cfg.parallel.sp and cfg.parallel.tp > 1
+        resolve(cfg.model, tokenizer_vocab=1, tp=self.tp, sequence_parallel=self.sp)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.owns_parallel = not _parallel_initialized()
-        initialize(backend=backend)
-        self.distributed = dist.is_initialized() and dist.get_world_size() > 1
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.dp, self.dp_rank = self.world, self.rank  # tp = pp = cp = dp_shard = 1 in this loop
+        state.initialize(tp=self.tp, backend=backend)
+        self.world = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.distributed = self.world > 1
+        self.dp, self.dp_rank = state.get_dp_world_size(), state.get_dp_rank()
+        self.tp_rank = state.get_tp_rank()
+        self.dp_group = state.get_dp_group()
+        self.mp_group = state.get_model_parallel_group()  # ranks holding different shards: the global grad norm
+        self.layout = {"world_size": self.world, "dp": self.dp, "tp": self.tp, "sp": self.sp, "pp": 1, "cp": 1}
+        self.layout["dp_shard"] = 1
         self.micro, self.accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, self.dp)
 
         data = _load_data_sources(cfg)
         self.tokenizer = data.tokenizer
-        model_cfg = resolve(cfg.model, tokenizer_vocab=self.tokenizer.vocab_size)
+        model_cfg = resolve(cfg.model, tokenizer_vocab=self.tokenizer.vocab_size, tp=self.tp, sequence_parallel=self.sp)
         self.rcfg = resolved_config(cfg, model_cfg)
         self.flops_per_token = flops_per_token(model_cfg)
 
@@ -343,6 +386,13 @@ class _Run:
         # Checkpoint: verified (checksums) and compared with this config before the model is touched.
         self.loaded = None
         if resume_path is not None:
+            saved = read_manifest(resume_path).get("layout", {})
+            if saved.get("tp", 1) != self.tp:
+                raise CheckpointError(
+                    f"checkpoint {resume_path} was saved with tp={saved.get('tp', 1)} ({_layout_text(saved)}), this "
+                    f"run has tp={self.tp} ({_layout_text(self.layout)}); resuming into another tp (resharding) is "
+                    f"not implemented yet: run with --parallel.tp {saved.get('tp', 1)}"
+                )
             self.loaded = load_checkpoint(resume_path, rank=self.rank)
             diffs = config_differences(self.loaded.manifest.get("config", {}), self.rcfg.to_dict())
             if diffs and not cfg.checkpoint.force_resume:
@@ -351,41 +401,73 @@ class _Run:
                     "use another --run.dir, or --checkpoint.force_resume true to resume anyway"
                 )
 
-        # Model and optimizer: the same seed on every rank gives identical replicas (DDP also broadcasts rank 0's).
+        # Model and optimizer: the same seed on every rank gives identical replicas (DDP also broadcasts rank 0's), and
+        # tp shards cut from the same full tensors the one-process model draws.
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
-        self.model = GPT(model_cfg).to(self.device)
+        tp_group = state.get_tp_group() if self.tp > 1 else None
+        self.model = GPT(model_cfg, tp_group=tp_group, sequence_parallel=self.sp).to(self.device)
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        # Dropout masks differ between data-parallel ranks; contract 1 (layout invariance) assumes dropout 0.
-        torch.manual_seed(cfg.train.seed + 1 + self.rank)
+        # Dropout masks differ between data-parallel ranks; contract 1 (layout invariance) assumes dropout 0. The
+        # default stream must stay equal over the tp ranks of one dp rank (replicated regions draw the same masks).
+        torch.manual_seed(cfg.train.seed + 1 + self.dp_rank)
+        if self.model.rng_tracker is not None:
+            # The model seeded its per-tp-rank stream with seed + 2718 + tp_rank: the dp replicas of a tp rank would
+            # draw the same masks. The global rank keeps dp rank 0 (and dp = 1) on the model's own seeds.
+            from engine.parallel.random import TP_SEED_OFFSET, RNGStatesTracker
+
+            fresh = RNGStatesTracker()
+            fresh.add("tp", cfg.train.seed + TP_SEED_OFFSET + self.dp_rank * self.tp + self.tp_rank)
+            self.model.rng_tracker.set_states(fresh.get_states())
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == "fp16" else None
         self.step = 0
         self.consumed = 0
         if self.loaded is not None:
             self._restore(self.loaded)
         self.ddp = self.model
-        if self.distributed:
+        if self.dp > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.ddp = DDP(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                process_group=self.dp_group,
+            )
 
     def _restore(self, ck: Any) -> None:
         from engine.checkpoint.checkpointer import CheckpointError
         from engine.checkpoint.state import named_to_optimizer_state, restore_rng_state
+        from engine.parallel.random import is_sharded
 
+        model_sd, optim_sd = ck.tensors["model"], ck.tensors.get("optim", {})
+        if self.tp > 1:  # the checkpoint holds full tensors: keep this rank's slices
+            sharded = {n: p for n, p in self.model.named_parameters() if is_sharded(p)}
+            model_sd = {k: _local_shard(v, sharded[k], k) if k in sharded else v for k, v in model_sd.items()}
+            optim_sd = {k: self._local_optim(k, v, sharded) for k, v in optim_sd.items()}
         try:
-            self.model.load_state_dict(ck.tensors["model"], strict=True)
-            named_to_optimizer_state(self.optimizer, self.param_names, ck.tensors.get("optim", {}), ck.objects["optim"])
+            self.model.load_state_dict(model_sd, strict=True)
+            named_to_optimizer_state(self.optimizer, self.param_names, optim_sd, ck.objects["optim"])
         except (RuntimeError, KeyError) as e:
             raise CheckpointError(f"checkpoint {ck.path} does not fit this model: {_one_line(e)}") from None
         if self.scaler is not None and ck.objects.get("scaler"):
             self.scaler.load_state_dict(ck.objects["scaler"])
         if ck.rank_objects is not None:  # same rank existed when it was saved (a new layout keeps fresh seeds)
             restore_rng_state(ck.rank_objects["rng"], self.device)
+            tracker = ck.rank_objects.get("rng_tracker")
+            if tracker and self.model.rng_tracker is not None:  # same tp (checked), so the same tp rank
+                self.model.rng_tracker.set_states({k: tuple(v) for k, v in tracker.items()})
         self.step = int(ck.manifest["step"])
         self.consumed = int(ck.manifest["consumed_samples"])
+
+    @staticmethod
+    def _local_optim(key: str, value: torch.Tensor, sharded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """An optimizer tensor `optim.<param>.<state>` sliced like its parameter when that is sharded and the state
+        is per element (exp_avg, ...); scalars such as `step` are replicated."""
+        name = key[len("optim.") :].rpartition(".")[0]
+        p = sharded.get(name)
+        return _local_shard(value, p, key) if p is not None and value.dim() == p.dim() else value
 
     # -- one optimizer step -----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -407,16 +489,27 @@ class _Run:
         for i, idx in enumerate(batches):
             x, y = _collate(self.train_ds, idx, self.device)
             last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if (last or not self.distributed) else self.ddp.no_sync()
+            sync = contextlib.nullcontext() if (last or self.dp == 1) else self.ddp.no_sync()
             with sync:
                 with self._autocast():
                     loss = self.ddp(x, y)
                 scaled = loss / len(batches)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
+        params = list(self.model.parameters())
+        if self.tp > 1:
+            from engine.parallel.grads import finish_tp_grads, norm_parameters
+
+            finish_tp_grads(self.model)  # after the last micro batch: DDP has reduced over dp (the sum is linear)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(list(self.model.parameters()), cfg.optim.clip)
+            if self.tp > 1:
+                _agree_found_inf(self.scaler, self.optimizer, self.mp_group)
+        if self.tp > 1:
+            norm_params = norm_parameters(self.model)
+            grad_norm = clip_grad_norm(params, cfg.optim.clip, group=self.mp_group, norm_parameters=norm_params)
+        else:
+            grad_norm = clip_grad_norm(params, cfg.optim.clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -425,8 +518,8 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.consumed += cfg.train.global_batch
-        if self.distributed:
-            dist.all_reduce(loss_sum)
+        if self.dp > 1:  # the tp ranks of a dp rank already hold the same full loss
+            dist.all_reduce(loss_sum, group=self.dp_group)
         return loss_sum.item() / (len(batches) * self.dp), lr, float(grad_norm)
 
     @torch.no_grad()
@@ -443,8 +536,8 @@ class _Run:
                     total += self.model(x, y).double()
                 count += 1
         self.model.train()
-        if self.distributed:
-            dist.all_reduce(total)
+        if self.dp > 1:
+            dist.all_reduce(total, group=self.dp_group)
             count *= self.dp
         return total.item() / count
 
@@ -454,29 +547,75 @@ class _Run:
         from engine.checkpoint.state import capture_rng_state, optimizer_state_to_named
 
         otensors, ometa = optimizer_state_to_named(self.optimizer, self.param_names)
+        tensors = {"model": dict(self.model.state_dict()), "optim": otensors}
+        shards: dict[str, tuple[list[int], list[int]]] = {}
+        if self.tp > 1:
+            tensors, shards = self._tp_shards(tensors)
         meta = {
             "consumed_samples": self.consumed,
             "scheduler": {"step": self.step, "decay_steps": self.rcfg.optim.decay_steps},
-            "layout": {"world_size": self.world, "dp": self.dp, "tp": 1, "pp": 1, "cp": 1, "dp_shard": 1},
+            "layout": self.layout,
             "config": self.rcfg.to_dict(),
         }
         objects = {"optim": ometa, "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        tracker = self.model.rng_tracker
         return save_checkpoint(
             self.ckpt_root,
             self.step,
-            tensors={"model": dict(self.model.state_dict()), "optim": otensors},
+            tensors=tensors,
             objects=objects,
-            rank_objects={"rng": capture_rng_state(self.device)},
+            rank_objects={
+                "rng": capture_rng_state(self.device),
+                "rng_tracker": tracker.get_states() if tracker is not None else None,
+            },
             meta=meta,
             texts={"config.toml": self.rcfg.to_toml()},
             keep=self.cfg.checkpoint.keep,
+            shards=shards,
+            write_tensors=self.dp_rank == 0,
         )
+
+    def _tp_shards(
+        self, tensors: dict[str, dict[str, torch.Tensor]]
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, tuple[list[int], list[int]]]]:
+        """What this rank writes under tp: its slices of sharded parameters (and of their per-element optimizer
+        state) without vocabulary padding, with their place in the full tensor; tp rank 0 also the replicated ones."""
+        from engine.parallel.random import is_sharded
+
+        sharded = {n: p for n, p in self.model.named_parameters() if is_sharded(p)}
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        shards: dict[str, tuple[list[int], list[int]]] = {}
+        for group, named in tensors.items():
+            out[group] = {}
+            for key, value in named.items():
+                name = key[len("optim.") :].rpartition(".")[0] if group == "optim" else key
+                p = sharded.get(name)
+                if p is None or value.dim() != p.dim():
+                    if self.tp_rank == 0:
+                        out[group][key] = value
+                    continue
+                dim, start, rows = _shard_slice(p)
+                if rows == 0:  # a shard of nothing but padding
+                    continue
+                out[group][key] = value.narrow(dim, 0, rows)
+                offsets = [0] * value.dim()
+                offsets[dim] = start
+                shards[key] = (list(p.full_shape), offsets)
+        return out, shards
 
     def close(self) -> None:
         if self.owns_parallel:
             from engine.parallel.state import destroy
 
             destroy()
+
+
+def _agree_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, group: Any) -> None:
+    """fp16 under tp: an overflow in one rank's shard must skip the step (and back off the scale) on every rank of
+    the model-parallel group, or the shards of one model would diverge. GradScaler keeps the flags of `unscale_`
+    per optimizer; `step` and `update` read them afterwards, so a max over the group here is what both see."""
+    for found in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
 
 
 def _parallel_initialized() -> bool:
@@ -525,11 +664,14 @@ def _loop(run: _Run) -> TrainResult:
     )
     result = TrainResult(start_step=run.step, end_step=run.step, run_dir=str(run.run_dir))
     try:
-        m = run.model
+        from engine.model.gpt import count_params
+
+        # The whole model's counts (under tp the module holds only this rank's shards).
+        n, n_body = count_params(rcfg.model), count_params(rcfg.model, non_embedding=True)
+        tp = f", tp {run.tp}{' + sp' if run.sp else ''}" if run.tp > 1 else ""
         logger.write(
-            f"model: {rcfg.model.arch}, {m.num_params() / 1e6:.2f}M parameters "
-            f"({m.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
-            f"{run.flops_per_token / 1e6:.2f} MFLOPs/token; device {run.device.type} ({run.dtype}), dp {run.dp}, "
+            f"model: {rcfg.model.arch}, {n / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
+            f"{run.flops_per_token / 1e6:.2f} MFLOPs/token; device {run.device.type} ({run.dtype}), dp {run.dp}{tp}, "
             f"micro batch {run.micro} x {run.accum} accumulation x {run.dp} = {cfg.train.global_batch}"
         )
         if run.loaded is not None:
