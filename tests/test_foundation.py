@@ -108,3 +108,10 @@ def test_kernel_exports_are_functions_after_submodule_imports():
     for name in kernels.__all__:
         obj = getattr(kernels, name)
         assert callable(obj) and not isinstance(obj, type(kernels)), name
+
+
+def test_parallel_exports_resolve():
+    import engine.parallel
+
+    for name in engine.parallel.__all__:
+        assert getattr(engine.parallel, name) is not None, name

@@ -21,6 +21,7 @@ _STATE = [
     "get_dp_group",
     "get_dp_rank",
     "get_dp_world_size",
+    "get_model_parallel_group",
 ]
 _TENSOR = [
     "ColumnParallelLinear",
@@ -33,10 +34,14 @@ _TENSOR = [
     "check_tp_divisibility",
 ]
 _SEQUENCE = ["mark_sequence_parallel", "allreduce_sequence_parallel_grads"]
+_GRADS = ["finish_tp_grads", "norm_parameters", "model_tp_group"]
+_RANDOM = ["RNGStatesTracker", "maybe_fork", "recompute_context_fn"]
 _EXPORTS = {
     **{name: "engine.parallel.state" for name in _STATE},
     **{name: "engine.parallel.tensor" for name in _TENSOR},
     **{name: "engine.parallel.sequence" for name in _SEQUENCE},
+    **{name: "engine.parallel.grads" for name in _GRADS},
+    **{name: "engine.parallel.random" for name in _RANDOM},
     "count_collectives": "engine.parallel.comm_count",
 }
 __all__ = sorted(_EXPORTS)
