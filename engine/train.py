@@ -200,13 +200,14 @@ class SampleStream:
     Epoch e is a one-epoch `GPTDataset` shuffled with seed + e (a blend: a `BlendedDataset` over one epoch of each
     component). Its length never depends on how long the run is, so a run extended on resume sees exactly the
     samples a straight run would (contract 3). Epochs are built lazily, when the stream first reaches them.
+    `cache_dir` keeps each epoch's index arrays and the vocabulary scan for later runs (None: rebuilt every time).
     """
 
-    def __init__(self, path: str, seq_len: int, seed: int, vocab_size: int) -> None:
+    def __init__(self, path: str, seq_len: int, seed: int, vocab_size: int, cache_dir: str | None = None) -> None:
         from engine.data.blended_dataset import parse_blend
 
         self.blend = [(w, prefix) for w, prefix in parse_blend(path) if w > 0]
-        self.seq_len, self.seed, self.vocab_size = seq_len, seed, vocab_size
+        self.seq_len, self.seed, self.vocab_size, self.cache_dir = seq_len, seed, vocab_size, cache_dir
         self._epochs: dict[int, Any] = {0: self._build(0)}
         self.epoch_len = len(self._epochs[0])
 
@@ -214,7 +215,10 @@ class SampleStream:
         from engine.data.gpt_dataset import GPTDataset
 
         seed = self.seed + epoch
-        parts = [GPTDataset(prefix, None, self.seq_len, seed, vocab_size=self.vocab_size) for _, prefix in self.blend]
+        parts = [
+            GPTDataset(prefix, None, self.seq_len, seed, self.cache_dir, vocab_size=self.vocab_size)
+            for _, prefix in self.blend
+        ]
         if len(parts) == 1:
             return parts[0]
         from engine.data.blended_dataset import BlendedDataset
@@ -235,11 +239,13 @@ class SampleStream:
         return self._epochs[epoch][i % len(self._epochs[epoch])]
 
 
-def _eval_dataset(path: str, num_samples: int, seq_len: int, seed: int, vocab_size: int) -> Any:
+def _eval_dataset(
+    path: str, num_samples: int, seq_len: int, seed: int, vocab_size: int, cache_dir: str | None = None
+) -> Any:
     """A fixed set of `num_samples` held-out samples (the same ones every eval, in every layout)."""
     from engine.data.gpt_dataset import GPTDataset
 
-    return GPTDataset(path, num_samples, seq_len, seed, vocab_size=vocab_size)
+    return GPTDataset(path, num_samples, seq_len, seed, cache_dir, split="valid", vocab_size=vocab_size)
 
 
 def _layout_text(layout: dict[str, Any]) -> str:
@@ -376,12 +382,17 @@ class _Run:
 
         # Data: the training stream is indexed by the global sample counter (consumed_samples).
         gb, seq, seed, vocab = cfg.train.global_batch, model_cfg.seq_len, cfg.train.seed, model_cfg.vocab_size
-        self.train_ds = SampleStream(data.train_prefix, seq, seed, vocab)
+        # Index arrays under the engine cache (keyed there by the data's checksum, seq_len, seed...): a later run on
+        # the same data skips the shuffles and the vocabulary scan of the .bin.
+        from engine.data._files import cache_root
+
+        index_cache = os.path.join(cache_root(cfg.data.cache_dir or None), "indices")
+        self.train_ds = SampleStream(data.train_prefix, seq, seed, vocab, index_cache)
         self.valid_ds = None
         if cfg.eval.every > 0:
             if not data.valid_prefix:
                 raise ConfigError("eval.every > 0 needs data.valid_path (a held-out prefix); or set --eval.every 0")
-            self.valid_ds = _eval_dataset(data.valid_prefix, cfg.eval.batches * gb, seq, seed, vocab)
+            self.valid_ds = _eval_dataset(data.valid_prefix, cfg.eval.batches * gb, seq, seed, vocab, index_cache)
 
         # Checkpoint: verified (checksums) and compared with this config before the model is touched.
         self.loaded = None

@@ -52,5 +52,16 @@ def tiny_args(run_dir, train_prefix, valid_prefix, **overrides) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def engine_cache(tmp_path_factory) -> str:
+    """A session-wide ENGINE_CACHE, so training tests never write index caches to ~/.cache."""
+    return str(tmp_path_factory.mktemp("engine_cache"))
+
+
+@pytest.fixture(autouse=True)
+def _private_engine_cache(engine_cache, monkeypatch):
+    monkeypatch.setenv("ENGINE_CACHE", engine_cache)  # spawned ranks inherit it
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     return build_tiny_data(tmp_path_factory.mktemp("tiny_data"))

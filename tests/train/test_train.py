@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny model: metrics, run directory, checkpoints, resume exactness."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +18,13 @@ def _train(run_dir, data, **overrides):
     return train(load_config(tiny_args(run_dir, *data, **overrides)))
 
 
-def test_metrics_config_and_retention(tmp_path, tiny_data):
+def test_metrics_config_and_retention(tmp_path, tiny_data, engine_cache):
     run = tmp_path / "run"
     res = _train(run, tiny_data, checkpoint__every=1, checkpoint__keep=2)
+    # The index arrays of both splits and the vocabulary scan are cached under $ENGINE_CACHE for later runs.
+    cache = Path(engine_cache) / "indices"
+    for pattern in ("gpt-*-train-description.json", "gpt-*-valid-description.json", "tokens-*.json"):
+        assert list(cache.glob(pattern)), pattern
     recs = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in recs] == list(range(0, 7))  # step 0: the validation loss before training
     for r in recs[1:]:
