@@ -221,13 +221,13 @@ class SampleStream:
         ]
         if len(parts) == 1:
             return parts[0]
-        from engine.data.blended_dataset import BlendedDataset
+        from engine.data.blended_dataset import _MARGIN, BlendedDataset
 
         weights = [w for w, _ in self.blend]
         total = sum(weights)
         # The longest blend that exhausts no component: component i supplies len_i samples at share w_i / total
-        # (less a margin: the greedy blend strays up to about one sample from the exact proportions).
-        size = int(min(len(p) * total / w for p, w in zip(parts, weights)) * 0.995) - 1
+        # (less the blend's own margin: the greedy blend strays up to about one sample from the exact proportions).
+        size = int(min(len(p) * total / w for p, w in zip(parts, weights)) * (1 - _MARGIN)) - 1
         if size < 1:
             raise ConfigError(f"data.path blend {self.blend} is too small to draw one sample from every dataset")
         return BlendedDataset(parts, weights, size)
