@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.data._files import atomic_write, fsync_path
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -54,14 +56,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_file(obj: Any, path: Path) -> dict[str, Any]:
@@ -278,7 +272,7 @@ def save_checkpoint(
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if final.exists():  # the same step saved again (e.g. a resumed run that ends where it started)
             old = root / f".{name}.old"
             if old.exists():
@@ -288,14 +282,9 @@ def save_checkpoint(
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _fsync_path(root)
-        pointer_tmp = root / f".{LATEST}.tmp"
-        with open(pointer_tmp, "w") as f:
+        fsync_path(root)
+        with atomic_write(str(root / LATEST), "w") as f:  # fsyncs the file, renames it into place, fsyncs root
             f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, root / LATEST)
-        _fsync_path(root)
         if keep > 0:
             apply_retention(root, keep)
     if distributed:
