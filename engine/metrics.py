@@ -85,33 +85,45 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def drop_records_after(path: str | Path, step: int) -> int:
-    """Removes records with `step` > step (a crashed run's steps that a resume will redo); returns how many.
+SUPERSEDED_NAME = "metrics.superseded.jsonl"  # records a resume or a fresh start replaced
 
-    The file is rewritten under a temporary name and renamed, so a crash here loses nothing.
+
+def drop_records_after(path: str | Path, step: int) -> int:
+    """Moves records with `step` > step (a crashed run's steps that a resume will redo) out of `path` into
+    `SUPERSEDED_NAME` beside it; returns how many. `path` then holds one record per step of the run's one timeline,
+    and nothing that was logged is lost.
+
+    The archive is appended and fsynced first, then `path` is rewritten under a temporary name and renamed, so a
+    crash in between leaves a record in both files, never in neither.
     """
     p = Path(path)
     if not p.exists():
         return 0
     lines = p.read_text().splitlines()
-    kept = []
+    kept, dropped = [], []
     for line in lines:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn line from a crash
         if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
-            continue
-        kept.append(line)
-    dropped = len(lines) - len(kept)
+            dropped.append(line)
+        else:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return 0
     if dropped:
-        tmp = p.with_name(p.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
+        with open(p.with_name(SUPERSEDED_NAME), "a") as f:
+            f.write("".join(line + "\n" for line in dropped))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
-    return dropped
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return len(dropped)
 
 
 def _json_value(v: Any) -> Any:
@@ -186,6 +198,8 @@ class MetricsLogger:
             post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
         if rec.get("mfu") is not None:
             post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+        if rec.get("mem_gb") is not None:
+            post["mem"] = f"{rec['mem_gb']:.2f}GB"
         if rec.get("val_loss") is not None:
             post["val"] = f"{rec['val_loss']:.4f}"
         if self._bar is not None:

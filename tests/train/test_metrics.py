@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from engine.metrics import (
+    SUPERSEDED_NAME,
     MetricsLogger,
     drop_records_after,
     memory_gb,
@@ -26,9 +27,18 @@ def test_resume_drops_a_crashed_runs_later_records(tmp_path):
     log.log({"step": 3, "loss": 9.0})
     log.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")][2:] == [(2, 1 / 3), (3, 9.0)]
-    # A fresh start redoes every step, the step-0 evaluation included.
+    # A fresh start redoes every step, the step-0 evaluation included; the replaced records are kept aside, in order.
     assert drop_records_after(tmp_path / "metrics.jsonl", -1) == 4
     assert read_metrics(tmp_path / "metrics.jsonl") == []
+    superseded = read_metrics(tmp_path / SUPERSEDED_NAME)
+    assert [(r["step"], r["loss"]) for r in superseded] == [
+        (3, 0.25),
+        (4, 0.2),
+        (0, None),
+        (1, 0.5),
+        (2, 1 / 3),
+        (3, 9.0),
+    ]
 
 
 def test_mfu_and_memory():
