@@ -7,6 +7,7 @@ crash or Ctrl-C never leaves a half-written file under the final name (rename is
 import contextlib
 import fcntl
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -17,10 +18,44 @@ def cache_root(cache_dir: str | None = None) -> str:
     return os.path.abspath(root)
 
 
-def temp_path(path: str) -> str:
-    """A unique temporary name beside `path` (same directory, so the final rename stays atomic)."""
+def _temp_stem(path: str) -> tuple[str, str]:
     head, tail = os.path.split(os.path.abspath(path))
-    return os.path.join(head, f".{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    host = socket.gethostname().replace("-", "_") or "host"  # '-' separates the name's fields
+    return head, f".{tail}.tmp-{host}-"
+
+
+def temp_path(path: str) -> str:
+    """A unique temporary name beside `path` (same directory, so the final rename stays atomic), naming the host and
+    process that write it so that `remove_stale_temps` can tell an abandoned one from one being written."""
+    head, stem = _temp_stem(path)
+    return os.path.join(head, f"{stem}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Removes temporary files of `path` left by killed writers (SIGKILL, power loss) on this host: those whose
+    process is gone. Temporaries of live processes, and of other hosts sharing the filesystem, are left alone.
+    Returns the removed paths."""
+    head, stem = _temp_stem(path)
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(head):
+            if not name.startswith(stem):
+                continue
+            pid = name[len(stem) :].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                remove_quietly(os.path.join(head, name))
+                removed.append(os.path.join(head, name))
+    return removed
 
 
 def fsync_path(path: str) -> None:

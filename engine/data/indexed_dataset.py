@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from numpy.typing import DTypeLike
 
-from engine.data._files import fsync_dir, remove_quietly, temp_path
+from engine.data._files import fsync_dir, remove_quietly, remove_stale_temps, temp_path
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -239,6 +239,8 @@ class IndexedDatasetBuilder:
             raise ValueError(f"dtype {self.dtype.name} cannot hold token ids of a vocabulary of {vocab_size}")
         self.prefix = str(prefix)
         os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
+        for final in (bin_path(self.prefix), idx_path(self.prefix)):
+            remove_stale_temps(final)
         self._tmp_bin = temp_path(bin_path(self.prefix))
         self._tmp_idx = temp_path(idx_path(self.prefix))
         self._file = open(self._tmp_bin, "wb")  # noqa: SIM115 (closed in finalize/abort)

@@ -202,6 +202,31 @@ def test_interrupted_build_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_killed_builders_temporaries_are_removed_by_the_next_build(tmp_path):
+    """SIGKILL skips every cleanup: the next builder of the same prefix removes the dead writer's temporaries, but
+    never those of a live process or of another host."""
+    import subprocess
+    import sys
+
+    from engine.data._files import _temp_stem
+
+    prefix = str(tmp_path / "ds")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that no longer runs (reuse in the next instants is vanishingly unlikely)
+    head, bin_stem = _temp_stem(prefix + ".bin")  # ".ds.bin.tmp-HOST-"
+    _, idx_stem = _temp_stem(prefix + ".idx")
+    dead = os.path.join(head, f"{bin_stem}{child.pid}-0123abcd")
+    live = os.path.join(head, f"{idx_stem}1-0123abcd")  # pid 1 always runs
+    other_host = os.path.join(head, f".ds.bin.tmp-otherhost-{child.pid}-0123abcd")
+    for p in (dead, live, other_host):
+        open(p, "w").close()
+    with IndexedDatasetBuilder(prefix) as b:
+        b.add_document([1, 2, 3])
+    assert not os.path.exists(dead)
+    assert os.path.exists(live) and os.path.exists(other_host)
+    assert IndexedDataset(prefix)[0].tolist() == [1, 2, 3]
+
+
 def test_rebuild_replaces_old_dataset(make_dataset):
     make_dataset([[1, 2, 3]] * 10, name="p")
     prefix = make_dataset([[4]], name="p")
