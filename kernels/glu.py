@@ -9,6 +9,9 @@ The backward recomputes the activation from the saved inputs instead of storing 
 beyond gate and up (which the preceding matmuls' backward keeps anyway). Inputs may be row-strided views, e.g. the
 two halves of one fused projection (``proj(x).chunk(2, -1)``); they are read in place. All math in fp32 (fp64 for
 fp64 inputs).
+
+`SwiGLU` and `GeGLU` are parameter-free module drop-ins taking ``(gate, up)``, or one ``gate_up`` tensor holding
+both halves on its last dim (a fused gate/up projection's output).
 """
 
 from __future__ import annotations
@@ -175,6 +178,44 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(gate) * up`` (tanh-approximate GELU), fused; output dtype is the promoted dtype of gate and up."""
     return _glu("kernels.geglu", gate, up, _GELU_TANH)
+
+
+class _GLU(torch.nn.Module):
+    # Subclasses set _fn (the functional op) and _name (for error messages).
+    def forward(self, gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        if up is None:
+            gate_up = gate
+            if not isinstance(gate_up, torch.Tensor) or gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+                shape = tuple(gate_up.shape) if isinstance(gate_up, torch.Tensor) else type(gate_up).__name__
+                raise ValueError(
+                    f"kernels.{self._name}: a single input must hold gate and up concatenated on its last dim "
+                    f"(even size), got {shape}"
+                )
+            gate, up = gate_up.chunk(2, dim=-1)  # row-strided views, read in place by the kernel
+        return self._fn(gate, up)
+
+
+class SwiGLU(_GLU):
+    """Parameter-free module: ``forward(gate, up)`` is `swiglu(gate, up)` = ``silu(gate) * up``.
+
+    ``forward(gate_up)`` with one tensor takes gate and up as its first and second halves on the last dim, the
+    layout of a fused gate/up projection's output (``gate_up.chunk(2, -1)``, read in place), and returns a tensor
+    of half its last dim.
+    """
+
+    _fn = staticmethod(swiglu)
+    _name = "SwiGLU"
+
+
+class GeGLU(_GLU):
+    """Parameter-free module: ``forward(gate, up)`` is `geglu(gate, up)` = ``gelu_tanh(gate) * up``.
+
+    ``forward(gate_up)`` with one tensor takes gate and up as its first and second halves on the last dim, as
+    `SwiGLU`.
+    """
+
+    _fn = staticmethod(geglu)
+    _name = "GeGLU"
 
 
 def _compute_dtype(gate, up, upcast):

@@ -281,3 +281,59 @@ def rope_cos_sin(
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float64), inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Drop-in RoPE module: holds the cos/sin tables and ``forward(x, offset=0, position_ids=None)`` is
+    `apply_rope` (x of shape (batch, seq, heads, head_dim), positions as there; returns a new tensor).
+
+    The tables (`rope_cos_sin` with base ``theta``, ``max_seq_len`` rows, in ``dtype``) are non-persistent buffers:
+    they follow ``.to(device)`` and stay out of the state dict. They grow when a call needs rows past the end
+    (``offset + seq``), to at least twice their size, and are rebuilt in ``dtype`` on x's device if a module-wide
+    ``.to(dtype)``/``.half()`` cast them or x lives elsewhere, so they keep full precision whatever the model's dtype
+    (the kernel does its math in fp32 anyway). Rebuilt rows equal the old ones bit for bit. With ``position_ids``
+    the tables are grown only to ``offset + seq`` rows (reading the ids' maximum would cost a device sync): ids
+    must stay below ``max_seq_len``; construct the module with enough rows for them.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float = 10000.0,
+        max_seq_len: int = 2048,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"kernels.RotaryEmbedding: head_dim must be a positive even number, got {head_dim}")
+        if max_seq_len < 0:
+            raise ValueError(f"kernels.RotaryEmbedding: max_seq_len must be >= 0, got {max_seq_len}")
+        self.head_dim, self.theta, self.table_dtype = head_dim, float(theta), dtype
+        cos, sin = rope_cos_sin(max_seq_len, head_dim, self.theta, device=device, dtype=dtype)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        """Rows in the tables now (positions 0 .. max_seq_len - 1)."""
+        return self.cos.shape[0]
+
+    def _tables(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        have = self.cos.shape[0]
+        if rows > have or self.cos.dtype != self.table_dtype or self.cos.device != device:
+            n = max(rows, 2 * have) if rows > have else have
+            self.cos, self.sin = rope_cos_sin(n, self.head_dim, self.theta, device=device, dtype=self.table_dtype)
+        return self.cos, self.sin
+
+    def forward(self, x: torch.Tensor, offset: int = 0, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"kernels.RotaryEmbedding: x must be (batch, seq, heads, {self.head_dim}), got {tuple(x.shape)}"
+            )
+        offset = int(offset)
+        cos, sin = self._tables(max(offset, 0) + x.shape[1], x.device)
+        return apply_rope(x, cos, sin, position_ids=position_ids, offset=offset)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}, max_seq_len={self.max_seq_len}"

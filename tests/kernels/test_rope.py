@@ -177,3 +177,33 @@ def test_bad_input_is_one_line_error(call, message):
     with pytest.raises(ValueError) as e:
         call(x, cos, sin)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rotary_embedding_module():
+    """kernels.RotaryEmbedding equals apply_rope / the reference on tables from rope_cos_sin, forward and backward,
+    on x (batch, seq, heads, head_dim) with an offset and with position ids; its tables are non-persistent buffers
+    that grow (bit-identical rows) when offset + seq passes their end, and stay fp32 under a module-wide .half()."""
+    from kernels import RotaryEmbedding
+
+    shape, theta = (2, 5, 3, 6), 100.0
+    rope = RotaryEmbedding(6, theta=theta, max_seq_len=6)
+    assert not rope.state_dict() and {n for n, _ in rope.named_buffers()} == {"cos", "sin"}
+    cos, sin = rope_cos_sin(16, 6, base=theta)
+    assert torch.equal(rope.cos, cos[:6]) and torch.equal(rope.sin, sin[:6])
+    x, _, _, gy = make(shape, seed=9)
+    pid = torch.tensor([[5, 0, 2, 2, 1], [3, 4, 0, 1, 5]])
+    for kw in ({}, {"offset": 3}, {"position_ids": pid}, {"position_ids": pid[0], "offset": 1}):
+        y, gx = fwd_bwd(lambda t, c, s, **k: rope(t, **k), x, cos, sin, gy, **kw)
+        fy, fgx = fwd_bwd(apply_rope, x, cos, sin, gy, **kw)
+        ref, ref_gx = fwd_bwd(apply_rope_reference, x, cos, sin, gy, dtype=torch.float64, **kw)
+        assert torch.equal(y, fy) and torch.equal(gx, fgx), kw
+        assert rel_err(y, ref) <= 1e-5 and rel_err(gx, ref_gx) <= 1e-5, kw
+    assert rope.max_seq_len == 12  # offset 3 + seq 5 > 6 rows: doubled
+    assert torch.equal(rope.cos, cos[:12]) and torch.equal(rope.sin, sin[:12]) and not rope.state_dict()
+
+    rope.half()
+    y = rope(x.half(), offset=9)  # 14 rows needed: rebuilt in fp32 and grown
+    assert rope.cos.dtype == torch.float32 and rope.max_seq_len == 24
+    assert torch.equal(y, apply_rope(x.half(), *rope_cos_sin(24, 6, base=theta), offset=9))
+    with pytest.raises(ValueError, match=r"x must be \(batch, seq, heads, 6\), got \(2, 5, 3, 8\)"):
+        rope(torch.randn(2, 5, 3, 8))

@@ -143,3 +143,32 @@ def test_bad_input_is_one_line_error(call, message):
     with pytest.raises(ValueError) as e:
         call()
     assert message in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith("kernels.")
+
+
+@pytest.mark.parametrize("act", ["swiglu", "geglu"])
+def test_module_matches_function_and_reference(act):
+    """kernels.SwiGLU / kernels.GeGLU: no parameters; forward(gate, up) is the function, forward and backward; one
+    fused (.., 2F) input is split into gate (first half) and up (second half)."""
+    import kernels
+
+    module = {"swiglu": kernels.SwiGLU, "geglu": kernels.GeGLU}[act]()
+    assert list(module.parameters()) == [] and not module.state_dict()
+    gate, up, gy = make((3, 5, 13), seed=7)
+    out = fwd_bwd(module, gate, up, gy)
+    fn = fwd_bwd(KERNEL[act], gate, up, gy)
+    ref = fwd_bwd(REFERENCE[act], gate, up, gy, dtype=torch.float64)
+    for name, o, f, r in zip(("out", "d_gate", "d_up"), out, fn, ref):
+        assert torch.equal(o, f) and rel_err(o, r) <= 1e-5, name
+
+    fused = torch.cat((gate, up), dim=-1).requires_grad_()
+    y = module(fused)
+    assert y.shape == (3, 5, 13) and torch.equal(y, out[0])
+    (g,) = torch.autograd.grad(y, fused, gy)
+    assert torch.equal(g, torch.cat(out[1:], dim=-1))
+
+
+def test_module_single_input_must_have_an_even_last_dim():
+    import kernels
+
+    with pytest.raises(ValueError, match=r"kernels.SwiGLU: a single input .* \(even size\), got \(2, 7\)"):
+        kernels.SwiGLU()(torch.randn(2, 7))
