@@ -59,7 +59,8 @@ def parse_blend(spec: str, check_exists: bool = True) -> list[tuple[float, str]]
         for _, prefix in pairs:
             if not IndexedDataset.exists(prefix):
                 missing = [p for p in (idx_path(prefix), bin_path(prefix)) if not os.path.isfile(p)]
-                raise FileNotFoundError(f"blend prefix {prefix!r}: {' and '.join(missing)} not found")
+                what = "blend prefix" if len(pairs) > 1 else "data prefix"
+                raise FileNotFoundError(f"{what} {prefix!r}: {' and '.join(missing)} not found")
     return pairs
 
 

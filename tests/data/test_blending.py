@@ -59,6 +59,8 @@ def test_unknown_prefix_is_named(make_dataset):
     a = make_dataset([[1, 2, 3]], name="a")
     with pytest.raises(FileNotFoundError, match=r"blend prefix '/nonexistent/x': /nonexistent/x.idx and .*x.bin"):
         parse_blend(f"0.5 {a} 0.5 /nonexistent/x")
+    with pytest.raises(FileNotFoundError, match=r"^data prefix '/nonexistent/x': /nonexistent/x.idx and"):
+        parse_blend("/nonexistent/x")  # a single prefix is not a blend
 
 
 def test_blended_gpt_datasets_draw_in_order_and_in_proportion(make_dataset, tmp_path):
