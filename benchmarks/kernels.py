@@ -8,6 +8,8 @@ the 2x-error rule against the same-dtype torch computation), then forward and fo
 the memory-bound kernels or TFLOP/s for fused linear cross-entropy, that as a percentage of the device ceiling
 measured in the same run (a large device copy; a large bf16 matmul), and the peak memory of one forward+backward.
 The fused-linear-CE shapes include vocab 128k, where the peak memory column is the fused vs unfused comparison.
+RoPE rotates q and k (grouped-query heads) in each case, the work Liger's RoPE does in one call (its baseline gets
+our layout as transposed views and the tables converted once, outside the timed call: `liger_rope_baseline`).
 Without a GPU it runs only the correctness part (tiny shapes, fp32, ours vs the fp64 reference under the Triton
 interpreter) and says so. Each kernel module is imported lazily: a missing one is reported as unavailable.
 A table is printed last; `--csv` writes one row per (kernel, shape, implementation).
@@ -47,6 +49,7 @@ class Case:
     work_fwd: float  # bytes (GB/s kernels) or FLOPs (TFLOP/s kernels) of one forward
     work_fwdbwd: float
     others: dict[str, Callable] = field(default_factory=dict)  # Liger / apex, when importable
+    outputs: int = 1  # how many leading outputs of each fn are compared, timed and differentiated (q, k: 2)
 
 
 @dataclass(frozen=True)
@@ -136,19 +139,55 @@ def _build_layernorm(mod, shape, dtype, device) -> Case:
     return case
 
 
+def liger_rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our (seq, head_dim // 2) tables in Liger's layout: (1, seq, head_dim), each half-row duplicated over both
+    halves (Hugging Face's ``cat(freqs, freqs)``; Liger's kernel reads the first half)."""
+    return torch.cat((cos, cos), dim=-1)[None].contiguous(), torch.cat((sin, sin), dim=-1)[None].contiguous()
+
+
+def liger_rope_baseline(rotary: Callable, cos: torch.Tensor, sin: torch.Tensor) -> Callable:
+    """``fn(q, k) -> (q_rot, k_rot)`` on our (batch, seq, heads, head_dim) layout through ``rotary(q, k, cos, sin)``
+    with the signature of Liger's ``liger_rotary_pos_emb``: q, k as (batch, heads, seq, head_dim) and cos, sin
+    (1, seq, head_dim). The tables are converted here, once, outside the timed call; q, k are passed as transposed
+    views, whose storage is the (batch, seq, heads, head_dim) layout Liger's kernel works on (its ``.contiguous()``
+    after transposing back is then a no-op), so the timed call is Liger's op alone, with no copy."""
+    lcos, lsin = liger_rope_tables(cos, sin)
+
+    def fn(q, k):
+        q_rot, k_rot = rotary(q.transpose(1, 2), k.transpose(1, 2), lcos, lsin)[:2]
+        return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
+
+    return fn
+
+
 def _build_rope(mod, shape, dtype, device) -> Case:
-    b, s, h, d = shape
-    x = _leaf(torch.randn(b, s, h, d, device=device, dtype=dtype))
+    # q and k (grouped-query: heads_kv kv heads), both rotated: the work of one attention layer, and what Liger's op
+    # does in one call. Ours and torch rotate out of place; Liger rotates in place (its peak memory is lower by the
+    # outputs; it also rotates the benchmark inputs, harmless as it is timed last and rotation keeps magnitudes).
+    b, s, hq, hkv, d = shape
+    q = _leaf(torch.randn(b, s, hq, d, device=device, dtype=dtype))
+    k = _leaf(torch.randn(b, s, hkv, d, device=device, dtype=dtype))
     cos, sin = mod.rope_cos_sin(s, d, device=device)
-    n = x.numel() * _elt(dtype)
-    return Case(
-        inputs=[x],
-        ours=lambda x: mod.apply_rope(x, cos, sin),
-        torch_eager=lambda x: mod.apply_rope_reference(x, cos, sin, upcast=False),
-        reference=lambda x: mod.apply_rope_reference(x, cos, sin),
-        work_fwd=2 * n,  # read x, write y (the tables are small and cached)
+    n = (q.numel() + k.numel()) * _elt(dtype)
+    case = Case(
+        inputs=[q, k],
+        ours=lambda q, k: (mod.apply_rope(q, cos, sin), mod.apply_rope(k, cos, sin)),
+        torch_eager=lambda q, k: tuple(mod.apply_rope_reference(t, cos, sin, upcast=False) for t in (q, k)),
+        reference=lambda q, k: tuple(mod.apply_rope_reference(t, cos, sin) for t in (q, k)),
+        work_fwd=2 * n,  # read q, k, write their rotations (the tables are small and cached)
         work_fwdbwd=4 * n,
+        outputs=2,
     )
+
+    def liger():
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        return liger_rope_baseline(liger_rotary_pos_emb, cos, sin)
+
+    liger_fn = _try(liger)
+    if liger_fn is not None:
+        case.others["liger"] = liger_fn
+    return case
 
 
 def _build_swiglu(mod, shape, dtype, device) -> Case:
@@ -242,7 +281,14 @@ SPECS = {
     for s in (
         Spec("rmsnorm", "kernels.norms", "GB/s", _build_rmsnorm, ((5, 37), (1, 128)), ((8192, 4096), (4096, 16384))),
         Spec("layernorm", "kernels.norms", "GB/s", _build_layernorm, ((5, 37),), ((8192, 4096), (4096, 16384))),
-        Spec("rope", "kernels.rope", "GB/s", _build_rope, ((2, 3, 2, 8),), ((4, 4096, 32, 128), (1, 8192, 32, 128))),
+        Spec(  # (batch, seq, heads_q, heads_kv, head_dim)
+            "rope",
+            "kernels.rope",
+            "GB/s",
+            _build_rope,
+            ((2, 3, 2, 1, 8),),
+            ((4, 4096, 32, 8, 128), (1, 8192, 32, 8, 128)),
+        ),
         Spec("swiglu", "kernels.glu", "GB/s", _build_swiglu, ((5, 37),), ((8192, 14336), (16384, 8192))),
         Spec(
             "cross_entropy",
@@ -268,18 +314,26 @@ SPECS = {
 # Running
 
 
-def _first_tensor(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+def _take(fn: Callable, n: int) -> Callable:
+    """fn returning the tuple of its first n outputs (a lone tensor is one output): what is compared, timed and
+    differentiated. Extra outputs (a third-party op's auxiliary ones) are dropped."""
+
+    def wrapped(*inputs):
+        out = fn(*inputs)
+        return tuple(out[:n]) if isinstance(out, (tuple, list)) else (out,)
+
+    return wrapped
 
 
-def _fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grad_out: torch.Tensor | None = None):
-    """Output and input gradients of fn(*inputs) for upstream gradient `grad_out` (ones-like if None)."""
+def _fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grad_out: list[torch.Tensor] | None = None):
+    """Outputs and input gradients of fn(*inputs) (fn returns a tuple, see `_take`) for upstream gradients
+    `grad_out`, one per output (ones-like if None)."""
     for t in inputs:
         t.grad = None
-    out = _first_tensor(fn(*inputs))
-    go = grad_out if grad_out is not None else torch.ones_like(out)
-    grads = torch.autograd.grad(out, inputs, go.to(out.dtype), allow_unused=True)
-    return out.detach(), [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)]
+    outs = fn(*inputs)
+    gos = grad_out if grad_out is not None else [torch.ones_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, inputs, [g.to(o.dtype) for g, o in zip(gos, outs)], allow_unused=True)
+    return [o.detach() for o in outs], [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)]
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -298,34 +352,35 @@ def check_case(case: Case, high_precision: torch.dtype) -> tuple[float, float, b
     in the same dtype, plus one ulp of the dtype (DESIGN.md contract 2).
     """
     torch.manual_seed(1)
-    probe = _first_tensor(case.ours(*case.inputs)).detach()
-    grad_out = torch.randn(probe.shape, device=probe.device, dtype=torch.float32)
-    out, grads = _fwd_bwd(case.ours, case.inputs, grad_out)
+    ours, reference = _take(case.ours, case.outputs), _take(case.reference, case.outputs)
+    probe = [o.detach() for o in ours(*case.inputs)]
+    grad_out = [torch.randn(o.shape, device=o.device, dtype=torch.float32) for o in probe]
+    out, grads = _fwd_bwd(ours, case.inputs, grad_out)
     hp = [_leaf(t.detach().to(high_precision)) for t in case.inputs]
-    ref_out, ref_grads = _fwd_bwd(case.reference, hp, grad_out.to(high_precision))
-    errs = [_rel_err(out, ref_out)] + [_rel_err(g, r) for g, r in zip(grads, ref_grads)]
+    ref_out, ref_grads = _fwd_bwd(reference, hp, [g.to(high_precision) for g in grad_out])
+    errs = [max(_rel_err(o, r) for o, r in zip(out, ref_out))] + [_rel_err(g, r) for g, r in zip(grads, ref_grads)]
     low = case.inputs[0].dtype in (torch.float16, torch.bfloat16)
     if not low:
         ok = all(e <= 1e-5 for e in errs)
     else:
-        same_out, same_grads = _fwd_bwd(case.torch_eager, case.inputs, grad_out)
-        base = [_rel_err(same_out, ref_out)] + [_rel_err(g, r) for g, r in zip(same_grads, ref_grads)]
+        same_out, same_grads = _fwd_bwd(_take(case.torch_eager, case.outputs), case.inputs, grad_out)
+        base = [max(_rel_err(o, r) for o, r in zip(same_out, ref_out))]
+        base += [_rel_err(g, r) for g, r in zip(same_grads, ref_grads)]
         ulp = torch.finfo(case.inputs[0].dtype).eps
         ok = all(e <= 2 * b + ulp for e, b in zip(errs, base))
     return errs[0], max(errs[1:], default=0.0), ok
 
 
 def _bench(fn: Callable, inputs: list[torch.Tensor], backward: bool, warmup: int, rep: int) -> list[float]:
+    """do_bench quantiles (ms) of fn (returning a tuple of outputs, see `_take`), forward or forward+backward."""
     from triton.testing import do_bench
 
     if not backward:
         return do_bench(lambda: fn(*inputs), warmup=warmup, rep=rep, quantiles=QUANTILES)
-    out = _first_tensor(fn(*inputs))
-    grad_out = torch.randn_like(out)
+    grad_out = [torch.randn_like(o) for o in fn(*inputs)]
 
     def step():
-        o = _first_tensor(fn(*inputs))
-        o.backward(grad_out)
+        torch.autograd.backward(fn(*inputs), grad_out)
 
     return do_bench(step, warmup=warmup, rep=rep, quantiles=QUANTILES, grad_to_none=inputs)
 
@@ -338,8 +393,8 @@ def _peak_memory_mb(fn: Callable, inputs: list[torch.Tensor]) -> float:
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out = _first_tensor(fn(*inputs))
-    out.backward(torch.ones_like(out))
+    outs = fn(*inputs)
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     for t in inputs:
@@ -436,6 +491,7 @@ def run_gpu(
             if do_compile:
                 impls["torch.compile"] = torch.compile(case.torch_eager)
             impls.update(case.others)
+            impls = {impl: _take(fn, case.outputs) for impl, fn in impls.items()}
             for impl, fn in impls.items():
                 row = {**base, "impl": impl, "metric": spec.metric, "status": "ok"}
                 if impl == "ours":

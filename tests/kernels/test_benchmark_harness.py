@@ -3,6 +3,9 @@ reported as unavailable, a wrong kernel reported as FAIL, and the output helpers
 
 import csv
 import dataclasses
+import importlib
+import sys
+import types
 
 import pytest
 import torch
@@ -81,9 +84,10 @@ def test_gpu_report_helpers():
 def test_timed_run_orchestration_on_cpu(monkeypatch):
     """run_gpu's bookkeeping (2x-rule check in fp16, throughput, % of ceiling, ratios, memory line) with the three
     device-only measurements replaced: the real ones need CUDA events and a CUDA allocator."""
-    times = {}
+    times, alive = {}, []
 
     def fake_bench(fn, inputs, backward, warmup, rep):
+        alive.append(fn)  # keyed by id: keep each fn alive so that a later one cannot reuse its id
         t = times.setdefault(id(fn), 1.0 + len(times))  # ours is timed first: 1 ms, torch eager 2 ms
         return [t * (2 if backward else 1), 0.9 * t, 1.1 * t]
 
@@ -110,3 +114,52 @@ def test_timed_run_orchestration_on_cpu(monkeypatch):
     )
     assert rows[3]["device"] == "cpu" and rows[3]["ceiling_tflops"] == 100.0
     assert "fused 8 MB vs unfused torch 24 MB (3.0x less)" in bench.flce_memory_summary(rows)
+
+
+def _liger_rotary_pos_emb_standin(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """Liger's ``liger_rotary_pos_emb`` contract in plain torch (Hugging Face's formula, which its kernel computes):
+    q (b, heads_q, s, d), k (b, heads_kv, s, d), cos and sin (1, s, d) with both halves equal; its kernel works on
+    the (b, s, heads, d) storage, so ``.transpose(1, 2)`` must be contiguous for its ``.contiguous()`` not to copy."""
+    b, _, s, d = q.shape
+    assert k.shape[0] == b and k.shape[2:] == (s, d)
+    assert q.transpose(1, 2).is_contiguous() and k.transpose(1, 2).is_contiguous()
+    assert cos.shape == sin.shape == (1, s, d) and cos.is_contiguous() and sin.is_contiguous()
+    assert position_ids is None and unsqueeze_dim == 1
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    c, sn = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * c + rotate_half(q) * sn, k * c + rotate_half(k) * sn
+
+
+def test_liger_rope_baseline_layout(monkeypatch):
+    """The Liger RoPE baseline is used when liger_kernel imports (a stand-in with its signature and documented
+    formula here), gets q and k as (b, h, s, d) views of our (b, s, h, d) storage and the tables duplicated to
+    (1, s, d), and equals our reference on q and k, forward and backward."""
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    rope_mod = types.ModuleType("liger_kernel.transformers.rope")
+    rope_mod.liger_rotary_pos_emb = _liger_rotary_pos_emb_standin
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.rope", rope_mod)
+
+    spec = bench.SPECS["rope"]
+    case = spec.build(importlib.import_module(spec.module), (2, 3, 4, 2, 8), torch.float32, "cpu")
+    assert set(case.others) == {"liger"} and case.outputs == 2
+    g = torch.Generator().manual_seed(0)
+    gy = [torch.randn(t.shape, generator=g) for t in case.inputs]
+    out, grads = bench._fwd_bwd(bench._take(case.others["liger"], 2), case.inputs, gy)
+    hp = [t.detach().double().requires_grad_() for t in case.inputs]
+    ref, ref_grads = bench._fwd_bwd(bench._take(case.reference, 2), hp, [t.double() for t in gy])
+    assert [o.shape for o in out] == [t.shape for t in case.inputs]
+    for a, b in zip(out + grads, ref + ref_grads):
+        assert bench._rel_err(a, b) <= 1e-6
+    assert all(g.abs().sum() > 0 for g in grads)  # both q and k are differentiated
+
+
+def test_rope_case_without_liger(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # "import liger_kernel" raises ImportError
+    spec = bench.SPECS["rope"]
+    case = spec.build(importlib.import_module(spec.module), (1, 2, 2, 1, 4), torch.float32, "cpu")
+    assert case.others == {}
