@@ -10,6 +10,7 @@ from kernels.cross_entropy_loss import (
     CrossEntropyLoss,
     cross_entropy,
     cross_entropy_reference,
+    launch_config,
 )
 
 IGN = -100
@@ -44,9 +45,13 @@ def ours_and_ref(x, t, grad_scale=1.0, **kw):
     return loss, xo.grad, ref, xr.grad
 
 
-@pytest.mark.parametrize("V", [37, 1000, 4099])
+# 4095: one less than the block it gets, 4096 (next power of two, and the interpreter's cap MAX_BLOCK_INTERPRETER;
+# on GPU too, below MAX_BLOCK_GPU): one full-size block with only its last lane masked. 4099: past the cap, two blocks.
+@pytest.mark.parametrize("V", [37, 1000, 4095, 4099])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_fp32_matches_reference(V, rows):
+    if V == 4095:
+        assert launch_config(V)[0] == V + 1  # the case above stays block - 1 only while the block choice does
     x, t = make_inputs(rows, V, torch.float32, seed=V + rows)
     loss, grad, ref, ref_grad = ours_and_ref(x, t, grad_scale=2.5)
     assert loss.dtype == torch.float32
