@@ -36,7 +36,8 @@ from engine.metrics import MetricsLogger, memory_gb, model_flops_utilization, pe
 
 # Config keys a resume must not change (DESIGN.md: a different model shape, optimizer, schedule or data refuses to
 # resume unless forced). Everything else (steps, logging, eval, checkpointing, layout, micro batch, precision,
-# kernel backend, recomputation) may change. optim.decay_steps is compared resolved (0 means train.steps).
+# kernel backend, recomputation) may change. optim.decay_steps is compared resolved; 0 (follow train.steps) keeps the
+# checkpoint's on a resume.
 _RESUME_LOCKED = {
     "model": None,  # every key but the ones below
     "optim": None,
@@ -166,7 +167,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             if s.get(k) != c.get(k):
                 hint = ""
                 if f"{section}.{k}" == "optim.decay_steps":
-                    hint = f" (0 means train.steps; pass --optim.decay_steps {s.get(k)} to keep the schedule)"
+                    hint = f" (pass --optim.decay_steps {s.get(k)}, or 0, to keep the schedule)"
                 diffs.append(f"{section}.{k}: checkpoint {s.get(k)!r}, now {c.get(k)!r}{hint}")
     return diffs
 
@@ -322,6 +323,10 @@ class _Run:
         self.dtype = _resolve_dtype(cfg, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(_cpu_threads(cfg))
+        from engine.model.ops import select
+
+        select(cfg.model.kernels, torch.empty(0, device=self.device))  # a forced backend that cannot run here fails now
+        self.notes: list[str] = []  # setup decisions the user should see, printed when the run starts
 
     # -- setup: every check before anything is written into the run directory --------------------------------
     def setup(self) -> None:
@@ -405,11 +410,39 @@ class _Run:
                     f"not implemented yet: run with --parallel.tp {saved.get('tp', 1)}"
                 )
             self.loaded = load_checkpoint(resume_path, rank=self.rank)
-            diffs = config_differences(self.loaded.manifest.get("config", {}), self.rcfg.to_dict())
+            saved_cfg = self.loaded.manifest.get("config", {})
+            saved_decay = saved_cfg.get("optim", {}).get("decay_steps")
+            if cfg.optim.decay_steps == 0 and saved_decay and saved_decay != self.rcfg.optim.decay_steps:
+                # decay_steps 0 follows train.steps; a resume may change train.steps (DESIGN.md) without changing
+                # the schedule the run was started on, so the LR stays a function of the step alone.
+                self.rcfg.optim.decay_steps = saved_decay
+                self.notes.append(
+                    f"train.steps {cfg.train.steps}: keeping the checkpoint's schedule (optim.decay_steps "
+                    f"{saved_decay}; set --optim.decay_steps and --checkpoint.force_resume true to change it)"
+                )
+            diffs = config_differences(saved_cfg, self.rcfg.to_dict())
             if diffs and not cfg.checkpoint.force_resume:
                 raise CheckpointError(
                     f"checkpoint {resume_path} was trained with a different config ({'; '.join(diffs)}); "
                     "use another --run.dir, or --checkpoint.force_resume true to resume anyway"
+                )
+        elif (self.run_dir / "config.toml").is_file() and not cfg.checkpoint.force_resume:
+            # A run that stopped before its first checkpoint: starting over is fine with the same config; with
+            # another, this run would replace its config.toml and records, so it must be asked for.
+            import tomllib
+
+            try:
+                old = tomllib.loads((self.run_dir / "config.toml").read_text())
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise CheckpointError(
+                    f"{self.run_dir / 'config.toml'} is unreadable ({_one_line(e)}); use another --run.dir, or "
+                    "--checkpoint.force_resume true to start over in it"
+                ) from None
+            diffs = config_differences(old, self.rcfg.to_dict())
+            if diffs:
+                raise CheckpointError(
+                    f"{self.run_dir} holds a run with a different config and no checkpoint ({'; '.join(diffs)}); "
+                    "use another --run.dir, or --checkpoint.force_resume true to start over in it"
                 )
 
         # Model and optimizer: the same seed on every rank gives identical replicas (DDP also broadcasts rank 0's), and
@@ -685,6 +718,8 @@ def _loop(run: _Run) -> TrainResult:
             f"{run.flops_per_token / 1e6:.2f} MFLOPs/token; device {run.device.type} ({run.dtype}), dp {run.dp}{tp}, "
             f"micro batch {run.micro} x {run.accum} accumulation x {run.dp} = {cfg.train.global_batch}"
         )
+        for note in run.notes:
+            logger.write(note)
         if run.loaded is not None:
             logger.write(f"resumed from {run.loaded.path} at step {run.step}")
             run.loaded = None  # release the loaded tensors

@@ -77,3 +77,41 @@ def test_refusals_leave_the_run_directory_alone(tmp_path, tiny_data, capsys):
 @pytest.mark.parametrize("bad", ["--train.steps", "--train.steps=x"])
 def test_flag_errors(bad, capsys):
     _fails(capsys, [bad], "train.steps")
+
+
+def test_forced_backend_that_cannot_run_fails_before_the_run_directory(tmp_path, tiny_data, capsys, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _fails(capsys, tiny_args(run, *tiny_data, model__kernels="triton"), "model.kernels=triton on cpu needs CUDA")
+    assert not run.exists()
+    assert main(tiny_args(run, *tiny_data, train__steps=2)) == 0
+    capsys.readouterr()
+    before = _snapshot(run)
+    _fails(capsys, tiny_args(run, *tiny_data, train__steps=2, model__kernels="triton"), "needs CUDA")
+    assert _snapshot(run) == before
+
+
+def test_a_run_without_checkpoint_is_replaced_only_by_the_same_config(tmp_path, tiny_data, capsys):
+    """A run that died before its first checkpoint leaves config.toml and records: the same config starts over
+    (its old records kept in metrics.superseded.jsonl), another config is refused unless forced."""
+    import shutil
+
+    from engine.metrics import SUPERSEDED_NAME, read_metrics
+
+    run = tmp_path / "run"
+    assert main(tiny_args(run, *tiny_data, train__steps=2, eval__every=0)) == 0
+    shutil.rmtree(run / "checkpoints")  # as if it had crashed before checkpointing
+    capsys.readouterr()
+    before = _snapshot(run)
+    _fails(capsys, tiny_args(run, *tiny_data, train__steps=2, model__d_model=64), "different config and no checkpoint")
+    (run / "config.toml").write_text("[model\n")
+    _fails(capsys, tiny_args(run, *tiny_data, train__steps=2), "config.toml is unreadable")
+    (run / "config.toml").write_bytes(before["config.toml"])
+    assert _snapshot(run) == before
+    assert main(tiny_args(run, *tiny_data, train__steps=2, eval__every=0)) == 0
+    assert [r["step"] for r in read_metrics(run / SUPERSEDED_NAME)] == [1, 2]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    shutil.rmtree(run / "checkpoints")
+    args = tiny_args(run, *tiny_data, train__steps=2, eval__every=0, model__d_model=64)
+    assert main([*args, "--checkpoint.force_resume", "true"]) == 0
+    assert [r["step"] for r in read_metrics(run / SUPERSEDED_NAME)] == [1, 2, 1, 2]

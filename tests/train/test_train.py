@@ -103,3 +103,30 @@ def test_blended_stream_draws_whole_epochs(tiny_data):
     assert 700 < n < 800  # bounded by the small component: ~240 samples at a 0.3 share, less the blend margin
     seen = [stream[k]["dataset_id"] for k in range(n + 2)]  # no component runs out, and epoch 1 starts
     assert abs(seen[:n].count(1) / n - 0.3) < 0.01
+
+
+def test_extending_train_steps_keeps_the_schedule(tmp_path, tiny_data, capsys):
+    """optim.decay_steps 0 follows train.steps; a resume that raises train.steps keeps the checkpoint's schedule, so
+    the extended run equals a straight one with that decay length, bit for bit (DESIGN.md contract 3)."""
+    short = _train(tmp_path / "ext", tiny_data, train__steps=3, optim__decay_steps=0, eval__every=0)
+    assert short.end_step == 3
+    capsys.readouterr()
+    extended = _train(tmp_path / "ext", tiny_data, train__steps=5, optim__decay_steps=0, eval__every=0)
+    assert "keeping the checkpoint's schedule (optim.decay_steps 3" in capsys.readouterr().err
+    straight = _train(tmp_path / "straight", tiny_data, train__steps=5, optim__decay_steps=3, eval__every=0)
+    assert extended.start_step == 3 and [extended.losses[s] for s in (4, 5)] == [straight.losses[s] for s in (4, 5)]
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "ext" / "metrics.jsonl")}
+    assert lrs == {r["step"]: r["lr"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")}
+    assert load_config(["--config", str(tmp_path / "ext" / "config.toml")]).optim.decay_steps == 3
+
+
+def test_triton_kernels_train_like_torch(tmp_path, tiny_data):
+    """The model trains through the loop with --model.kernels triton (the Triton interpreter on CPU) with the
+    torch backend's fp32 losses to 1e-5 (issue 5's acceptance)."""
+    kw = dict(train__steps=3, eval__every=0, train__global_batch=2, model__seq_len=16, checkpoint__every=0)
+    torch_run = _train(tmp_path / "torch", tiny_data, model__kernels="torch", **kw).losses
+    triton_run = _train(tmp_path / "triton", tiny_data, model__kernels="triton", **kw).losses
+    assert set(triton_run) == {1, 2, 3}
+    for s in torch_run:
+        assert triton_run[s] == pytest.approx(torch_run[s], rel=1e-5)
+    assert torch_run[3] < torch_run[1]
