@@ -8,7 +8,9 @@ shares that tensor and so is not decayed either.
 AdamW implementations (`optim.impl`): "torch" = torch.optim.AdamW (foreach); "fused" = torch.optim.AdamW(fused=True)
 (an error where the parameters' device has no fused kernel); "apex" = apex.optimizers.FusedAdam(adam_w_mode=True),
 an error unless NVIDIA apex is installed; "auto" = fused when every parameter's device has the fused kernel, else
-torch. Adafactor (engine.optim.adafactor) takes lr and weight_decay from the config; beta1/beta2/eps are Adam's and
+torch. "auto" does not take apex although DESIGN.md's order would where it is faster: torch's fused AdamW is also one
+multi-tensor CUDA kernel, and apex has not been measured against it here (no GPU yet); ask for apex explicitly.
+Adafactor (engine.optim.adafactor) takes lr and weight_decay from the config; beta1/beta2/eps are Adam's and
 do not apply to it (it uses β̂2_t = 1 − t^−0.8, ε = (1e-30, 1e-3), no momentum, as the paper).
 """
 
