@@ -155,8 +155,9 @@ def resolved_config(cfg: Config, model_cfg: Any) -> Config:
     return out
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The locked keys (`_RESUME_LOCKED`) whose values differ between a checkpoint's config and this run's."""
+def config_differences(saved: dict[str, Any], current: dict[str, Any], label: str = "checkpoint") -> list[str]:
+    """The locked keys (`_RESUME_LOCKED`) whose values differ between a saved config (a checkpoint's, or `label`)
+    and this run's."""
     diffs = []
     for section, keys in _RESUME_LOCKED.items():
         s, c = saved.get(section, {}), current.get(section, {})
@@ -168,7 +169,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
                 hint = ""
                 if f"{section}.{k}" == "optim.decay_steps":
                     hint = f" (pass --optim.decay_steps {s.get(k)}, or 0, to keep the schedule)"
-                diffs.append(f"{section}.{k}: checkpoint {s.get(k)!r}, now {c.get(k)!r}{hint}")
+                diffs.append(f"{section}.{k}: {label} {s.get(k)!r}, now {c.get(k)!r}{hint}")
     return diffs
 
 
@@ -364,6 +365,8 @@ class _Run:
         # The model's shape against tp first (any vocabulary will do): a head count tp cannot split fails in a
         # second, before process groups and data preparation.
         self.tp, self.sp = cfg.parallel.tp, cfg.parallel.sp and cfg.parallel.tp > 1
+        if cfg.parallel.sp and not self.sp:
+            self.notes.append("parallel.sp is ignored with parallel.tp 1 (sequence parallelism shards over tp ranks)")
         resolve(cfg.model, tokenizer_vocab=1, tp=self.tp, sequence_parallel=self.sp)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.owns_parallel = not _parallel_initialized()
@@ -438,7 +441,9 @@ class _Run:
                     f"{self.run_dir / 'config.toml'} is unreadable ({_one_line(e)}); use another --run.dir, or "
                     "--checkpoint.force_resume true to start over in it"
                 ) from None
-            diffs = config_differences(old, self.rcfg.to_dict())
+            if cfg.optim.decay_steps == 0:  # starting over follows the new train.steps: not a schedule change
+                old.setdefault("optim", {})["decay_steps"] = self.rcfg.optim.decay_steps
+            diffs = config_differences(old, self.rcfg.to_dict(), label="config.toml")
             if diffs:
                 raise CheckpointError(
                     f"{self.run_dir} holds a run with a different config and no checkpoint ({'; '.join(diffs)}); "

@@ -112,6 +112,17 @@ def test_a_run_without_checkpoint_is_replaced_only_by_the_same_config(tmp_path, 
     assert [r["step"] for r in read_metrics(run / SUPERSEDED_NAME)] == [1, 2]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
     shutil.rmtree(run / "checkpoints")
+    # More steps with decay_steps 0 (follow train.steps) is the same run started over, not another schedule.
+    assert main(tiny_args(run, *tiny_data, train__steps=3, eval__every=0, optim__decay_steps=0)) == 0
+    shutil.rmtree(run / "checkpoints")
+    capsys.readouterr()
+    line = _fails(capsys, tiny_args(run, *tiny_data, train__steps=3, eval__every=0, optim__lr=0.5), "optim.lr")
+    assert "optim.lr: config.toml 0.003, now 0.5" in line
     args = tiny_args(run, *tiny_data, train__steps=2, eval__every=0, model__d_model=64)
     assert main([*args, "--checkpoint.force_resume", "true"]) == 0
-    assert [r["step"] for r in read_metrics(run / SUPERSEDED_NAME)] == [1, 2, 1, 2]
+    assert [r["step"] for r in read_metrics(run / SUPERSEDED_NAME)] == [1, 2, 1, 2, 1, 2, 3]
+
+
+def test_sp_without_tp_is_a_note(tmp_path, tiny_data, capsys):
+    assert main(tiny_args(tmp_path / "run", *tiny_data, train__steps=1, eval__every=0, parallel__sp="true")) == 0
+    assert "parallel.sp is ignored with parallel.tp 1" in capsys.readouterr().err
