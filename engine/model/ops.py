@@ -7,7 +7,8 @@ from the input's device, so a model built on CPU and moved to CUDA picks the rig
   (`TRITON_INTERPRET=1`); forcing it without one, or without triton installed, is a one-line error.
 - "auto": triton on CUDA when triton imports, torch otherwise (always torch on CPU: the interpreter is for tests).
   For RMSNorm/LayerNorm on CUDA, "auto" uses NVIDIA apex's fused norms instead when apex is installed and measured
-  faster than our kernel on the first call for that shape and dtype (forward + backward, CUDA events).
+  faster than our kernel on the first call for that shape and dtype (forward + backward, CUDA events); only in a
+  single process, since ranks timing on their own could disagree.
 
 Attention: "auto" on CUDA with fp16/bf16 inputs and no mask uses the flash-attn package when it is installed (an
 optional extra); the triton path uses `kernels.flash_attention` once that module exists; otherwise both backends use
@@ -142,7 +143,8 @@ def _apex_faster(
     def run(fn):
         return lambda: torch.autograd.grad(fn(), [t for t in (x, w, b) if t is not None], grad)
 
-    with torch.autocast("cuda", enabled=False):
+    # The first call may come from an evaluation under no_grad/inference_mode; the timing needs autograd.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False):
         if op == "rms_norm":
             t_ours = _cuda_time_ms(run(lambda: ours(x, w, 1e-5)))
         else:
@@ -151,10 +153,20 @@ def _apex_faster(
     return t_apex < t_ours
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _norm_backend(op: str, backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
     """The implementation of a norm of x: "torch", "triton", or "apex" (only from "auto", on CUDA, when faster)."""
     chosen = select(backend, x)
-    if backend != "auto" or chosen != "triton" or _apex_norm(op) is None:
+    if backend != "auto" or chosen != "triton" or weight is None or (op == "layer_norm" and bias is None):
+        return chosen  # apex's affine norms need the weight (and the bias)
+    if _apex_norm(op) is None or _distributed():
+        # Ranks timing on their own could choose differently near parity, and replicas of a norm would then drift
+        # apart by rounding: under torch.distributed "auto" keeps our kernel.
         return chosen
     if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return chosen  # no timing inside a trace or a CUDA graph capture

@@ -187,6 +187,12 @@ def test_auto_norms_take_apex_only_when_installed_and_faster(monkeypatch, apex_f
     ops.rms_norm(x, w, 1e-5, backend="triton")  # forcing triton never takes apex, nor times it
     ops.layer_norm(x, w, b, 1e-5, backend="torch")
     assert calls == [("triton", "rms_norm")] and len(measured) == 2
+    calls.clear()
+    ops.layer_norm(x, w, None, 1e-5)  # apex's affine LayerNorm needs a bias
+    monkeypatch.setattr(ops, "_distributed", lambda: True)  # ranks would time on their own: keep ours
+    ops.rms_norm(x, w, 1e-5)
+    assert calls == [("triton", "layer_norm"), ("triton", "rms_norm")] and len(measured) == 2
+    monkeypatch.setattr(ops, "_distributed", lambda: False)
     monkeypatch.setattr(ops, "_apex_norm", lambda op: None)  # apex absent: our kernel, no timing
     calls.clear()
     ops.rms_norm(x, w, 1e-5)
@@ -210,4 +216,8 @@ def test_apex_norm_path_on_gpu(op):
     )
     assert out.dtype == x.dtype
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-    assert isinstance(ops._apex_faster(op, 512, 1024, x.dtype, w.dtype, bias is not None, 0), bool)
+    ops._apex_faster.cache_clear()
+    with torch.no_grad():  # the first call of a run may be an evaluation: the timing still gets autograd
+        assert isinstance(ops._apex_faster(op, 512, 1024, x.dtype, w.dtype, bias is not None, 0), bool)
+        norm = ops.rms_norm(x, w, 1e-5) if op == "rms_norm" else ops.layer_norm(x, w, b, 1e-5)
+    assert norm.shape == x.shape
