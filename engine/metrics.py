@@ -90,8 +90,8 @@ SUPERSEDED_NAME = "metrics.superseded.jsonl"  # records a resume or a fresh star
 
 def drop_records_after(path: str | Path, step: int) -> int:
     """Moves records with `step` > step (a crashed run's steps that a resume will redo) out of `path` into
-    `SUPERSEDED_NAME` beside it; returns how many. `path` then holds one record per step of the run's one timeline,
-    and nothing that was logged is lost.
+    `SUPERSEDED_NAME` beside it, with any line torn by a crash; returns how many lines moved. `path` then holds one
+    record per step of the run's one timeline, and nothing that was logged is lost.
 
     The archive is appended and fsynced first, then `path` is rewritten under a temporary name and renamed, so a
     crash in between leaves a record in both files, never in neither.
@@ -102,21 +102,23 @@ def drop_records_after(path: str | Path, step: int) -> int:
     lines = p.read_text().splitlines()
     kept, dropped = [], []
     for line in lines:
+        if not line.strip():
+            continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn line from a crash
+            dropped.append(line)  # a torn line from a crash: kept aside too (readers skip it there)
+            continue
         if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
             dropped.append(line)
         else:
             kept.append(line)
-    if len(kept) == len(lines):
+    if not dropped:
         return 0
-    if dropped:
-        with open(p.with_name(SUPERSEDED_NAME), "a") as f:
-            f.write("".join(line + "\n" for line in dropped))
-            f.flush()
-            os.fsync(f.fileno())
+    with open(p.with_name(SUPERSEDED_NAME), "a") as f:
+        f.write("".join(line + "\n" for line in dropped))
+        f.flush()
+        os.fsync(f.fileno())
     tmp = p.with_name(p.name + ".tmp")
     with open(tmp, "w") as f:
         f.write("".join(line + "\n" for line in kept))

@@ -41,9 +41,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def lock_temp(f) -> None:
+    """Marks an open temporary file as being written: `remove_stale_temps` leaves a locked one alone. The lock (flock)
+    goes with the file's last descriptor, so a killed writer's file is unlocked."""
+    with contextlib.suppress(OSError):  # a filesystem without locks: the host and pid checks remain
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _locked(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # gone already, or not ours to read: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # no lock support here
+    finally:
+        os.close(fd)  # also drops the lock just taken
+    return False
+
+
 def remove_stale_temps(path: str) -> list[str]:
     """Removes temporary files of `path` left by killed writers (SIGKILL, power loss) on this host: those whose
-    process is gone. Temporaries of live processes, and of other hosts sharing the filesystem, are left alone.
+    process is gone and that no one holds locked (`lock_temp`; the lock also covers a live writer in another pid
+    namespace under the same host name). Temporaries of other hosts sharing the filesystem are left alone.
     Returns the removed paths."""
     head, stem = _temp_stem(path)
     removed = []
@@ -52,9 +76,10 @@ def remove_stale_temps(path: str) -> list[str]:
             if not name.startswith(stem):
                 continue
             pid = name[len(stem) :].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                remove_quietly(os.path.join(head, name))
-                removed.append(os.path.join(head, name))
+            full = os.path.join(head, name)
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and not _locked(full):
+                remove_quietly(full)
+                removed.append(full)
     return removed
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from numpy.typing import DTypeLike
 
-from engine.data._files import fsync_dir, remove_quietly, remove_stale_temps, temp_path
+from engine.data._files import fsync_dir, lock_temp, remove_quietly, remove_stale_temps, temp_path
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -244,6 +244,7 @@ class IndexedDatasetBuilder:
         self._tmp_bin = temp_path(bin_path(self.prefix))
         self._tmp_idx = temp_path(idx_path(self.prefix))
         self._file = open(self._tmp_bin, "wb")  # noqa: SIM115 (closed in finalize/abort)
+        lock_temp(self._file)
         self._lengths = array("i")  # int32, as in the file
         self._doc_idx = array("q", [0])
         self._done = False
@@ -314,12 +315,12 @@ class IndexedDatasetBuilder:
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._file.close()
             lengths = np.frombuffer(self._lengths, np.int32) if len(self._lengths) else np.zeros(0, np.int32)
             pointers = np.zeros(len(lengths), np.int64)
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
             doc_idx = np.frombuffer(self._doc_idx, np.int64)
             with open(self._tmp_idx, "wb") as f:
+                lock_temp(f)
                 f.write(MAGIC)
                 f.write(struct.pack("<QBQQ", VERSION, dtype_code(self.dtype), len(lengths), len(doc_idx)))
                 f.write(lengths.tobytes())
@@ -327,10 +328,12 @@ class IndexedDatasetBuilder:
                 f.write(doc_idx.tobytes())
                 f.flush()
                 os.fsync(f.fileno())
-            # Old index first: between the renames there is no PREFIX.idx pairing with the wrong .bin.
-            remove_quietly(idx_path(self.prefix))
-            os.replace(self._tmp_bin, bin_path(self.prefix))
-            os.replace(self._tmp_idx, idx_path(self.prefix))
+                # Renamed while both are open, so their locks keep `remove_stale_temps` off them until they are in
+                # place. Old index first: between the renames there is no PREFIX.idx pairing with the wrong .bin.
+                remove_quietly(idx_path(self.prefix))
+                os.replace(self._tmp_bin, bin_path(self.prefix))
+                os.replace(self._tmp_idx, idx_path(self.prefix))
+            self._file.close()
             fsync_dir(self.prefix)
         except BaseException:
             self._cleanup()

@@ -208,7 +208,7 @@ def test_killed_builders_temporaries_are_removed_by_the_next_build(tmp_path):
     import subprocess
     import sys
 
-    from engine.data._files import _temp_stem
+    from engine.data._files import _temp_stem, lock_temp
 
     prefix = str(tmp_path / "ds")
     child = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -218,12 +218,17 @@ def test_killed_builders_temporaries_are_removed_by_the_next_build(tmp_path):
     dead = os.path.join(head, f"{bin_stem}{child.pid}-0123abcd")
     live = os.path.join(head, f"{idx_stem}1-0123abcd")  # pid 1 always runs
     other_host = os.path.join(head, f".ds.bin.tmp-otherhost-{child.pid}-0123abcd")
-    for p in (dead, live, other_host):
+    locked = os.path.join(head, f"{bin_stem}{child.pid}-4567cdef")  # a live writer in another pid namespace
+    for p in (dead, live, other_host, locked):
         open(p, "w").close()
-    with IndexedDatasetBuilder(prefix) as b:
-        b.add_document([1, 2, 3])
-    assert not os.path.exists(dead)
-    assert os.path.exists(live) and os.path.exists(other_host)
+    with open(locked, "rb") as held:
+        lock_temp(held)
+        with IndexedDatasetBuilder(prefix) as b:
+            b.add_document([1, 2, 3])
+        assert not os.path.exists(dead)
+        assert os.path.exists(live) and os.path.exists(other_host) and os.path.exists(locked)
+    IndexedDatasetBuilder(prefix).abort()  # the lock is gone with its writer
+    assert not os.path.exists(locked)
     assert IndexedDataset(prefix)[0].tolist() == [1, 2, 3]
 
 

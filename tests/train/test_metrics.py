@@ -39,6 +39,7 @@ def test_resume_drops_a_crashed_runs_later_records(tmp_path):
         (2, 1 / 3),
         (3, 9.0),
     ]
+    assert '{"step": 5, "lo' in (tmp_path / SUPERSEDED_NAME).read_text().splitlines()  # the torn line, kept aside
 
 
 def test_mfu_and_memory():
