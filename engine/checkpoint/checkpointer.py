@@ -167,18 +167,22 @@ def load_checkpoint(ckpt_dir: str | Path, rank: int = 0, verify: bool = True) ->
     for name, info in manifest["tensors"].items():
         shape = tuple(info["shape"])
         shards = info["shards"]
-        if len(shards) == 1 and tuple(shards[0]["shape"]) == shape:
+        # A manifest edited or corrupted by hand: shards that overlap or leave a gap would leave torch.empty garbage.
+        problem = _tiling_problem(shape, shards)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint tensor {name} in {ckpt_dir}: its shards {problem}")
+        if len(shards) == 1:
             full = load_file(shards[0]["file"])[name]
         else:  # sharded: place each slice at its offsets
-            covered = sum(math.prod(s["shape"]) for s in shards)
-            if covered != math.prod(shape):  # torch.empty would leave the gap as garbage
-                raise CheckpointError(
-                    f"checkpoint tensor {name} in {ckpt_dir}: its shards hold {covered} of {math.prod(shape)} elements"
-                )
             full = torch.empty(shape, dtype=getattr(torch, info["dtype"]))
             for s in shards:
-                index = tuple(slice(o, o + n) for o, n in zip(s["offsets"], s["shape"]))
-                full[index] = load_file(s["file"])[name]
+                part = load_file(s["file"])[name]
+                if tuple(part.shape) != tuple(s["shape"]):
+                    raise CheckpointError(
+                        f"checkpoint tensor {name} in {ckpt_dir}: its shard in {s['file']} has shape "
+                        f"{tuple(part.shape)}, manifest says {tuple(s['shape'])}"
+                    )
+                full[tuple(slice(o, o + n) for o, n in zip(s["offsets"], s["shape"]))] = part
         if tuple(full.shape) != shape:
             raise CheckpointError(
                 f"checkpoint tensor {name} in {ckpt_dir} has shape {tuple(full.shape)}, manifest says {shape}"
@@ -309,13 +313,43 @@ def _merge_entries(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str
             m["shards"].extend(e["shards"])
     for name, m in merged.items():
         m["shards"].sort(key=lambda sh: sh["offsets"])
-        covered = sum(math.prod(sh["shape"]) for sh in m["shards"])
-        if covered != math.prod(m["shape"]):
+        problem = _tiling_problem(m["shape"], m["shards"])
+        if problem is not None:
             raise ValueError(
-                f"save_checkpoint: the shards of {name} hold {covered} of {math.prod(m['shape'])} elements "
-                "(a whole tensor passed by more than one rank, or a missing slice)"
+                f"save_checkpoint: the shards of {name} {problem} "
+                "(a whole tensor passed by more than one rank, wrong offsets, or a missing slice)"
             )
     return merged
+
+
+def _tiling_problem(shape: list[int] | tuple[int, ...], shards: list[dict[str, Any]]) -> str | None:
+    """None if `shards` (each with "offsets" and "shape") tile a tensor of `shape` exactly, else what is wrong.
+
+    Every shard lies inside the bounds and no two overlap (pairwise: tp-many shards), so with the element count equal
+    the shards cover every element exactly once.
+    """
+    shape = list(shape)
+    for s in shards:
+        offsets, size = list(s["offsets"]), list(s["shape"])
+        if len(offsets) != len(shape) or len(size) != len(shape):
+            return f"include one at offsets {offsets} with shape {size}, not of the tensor's rank {len(shape)}"
+        if any(o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, size, shape)):
+            return f"include one at offsets {offsets} with shape {size}, outside the tensor's shape {shape}"
+    covered, total = sum(math.prod(s["shape"]) for s in shards), math.prod(shape)
+    if covered != total:
+        return f"hold {covered} of {total} elements"
+    for i, a in enumerate(shards):
+        for b in shards[:i]:
+            common = [
+                min(oa + na, ob + nb) - max(oa, ob)
+                for oa, na, ob, nb in zip(a["offsets"], a["shape"], b["offsets"], b["shape"])
+            ]
+            if all(n > 0 for n in common):
+                return (
+                    f"overlap: offsets {list(b['offsets'])} shape {list(b['shape'])} and offsets "
+                    f"{list(a['offsets'])} shape {list(a['shape'])}"
+                )
+    return None
 
 
 def apply_retention(root: str | Path, keep: int) -> list[Path]:

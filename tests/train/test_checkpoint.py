@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from engine.checkpoint.checkpointer import (
     CheckpointError,
+    _merge_entries,
     apply_retention,
     complete_checkpoints,
     latest_checkpoint,
@@ -129,4 +131,42 @@ def test_shards_are_placed_at_their_offsets_and_must_tile_the_tensor(tmp_path):
     manifest["tensors"]["w"]["shape"] = [8, 3]
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="its shards hold 12 of 24 elements"):
+        load_checkpoint(path, verify=False)
+
+    # The count alone is not enough: a shard outside the bounds, or two that overlap and leave rows 2-3 uncovered.
+    with pytest.raises(
+        ValueError, match=r"the shards of w include one at offsets \[3, 0\] with shape \[4, 3\], outside"
+    ):
+        save(4, full, [3, 0])
+
+    def half(offsets):  # one rank's entry for a (2, 3) shard of w, as save_checkpoint gathers them
+        shard = {"file": "model_r00000.pt", "offsets": offsets, "shape": [2, 3]}
+        return {"w": {"group": "model", "shape": [4, 3], "dtype": "float32", "shards": [shard]}}
+
+    assert len(_merge_entries([half([0, 0]), half([2, 0])])["w"]["shards"]) == 2
+    with pytest.raises(ValueError, match=r"the shards of w overlap: offsets \[0, 0\] shape \[2, 3\] and offsets"):
+        _merge_entries([half([0, 0]), half([0, 0])])
+    # The same problems in a manifest edited by hand: one line naming the tensor, before any file is read.
+    for shards, needle in (
+        ([{"offsets": [3, 0], "shape": [4, 3]}], r"offsets \[3, 0\] with shape \[4, 3\], outside the tensor's shape"),
+        ([{"offsets": [0, 0], "shape": [2, 3]}] * 2, r"overlap: offsets \[0, 0\] shape \[2, 3\]"),
+        ([{"offsets": [0, 0], "shape": [4, 3, 1]}], "not of the tensor's rank 2"),
+    ):
+        manifest["tensors"]["w"]["shape"] = [4, 3]
+        manifest["tensors"]["w"]["shards"] = [{"file": "model_r00000.pt", **sh} for sh in shards]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(
+            CheckpointError, match=f"^checkpoint tensor w in {re.escape(str(path))}: its shards .*{needle}"
+        ) as info:
+            load_checkpoint(path, verify=False)
+        assert "\n" not in str(info.value)
+    # Shards that tile but whose file holds another shape than the manifest says.
+    manifest["tensors"]["w"]["shards"] = [
+        {"file": "model_r00000.pt", "offsets": [0, 0], "shape": [1, 3]},
+        {"file": "model_r00000.pt", "offsets": [1, 0], "shape": [3, 3]},
+    ]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        CheckpointError, match=r"its shard in model_r00000.pt has shape \(4, 3\), manifest says \(1, 3\)"
+    ):
         load_checkpoint(path, verify=False)
