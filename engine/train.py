@@ -255,24 +255,22 @@ def _layout_text(layout: dict[str, Any]) -> str:
     return " ".join(f"{k}={layout[k]}" for k in keys if k in layout)
 
 
-def _shard_slice(param: torch.Tensor) -> tuple[int, int, int]:
-    """(dim, start, rows): where a tp-sharded parameter's valid rows sit in its full unpadded tensor; its local rows
-    past `rows` are vocabulary padding (zero, never saved)."""
-    dim, size = param.partition_dim, param.shape[param.partition_dim]
-    start = param.partition_rank * size
-    return dim, start, max(0, min(size, param.full_shape[dim] - start))
-
-
 def _local_shard(full: torch.Tensor, param: torch.Tensor, what: str) -> torch.Tensor:
-    """This rank's slice of a checkpoint's full tensor, shaped like the sharded `param` (padding zero)."""
+    """This rank's slice of a checkpoint's full tensor, shaped like the sharded `param` (vocabulary padding zero)."""
     from engine.checkpoint.checkpointer import CheckpointError
+    from engine.parallel.tensor import shard_range
 
     if tuple(full.shape) != tuple(param.full_shape):
         raise CheckpointError(f"checkpoint tensor {what} has shape {tuple(full.shape)}, expected {param.full_shape}")
-    dim, start, rows = _shard_slice(param)
+    dim, start, rows = shard_range(param)
     out = full.new_zeros(param.shape)
     out.narrow(dim, 0, rows).copy_(full.narrow(dim, start, rows))
     return out
+
+
+def _optim_param_name(key: str) -> str:
+    """The parameter an optimizer tensor `optim.<param>.<state>` belongs to."""
+    return key[len("optim.") :].rpartition(".")[0]
 
 
 def _micro_batches(consumed: int, global_batch: int, micro: int, dp_rank: int, dp: int) -> list[list[int]]:
@@ -514,8 +512,7 @@ class _Run:
     def _local_optim(key: str, value: torch.Tensor, sharded: dict[str, torch.Tensor]) -> torch.Tensor:
         """An optimizer tensor `optim.<param>.<state>` sliced like its parameter when that is sharded and the state
         is per element (exp_avg, ...); scalars such as `step` are replicated."""
-        name = key[len("optim.") :].rpartition(".")[0]
-        p = sharded.get(name)
+        p = sharded.get(_optim_param_name(key))
         return _local_shard(value, p, key) if p is not None and value.dim() == p.dim() else value
 
     # -- one optimizer step -----------------------------------------------------------------------------------
@@ -630,6 +627,7 @@ class _Run:
         """What this rank writes under tp: its slices of sharded parameters (and of their per-element optimizer
         state) without vocabulary padding, with their place in the full tensor; tp rank 0 also the replicated ones."""
         from engine.parallel.random import is_sharded
+        from engine.parallel.tensor import shard_range
 
         sharded = {n: p for n, p in self.model.named_parameters() if is_sharded(p)}
         out: dict[str, dict[str, torch.Tensor]] = {}
@@ -637,13 +635,12 @@ class _Run:
         for group, named in tensors.items():
             out[group] = {}
             for key, value in named.items():
-                name = key[len("optim.") :].rpartition(".")[0] if group == "optim" else key
-                p = sharded.get(name)
+                p = sharded.get(_optim_param_name(key) if group == "optim" else key)
                 if p is None or value.dim() != p.dim():
                     if self.tp_rank == 0:
                         out[group][key] = value
                     continue
-                dim, start, rows = _shard_slice(p)
+                dim, start, rows = shard_range(p)
                 if rows == 0:  # a shard of nothing but padding
                     continue
                 out[group][key] = value.narrow(dim, 0, rows)

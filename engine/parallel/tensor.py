@@ -16,7 +16,7 @@ heads than tp ranks); `parallel_lm_logits` + `vocab_parallel_cross_entropy` for 
 Every layer takes its process group explicitly (default: the grid's tp group), so other trainers can pass their own.
 Sharded parameters carry `partition_dim`, `full_shape` (unpadded), `padded_size`, `partition_rank` and
 `partition_size`; `init_param_` (random.py), `shard_full_` and `gather_full` use them, so initialisation equals the
-unsharded layer's for the same seed and checkpoints can be resharded.
+unsharded layer's for the same seed and checkpoints can be resharded; `shard_range` says where a shard's rows sit.
 """
 
 from __future__ import annotations
@@ -139,17 +139,23 @@ def _sharded_param(
     return p
 
 
+def shard_range(param: torch.Tensor) -> tuple[int, int, int]:
+    """(dim, start, rows): the sharded `param`'s first `rows` rows along `dim` are rows `start` onwards of its full
+    unpadded tensor; its local rows past `rows` are padding (zero), all of them when `rows` is 0."""
+    dim, size = param.partition_dim, param.shape[param.partition_dim]
+    start = param.partition_rank * size
+    return dim, start, max(0, min(size, param.full_shape[dim] - start))
+
+
 @torch.no_grad()
 def shard_full_(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """Copies this rank's slice of the full unpadded tensor `full` into the sharded `param` (padding rows zero)."""
     if tuple(full.shape) != tuple(param.full_shape):
         raise ShapeError(f"full tensor has shape {tuple(full.shape)}, the parameter's full shape is {param.full_shape}")
-    dim, size = param.partition_dim, param.shape[param.partition_dim]
-    start = param.partition_rank * size
-    stop = min(start + size, full.shape[dim])
+    dim, start, rows = shard_range(param)
     param.zero_()
-    if stop > start:
-        param.narrow(dim, 0, stop - start).copy_(full.narrow(dim, start, stop - start))
+    if rows > 0:
+        param.narrow(dim, 0, rows).copy_(full.narrow(dim, start, rows))
     return param
 
 
