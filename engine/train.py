@@ -33,6 +33,9 @@ import torch.distributed as dist
 
 from engine.config import Config, ConfigError, load_config
 from engine.metrics import MetricsLogger, memory_gb, model_flops_utilization, peak_flops
+from engine.optim.clip import clip_grad_norm
+from engine.optim.schedules import lr_at, set_lr
+from engine.parallel.grads import finish_tp_grads, norm_parameters
 
 # Config keys a resume must not change (DESIGN.md: a different model shape, optimizer, schedule or data refuses to
 # resume unless forced). Everything else (steps, logging, eval, checkpointing, layout, micro batch, precision,
@@ -456,18 +459,22 @@ class _Run:
         tp_group = state.get_tp_group() if self.tp > 1 else None
         self.model = GPT(model_cfg, tp_group=tp_group, sequence_parallel=self.sp).to(self.device)
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
+        self.params = list(self.model.parameters())  # what the optimizer steps and clipping scales
+        # Under tp, the parameters this rank counts in the global gradient norm (each element once over the group).
+        self.norm_params = norm_parameters(self.model) if self.tp > 1 else None
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        if self.model.rng_tracker is not None:
+            # The model seeded its per-tp-rank stream with seed + 2718 + tp_rank: the dp replicas of a tp rank would
+            # draw the same masks. Numbering the streams by model-parallel rank over dp (dp_rank * tp + tp_rank) keeps
+            # dp rank 0 (and dp = 1) on the model's own seeds. model_parallel_seed also seeds the default generator,
+            # which is re-seeded below.
+            from engine.parallel.random import model_parallel_seed
+
+            fresh = model_parallel_seed(cfg.train.seed, self.dp_rank * self.tp + self.tp_rank)
+            self.model.rng_tracker.set_states(fresh.get_states())
         # Dropout masks differ between data-parallel ranks; contract 1 (layout invariance) assumes dropout 0. The
         # default stream must stay equal over the tp ranks of one dp rank (replicated regions draw the same masks).
         torch.manual_seed(cfg.train.seed + 1 + self.dp_rank)
-        if self.model.rng_tracker is not None:
-            # The model seeded its per-tp-rank stream with seed + 2718 + tp_rank: the dp replicas of a tp rank would
-            # draw the same masks. The global rank keeps dp rank 0 (and dp = 1) on the model's own seeds.
-            from engine.parallel.random import TP_SEED_OFFSET, RNGStatesTracker
-
-            fresh = RNGStatesTracker()
-            fresh.add("tp", cfg.train.seed + TP_SEED_OFFSET + self.dp_rank * self.tp + self.tp_rank)
-            self.model.rng_tracker.set_states(fresh.get_states())
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == "fp16" else None
         self.step = 0
         self.consumed = 0
@@ -524,9 +531,6 @@ class _Run:
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step at self.step + 1; returns (mean loss over the global batch, lr, grad norm)."""
-        from engine.optim.clip import clip_grad_norm
-        from engine.optim.schedules import lr_at, set_lr
-
         cfg = self.cfg
         lr = lr_at(self.step, self.rcfg.optim, self.rcfg.optim.decay_steps)
         set_lr(self.optimizer, lr)
@@ -542,20 +546,18 @@ class _Run:
                 scaled = loss / len(batches)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
-        params = list(self.model.parameters())
         if self.tp > 1:
-            from engine.parallel.grads import finish_tp_grads, norm_parameters
-
             finish_tp_grads(self.model)  # after the last micro batch: DDP has reduced over dp (the sum is linear)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
             if self.tp > 1:
                 _agree_found_inf(self.scaler, self.optimizer, self.mp_group)
         if self.tp > 1:
-            norm_params = norm_parameters(self.model)
-            grad_norm = clip_grad_norm(params, cfg.optim.clip, group=self.mp_group, norm_parameters=norm_params)
+            grad_norm = clip_grad_norm(
+                self.params, cfg.optim.clip, group=self.mp_group, norm_parameters=self.norm_params
+            )
         else:
-            grad_norm = clip_grad_norm(params, cfg.optim.clip)
+            grad_norm = clip_grad_norm(self.params, cfg.optim.clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
