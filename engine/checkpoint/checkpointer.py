@@ -220,6 +220,8 @@ def save_checkpoint(
     root = Path(root)
     distributed = _dist_active()
     rank = dist.get_rank() if distributed else 0
+    if write_tensors is None:
+        write_tensors = rank == 0
     name = step_dir_name(step)
     tmp = root / f".{name}.tmp"
     final = root / name
@@ -234,7 +236,7 @@ def save_checkpoint(
     files: dict[str, dict[str, Any]] = {}
     entries: dict[str, dict[str, Any]] = {}
     shards = shards or {}
-    if rank == 0 if write_tensors is None else write_tensors:
+    if write_tensors:
         for group, named in tensors.items():
             if not named:
                 continue
