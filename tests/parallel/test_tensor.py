@@ -17,6 +17,8 @@ from engine.parallel.tensor import (
     attention_heads_per_rank,
     check_tp_divisibility,
     gather_full,
+    shard_full_,
+    shard_range,
     vocab_parallel_cross_entropy,
 )
 from tests.distributed import run_distributed
@@ -212,6 +214,21 @@ def test_layers_match_torch_nn_at_tp4_and_tp2():
             assert f"model.n_kv_heads = {3 * tp // 2} and parallel.tp = {tp}: one must divide the other" in messages[7]
             assert f"model.ffn_hidden = {8 * tp + 1} is not divisible by parallel.tp = {tp}" in messages[8]
             assert all("\n" not in m for m in messages)
+
+
+def test_shard_range_places_each_ranks_rows_and_its_padding():
+    """5 rows over tp 4 pad to 8: ranks hold rows [0, 2), [2, 4), [4, 5) + one padding row, and two padding rows."""
+
+    def shard(rank):
+        p = torch.full((2, 3), 7.0)
+        p.partition_dim, p.full_shape, p.partition_rank = 0, (5, 3), rank
+        return p
+
+    full = torch.arange(15.0).reshape(5, 3)
+    assert [shard_range(shard(r)) for r in range(4)] == [(0, 0, 2), (0, 2, 2), (0, 4, 1), (0, 6, 0)]
+    parts = [shard_full_(shard(r), full) for r in range(4)]
+    torch.testing.assert_close(torch.cat(parts)[:5], full, rtol=0, atol=0)
+    assert not torch.cat(parts)[5:].any()  # padding rows are zero
 
 
 def test_rng_tracker_forks_and_restores():
