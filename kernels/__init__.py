@@ -32,6 +32,8 @@ _EXPORTS = {
     "FusedLinearCrossEntropyLoss": "kernels.linear_cross_entropy",
     "fused_linear_cross_entropy_reference": "kernels.linear_cross_entropy",
     "vocab_parallel_fused_linear_cross_entropy": "kernels.linear_cross_entropy",
+    "flash_attention": "kernels.attention",
+    "flash_attention_reference": "kernels.attention",
 }
 
 __all__ = sorted(_EXPORTS)

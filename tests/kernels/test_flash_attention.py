@@ -1,0 +1,394 @@
+"""kernels/attention.py (FlashAttention-2 forward and backward) against its plain-PyTorch reference, DESIGN.md
+contract 2: fp32 to 1e-5 relative against an fp64 reference, fp16 by the 2x-error rule, under the Triton interpreter
+on CPU (16 x 16 tiles there, so these small shapes reach several kv blocks, ragged last blocks and the causal band).
+bf16 and large shapes on a GPU (marker gpu); the sm_90 compile of the GPU launch configs runs without one (slow)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.attention import (
+    FlashAttentionFunction,
+    block_d,
+    flash_attention,
+    flash_attention_reference,
+    launch_config,
+)
+from kernels.utils import rel_err, two_x_rule
+
+
+def make_qkv(b, sq, sk, hq, hk, d, dtype=torch.float32, seed=0, device="cpu", scale=1.0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = (torch.randn(b, sq, hq, d, generator=g, device=device) * scale).to(dtype)
+    k = (torch.randn(b, sk, hk, d, generator=g, device=device) * scale).to(dtype)
+    v = torch.randn(b, sk, hk, d, generator=g, device=device).to(dtype)
+    return q, k, v
+
+
+def run(fn, q, k, v, go, gl=None, dtype=None, **kw):
+    """(out, lse, dq, dk, dv) of fn on fresh leaves (cast to dtype if given) for upstream gradients go (and gl for
+    the lse, when given: the loss is <out, go> + <lse, gl>)."""
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves, return_lse=True, **kw)
+    outs, grads = (out, lse) if gl is not None else (out,), (go, gl) if gl is not None else (go,)
+    torch.autograd.backward(outs, [g_.to(o.dtype) for o, g_ in zip(outs, grads)])
+    return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+
+# (batch, seq_q, seq_k, heads_q, heads_kv, head_dim, causal)
+FP32_CASES = [
+    (2, 37, 37, 2, 2, 16, False),
+    (2, 37, 37, 2, 2, 32, True),
+    (1, 37, 53, 4, 2, 16, True),  # GQA, seq_q < seq_k: bottom-right causal alignment
+    (1, 53, 37, 4, 1, 16, True),  # MQA, seq_q > seq_k: the first 16 query rows see no key
+    (1, 53, 37, 2, 2, 32, False),
+    (1, 1, 29, 2, 1, 16, True),  # one query row (decoding): it sees every key
+    (1, 20, 24, 2, 2, 64, True),
+    (1, 19, 23, 2, 2, 24, True),  # head_dim 24 padded to a 32-wide tile
+]
+
+
+@pytest.mark.parametrize("b, sq, sk, hq, hk, d, causal", FP32_CASES)
+def test_fp32_matches_fp64_reference(b, sq, sk, hq, hk, d, causal):
+    q, k, v = make_qkv(b, sq, sk, hq, hk, d, scale=1.5)
+    g = torch.Generator().manual_seed(1)
+    go = torch.randn(b, sq, hq, d, generator=g)
+    gl = torch.randn(b, hq, sq, generator=g)  # a gradient through the lse too (ring attention's merge)
+    ours = run(flash_attention, q, k, v, go, gl, causal=causal)
+    ref = run(flash_attention_reference, q, k, v, go, gl, dtype=torch.float64, causal=causal)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32 and ours[1].shape == (b, hq, sq)
+    for name, o, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref):
+        assert o.shape == r.shape, name
+        assert rel_err(o, r) <= 1e-5, (name, rel_err(o, r))
+
+
+def test_fp64_kernel_matches_reference_to_rounding():
+    """fp64 inputs run the kernels in fp64 (the same code path at a precision where any real error shows)."""
+    q, k, v = make_qkv(2, 21, 35, 4, 2, 16, dtype=torch.float64, seed=3)
+    go = torch.randn(2, 21, 4, 16, dtype=torch.float64)
+    gl = torch.randn(2, 4, 21, dtype=torch.float64)
+    for causal in (False, True):
+        ours = run(flash_attention, q, k, v, go, gl, causal=causal)
+        ref = run(flash_attention_reference, q, k, v, go, gl, causal=causal)
+        for o, r in zip(ours, ref):
+            assert o.dtype == torch.float64 and rel_err(o, r) <= 1e-12
+
+
+def test_causal_alignment_and_rows_without_keys():
+    """seq_q > seq_k, causal: query i sees keys j <= i - (seq_q - seq_k); the first rows see none and give out 0,
+    lse -inf, zero gradients and no NaN; the next row sees exactly key 0 (its output is v[0])."""
+    b, sq, sk, h, d = 1, 53, 37, 2, 16
+    q, k, v = make_qkv(b, sq, sk, h, h, d, seed=4)
+    go, gl = torch.randn(b, sq, h, d), torch.randn(b, h, sq)
+    out, lse, dq, dk, dv = run(flash_attention, q, k, v, go, gl, causal=True)
+    n_empty = sq - sk
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    assert torch.equal(out[:, :n_empty], torch.zeros_like(out[:, :n_empty]))
+    assert torch.equal(dq[:, :n_empty], torch.zeros_like(dq[:, :n_empty]))
+    assert torch.isneginf(lse[:, :, :n_empty]).all() and torch.isfinite(lse[:, :, n_empty:]).all()
+    torch.testing.assert_close(out[:, n_empty], v[:, 0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse[:, :, n_empty], (q[:, n_empty] * k[:, 0]).sum(-1) / math.sqrt(d))
+    # key j is seen by query rows i >= j + n_empty, so the last key's gradient comes from the last row only
+    ref = run(flash_attention_reference, q, k, v, go, gl, dtype=torch.float64, causal=True)
+    assert rel_err(dk[:, -1], ref[3][:, -1]) <= 1e-5 and dk[:, -1].abs().sum() > 0
+    # no key at all: every row is empty
+    out0, lse0 = flash_attention(q, k[:, :0], v[:, :0], causal=True, return_lse=True)
+    assert torch.equal(out0, torch.zeros_like(out0)) and torch.isneginf(lse0).all()
+
+
+def test_reference_agrees_with_torch_sdpa():
+    """The reference itself: SDPA (its GQA and its causal mask when seq_q == seq_k; an explicit bottom-right mask
+    otherwise, rows with keys only) and a gradcheck in fp64 through out and lse, rows without keys included."""
+    q, k, v = make_qkv(2, 9, 9, 4, 2, 8, dtype=torch.float64, seed=5)
+    sdpa = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(flash_attention_reference(q, k, v, causal=True), sdpa)
+    q, k, v = make_qkv(1, 7, 5, 2, 2, 8, dtype=torch.float64, seed=6)
+    mask = torch.ones(7, 5, dtype=torch.bool).tril(diagonal=5 - 7)
+    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    ref = flash_attention_reference(q, k, v, causal=True)
+    torch.testing.assert_close(ref[:, 2:], sdpa.transpose(1, 2)[:, 2:])
+    assert torch.equal(ref[:, :2], torch.zeros_like(ref[:, :2]))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def fn(*t):  # finite differences of the -inf lse entries would be NaN: compare them as 0 (their gradient is 0)
+        out, lse = flash_attention_reference(*t, causal=True, return_lse=True, softmax_scale=0.7)
+        return out, torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+    torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp16_two_x_rule(causal):
+    """fp16 (16-bit dot operands, p and ds rounded to fp16 as in FA2): error against the fp32 reference <= 2x the
+    error of the same math in fp16, plus half an ulp."""
+    b, sq, sk, hq, hk, d = 2, 45, 51, 4, 2, 32
+    q, k, v = make_qkv(b, sq, sk, hq, hk, d, dtype=torch.float16, seed=7)
+    g = torch.Generator().manual_seed(8)
+    go, gl = torch.randn(b, sq, hq, d, generator=g), torch.randn(b, hq, sq, generator=g)
+    ours = run(flash_attention, q, k, v, go, gl, causal=causal)
+    ref = run(flash_attention_reference, q, k, v, go, gl, dtype=torch.float32, causal=causal)
+    low = run(flash_attention_reference, q, k, v, go, gl, causal=causal, upcast=False)
+    assert ours[0].dtype == torch.float16 and ours[1].dtype == torch.float32
+    assert all(t.dtype == torch.float16 for t in ours[2:])
+    for name, o, r, lo in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, low):
+        if name == "lse":  # fp32 in both; the fp16 reference's is fp16 math
+            assert rel_err(o, r) <= 1e-3
+            continue
+        err, allowed = two_x_rule(o, r, lo)
+        assert err <= allowed, (name, err, allowed)
+
+
+def test_non_contiguous_views_of_fused_qkv():
+    """q, k, v as views of one fused projection (b, s, (hq + 2 hk) * d): strided, no copy needed; gradients flow
+    back into the fused tensor. Also a head_dim stride != 1 (copied) and a transposed (b, h, s, d) storage."""
+    b, s, hq, hk, d = 2, 29, 4, 2, 16
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(b, s, (hq + 2 * hk) * d, generator=g)
+    go = torch.randn(b, s, hq, d, generator=g)
+
+    def split(t):
+        q, k, v = t.split([hq * d, hk * d, hk * d], dim=-1)
+        return q.view(b, s, hq, d), k.view(b, s, hk, d), v.view(b, s, hk, d)
+
+    grads = []
+    for fn, dtype in ((flash_attention, torch.float32), (flash_attention_reference, torch.float64)):
+        x = qkv.detach().to(dtype).requires_grad_()
+        q, k, v = split(x)
+        assert not q.is_contiguous()
+        out = fn(q, k, v, causal=True)
+        out.backward(go.to(dtype))
+        grads.append((out.detach(), x.grad))
+    assert rel_err(grads[0][0], grads[1][0]) <= 1e-5 and rel_err(grads[0][1], grads[1][1]) <= 1e-5
+    # head_dim not unit-stride, and a (b, h, s, d)-major storage
+    q, k, v = make_qkv(1, 17, 17, 2, 2, 16, seed=10)
+    qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, head_dim stride 17
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)
+    assert qt.stride(-1) != 1
+    out = flash_attention(qt, kt, v, causal=True)
+    ref = flash_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_softmax_scale():
+    q, k, v = make_qkv(1, 23, 31, 2, 1, 32, seed=11)
+    go = torch.randn(1, 23, 2, 32)
+    ours = run(flash_attention, q, k, v, go, softmax_scale=0.05, causal=True)
+    ref = run(flash_attention_reference, q, k, v, go, dtype=torch.float64, softmax_scale=0.05, causal=True)
+    for o, r in zip(ours, ref):
+        assert rel_err(o, r) <= 1e-5
+    default = flash_attention(q, k, v)
+    assert torch.equal(default, flash_attention(q, k, v, softmax_scale=1 / math.sqrt(32)))
+    assert not torch.allclose(default, flash_attention(q, k, v, softmax_scale=0.05))
+
+
+def test_only_lse_or_only_out_used():
+    """Backward with a gradient for the lse alone (out unused: None from autograd) and for out alone."""
+    q, k, v = make_qkv(1, 19, 26, 2, 1, 16, seed=12)
+    grads = []
+    for fn, dtype in ((flash_attention, torch.float32), (flash_attention_reference, torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        _, lse = fn(*leaves, causal=True, return_lse=True)
+        grads.append(torch.autograd.grad(lse.sum(), leaves, allow_unused=True))
+    assert grads[1][2] is None and torch.equal(grads[0][2], torch.zeros_like(grads[0][2]))  # lse does not read v
+    for a, r in zip(grads[0][:2], grads[1][:2]):
+        assert rel_err(a, r) <= 1e-5
+    out = flash_attention(*(t.requires_grad_() for t in (q, k, v)), causal=True)
+    assert out.grad_fn is not None and not isinstance(out, tuple)
+
+
+def test_backward_is_deterministic_and_no_grad_forward():
+    q, k, v = make_qkv(2, 33, 33, 4, 1, 16, seed=13)
+    go = torch.randn(2, 33, 4, 16)
+    first = run(flash_attention, q, k, v, go, causal=True)
+    again = run(flash_attention, q, k, v, go, causal=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    with torch.no_grad():
+        out = flash_attention(q, k, v, causal=True)
+    assert torch.equal(out, first[0]) and out.grad_fn is None
+
+
+def test_public_api_and_errors():
+    assert kernels.flash_attention is flash_attention
+    assert kernels.flash_attention_reference is flash_attention_reference
+    assert FlashAttentionFunction is not None and block_d(24) == 32 and block_d(8) == 16 and block_d(128) == 128
+    q, k, v = make_qkv(1, 4, 4, 4, 2, 16)
+    bad = [
+        ((q, k, v[:, :3]), "k and v must have the same shape"),
+        ((q, k[..., :8], v[..., :8]), "must agree in batch"),
+        ((q[:, :, :3], k, v), "heads_q (3) must be a multiple of heads_kv (2)"),
+        ((q, k.double(), v.double()), "must have one dtype"),
+        ((q[0], k[0], v[0]), "must be 4-D"),
+        ((torch.zeros(1, 4, 2, 512), torch.zeros(1, 4, 2, 512), torch.zeros(1, 4, 2, 512)), "head_dim 512"),
+        ((q.long(), k, v), "floating-point"),
+    ]
+    for args, message in bad:
+        with pytest.raises(ValueError) as e:
+            flash_attention(*args)
+        assert message in str(e.value) and "\n" not in str(e.value), (message, str(e.value))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU side: the launch configs compiled for sm_90 (no GPU needed), and bf16/fp32 on a CUDA device
+
+
+def aot_cases():
+    """(name, kernel, arg types, constexprs, num_warps, num_stages) of the GPU launch configs: bf16 at head_dim 64
+    and 128, fp32 at 128 (each compile takes seconds)."""
+    import triton.language as tl
+
+    from kernels import attention as A
+
+    cases = []
+    for dtype, ptr, dot, prec, dims in (
+        (torch.bfloat16, "*bf16", tl.bfloat16, "tf32", (64, 128)),
+        (torch.float32, "*fp32", tl.float32, "ieee", (128,)),
+    ):
+        for d in dims:
+            cfg = launch_config(d, dtype, torch.device("cuda"))
+            common = dict(HEAD_DIM=d, BLOCK_D=block_d(d), DOT=dot, PREC=prec, ACC=tl.float32)
+            types = dict(Q=ptr, K=ptr, V=ptr, Out=ptr, DO=ptr, DK=ptr, DV=ptr, DQ=ptr, LSE="*fp32", DELTA="*fp32")
+            types.update(qk_scale="fp32", sm_scale="fp32")
+            for name, fn in (
+                ("fwd", A._attn_fwd_kernel),
+                ("dkdv", A._attn_bwd_dkdv_kernel),
+                ("dq", A._attn_bwd_dq_kernel),
+            ):
+                bm, bn, warps, stages = cfg[name]
+                consts = dict(common, CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn)
+                cases.append((f"{name} {ptr[1:]} d={d}", fn, types, consts, warps, stages))
+    return cases
+
+
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one program may use on sm_90
+
+
+def aot_report() -> None:
+    """Run in a subprocess without TRITON_INTERPRET: compile each case for sm_90, one JSON line per case with its
+    shared memory and (when the triton wheel ships cuobjdump) registers and spill bytes."""
+    import json
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for name, fn, types, consts, warps, stages in aot_cases():
+        sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+        try:
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        except TypeError as e:  # another triton version's API: nothing to check here
+            print(json.dumps({"name": name, "skip": str(e)}))
+            continue
+        try:
+            opts = {"num_warps": warps, "num_stages": stages}
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        except Exception as e:  # noqa: BLE001 - report any compiler failure as the test's failure
+            print(json.dumps({"name": name, "error": f"{type(e).__name__}: {e}"[:2000]}))
+            continue
+        row = {"name": name, "warps": warps, "shared": k.metadata.shared}
+        if cuobjdump.exists() and "cubin" in k.asm:
+            path = Path(os.environ["AOT_TMP"]) / "k.cubin"
+            path.write_bytes(k.asm["cubin"])
+            out = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True)
+            m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", out.stdout)
+            if m:
+                row.update(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3)))
+        print(json.dumps(row))
+
+
+@pytest.mark.slow
+def test_gpu_configs_compile_for_sm90_without_spills(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its CUDA backend")
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(AOT_TMP=str(tmp_path), TRITON_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(repo))
+    code = "from tests.kernels.test_flash_attention import aot_report; aot_report()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(aot_cases())
+    if all("skip" in r for r in rows):
+        pytest.skip(f"this triton's ahead-of-time API differs: {rows[0]['skip']}")
+    errors = [r for r in rows if "error" in r]
+    assert not errors, errors
+    assert not [r for r in rows if r["shared"] > SMEM_LIMIT], rows
+    # No spills at head_dim 64 (bf16); the larger tiles spill a little today (a performance issue, not a bug):
+    # reported, not asserted, until they are tuned on a GPU.
+    spills = [r for r in rows if r.get("stack", 0) or r.get("local", 0)]
+    assert not [r for r in spills if "bf16 d=64" in r["name"]], spills
+    print("register spills (bytes of stack):", {r["name"]: r.get("stack") for r in spills})
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "b, sq, sk, hq, hk, d", [(2, 1024, 1024, 16, 4, 128), (1, 1000, 1537, 8, 8, 64), (1, 777, 513, 4, 1, 256)]
+)
+def test_bf16_two_x_rule_on_gpu(b, sq, sk, hq, hk, d, causal):
+    """bf16 error against the fp32 reference <= 2x torch SDPA's bf16 error against it, plus half an ulp."""
+    q, k, v = make_qkv(b, sq, sk, hq, hk, d, dtype=torch.bfloat16, seed=20, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(21)
+    go = torch.randn(b, sq, hq, d, generator=g, device="cuda")
+    ours = run(flash_attention, q, k, v, go, causal=causal)
+    ref = run(flash_attention_reference, q, k, v, go, dtype=torch.float32, causal=causal)
+
+    def sdpa(q, k, v, causal, return_lse):
+        mask = None
+        if causal and sq != sk:  # SDPA's is_causal is top-left aligned; ours is bottom-right
+            mask = torch.ones(sq, sk, dtype=torch.bool, device="cuda").tril(sk - sq)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=causal and mask is None, enable_gqa=hq != hk,
+        ).transpose(1, 2)  # fmt: skip
+        return o, torch.zeros(b, hq, sq, device="cuda")
+
+    low = run(sdpa, q, k, v, go, causal=causal)
+    rows = slice(max(sq - sk, 0) if causal else 0, None)  # SDPA gives NaN on rows that see no key
+    for name, i in (("out", 0), ("dq", 2), ("dk", 3), ("dv", 4)):
+        o, r, lo = ours[i], ref[i], low[i]
+        if i in (0, 2):
+            o, r, lo = o[:, rows], r[:, rows], lo[:, rows]
+        err, allowed = two_x_rule(o, r, lo)
+        assert err <= allowed, (name, err, allowed)
+    assert rel_err(ours[1], ref[1]) <= 1e-3
+
+
+@gpu
+def test_fp32_parity_on_gpu():
+    """fp32 dots run in IEEE fp32 (not TF32): 1e-5 against the fp64 reference on a GPU too."""
+    q, k, v = make_qkv(2, 300, 411, 8, 2, 128, seed=22, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(23)
+    go, gl = torch.randn(2, 300, 8, 128, generator=g, device="cuda"), torch.randn(2, 8, 300, generator=g, device="cuda")
+    for causal in (False, True):
+        ours = run(flash_attention, q, k, v, go, gl, causal=causal)
+        ref = run(flash_attention_reference, q, k, v, go, gl, dtype=torch.float64, causal=causal)
+        for name, o, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref):
+            assert rel_err(o, r) <= 1e-5, (name, causal, rel_err(o, r))
+
+
+@gpu
+def test_backward_bitwise_deterministic_on_gpu():
+    q, k, v = make_qkv(2, 1024, 1024, 16, 2, 128, dtype=torch.bfloat16, seed=24, device="cuda")
+    go = torch.randn(2, 1024, 16, 128, device="cuda")
+    first = run(flash_attention, q, k, v, go, causal=True)
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first, run(flash_attention, q, k, v, go, causal=True)))
