@@ -11,8 +11,10 @@ from the input's device, so a model built on CPU and moved to CUDA picks the rig
   single process, since ranks timing on their own could disagree.
 
 Attention: "auto" on CUDA with fp16/bf16 inputs and no mask uses the flash-attn package when it is installed (an
-optional extra); the triton path uses `kernels.flash_attention` once that module exists; otherwise both backends use
-`F.scaled_dot_product_attention` (its FlashAttention-2 / memory-efficient kernels on CUDA).
+optional extra); the triton path uses `kernels.flash_attention` (kernels/attention.py: FlashAttention-2 in Triton) when
+there is no mask, no dropout and head_dim <= 256; otherwise both backends use `F.scaled_dot_product_attention` (its
+FlashAttention-2 / memory-efficient kernels on CUDA). Causal attention with seq_q != seq_k is bottom-right aligned
+on every path (query i sees keys j <= i + seq_k - seq_q).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ _KERNEL_MODULES = {
     "cross_entropy": "kernels.cross_entropy_loss",
     "fused_linear_cross_entropy": "kernels.linear_cross_entropy",
     "vocab_parallel_fused_linear_cross_entropy": "kernels.linear_cross_entropy",
-    "flash_attention": "kernels.flash_attention",
+    "flash_attention": "kernels.attention",  # not kernels/flash_attention.py: a module would shadow the function
 }
 
 
@@ -250,15 +252,18 @@ def attention(
         and dropout_p == 0.0
         and select(backend, q) == "triton"
         and _has_kernel("flash_attention")
-        and q.shape[1] == k.shape[1]
+        and q.shape[-1] <= 256
     ):
         return _kernel("flash_attention")(q, k, v, causal=causal)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = qh.shape[1] != kh.shape[1]
-    if mask is not None and causal:
-        sq, sk = q.shape[1], k.shape[1]
+    sq, sk = q.shape[1], k.shape[1]
+    if causal and (mask is not None or sq != sk):
+        # SDPA's is_causal is top-left aligned; ours (and flash-attn's) is bottom-right: an explicit mask
         tri = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-        if mask.dtype == torch.bool:
+        if mask is None:
+            mask = tri
+        elif mask.dtype == torch.bool:
             mask = mask & tri
         else:
             mask = mask + torch.zeros(sq, sk, dtype=mask.dtype, device=q.device).masked_fill(~tri, float("-inf"))

@@ -152,6 +152,31 @@ def test_triton_swiglu():
     _parity(lambda g, u, backend: ops.swiglu(g, u, backend=backend), torch.randn(2, 3, 24), torch.randn(2, 3, 24))
 
 
+@pytest.mark.parametrize("sq, sk, kv_heads", [(9, 9, 2), (5, 9, 1), (9, 9, 4)])
+def test_triton_attention(monkeypatch, sq, sk, kv_heads):
+    """The triton path runs kernels.flash_attention (GQA, and causal with seq_q < seq_k: bottom-right aligned on
+    both paths), with the torch path's forward and gradients; a mask or dropout falls back to SDPA."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, sq, 4, 16), torch.randn(2, sk, kv_heads, 16), torch.randn(2, sk, kv_heads, 16)
+    for causal in (True, False):
+        _parity(lambda q, k, v, backend, c=causal: ops.attention(q, k, v, causal=c, backend=backend), q, k, v)
+    calls = []
+    real = ops._kernel
+
+    def spy(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(ops, "_kernel", spy)
+    ops.attention(q, k, v, causal=True, backend="triton")
+    ops.attention(q, k, v, causal=True, mask=torch.ones(sq, sk, dtype=torch.bool), backend="triton")
+    assert calls == ["flash_attention"]
+    if sq != sk:  # bottom-right: the last query row sees every key, the first sees sk - sq + 1
+        out = ops.attention(q, k, v, causal=True, backend="torch")
+        first = manual_attention(q[:, :1], k[:, : sk - sq + 1], v[:, : sk - sq + 1], False)
+        torch.testing.assert_close(out[:, :1], first)
+
+
 def test_triton_cross_entropy():
     torch.manual_seed(0)
     target = torch.randint(0, 50, (12,))
