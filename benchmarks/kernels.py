@@ -1,12 +1,14 @@
 """Kernel benchmark harness: ours vs torch eager vs torch.compile vs Liger/apex (when importable).
 
-    python -m benchmarks.kernels [--only rmsnorm,layernorm,rope,swiglu,cross_entropy,fused_linear_ce] [--csv out.csv]
+    python -m benchmarks.kernels [--only rmsnorm,...,fused_linear_ce,flash_attention] [--csv out.csv]
 
 On a CUDA device, per kernel and shape: a correctness check of ours against an fp32 reference (DESIGN.md contract 2,
 the 2x-error rule against the same-dtype torch computation), then forward and forward+backward times with
 `triton.testing.do_bench` (median, 20th and 80th percentiles, L2 flushed before each call), throughput in GB/s for
-the memory-bound kernels or TFLOP/s for fused linear cross-entropy, that as a percentage of the device ceiling
-measured in the same run (a large device copy; a large bf16 matmul), and the peak memory of one forward+backward.
+the memory-bound kernels or TFLOP/s for fused linear cross-entropy and flash attention (ours vs torch SDPA vs the
+flash-attn package when importable; FLOPs 4 b h s^2 d forward, halved when causal, backward 2.5x forward), that as a
+percentage of the device ceiling measured in the same run (a large device copy; a large bf16 matmul), and the peak
+memory of one forward+backward.
 The fused-linear-CE shapes include vocab 128k, where the peak memory column is the fused vs unfused comparison.
 RoPE rotates q and k (grouped-query heads) in each case, the work Liger's RoPE does in one call (its baseline gets
 our layout as transposed views and the tables converted once, outside the timed call: `liger_rope_baseline`).
@@ -276,6 +278,44 @@ def _build_fused_linear_ce(mod, shape, dtype, device) -> Case:
     return case
 
 
+def _build_flash_attention(mod, shape, dtype, device) -> Case:
+    # (batch, seq, heads_q, heads_kv, head_dim, causal). FLOPs as FlashAttention's benchmark counts them: 4 b h s^2 d
+    # forward (two matmuls), halved when causal; backward 2.5x forward.
+    b, s, hq, hkv, d, causal = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    q = _leaf(torch.randn(b, s, hq, d, device=device, generator=g).to(dtype))
+    k = _leaf(torch.randn(b, s, hkv, d, device=device, generator=g).to(dtype))
+    v = _leaf(torch.randn(b, s, hkv, d, device=device, generator=g).to(dtype))
+
+    def sdpa(q, k, v):  # torch's fused SDPA (its FlashAttention-2 backend on CUDA for 16-bit inputs)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=hq != hkv
+        )
+        return out.transpose(1, 2)
+
+    fwd = 4 * b * hq * s * s * d / (2 if causal else 1)
+    case = Case(
+        inputs=[q, k, v],
+        ours=lambda q, k, v: mod.flash_attention(q, k, v, causal=causal),
+        torch_eager=sdpa,
+        reference=lambda q, k, v: mod.flash_attention_reference(q, k, v, causal=causal),
+        work_fwd=fwd,
+        work_fwdbwd=3.5 * fwd,
+    )
+
+    def flash_attn():
+        from flash_attn import flash_attn_func
+
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError("flash-attn takes fp16/bf16 only")
+        return lambda q, k, v: flash_attn_func(q, k, v, causal=causal)
+
+    fa = _try(flash_attn)
+    if fa is not None:
+        case.others["flash_attn"] = fa
+    return case
+
+
 SPECS = {
     s.name: s
     for s in (
@@ -305,6 +345,14 @@ SPECS = {
             _build_fused_linear_ce,
             ((5, 16, 37),),
             ((8192, 4096, 32000), (8192, 4096, 131072)),
+        ),
+        Spec(  # (batch, seq, heads_q, heads_kv, head_dim, causal)
+            "flash_attention",
+            "kernels.attention",
+            "TFLOP/s",
+            _build_flash_attention,
+            ((1, 19, 2, 1, 16, True),),
+            ((4, 2048, 32, 32, 128, True), (2, 4096, 32, 8, 128, True), (4, 2048, 32, 8, 128, False)),
         ),
     )
 }

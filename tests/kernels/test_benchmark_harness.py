@@ -32,7 +32,8 @@ def test_cpu_mode_checks_every_kernel(tmp_path, capsys):
             continue
         assert r["status"] == "ok", r
         assert float(r["fwd_err"]) <= 1e-5 and float(r["bwd_err"]) <= 1e-5
-    assert text.rstrip().splitlines()[-1].startswith("fused_linear_ce")  # the table is printed last
+    assert text.rstrip().splitlines()[-1].startswith(list(bench.SPECS)[-1])  # the table is printed last
+    assert "flash_attention" in bench.SPECS
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU mode only")
