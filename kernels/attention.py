@@ -36,6 +36,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels.utils import acc_dtype, check_tensors, interpreting, next_power_of_2
 
@@ -176,7 +177,9 @@ def _row_stats(LSE, DELTA, offs_m, seq_q):
     m_ok = offs_m < seq_q
     lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
     lse2 = tl.where(m_ok & (lse != float("-inf")), lse * _LOG2E, float("inf"))
-    delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+    # An empty row's p is 0, so its delta must be finite: a NaN/inf dlse there (e.g. from logaddexp of two -inf lse in
+    # a ring-attention merge) would otherwise turn 0 * NaN into NaN in every key's dK and in dQ.
+    delta = tl.load(DELTA + offs_m, mask=m_ok & (lse != float("-inf")), other=0.0)
     return lse2, delta
 
 
@@ -435,6 +438,13 @@ def flash_attention_backward(
     """
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
+    for name, t in (("lse", lse), ("dlse", dlse)):
+        if t is not None and (tuple(t.shape) != (b, hq, sq) or not t.is_floating_point()):
+            raise ValueError(
+                f"flash_attention_backward: {name} must be a float tensor of shape (batch, heads_q, seq_q) = "
+                f"{(b, hq, sq)}, got {t.dtype} {tuple(t.shape)}"
+            )
+    lse = lse.float()  # the row statistics stay fp32 whatever a caller's merge produced
     dq = torch.empty((b, sq, hq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, sk, hk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, sk, hk, d), dtype=v.dtype, device=v.device)
@@ -485,6 +495,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None and dlse is None:

@@ -100,6 +100,26 @@ def test_causal_alignment_and_rows_without_keys():
     assert torch.equal(out0, torch.zeros_like(out0)) and torch.isneginf(lse0).all()
 
 
+def test_non_finite_lse_gradient_on_rows_without_keys_stays_there():
+    """A ring-attention merge like logaddexp over two -inf lse gives NaN gradients for empty rows; those rows have
+    p = 0, so the NaN must not reach dk or dq (45 x 24 puts empty and non-empty rows in one 16-row query block)."""
+    b, sq, sk, h, d = 1, 45, 24, 2, 16
+    q, k, v = make_qkv(b, sq, sk, h, h, d, seed=5)
+    go, gl = torch.randn(b, sq, h, d), torch.randn(b, h, sq)
+    gl[:, :, : sq - sk] = float("nan")
+    ours = run(flash_attention, q, k, v, go, gl, causal=True)
+    gl_ref = gl.clone()
+    gl_ref[:, :, : sq - sk] = 0.0  # what the reference's where() makes of it
+    ref = run(flash_attention_reference, q, k, v, go, gl_ref, dtype=torch.float64, causal=True)
+    for name, o, r in zip(["dq", "dk", "dv"], ours[2:], ref[2:]):
+        assert torch.isfinite(o).all(), name
+        assert rel_err(o, r) <= 1e-5, (name, rel_err(o, r))
+    with pytest.raises(ValueError, match=r"lse must be a float tensor of shape \(batch, heads_q, seq_q\)"):
+        from kernels.attention import flash_attention_backward
+
+        flash_attention_backward(go, None, q, k, v, ours[0], ours[1].transpose(1, 2), True, 0.25)
+
+
 def test_reference_agrees_with_torch_sdpa():
     """The reference itself: SDPA (its GQA and its causal mask when seq_q == seq_k; an explicit bottom-right mask
     otherwise, rows with keys only) and a gradcheck in fp64 through out and lse, rows without keys included."""
