@@ -444,7 +444,8 @@ def flash_attention_backward(
                 f"flash_attention_backward: {name} must be a float tensor of shape (batch, heads_q, seq_q) = "
                 f"{(b, hq, sq)}, got {t.dtype} {tuple(t.shape)}"
             )
-    lse = lse.float()  # the row statistics stay fp32 whatever a caller's merge produced
+    # The row statistics stay in the accumulation dtype (fp32; fp64 for fp64) whatever a caller's merge produced.
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     dq = torch.empty((b, sq, hq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, sk, hk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, sk, hk, d), dtype=v.dtype, device=v.device)
