@@ -371,18 +371,23 @@ def test_bf16_two_x_rule_on_gpu(b, sq, sk, hq, hk, d, causal):
     ours = run(flash_attention, q, k, v, go, causal=causal)
     ref = run(flash_attention_reference, q, k, v, go, dtype=torch.float32, causal=causal)
 
+    r0 = max(sq - sk, 0) if causal else 0  # the first r0 query rows see no key
+
     def sdpa(q, k, v, causal, return_lse):
+        # SDPA gives NaN on rows that see no key, and its backward spreads that NaN to every key's dk/dv: it runs on
+        # the rows that see keys only, the others being 0 (their exact output and gradient).
         mask = None
         if causal and sq != sk:  # SDPA's is_causal is top-left aligned; ours is bottom-right
-            mask = torch.ones(sq, sk, dtype=torch.bool, device="cuda").tril(sk - sq)
+            mask = torch.ones(sq, sk, dtype=torch.bool, device="cuda").tril(sk - sq)[r0:]
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            q[:, r0:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             is_causal=causal and mask is None, enable_gqa=hq != hk,
         ).transpose(1, 2)  # fmt: skip
+        o = torch.cat([torch.zeros_like(q[:, :r0]), o], dim=1)
         return o, torch.zeros(b, hq, sq, device="cuda")
 
     low = run(sdpa, q, k, v, go, causal=causal)
-    rows = slice(max(sq - sk, 0) if causal else 0, None)  # SDPA gives NaN on rows that see no key
+    rows = slice(r0, None)
     for name, i in (("out", 0), ("dq", 2), ("dk", 3), ("dv", 4)):
         o, r, lo = ours[i], ref[i], low[i]
         if i in (0, 2):
