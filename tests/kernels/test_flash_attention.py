@@ -259,7 +259,7 @@ def test_public_api_and_errors():
 
 def aot_cases():
     """(name, kernel, arg types, constexprs, num_warps, num_stages) of the GPU launch configs: bf16 at head_dim 64
-    and 128, fp32 at 128 (each compile takes seconds)."""
+    and 128, fp32 at 128, the backward's preprocessing kernel, a non-causal forward (each compile takes seconds)."""
     import triton.language as tl
 
     from kernels import attention as A
@@ -282,6 +282,13 @@ def aot_cases():
                 bm, bn, warps, stages = cfg[name]
                 consts = dict(common, CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn)
                 cases.append((f"{name} {ptr[1:]} d={d}", fn, types, consts, warps, stages))
+            # backward's row statistics (with a gradient through lse), at the GPU's 64-row block
+            consts = dict(HAS_DLSE=True, HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d(d), ACC=tl.float32)
+            types_pre = dict(types, DLSE="*fp32")
+            cases.append((f"preprocess {ptr[1:]} d={d}", A._attn_bwd_preprocess_kernel, types_pre, consts, 4, 1))
+    bm, bn, warps, stages = launch_config(128, torch.bfloat16, torch.device("cuda"))["fwd"]
+    consts = dict(HEAD_DIM=128, BLOCK_D=128, DOT=tl.bfloat16, PREC="tf32", ACC=tl.float32, BLOCK_M=bm, BLOCK_N=bn)
+    cases.append(("fwd bf16 d=128 non-causal", A._attn_fwd_kernel, types, dict(consts, CAUSAL=False), warps, stages))
     return cases
 
 
