@@ -3,24 +3,17 @@ launch sizes, checking for compile errors and register spills (runs without a GP
 either); and, on a CUDA device, bf16 by the 2x-error rule of DESIGN.md contract 2 on large shapes, fp32 parity,
 bitwise-deterministic weight gradients, the largest fused row (those skip without CUDA)."""
 
-import json
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from kernels.glu import geglu, geglu_reference, swiglu, swiglu_reference
 from kernels.rope import apply_rope, apply_rope_qk_, apply_rope_reference, rope_cos_sin
 from kernels.utils import rel_err, two_x_rule
+from tests.kernels.aot import compile_for_sm90
 from tests.kernels.test_norms import KERNEL, REFERENCE
 
 gpu = pytest.mark.gpu
 DEV = "cuda"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _aot_cases():
@@ -75,51 +68,9 @@ def _aot_cases():
     return cases
 
 
-def aot_report() -> None:
-    """Run in a subprocess without TRITON_INTERPRET: compile each case for sm_90 and print one JSON line per case
-    (registers and spill bytes from cuobjdump when the triton wheel ships it)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    for name, fn, types, consts, warps in _aot_cases():
-        sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-        try:
-            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        except TypeError as e:  # another triton version's API: nothing to check here
-            print(json.dumps({"name": name, "skip": str(e)}))
-            continue
-        try:
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        except Exception as e:  # noqa: BLE001 - report any compiler failure as the test's failure
-            print(json.dumps({"name": name, "error": f"{type(e).__name__}: {e}"[:2000]}))
-            continue
-        row = {"name": name, "warps": warps}
-        if cuobjdump.exists() and "cubin" in k.asm:
-            path = Path(os.environ["AOT_TMP"]) / "k.cubin"
-            path.write_bytes(k.asm["cubin"])
-            out = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True)
-            m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", out.stdout)
-            if m:
-                row.update(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3)))
-        print(json.dumps(row))
-
-
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its CUDA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(AOT_TMP=str(tmp_path), TRITON_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
-    code = "from tests.kernels.test_kernels_gpu import aot_report; aot_report()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == len(_aot_cases())
-    if all("skip" in r for r in rows):
-        pytest.skip(f"this triton's ahead-of-time API differs: {rows[0]['skip']}")
-    errors = [r for r in rows if "error" in r]
-    assert not errors, errors
+    rows = compile_for_sm90("tests.kernels.test_kernels_gpu:_aot_cases", len(_aot_cases()), tmp_path, timeout=300)
     spills = [r for r in rows if r.get("stack", 0) or r.get("local", 0)]
     assert not spills, spills
 
