@@ -99,6 +99,18 @@ def _fwd_inner(
 
 
 @triton.jit
+def _query_tile(n_heads, seq_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch x query head) index and query rows: (bh, b, h, start_m, offs_m, offs_d, the in-bounds
+    mask of its (rows, head_dim) tile, the rows as int64 for pointer arithmetic)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    return bh, bh // n_heads, bh % n_heads, start_m, offs_m, offs_d, mask, offs_m[:, None].to(tl.int64)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, LSE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -108,15 +120,8 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """One block of BLOCK_M query rows of one (batch, query head): its output rows and their lse (natural log)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // n_heads
-    h = bh % n_heads
+    bh, b, h, start_m, offs_m, offs_d, mask, rows = _query_tile(n_heads, seq_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     hk = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_m[:, None].to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :], mask=mask, other=0.0)
     q = q.to(DOT)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -155,14 +160,7 @@ def _attn_bwd_preprocess_kernel(
     ACC: tl.constexpr,
 ):  # fmt: skip
     """DELTA = rowsum(dO * O) - dlse for one block of query rows of one (batch, query head)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // n_heads
-    h = bh % n_heads
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_m[:, None].to(tl.int64)
+    bh, b, h, start_m, offs_m, offs_d, mask, rows = _query_tile(n_heads, seq_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     o = tl.load(Out + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dos + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
@@ -305,15 +303,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """dQ of one block of BLOCK_M query rows of one (batch, query head)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // n_heads
-    h = bh % n_heads
+    bh, b, h, start_m, offs_m, offs_d, mask, rows = _query_tile(n_heads, seq_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     hk = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_m[:, None].to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dos + offs_d[None, :], mask=mask, other=0.0)
     q = q.to(DOT)
