@@ -68,6 +68,30 @@ def _kv_range(start_m, seq_q, seq_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def _kv_tile(
+    k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, seq_k,
+    MASK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """The k and v rows offs_n of one kv head (MASK: the block may pass seq_k), in the dot dtype."""
+    kv_mask = offs_d[None, :] < HEAD_DIM
+    if MASK:
+        kv_mask = kv_mask & (offs_n[:, None] < seq_k)
+    rows = offs_n[:, None].to(tl.int64)
+    k = tl.load(k_base + rows * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT)
+    v = tl.load(v_base + rows * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT)
+    return k, v
+
+
+@triton.jit
+def _keys_seen(offs_m, offs_n, seq_k, causal_off, CAUSAL: tl.constexpr):
+    """(rows, keys) mask of the scores that exist: keys below seq_k, and under the bottom-right causal band."""
+    valid = offs_n[None, :] < seq_k
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+    return valid
+
+
+@triton.jit
 def _fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, seq_k, causal_off, qk_scale,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -76,17 +100,10 @@ def _fwd_inner(
     """Online softmax over the kv blocks [lo, hi): the updated (acc, m_i, l_i), m_i in log2 units."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = offs_d[None, :] < HEAD_DIM
-        if MASK:
-            kv_mask = kv_mask & (offs_n[:, None] < seq_k)
-        rows = offs_n[:, None].to(tl.int64)
-        k = tl.load(k_base + rows * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT)
-        v = tl.load(v_base + rows * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT)
+        k, v = _kv_tile(k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, seq_k, MASK, HEAD_DIM, DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
         if MASK:
-            valid = offs_n[None, :] < seq_k
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+            valid = _keys_seen(offs_m, offs_n, seq_k, causal_off, CAUSAL)
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf - 0) = 0, no NaN
@@ -274,18 +291,11 @@ def _dq_inner(
     """dQ of one query block accumulated over the kv blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = offs_d[None, :] < HEAD_DIM
-        if MASK:
-            kv_mask = kv_mask & (offs_n[:, None] < seq_k)
-        rows = offs_n[:, None].to(tl.int64)
-        k = tl.load(k_base + rows * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT)
-        v = tl.load(v_base + rows * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT)
+        k, v = _kv_tile(k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, seq_k, MASK, HEAD_DIM, DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASK:
-            valid = offs_n[None, :] < seq_k
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+            valid = _keys_seen(offs_m, offs_n, seq_k, causal_off, CAUSAL)
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
