@@ -1,9 +1,9 @@
 """Per-step training metrics: `RUN_DIR/metrics.jsonl`, TensorBoard (when installed) and a console progress bar.
 
-One JSON object per optimizer step (DESIGN.md, command-line contract): `step`, `loss`, `lr`, `grad_norm`, `tokens`,
-`tokens_per_s`, `mfu` (null without a known peak, e.g. on CPU), `mem_gb`, plus `val_loss`/`val_ppl` on eval steps.
-Only rank 0 writes. On resume the file is appended to; records from a crashed run past the resumed step are dropped
-first so every step appears once.
+One JSON object per optimizer step (the command-line contract in README.md): `step`, `loss`, `lr`, `grad_norm`,
+`tokens`, `tokens_per_s`, `mfu` (null without a known peak, e.g. on CPU), `mem_gb`, plus `val_loss`/`val_ppl` on
+eval steps. Only rank 0 writes. On resume the file is appended to; records from a crashed run past the resumed step
+are dropped first so every step appears once.
 
 MFU (PaLM, Chowdhery et al. 2022, App. B) = achieved tokens/s x model FLOPs per token / (devices x peak FLOP/s),
 against the dense bf16 peak of the device from a small table.

@@ -1,6 +1,7 @@
 """Weighted blends of datasets: `--data.path "0.7 prefixA 0.3 prefixB"`.
 
-`BlendedDataset` is Megatron-LM's (reference/methods.md §3.4): weights are normalised and sample i is drawn from
+`BlendedDataset` is Megatron-LM's (Shoeybi et al. 2019; Megatron-Core's `blended_dataset.py`): weights are
+normalised (only their proportions matter, so "3 A 1 B" is "0.75 A 0.25 B") and sample i is drawn from
 the dataset chosen by the deterministic greedy of `build_blending_indices`, which keeps every prefix of the stream
 within about one sample per dataset of the target proportions. So any window of n samples holds each dataset
 within a couple of samples of weight * n, with no randomness and nothing to resume but the sample position.

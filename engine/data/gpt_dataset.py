@@ -1,6 +1,7 @@
 """GPT pretraining samples: fixed-length windows of `seq_len + 1` tokens over shuffled, concatenated documents.
 
-Megatron-LM `GPTDataset` (reference/methods.md §3.4), three index arrays:
+Megatron-LM's `GPTDataset` (Shoeybi et al. 2019; Megatron-Core's `megatron/core/datasets/gpt_dataset.py`), built
+from three index arrays:
 
 - document index: the exposed document ids repeated once per epoch and shuffled with
   `numpy.random.RandomState(seed)`. When the last epoch contributes fewer than 80% of an epoch's samples it is

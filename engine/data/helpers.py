@@ -1,6 +1,6 @@
 """Sample-index and blending-index builders: C++ (`engine.data._helpers`) with NumPy fallbacks.
 
-Semantics are Megatron-LM's `helpers.cpp` (reference/methods.md §3.4):
+Semantics are Megatron-LM's `helpers.cpp` (Shoeybi et al. 2019; Megatron-Core's `megatron/core/datasets`):
 
 - `build_sample_idx` lays the documents of `document_idx` end to end as one token stream and cuts it into samples
   of `seq_length + extra` tokens, consecutive samples overlapping by `extra` (the label shift). Row k of the result

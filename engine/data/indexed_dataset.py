@@ -1,7 +1,7 @@
 """Megatron-LM indexed datasets: `PREFIX.bin` (token arrays) and `PREFIX.idx` (the `MMIDIDX` v1 index).
 
-Byte layout of `.idx` (little-endian; Megatron-LM `megatron/core/datasets/indexed_dataset.py`, see
-reference/methods.md §3.4), so files written by Megatron's builder read here and ours read there:
+Byte layout of `.idx` (little-endian; Megatron-LM, Shoeybi et al. 2019, `megatron/core/datasets/indexed_dataset.py`;
+docs/contracts.md, "Data format"), so files written by Megatron's builder read here and ours read there:
 
     magic b"MMIDIDX\\x00\\x00" (9 B) | version u64 = 1 | dtype code u8 | sequence_count u64 | document_count u64
     | int32 sequence_lengths[S] | int64 sequence_pointers[S] (byte offsets into .bin) | int64 document_indices[D]

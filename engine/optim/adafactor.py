@@ -1,4 +1,4 @@
-"""Adafactor (Shazeer & Stern 2018, arXiv:1804.04235), as in reference/methods.md §4.2.
+"""Adafactor (Shazeer & Stern 2018, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", arXiv:1804.04235).
 
 Per step t (1-based) and parameter θ with gradient G:
 - β̂2_t = 1 − t^decay_rate (decay_rate −0.8), ρ_t = min(lr, 1/√t) with relative_step, else lr;

@@ -1,9 +1,10 @@
-"""Learning-rate schedules as pure functions of the step (reference/methods.md §4.3).
+"""Learning-rate schedules as pure functions of the step.
 
 `step` counts optimizer updates already taken (0 for the first update). Warmup is linear, lr·(step+1)/warmup for
 step < warmup, so the first update is not wasted at lr 0 and step warmup−1 reaches the peak. The schedule length
 D is `optim.decay_steps`, or `total_steps` when that is 0; the LR depends on nothing else, so a run extended with a
-larger train.steps but the same decay_steps follows the same curve (DESIGN.md contract 3).
+larger train.steps but the same decay_steps follows the same curve (docs/contracts.md, "Resume exactness").
+The floor min_lr is `min_lr_ratio`·lr, a fraction of the peak, never an absolute rate.
 
 - cosine: after warmup, min_lr + ½(1 + cos(π·r))(lr − min_lr), r = (step − W)/(D − W), then min_lr from step D on
   (nanoGPT `get_lr`; Chinchilla App. D.1 decays 10× over the run: min_lr_ratio 0.1).

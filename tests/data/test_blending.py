@@ -1,10 +1,13 @@
 """Blends: spec parsing and its errors, realised proportions over every window, BlendedDataset over GPTDatasets."""
 
+import math
+
 import numpy as np
 import pytest
 
 from engine.data.blended_dataset import BlendedDataset, BlendError, build_dataset, parse_blend
 from engine.data.gpt_dataset import GPTDataset
+from engine.data.helpers import build_blending_indices, cpp_available
 
 
 def _window_counts(dataset_index: np.ndarray, num_datasets: int, window: int) -> np.ndarray:
@@ -89,3 +92,88 @@ def test_blend_too_small_component_is_an_error():
         BlendedDataset([range(1000), range(10)], [0.5, 0.5], 100)
     with pytest.raises(BlendError, match="one weight per dataset"):
         BlendedDataset([range(10)], [0.5, 0.5], 10)
+
+
+# Weights that do not sum to 1. A blend depends only on the weights' proportions: (3, 1) is (0.75, 0.25), and
+# (0.6, 0.6, 0.3) is (0.4, 0.4, 0.2). Using the raw weights anywhere (the greedy's targets, a component's size) gives
+# a different blend, which weights that already sum to 1 cannot show.
+UNNORMALISED = [([3.0, 1.0], [0.75, 0.25]), ([0.6, 0.6, 0.3], [0.4, 0.4, 0.2]), ([0.0, 2.0, 6.0], [0.0, 0.25, 0.75])]
+IMPLS = ["numpy", "cpp"] if cpp_available() else ["numpy"]
+
+
+def _normalise(weights) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    return w / w.sum()
+
+
+class _Sized:
+    """Indices only: a stand-in for a large dataset."""
+
+    def __len__(self):
+        return 10**9
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("raw, normalised", UNNORMALISED)
+def test_blend_of_unnormalised_weights_equals_the_normalised_blend(raw, normalised, impl):
+    size = 5000
+    blend = BlendedDataset([_Sized() for _ in raw], raw, size, impl=impl)
+    np.testing.assert_allclose(blend.weights, normalised, rtol=1e-15)
+    assert blend.weights.sum() == pytest.approx(1.0, rel=1e-15)
+    # the same interleaving, sample for sample, as the greedy run on the normalised weights (normalised as the blend
+    # does it, w / sum(w): the greedy has exact ties, so the last bit of 0.6 / 1.5 versus 0.4 decides some picks)
+    di, dsi = build_blending_indices(_normalise(raw), size, impl=impl)
+    np.testing.assert_array_equal(blend.dataset_index, di)
+    np.testing.assert_array_equal(blend.dataset_sample_index, dsi)
+    # per-component counts: the normalised share of the size, to within one sample
+    counts = np.bincount(blend.dataset_index, minlength=len(raw))
+    assert counts.sum() == size
+    assert np.abs(counts - np.asarray(normalised) * size).max() <= 1
+    for d in range(len(raw)):  # each component is read in its own order 0, 1, 2, ...
+        np.testing.assert_array_equal(blend.dataset_sample_index[blend.dataset_index == d], np.arange(counts[d]))
+
+
+def test_unnormalised_blend_checks_component_sizes_against_normalised_shares():
+    # (3, 1) over 100 samples draws 75 and 25: a 30-sample second component is enough, a 20-sample one is not
+    BlendedDataset([range(1000), range(30)], [3.0, 1.0], 100)
+    with pytest.raises(BlendError, match=r"blend dataset 1 .* has 20 samples but the blend draws 25"):
+        BlendedDataset([range(1000), range(20)], [3.0, 1.0], 100)
+
+
+def _component_sizes(shares, num_samples):
+    """The size math of build_dataset: each component's share of the blend plus 0.5% and one sample of headroom."""
+    return [math.ceil(share * num_samples * 1.005) + 1 for share in shares]
+
+
+@pytest.mark.parametrize("raw, normalised", UNNORMALISED)
+def test_build_dataset_sizes_components_from_normalised_weights(raw, normalised, make_dataset, tmp_path):
+    rng = np.random.default_rng(3)
+    prefixes = [
+        make_dataset([rng.integers(1000 * d, 1000 * (d + 1), rng.integers(5, 40)) for _ in range(60)], name=f"p{d}")
+        for d in range(len(raw))
+    ]
+    num_samples = 1200
+
+    def spec(weights):
+        return " ".join(f"{w} {p}" for w, p in zip(weights, prefixes))
+
+    cache = str(tmp_path / "cache")
+    blend = build_dataset(spec(raw), num_samples=num_samples, seq_len=4, seed=5, cache_dir=cache)
+    ref = build_dataset(spec(normalised), num_samples=num_samples, seq_len=4, seed=5, cache_dir=cache)
+    kept = [w for w in normalised if w > 0]  # zero-weight components are left out
+    assert len(blend.datasets) == len(kept) and len(blend) == num_samples
+    np.testing.assert_allclose(blend.weights, kept, rtol=1e-15)
+    assert [ds.num_samples for ds in blend.datasets] == _component_sizes(kept, num_samples)
+    assert [ds.num_samples for ds in blend.datasets] == [ds.num_samples for ds in ref.datasets]
+    di, dsi = build_blending_indices(_normalise([w for w in raw if w > 0]), num_samples)
+    np.testing.assert_array_equal(blend.dataset_index, di)
+    np.testing.assert_array_equal(blend.dataset_sample_index, dsi)
+    # every component is sized to cover what the blend draws from it, and not grossly more
+    drawn = np.bincount(blend.dataset_index, minlength=len(kept))
+    for n, ds in zip(drawn, blend.datasets):
+        assert n <= ds.num_samples <= n * 1.005 + 3
+    # the components are the very datasets the normalised spec builds (same size, same seed)
+    for k in range(0, num_samples, 97):
+        d, j = int(blend.dataset_index[k]), int(blend.dataset_sample_index[k])
+        np.testing.assert_array_equal(blend[k]["tokens"], ref.datasets[d][j]["tokens"])
+        assert blend[k]["dataset_id"] == d

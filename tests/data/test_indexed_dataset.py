@@ -15,7 +15,8 @@ from engine.data.indexed_dataset import (
     optimal_dtype,
 )
 
-# Written from the spec (reference/methods.md §3.4), independently of the module under test.
+# Written from Megatron-LM's MMIDIDX v1 layout (docs/contracts.md, "Data format"), independently of the module
+# under test.
 SPEC_CODES = {
     np.uint8: 1,
     np.int8: 2,

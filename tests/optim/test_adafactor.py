@@ -1,4 +1,4 @@
-"""Adafactor against a plain-loop reference of reference/methods.md §4.2 on a toy regression."""
+"""Adafactor against a plain-loop reference of the paper's algorithm (Shazeer & Stern 2018) on a toy regression."""
 
 import copy
 import math

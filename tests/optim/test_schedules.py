@@ -1,4 +1,4 @@
-"""Learning-rate schedules against their formulas (reference/methods.md §4.3)."""
+"""Learning-rate schedules against their formulas (engine/optim/schedules.py's docstring), at lr 1 and a real peak."""
 
 import math
 
@@ -81,3 +81,45 @@ def test_set_lr_respects_lr_scale():
     opt = torch.optim.SGD([{"params": [p]}, {"params": [q], "lr_scale": 0.5}], lr=1.0)
     set_lr(opt, 0.2)
     assert [g["lr"] for g in opt.param_groups] == [0.2, 0.1]
+
+
+# min_lr_ratio is a fraction of optim.lr: with lr 1.0 an absolute floor and a relative one coincide, so these use a
+# realistic peak where they differ by four orders of magnitude.
+PEAK, RATIO = 3e-4, 0.1
+FLOOR = PEAK * RATIO  # 3e-5
+
+
+def test_cosine_floor_is_a_ratio_of_lr():
+    c = cfg(schedule="cosine", lr=PEAK, min_lr_ratio=RATIO)  # warmup 10, D = 100
+    assert lr_at(9, c, 100) == pytest.approx(PEAK, rel=1e-12)  # the peak at the end of warmup
+    assert lr_at(10, c, 100) == pytest.approx(PEAK, rel=1e-12)
+    assert lr_at(55, c, 100) == pytest.approx(0.5 * (PEAK + FLOOR), rel=1e-12)  # halfway: 1.65e-4
+    r = (32 - 10) / 90
+    assert lr_at(32, c, 100) == pytest.approx(FLOOR + 0.5 * (1 + math.cos(math.pi * r)) * (PEAK - FLOOR), rel=1e-12)
+    assert lr_at(99, c, 100) > FLOOR
+    assert lr_at(100, c, 100) == pytest.approx(FLOOR, rel=1e-12) and lr_at(10_000, c, 100) == pytest.approx(FLOOR)
+    assert all(FLOOR <= lr_at(s, c, 100) <= PEAK for s in range(10, 200))
+
+
+def test_wsd_floor_is_a_ratio_of_lr():
+    c = cfg(schedule="wsd", lr=PEAK, min_lr_ratio=RATIO, wsd_decay_fraction=0.2)  # stable 10..79, decay 80..99
+    assert {lr_at(s, c, 100) for s in range(10, 80)} == {PEAK}
+    assert lr_at(90, c, 100) == pytest.approx(PEAK - (PEAK - FLOOR) * 10 / 20, rel=1e-12)  # mid-decay: 1.65e-4
+    assert lr_at(95, c, 100) == pytest.approx(PEAK - (PEAK - FLOOR) * 15 / 20, rel=1e-12)
+    assert lr_at(100, c, 100) == pytest.approx(FLOOR, rel=1e-12) and lr_at(500, c, 100) == pytest.approx(FLOOR)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "inverse_sqrt", "constant"])
+def test_every_schedule_scales_with_lr(schedule):
+    """The whole curve, floor included, is proportional to lr (inverse_sqrt and constant have no floor)."""
+    unit = cfg(schedule=schedule, lr=1.0, min_lr_ratio=RATIO, wsd_decay_fraction=0.2)
+    scaled = cfg(schedule=schedule, lr=PEAK, min_lr_ratio=RATIO, wsd_decay_fraction=0.2)
+    for s in range(0, 150):
+        assert lr_at(s, scaled, 100) == pytest.approx(PEAK * lr_at(s, unit, 100), rel=1e-12)
+
+
+def test_inverse_sqrt_ignores_min_lr_ratio():
+    a = cfg(schedule="inverse_sqrt", lr=PEAK, warmup=16, min_lr_ratio=0.0)
+    b = cfg(schedule="inverse_sqrt", lr=PEAK, warmup=16, min_lr_ratio=0.5)
+    assert [lr_at(s, a, 100) for s in range(0, 2000, 7)] == [lr_at(s, b, 100) for s in range(0, 2000, 7)]
+    assert lr_at(1023, a, 100) == pytest.approx(PEAK * math.sqrt(16 / 1024), rel=1e-12)  # below any 0.5 floor
