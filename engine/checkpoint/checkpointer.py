@@ -11,7 +11,16 @@ Layout of `ROOT/step_XXXXXXXX/` (ROOT is `RUN_DIR/checkpoints`):
 Protocol (why a crash never leaves a half checkpoint that looks complete): all ranks write into
 `ROOT/.step_XXXXXXXX.tmp/` and fsync their files; their checksums are gathered on rank 0, which writes and fsyncs the
 manifest, renames the directory to its final name, fsyncs ROOT, then replaces the `latest` file atomically and applies
-retention. A directory without manifest.json is never loaded.
+retention. Only a `step_XXXXXXXX` directory whose manifest.json reads as a JSON object counts as complete; one
+without it (or with a truncated one) is never listed, and loading it fails with a one-line CheckpointError.
+
+Saving a step that already exists (a resumed run redoing a step) cannot swap two directories in one rename: the old
+copy is moved aside to `.step_XXXXXXXX.old`, the new one renamed in, and the old one removed (its manifest first).
+A crash between the two renames leaves no `step_XXXXXXXX`; listing (`complete_checkpoints`, `latest_checkpoint`) and
+the next save rename such an aside copy back, and drop one whose step is complete again. Retention renames a doomed
+directory to `.step_XXXXXXXX.deleting` before removing its files, so a crash or an unremovable file mid-way never
+leaves a `step_XXXXXXXX` with a manifest but missing files; the next save or retention removes the leftovers.
+Directory fsyncs tolerate filesystems that refuse them (see `_DIR_FSYNC_REFUSED`) and raise on real I/O errors.
 
 Tensors are recorded with global shapes and per-shard offsets, so a sharded layout (one file per rank holding
 slices) and resharding on load fit the same manifest; for data-parallel replicas rank 0 writes one full shard.
@@ -21,12 +30,17 @@ and offsets) and one of them the replicated tensors; the manifest merges the sha
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +53,20 @@ from engine.data._files import atomic_write, fsync_path
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
+SWAP_LOCK = ".swap.lock"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
+_ASIDE_RE = re.compile(r"^\.(step_\d{8,})\.old$")  # the old copy of a step being saved again
+_DELETING_RE = re.compile(r"^\.(step_\d{8,})\.deleting$")  # a checkpoint being removed by retention
+_TMP_RE = re.compile(r"^\.(step_\d{8,})\.tmp$")  # a checkpoint being written
+
+# errno values with which a filesystem or platform refuses to open or fsync a directory, as opposed to failing to
+# store data: EINVAL, ENOTSUP/EOPNOTSUPP and ENOSYS (fsync of a directory not supported: some network and FUSE
+# filesystems), EBADF (platforms that fsync only descriptors open for writing), EISDIR, EACCES and EPERM (platforms
+# that cannot open a directory like a file). A directory fsync only makes a rename survive a power loss; the rename
+# is atomic without it, so these are ignored. Any other error (EIO, ENOSPC, EROFS, ...) is raised.
+_DIR_FSYNC_REFUSED = frozenset(
+    {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF, errno.EISDIR, errno.EACCES, errno.EPERM}
+)
 
 
 class CheckpointError(ValueError):
@@ -70,15 +97,99 @@ def _dist_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _fsync_dir(path: str | Path) -> None:
+    """Flushes a directory's entries (renames into or out of it) to stable storage, where the filesystem allows."""
+    try:
+        fsync_path(str(path))
+    except OSError as e:
+        if e.errno not in _DIR_FSYNC_REFUSED:
+            raise
+
+
+def _manifest_ok(d: Path) -> bool:
+    """Whether `d` holds a readable manifest (a JSON object): the mark of a complete checkpoint."""
+    try:
+        return isinstance(json.loads((d / MANIFEST).read_bytes()), dict)
+    except (OSError, ValueError, RecursionError):  # missing, unreadable, truncated, not UTF-8 (a ValueError)
+        return False
+
+
+@contextlib.contextmanager
+def _swap_lock(root: Path) -> Iterator[None]:
+    """Serializes a re-save's two renames with the recovery of an aside copy by another process listing `root`.
+
+    An exclusive flock on ROOT/.swap.lock, released by the OS if its holder dies. Where the file cannot be created
+    (a read-only root) or the filesystem has no locks, it goes on without one.
+    """
+    try:
+        fd = os.open(root / SWAP_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _recover_aside(root: Path) -> None:
+    """Settles the old copies a crash during a re-save left aside (`.step_X.old`): one with a manifest is renamed
+    back to `step_X` when that is missing; when `step_X` is complete, its manifest is deleted so that it is never
+    taken for a checkpoint (the files go at the next save). Safe with several processes listing at once; where the
+    root is read-only nothing changes."""
+    try:
+        names = [n for n in os.listdir(root) if _ASIDE_RE.match(n)]
+    except OSError:
+        return
+    if not names:
+        return
+    with _swap_lock(root):
+        for n in names:
+            aside, final = root / n, root / _ASIDE_RE.match(n).group(1)
+            if _manifest_ok(final):
+                with contextlib.suppress(OSError):
+                    (aside / MANIFEST).unlink()
+            elif _manifest_ok(aside) and not os.path.lexists(final):
+                try:
+                    os.replace(aside, final)
+                except OSError:  # another process renamed it first, or a read-only root
+                    continue
+                with contextlib.suppress(OSError):  # listing stays read-mostly: durability here is best effort
+                    _fsync_dir(root)
+
+
+def _remove_leftovers(root: Path, temporaries: bool = False) -> None:
+    """Rank 0 before a save and retention: recovers aside copies, then removes what interrupted re-saves and
+    retention left (aside copies without a manifest, `.step_X.deleting` directories) and, with `temporaries` (at
+    the start of a save, when no other save can be writing one), interrupted saves' `.step_X.tmp` directories.
+    Warns about what cannot be removed."""
+    _recover_aside(root)
+    for n in os.listdir(root):
+        d = root / n
+        if (
+            _DELETING_RE.match(n)
+            or (_ASIDE_RE.match(n) and not _manifest_ok(d))
+            or (temporaries and _TMP_RE.match(n) and d.is_dir())
+        ):
+            try:
+                shutil.rmtree(d)
+            except OSError as e:
+                warnings.warn(f"checkpoint: could not remove the leftover {d}: {e}", stacklevel=3)
+
+
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every complete checkpoint under `root` (those with a manifest), oldest first."""
+    """(step, dir) of every complete checkpoint under `root` (those with a readable manifest), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
+    _recover_aside(root)
     out = []
     for d in root.iterdir():
         m = _STEP_RE.match(d.name)
-        if m and d.is_dir() and (d / MANIFEST).is_file():
+        if m and d.is_dir() and _manifest_ok(d):
             out.append((int(m.group(1)), d))
     return sorted(out)
 
@@ -86,11 +197,15 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint `ROOT/latest` names, or the newest complete one if the pointer is missing or stale."""
     root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        d = root / pointer.read_text().strip()
-        if (d / MANIFEST).is_file():
-            return d
+    if not root.is_dir():
+        return None
+    _recover_aside(root)
+    try:
+        named = (root / LATEST).read_text().strip()
+    except (OSError, ValueError):
+        named = ""
+    if named and _manifest_ok(root / named):
+        return root / named
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
 
@@ -112,13 +227,20 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except OSError as e:
+        raise CheckpointError(f"checkpoint file {path} is unreadable: {e.strerror or type(e).__name__}") from None
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"checkpoint file {path} is corrupt (not valid JSON)") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint file {path} is corrupt (not a JSON object)")
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')}, expected {FORMAT_VERSION}")
+    missing = [k for k in ("tensors", "files") if not isinstance(manifest.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"checkpoint file {path} is corrupt (no {' or '.join(missing)} table)")
     return manifest
 
 
@@ -227,8 +349,7 @@ def save_checkpoint(
     final = root / name
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a crash during an earlier save of this step
-            shutil.rmtree(tmp)
+        _remove_leftovers(root, temporaries=True)  # and a crash's `.step_X.tmp` of this or any other step
         tmp.mkdir()
     if distributed:
         dist.barrier()
@@ -274,23 +395,34 @@ def save_checkpoint(
     if rank == 0:
         files = dict(sorted(files.items()))
         manifest = {"format": FORMAT_VERSION, "step": step, **meta, "tensors": entries, "files": files}
+        # The manifest goes into the temporary directory, which is renamed only once it is on disk: a crash while
+        # writing it leaves no `step_X` at all, never one whose manifest is half written.
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        fsync_path(tmp)
-        if final.exists():  # the same step saved again (e.g. a resumed run that ends where it started)
-            old = root / f".{name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
+        _fsync_dir(tmp)
+        aside = root / f".{name}.old"
+        if os.path.lexists(final):  # the same step saved again (e.g. a resumed run that ends where it started)
+            # No rename swaps two directories: between these two renames there is no `step_X`, and a crash there
+            # leaves the old copy aside with its manifest, for `_recover_aside` to rename back.
+            with _swap_lock(root):
+                if os.path.lexists(aside):  # left without a manifest, or beside a `step_X` that was not complete
+                    shutil.rmtree(aside)
+                os.replace(final, aside)
+                os.replace(tmp, final)
         else:
             os.replace(tmp, final)
-        fsync_path(root)
-        with atomic_write(str(root / LATEST), "w") as f:  # fsyncs the file, renames it into place, fsyncs root
+            aside = None
+        _fsync_dir(root)
+        with atomic_write(str(root / LATEST), "w") as f:  # fsyncs the file, renames it into place
             f.write(name + "\n")
+        _fsync_dir(root)  # atomic_write's own directory fsync ignores every error; this one raises real ones
+        if aside is not None:
+            # The old copy's manifest first, so that a crash or an error mid-way never leaves it recoverable.
+            (aside / MANIFEST).unlink(missing_ok=True)
+            _fsync_dir(aside)
+            shutil.rmtree(aside, ignore_errors=True)  # what stays is removed at the next save
         if keep > 0:
             apply_retention(root, keep)
     if distributed:
@@ -355,14 +487,39 @@ def _tiling_problem(shape: list[int] | tuple[int, ...], shards: list[dict[str, A
 
 
 def apply_retention(root: str | Path, keep: int) -> list[Path]:
-    """Deletes all but the newest `keep` complete checkpoints (never the one `latest` names); returns the deleted."""
+    """Deletes all but the newest `keep` complete checkpoints (never the one `latest` names); returns the deleted.
+
+    Each is first renamed to a hidden `.step_X.deleting` (made durable by a directory fsync), then its files are
+    removed, so a crash or an unremovable file mid-way leaves nothing that looks complete; leftovers are removed by
+    the next retention or save. A checkpoint that cannot be deleted is warned about, not raised: the newest are
+    saved by then, and a raise on rank 0 would leave the other ranks of a save waiting at its final barrier.
+    """
     root = Path(root)
+    if not root.is_dir():
+        return []
+    _remove_leftovers(root)
     found = complete_checkpoints(root)
     protected = latest_checkpoint(root)
     deleted = []
     for _, d in found[: max(0, len(found) - keep)]:
         if protected is not None and d.resolve() == protected.resolve():
             continue
-        shutil.rmtree(d)
+        doomed = root / f".{d.name}.deleting"
+        try:
+            if os.path.lexists(doomed):  # left by an earlier retention of a step saved again since
+                shutil.rmtree(doomed)
+            os.replace(d, doomed)
+        except OSError as e:
+            warnings.warn(f"checkpoint retention: could not delete {d}: {e}", stacklevel=2)
+            continue
         deleted.append(d)
+        try:
+            _fsync_dir(root)  # the rename on disk before any file goes
+            shutil.rmtree(doomed)
+        except OSError as e:
+            warnings.warn(
+                f"checkpoint retention: {d} is retired but {doomed} could not be removed ({e}); the next save or "
+                "retention tries again",
+                stacklevel=2,
+            )
     return deleted
