@@ -7,9 +7,10 @@ shares that tensor and so is not decayed either.
 
 AdamW implementations (`optim.impl`): "torch" = torch.optim.AdamW (foreach); "fused" = torch.optim.AdamW(fused=True)
 (an error where the parameters' device has no fused kernel); "apex" = apex.optimizers.FusedAdam(adam_w_mode=True),
-an error unless NVIDIA apex is installed; "auto" = fused when every parameter's device has the fused kernel, else
-torch. "auto" does not take apex although DESIGN.md's order would where it is faster: torch's fused AdamW is also one
-multi-tensor CUDA kernel, and apex has not been measured against it here (no GPU yet); ask for apex explicitly.
+a one-line ConfigError unless `apex.optimizers.FusedAdam` imports (NVIDIA apex is detected by that class, not by the
+package name: the `apex` on the public index is an unrelated project); "auto" = fused when every parameter's device
+has the fused kernel, else torch. "auto" never takes apex: torch's fused AdamW is also one multi-tensor CUDA kernel,
+and apex has not been measured against it here (no GPU yet); ask for apex explicitly.
 Adafactor (engine.optim.adafactor) takes lr and weight_decay from the config; beta1/beta2/eps are Adam's and
 do not apply to it (it uses β̂2_t = 1 − t^−0.8, ε = (1e-30, 1e-3), no momentum, as the paper).
 """
@@ -61,6 +62,20 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
     return all(p.device.type in supported and p.dtype.is_floating_point for p in params)
 
 
+def _apex_fused_adam():
+    """NVIDIA apex's `apex.optimizers.FusedAdam`, or None when it cannot be imported.
+
+    Detected by the class actually used, never by the package name: the package called `apex` on the public index
+    is an unrelated project, and a half-built NVIDIA apex can fail at import with other errors than ImportError
+    (OSError for a missing shared library, AttributeError, RuntimeError), so any exception means "not available".
+    """
+    try:
+        from apex.optimizers import FusedAdam
+    except Exception:  # noqa: BLE001 - any import failure means apex's optimizers are not usable here
+        return None
+    return FusedAdam
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, decay_embeddings: bool = False) -> torch.optim.Optimizer:
     """The optimizer for `model` per `cfg` (name, lr, betas, eps, weight_decay, impl); see the module docstring."""
     groups = param_groups(model, cfg.weight_decay, decay_embeddings)
@@ -82,11 +97,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, decay_embeddings: bool =
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     impl = cfg.impl
     if impl == "apex":
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError:
-            raise ConfigError("optim.impl=apex needs NVIDIA apex (not installed); use auto, torch or fused") from None
-        return FusedAdam(groups, adam_w_mode=True, **kw)
+        fused_adam = _apex_fused_adam()
+        if fused_adam is None:
+            raise ConfigError(
+                "optim.impl=apex needs NVIDIA apex with its optimizers (apex.optimizers.FusedAdam did not import); "
+                "use auto, torch or fused"
+            )
+        return fused_adam(groups, adam_w_mode=True, **kw)
     if impl == "fused":
         if not _fused_supported(params):
             devices = sorted({p.device.type for p in params})

@@ -77,12 +77,11 @@ def test_adamw_impls():
 
 
 def test_apex_and_bad_names():
-    pytest.importorskip("torch")
     try:
-        import apex.optimizers  # noqa: F401
+        from apex.optimizers import FusedAdam  # noqa: F401
 
         has_apex = True
-    except ImportError:
+    except Exception:  # noqa: BLE001 - the check build_optimizer makes: any import failure is "no apex"
         has_apex = False
     if not has_apex:
         with pytest.raises(ConfigError, match="optim.impl=apex needs NVIDIA apex"):
@@ -93,6 +92,84 @@ def test_apex_and_bad_names():
         build_optimizer(model(), OptimConfig(impl="triton"))
     with pytest.raises(ConfigError, match="optim.beta2"):
         build_optimizer(model(), OptimConfig(beta2=1.0))
+
+
+# -- NVIDIA apex detection -------------------------------------------------------------------------------------------
+# The package named `apex` on the public index is an unrelated project; a half-built NVIDIA apex fails at import in
+# other ways than ImportError. Fake packages on sys.path stand in for both.
+
+_FAKE_APEX = {
+    # an `apex` without the optimizers subpackage (the unrelated project): ImportError
+    "no_optimizers": {"apex/__init__.py": ""},
+    # an `apex` written for Python 2 (as the unrelated project's old releases are): SyntaxError
+    "python2_package": {"apex/__init__.py": 'print "apex web toolkit"\n'},
+    # a half-built NVIDIA apex whose CUDA extension library is missing: OSError
+    "missing_library": {
+        "apex/__init__.py": "",
+        "apex/optimizers/__init__.py": "raise OSError('libfused_adam_cuda.so: cannot open shared object file')\n",
+    },
+    # an apex whose optimizers package trips over the installed torch: AttributeError
+    "attribute_error": {
+        "apex/__init__.py": "",
+        "apex/optimizers/__init__.py": "import torch\ntorch._no_such_attribute_in_torch\n",
+    },
+    # a working apex (stand-in FusedAdam): taken for impl=apex, never for auto
+    "working": {
+        "apex/__init__.py": "",
+        "apex/optimizers/__init__.py": (
+            "import torch\n\n"
+            "class FusedAdam(torch.optim.AdamW):\n"
+            "    def __init__(self, params, adam_w_mode=True, **kw):\n"
+            "        self.adam_w_mode = adam_w_mode\n"
+            "        super().__init__(params, **kw)\n"
+        ),
+    },
+}
+
+
+@pytest.fixture
+def fake_apex(tmp_path, monkeypatch):
+    """Installs one of _FAKE_APEX on sys.path (hiding any real apex) and restores sys.modules afterwards."""
+    import importlib
+    import sys
+
+    saved = {k: v for k, v in sys.modules.items() if k == "apex" or k.startswith("apex.")}
+
+    def install(kind):
+        for rel, text in _FAKE_APEX[kind].items():
+            f = tmp_path / kind / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(text)
+        for k in list(sys.modules):
+            if k == "apex" or k.startswith("apex."):
+                del sys.modules[k]
+        monkeypatch.syspath_prepend(str(tmp_path / kind))
+        importlib.invalidate_caches()
+
+    yield install
+    for k in list(sys.modules):
+        if k == "apex" or k.startswith("apex."):
+            del sys.modules[k]
+    sys.modules.update(saved)
+
+
+@pytest.mark.parametrize("kind", ["no_optimizers", "python2_package", "missing_library", "attribute_error"])
+def test_apex_impl_without_a_usable_apex_is_a_one_line_config_error(fake_apex, kind):
+    fake_apex(kind)
+    with pytest.raises(ConfigError, match="optim.impl=apex needs NVIDIA apex") as err:
+        build_optimizer(model(), OptimConfig(impl="apex"))
+    assert "\n" not in str(err.value)
+    auto = build_optimizer(model(), OptimConfig(impl="auto"))
+    assert type(auto) is torch.optim.AdamW
+
+
+def test_apex_taken_only_when_asked(fake_apex):
+    fake_apex("working")
+    opt = build_optimizer(model(), OptimConfig(impl="apex", lr=1e-3))
+    assert type(opt).__name__ == "FusedAdam" and opt.adam_w_mode and opt.defaults["lr"] == 1e-3
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    for impl in ("auto", "torch", "fused"):
+        assert type(build_optimizer(model(), OptimConfig(impl=impl))) is torch.optim.AdamW
 
 
 def test_adafactor_built_with_groups():
