@@ -25,8 +25,8 @@ Inputs may have any strides (e.g. q, k, v as views of one fused qkv projection):
 Numerics: statistics and accumulators in fp32 (fp64 for fp64 inputs, so the kernel itself can be gradchecked);
 fp32 dots use `input_precision="ieee"` (not TF32) so the GPU meets the 1e-5 fp32 contract like the interpreter;
 fp16/bf16 dots take 16-bit operands (p and ds are rounded to the input dtype before their dots, as in FA2). Under the
-Triton interpreter bf16 operands are upcast to fp32 first (its bf16 math is broken, ENV-NOTES). head_dim may be any
-size up to 256; it is padded to a power of two (at least 16) with masked loads.
+Triton interpreter bf16 operands are upcast to fp32 first (the interpreter's bf16 arithmetic is wrong on CPU). head_dim
+may be any size up to 256; it is padded to a power of two (at least 16) with masked loads.
 """
 
 from __future__ import annotations
@@ -349,7 +349,7 @@ def block_d(head_dim: int) -> int:
 
 def launch_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, dK/dV and dQ kernels: one config, no autotune
-    (the interpreter cannot run a multi-config autotune, ENV-NOTES).
+    (the Triton interpreter cannot run an autotune with more than one config).
 
     Under the interpreter 16 x 16 tiles, so CPU tests reach multi-block loops, ragged blocks and the causal band
     with small shapes. On GPU (not yet tuned on one): for 16-bit inputs 64 x 64 tiles at head_dim <= 64 (no spills

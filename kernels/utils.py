@@ -2,8 +2,8 @@
 
 Nothing here imports triton, so callers (the model's backend switch, the benchmarks) can ask `triton_available()`
 without paying for the import. The sizing heuristics are deliberately simple functions of the shape: the Triton
-interpreter cannot run `@triton.autotune` with more than one config (ENV-NOTES), so tests and GPU runs use the
-same launch parameters.
+interpreter cannot run `@triton.autotune` with more than one config, so tests and GPU runs use the same launch
+parameters.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def check_tensors(fn: str, **tensors: torch.Tensor | None) -> torch.device:
 def acc_dtype(*dtypes: torch.dtype | None) -> torch.dtype:
     """The in-kernel compute dtype: fp64 when any input is fp64 (so gradcheck can run on the kernels), else fp32.
 
-    Every kernel upcasts to it right after loading: the interpreter's bf16 arithmetic is broken (ENV-NOTES), and
+    Every kernel upcasts to it right after loading: the Triton interpreter's bf16 arithmetic is wrong on CPU, and
     fp32 statistics are what the numerics contract asks for anyway.
     """
     return torch.float64 if torch.float64 in dtypes else torch.float32
@@ -152,8 +152,8 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max|out - ref| / max|ref| (the absolute error when ref is all zero); inf on NaN/inf mismatch or bad shape.
 
-    Normwise rather than elementwise, so entries near zero do not dominate; the fp32 parity bound of the numerics
-    contract (DESIGN.md, contract 2) applies to this number.
+    Normwise rather than elementwise, so entries near zero do not dominate; the fp32 kernel-parity bound (1e-5,
+    docs/contracts.md "Kernel parity") applies to this number.
     """
     if out.shape != ref.shape:
         return float("inf")
@@ -171,7 +171,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def two_x_rule(
     out: torch.Tensor, ref: torch.Tensor, ref_same_dtype: torch.Tensor, floor_ulps: float = 0.5
 ) -> tuple[float, float]:
-    """(error, allowed) for the low-precision parity rule of DESIGN.md contract 2 (FlashAttention's test rule).
+    """(error, allowed) for the low-precision kernel-parity rule (docs/contracts.md, "Kernel parity").
 
     error = max|out - ref| against a high-precision reference; allowed = 2 * max|ref_same_dtype - ref|, where
     ref_same_dtype is plain torch computing in out's dtype, plus a floor of `floor_ulps` units in the last place of

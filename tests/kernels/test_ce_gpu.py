@@ -1,5 +1,5 @@
-"""GPU-only checks of cross-entropy and fused linear cross-entropy: bf16 by the 2x-error rule (DESIGN.md contract 2)
-at realistic vocabularies, and the fused op's memory staying O(chunk x vocab) at vocab 128k."""
+"""GPU-only checks of cross-entropy and fused linear cross-entropy: bf16 by the 2x-error rule (the kernel-parity rule of
+docs/contracts.md) at realistic vocabularies, and the fused op's memory staying O(chunk x vocab) at vocab 128k."""
 
 import pytest
 import torch

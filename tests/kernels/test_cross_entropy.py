@@ -1,5 +1,6 @@
-"""kernels/cross_entropy_loss.py against its plain-PyTorch reference (DESIGN.md numerics contract 2), under the
-Triton interpreter on CPU: fp32 to 1e-5 relative, fp16 by the 2x-error rule, fp64 gradcheck."""
+"""kernels/cross_entropy_loss.py against its plain-PyTorch reference by the kernel-parity rule (docs/contracts.md,
+"Kernel parity"), under the Triton interpreter on CPU: fp32 to 1e-5 relative, fp16 by the 2x-error rule, fp64
+gradcheck."""
 
 import pytest
 import torch

@@ -1,7 +1,8 @@
-"""kernels/attention.py (FlashAttention-2 forward and backward) against its plain-PyTorch reference, DESIGN.md
-contract 2: fp32 to 1e-5 relative against an fp64 reference, fp16 by the 2x-error rule, under the Triton interpreter
-on CPU (16 x 16 tiles there, so these small shapes reach several kv blocks, ragged last blocks and the causal band).
-bf16 and large shapes on a GPU (marker gpu); the sm_90 compile of the GPU launch configs runs without one (slow)."""
+"""kernels/attention.py (FlashAttention-2 forward and backward) against its plain-PyTorch reference by the kernel-parity
+rule (docs/contracts.md): fp32 to 1e-5 relative against an fp64 reference, fp16 by the 2x-error rule, under the Triton
+interpreter on CPU (16 x 16 tiles there, so these small shapes reach several kv blocks, ragged last blocks and the
+causal band). bf16 and large shapes on a GPU (marker gpu); the sm_90 compile of the GPU launch configs runs without one
+(slow)."""
 
 import math
 

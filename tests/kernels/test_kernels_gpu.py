@@ -1,6 +1,6 @@
-"""K1's kernels (norms, RoPE, SwiGLU/GeGLU) on the GPU side: compiled ahead of time for sm_90 (H100) with their real
-launch sizes, checking for compile errors and register spills (runs without a GPU: the interpreter cannot see
-either); and, on a CUDA device, bf16 by the 2x-error rule of DESIGN.md contract 2 on large shapes, fp32 parity,
+"""The norm, RoPE and SwiGLU/GeGLU kernels on the GPU side: compiled ahead of time for sm_90 (H100) with their real
+launch sizes, checking for compile errors and register spills (runs without a GPU: the interpreter cannot see either);
+and, on a CUDA device, bf16 by the 2x-error rule (docs/contracts.md, "Kernel parity") on large shapes, fp32 parity,
 bitwise-deterministic weight gradients, the largest fused row (those skip without CUDA)."""
 
 import pytest

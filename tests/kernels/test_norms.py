@@ -1,4 +1,4 @@
-"""kernels/norms.py (RMSNorm, LayerNorm) against its plain-PyTorch reference, DESIGN.md numerics contract 2, under
+"""kernels/norms.py (RMSNorm, LayerNorm) against its plain-PyTorch reference (docs/contracts.md, "Kernel parity"), under
 the Triton interpreter on CPU: fp32 to 1e-5 relative, fp16 by the 2x-error rule, fp64 gradcheck on the kernels."""
 
 import pytest

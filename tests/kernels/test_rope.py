@@ -1,6 +1,6 @@
-"""kernels/rope.py against its plain-PyTorch reference (DESIGN.md numerics contract 2) under the Triton interpreter:
-fp32 to 1e-5 relative, fp16 by the 2x-error rule, fp64 gradcheck; positions for context-parallel shards and packed
-sequences; the in-place q/k variant; strided views."""
+"""kernels/rope.py against its plain-PyTorch reference (docs/contracts.md, "Kernel parity") under the Triton
+interpreter: fp32 to 1e-5 relative, fp16 by the 2x-error rule, fp64 gradcheck; positions for context-parallel shards and
+packed sequences; the in-place q/k variant; strided views."""
 
 import pytest
 import torch

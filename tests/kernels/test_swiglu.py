@@ -1,6 +1,6 @@
-"""kernels/glu.py (SwiGLU, GeGLU with tanh-approximate GELU) against its plain-PyTorch reference (DESIGN.md
-numerics contract 2) under the Triton interpreter: fp32 to 1e-5 relative, fp16 by the 2x-error rule, fp64 gradcheck,
-strided views, and the backward recomputing the activation instead of saving it."""
+"""kernels/glu.py (SwiGLU, GeGLU with tanh-approximate GELU) against its plain-PyTorch reference (docs/contracts.md,
+"Kernel parity") under the Triton interpreter: fp32 to 1e-5 relative, fp16 by the 2x-error rule, fp64 gradcheck, strided
+views, and the backward recomputing the activation instead of saving it."""
 
 import pytest
 import torch
