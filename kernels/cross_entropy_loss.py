@@ -14,21 +14,38 @@ Per row with target `t`, vocabulary `V`, label smoothing `eps` and z-loss coeffi
 
 Rows whose target is `ignore_index` give loss 0 and gradient 0; the mean divides by the number of other rows, and is
 0 (not NaN, as in `torch.nn.functional.cross_entropy`) when every row is ignored.
+
+Low precision. The buffer has the logits' dtype (it is as large as the logits: an fp32 buffer for fp16 logits would
+double the memory this kernel exists to save), and backward's `grad_output` (the loss scale of a GradScaler, e.g.
+65536, or 1 / accumulation steps) is applied in fp32 by a small Triton kernel that rounds once to the buffer's dtype;
+it is never narrowed itself (65536 is inf in fp16, and bf16 would round 1/3 to 8 bits). bf16 has fp32's exponent
+range, so its buffer holds the final gradient up to that factor, `1/n_valid` included, as fp32's does. fp16 does not:
+at 16k tokens and a 50k vocabulary, `softmax_i / n_valid` is ~1e-9, below fp16's smallest subnormal (6e-8), and every
+non-target entry would flush to zero before any loss scale could rescue it. So for fp16 the forward stores each row's
+own gradient times a power of two `P` (`fp16_prescale`: the largest with `P * max|dloss_row/dx| <= 65504` for every
+finite fp16 input, 2^14 without z-loss), which puts softmax entries down to ~4e-9 in fp16's normal range; backward
+multiplies by `grad_output / (n_valid * P)` in fp32. The result equals an fp16 rounding of the exact scaled gradient
+up to one more rounding, and overflows only where the scaled gradient itself exceeds fp16 (which a GradScaler sees as
+inf and answers by lowering its scale).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import acc_dtype, check_tensors, interpreting, num_warps_for, tl_acc_dtype
+from kernels.utils import acc_dtype, check_tensors, elementwise_warps, interpreting, num_warps_for, tl_acc_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
 # Largest vocabulary block one loop iteration loads; longer rows loop. On GPU Liger-Kernel's choice (32k lanes over
 # 32 warps: many bytes in flight per row); in the interpreter 4096, so CPU tests reach the multi-block path cheaply.
 MAX_BLOCK_GPU = 32768
 MAX_BLOCK_INTERPRETER = 4096
+FP16_MAX = 65504.0
+SCALE_BLOCK = 4096  # elements per program of the backward's scaling pass (8 a thread at 16 warps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -114,6 +131,21 @@ def _ce_fwd_kernel(
             _row_grad(x_row, g_row, V, t, lse, scale, eps / V, 1.0 - eps, z, BLOCK, ACC)
 
 
+@triton.jit
+def _scale_rows_kernel(g_ptr, stride_g, f_ptr, n_cols, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """g[row, :] *= f[row] (PER_ROW) or f[0], in place: the product in fp32, rounded once to g's dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    if PER_ROW:
+        f = tl.load(f_ptr + row).to(tl.float32)
+    else:
+        f = tl.load(f_ptr).to(tl.float32)
+    ptrs = g_ptr + row * stride_g + offs
+    g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (g * f).to(g_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Host side
 
@@ -157,6 +189,38 @@ def loss_scale(t: torch.Tensor, ignore_index: int, reduction: str, dtype: torch.
     if reduction != "mean":
         return torch.ones(1, dtype=dtype, device=t.device)
     return (t != ignore_index).sum().clamp(min=1).to(dtype).reciprocal().reshape(1)
+
+
+def grad_bound(z_loss: float) -> float:
+    """A bound on sum_i |dloss_row/dx_i| (so also on each entry) for finite fp16 logits: softmax sums to 1, the
+    smoothing and target terms to at most 1, and |1 + 2 z lse| <= 1 + z * 2^17 since |lse| < 2^16."""
+    return 2.0 + float(z_loss) * 2.0**17
+
+
+def fp16_prescale(z_loss: float) -> float:
+    """The power of two `P` by which the fp16 forward multiplies each row's gradient before storing it: the largest
+    with `P * grad_bound(z_loss) <= 65504`, so no input can make it overflow (2^14 without z-loss, 2^12 at 1e-4)."""
+    return 2.0 ** math.floor(math.log2(FP16_MAX / grad_bound(z_loss)))
+
+
+def stored_grad_scale(
+    scale: torch.Tensor, dtype: torch.dtype, z_loss: float, operand_max: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(factor the forward writes the gradient with, factor backward still owes it or None), 1-element tensors.
+
+    `scale` is `loss_scale`'s 1/n_valid (or 1). Other dtypes than fp16 store the loss's gradient itself. fp16 stores
+    `P` times each row's gradient, `P = fp16_prescale(z_loss)`, and owes `scale / P` (see the module docstring).
+    When the stored gradient feeds an fp16 GEMM with a matrix whose largest magnitude is `operand_max` (a device
+    tensor: no host sync), P is also at most 2^15 / (grad_bound * operand_max), so that GEMM's sums cannot overflow.
+    """
+    if dtype != torch.float16:
+        return scale, None
+    p = torch.full_like(scale, fp16_prescale(z_loss))
+    if operand_max is not None:
+        m = operand_max.detach().to(scale.dtype).reshape(1).clamp(min=2.0**-24)
+        p = torch.minimum(p, torch.exp2(torch.floor(torch.log2(32768.0 / (grad_bound(z_loss) * m)))))
+        p = p.clamp(min=2.0**-24)  # inf/NaN weights: NaN gradients, as unfused, not a zero scale
+    return p, scale / p
 
 
 def ce_forward_rows(
@@ -206,21 +270,47 @@ def reduce_loss(loss_rows: torch.Tensor, scale: torch.Tensor, reduction: str, sh
     return total * scale[0] if reduction == "mean" else total
 
 
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-    """grad *= grad_output in place (per row if `per_row`); free when grad_output is the scalar 1 (unscaled loss).
+def scale_grad_(
+    grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool = False, owed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """grad *= grad_output * owed in place (grad_output per row of `grad` if `per_row`; `owed` a 1-element tensor).
 
-    The in-place scaling bumps the saved buffer's version, so autograd refuses a second backward after it (only
-    `grad_output == 1` leaves the buffer intact, e.g. for gradcheck).
+    The factor is formed and applied in fp32 (fp64 for fp64 buffers) and the product rounded once to grad's dtype:
+    grad_output is never narrowed to grad's dtype (a GradScaler's 65536 is inf in fp16). Free when there is nothing
+    owed and grad_output is the scalar 1 (an unscaled loss; one host sync, cheaper than a pass over the buffer).
+    The in-place scaling bumps the saved buffer's version, so autograd refuses a second backward after it (only a free
+    call leaves the buffer intact, e.g. for gradcheck).
     """
-    if per_row:
-        return grad.mul_(grad_output.reshape(-1, 1).to(grad.dtype))
-    if bool(grad_output == 1):  # one host sync, cheaper than a pass over the buffer
+    if owed is None and not per_row and bool(grad_output == 1):
         return grad
-    return grad.mul_(grad_output.to(grad.dtype))
+    acc = acc_dtype(grad.dtype)
+    f = grad_output.detach().to(acc).reshape(-1)
+    if owed is not None:
+        f = f * owed.to(acc).reshape(1)
+    if grad.dtype == acc:
+        return grad.mul_(f.reshape(-1, 1) if per_row else f.reshape(()))
+    g2 = grad if grad.dim() == 2 else grad.view(-1, grad.shape[-1])
+    if g2.numel() == 0:
+        return grad
+    if g2.stride(1) != 1:  # the buffers made here are always unit-stride along the last dim
+        raise ValueError(f"scale_grad_: the gradient buffer needs a unit last-dim stride, got {tuple(g2.stride())}")
+    block = max(16, min(SCALE_BLOCK, triton.next_power_of_2(g2.shape[1])))
+    _scale_rows_kernel[(g2.shape[0], triton.cdiv(g2.shape[1], block))](
+        g2,
+        g2.stride(0),
+        f.contiguous(),
+        g2.shape[1],
+        PER_ROW=per_row,
+        BLOCK=block,
+        num_warps=elementwise_warps(block),
+    )
+    torch.autograd.graph.increment_version(grad)  # written through a pointer: tell autograd, as an in-place op would
+    return grad
 
 
 def _cross_entropy_forward(logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace, block, need_grad):
-    """(loss, gradient buffer or None). The buffer has logits' shape and dtype and already holds dloss/dlogits."""
+    """(loss, gradient buffer or None, factor owed or None). The buffer has logits' shape and dtype and holds
+    dloss/dlogits, for fp16 up to the factor backward still owes it (see `stored_grad_scale`)."""
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"cross_entropy: logits must have a non-empty last (vocab) dim, got {tuple(logits.shape)}")
     check_tensors("cross_entropy", logits=logits)
@@ -230,11 +320,12 @@ def _cross_entropy_forward(logits, target, ignore_index, label_smoothing, z_loss
         x = x.contiguous()
     t = check_targets("cross_entropy", target, x.shape[0], V, ignore_index, x.device)
     scale = loss_scale(t, ignore_index, reduction, acc_dtype(x.dtype))
+    stored, owed = stored_grad_scale(scale, x.dtype, z_loss)
     grad = None
     if need_grad:
         grad = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    loss_rows, _ = ce_forward_rows(x, t, grad, scale, ignore_index, label_smoothing, z_loss, block)
-    return reduce_loss(loss_rows, scale, reduction, shape[:-1]), grad
+    loss_rows, _ = ce_forward_rows(x, t, grad, stored, ignore_index, label_smoothing, z_loss, block)
+    return reduce_loss(loss_rows, scale, reduction, shape[:-1]), grad, owed
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -242,17 +333,17 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, block):
-        loss, grad = _cross_entropy_forward(
+        loss, grad, owed = _cross_entropy_forward(
             logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, block, True
         )
-        ctx.reduction, ctx.shape = reduction, logits.shape
+        ctx.reduction, ctx.shape, ctx.owed = reduction, logits.shape, owed
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        scale_grad_(grad, grad_output, per_row=ctx.reduction == "none")
+        scale_grad_(grad, grad_output, per_row=ctx.reduction == "none", owed=ctx.owed)
         return grad.view(ctx.shape), None, None, None, None, None, None, None
 
 
@@ -270,7 +361,8 @@ def cross_entropy(
     Returns an fp32 loss (fp64 for fp64 logits): the mean over non-ignored targets (0 if all are ignored), the sum,
     or per-row losses (`reduction="none"`). `z_loss` adds `z_loss * logsumexp^2` per row. `inplace_backward=True`
     writes the gradient over `logits` (saves a logits-sized buffer; only when nothing else reads the logits later).
-    The gradient buffer is scaled in place in backward, so backward runs once (or any times with grad_output 1).
+    The gradient buffer is scaled in place in backward, so backward runs once (or any times with grad_output 1, except
+    for fp16, whose buffer always owes a factor). fp16 logits take a GradScaler's loss scale (see the module docstring).
     """
     check_options("cross_entropy", label_smoothing, z_loss, reduction)
     args = (logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, None)

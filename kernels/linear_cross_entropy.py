@@ -7,6 +7,21 @@ grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Peak extra memory is one c
 the gradient buffers, instead of N x V logits, their softmax and their gradient. Backward only scales the gradients
 computed in forward by grad_output.
 
+Low precision. The weight gradient is summed in an fp32 (V x H) buffer for fp16/bf16 and kept in fp32 until backward,
+which multiplies it by grad_output in fp32 and only then rounds it to the weight's dtype (one rounding; the peak is
+unchanged, fp32 buffer plus result, as when the cast happened at the end of forward). The hidden gradient is stored in
+the inputs' dtype (an fp32 N x H buffer would double it) and scaled in backward by grad_output in fp32, rounded once
+(kernels/cross_entropy_loss.py `scale_grad_`): the loss scale is never narrowed (a GradScaler's 65536 is inf in fp16).
+For bf16 (fp32's exponent range) the chunk's logits gradient includes the mean's 1/n_valid, as for fp32. For fp16 it
+cannot: at 16k tokens and vocabulary 50k, softmax_i / n_valid (~1e-9) is below fp16's smallest subnormal and every
+non-target entry would flush to zero. The chunk holds each row's own gradient times a power of two P instead, as in
+`kernels.cross_entropy`, so softmax entries down to ~1e-8 stay in fp16's normal range, and backward multiplies both
+gradients by grad_output / (n_valid P) in fp32. Here P is also capped so that the fp16 GEMM dlogits @ W cannot overflow
+(P * sum_i |g_i| * max|W| <= 2^15, with max|W| taken on the device: no host sync; 2^12 to 2^14 for ordinary weights).
+The hidden gradient stays P-scaled until backward (unscaled it could drop below fp16's normal range in the same
+regime); the weight gradient's P-scaled sum is in fp32. The per-chunk buffer stays the chunk of logits, in the inputs'
+dtype.
+
 The tensor-parallel variant (`vocab_parallel_fused_linear_cross_entropy`) takes this rank's vocab shard of `weight`
 (Megatron's vocab-parallel output layer, Shoeybi et al. 2019): per chunk each rank computes its local max, sum of
 exponentials, row sum and target logit, and two small all-reduces over the group (a MAX of one value per row, then a
@@ -32,6 +47,7 @@ from kernels.cross_entropy_loss import (
     loss_scale,
     reduce_loss,
     scale_grad_,
+    stored_grad_scale,
 )
 from kernels.utils import acc_dtype, check_tensors, tl_acc_dtype
 
@@ -119,7 +135,12 @@ def _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chun
 
 
 def _accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with `acc` possibly fp32 while a, b are fp16/bf16 (keeps the weight gradient's sum in fp32)."""
+    """acc += a @ b with `acc` possibly fp32 while a, b are fp16/bf16 (keeps the weight gradient's sum in fp32).
+
+    The chunk's product is never rounded to 16 bits: on CUDA an fp32-output GEMM (torch >= 2.8), elsewhere (CPU, older
+    torch) an fp32 GEMM on fp32 copies of this chunk's operands (V x chunk and chunk x H: bounded by the chunk). An
+    fp16 product could overflow: fp16's chunk gradient is pre-scaled by a power of two and lacks the mean's 1/n_valid.
+    """
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
         return
@@ -127,9 +148,9 @@ def _accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         try:  # fp32-output GEMM (torch >= 2.8 on CUDA): no low-precision rounding of each chunk's product
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
-        except (TypeError, RuntimeError):
+        except (TypeError, RuntimeError, NotImplementedError):
             pass
-    acc.add_(a @ b)
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,21 +163,23 @@ def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.
     return hidden, weight
 
 
+def _weight_max(weight: torch.Tensor, need_h: bool) -> torch.Tensor | None:
+    """max|W| as a 1-element fp32 device tensor when fp16 hidden gradients come from the GEMM dlogits @ W, else None."""
+    if weight.dtype != torch.float16 or not need_h:
+        return None
+    if weight.numel() == 0:  # an empty vocab shard still joins the group's all-reduce of this value
+        return torch.zeros(1, dtype=torch.float32, device=weight.device)
+    return weight.detach().abs().amax().float().reshape(1)
+
+
 class _ChunkedBuffers:
-    """Gradient buffers filled chunk by chunk in forward."""
+    """Gradient buffers filled chunk by chunk in forward: grad_hidden (N x H, hidden's dtype) and grad_weight (V x H,
+    fp32 for fp16/bf16 weights: backward rounds it to the weight's dtype after scaling)."""
 
     def __init__(self, h, weight, need_h, need_w):
         self.grad_h = torch.empty_like(h) if need_h else None
         wdtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         self.grad_w = torch.zeros(weight.shape, dtype=wdtype, device=weight.device) if need_w else None
-
-    def result(self, hidden, weight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(grad_hidden shaped like hidden, grad_weight in weight's dtype)."""
-        grad_h = self.grad_h.view(hidden.shape) if self.grad_h is not None else None
-        grad_w = self.grad_w
-        if grad_w is not None and grad_w.dtype != weight.dtype:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w
 
     def add_chunk(self, start, end, dlogits, h_c, weight):
         if self.grad_h is not None:
@@ -166,7 +189,8 @@ class _ChunkedBuffers:
 
 
 def _flce_forward(hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction, need_h, need_w):
-    """(loss, grad_hidden or None, grad_weight or None), the gradients already those of the loss."""
+    """(loss, grad_hidden (N x H) or None, grad_weight (fp32 for fp16/bf16) or None, factor owed or None): the
+    gradients of the loss up to the factor backward still owes them (`stored_grad_scale`; fp16 only)."""
     name = "fused_linear_cross_entropy"
     _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size)
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
@@ -174,6 +198,7 @@ def _flce_forward(hidden, weight, target, ignore_index, label_smoothing, z_loss,
     t = check_targets(name, target, N, V, ignore_index, h.device)
     chunk = chunk_size or default_chunk_size(N, h.shape[1], V)
     scale = loss_scale(t, ignore_index, reduction, acc_dtype(h.dtype))
+    stored, owed = stored_grad_scale(scale, h.dtype, z_loss, _weight_max(weight, need_h))
     bufs = _ChunkedBuffers(h, weight, need_h, need_w)
     loss_rows = torch.empty(N, dtype=acc_dtype(h.dtype), device=h.device)
     with torch.autocast(h.device.type, enabled=False):  # chunks run in the inputs' dtype
@@ -183,17 +208,32 @@ def _flce_forward(hidden, weight, target, ignore_index, label_smoothing, z_loss,
             logits = h_c @ weight.t()
             grad = logits if (need_h or need_w) else None
             loss_rows[start:end], _ = ce_forward_rows(
-                logits, t[start:end], grad, scale, ignore_index, label_smoothing, z_loss
+                logits, t[start:end], grad, stored, ignore_index, label_smoothing, z_loss
             )
             if grad is not None:
                 bufs.add_chunk(start, end, logits, h_c, weight)
-    return (reduce_loss(loss_rows, scale, reduction, loss_rows.shape),) + bufs.result(hidden, weight)
+    return reduce_loss(loss_rows, scale, reduction, loss_rows.shape), bufs.grad_h, bufs.grad_w, owed
+
+
+def _save_grads(ctx, hidden, weight, grad_h, grad_w, owed) -> None:
+    ctx.save_for_backward(grad_h, grad_w)
+    ctx.h_shape, ctx.w_dtype, ctx.owed = hidden.shape, weight.dtype, owed
+
+
+def _scaled_grads(ctx, grad_output):
+    """(grad_hidden, grad_weight) times grad_output (and what the forward owes them), in fp32, rounded once."""
+    grad_h, grad_w = ctx.saved_tensors
+    if grad_h is not None:
+        grad_h = scale_grad_(grad_h, grad_output, owed=ctx.owed).view(ctx.h_shape)
+    if grad_w is not None:
+        grad_w = scale_grad_(grad_w, grad_output, owed=ctx.owed).to(ctx.w_dtype)
+    return grad_h, grad_w
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction):
-        loss, grad_h, grad_w = _flce_forward(
+        loss, grad_h, grad_w, owed = _flce_forward(
             hidden,
             weight,
             target,
@@ -204,17 +244,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             reduction,
             *ctx.needs_input_grad[:2],
         )
-        ctx.save_for_backward(grad_h, grad_w)
+        _save_grads(ctx, hidden, weight, grad_h, grad_w, owed)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         return _scaled_grads(ctx, grad_output) + (None,) * 6
-
-
-def _scaled_grads(ctx, grad_output):
-    grad_h, grad_w = ctx.saved_tensors
-    return tuple(None if g is None else scale_grad_(g, grad_output) for g in (grad_h, grad_w))
 
 
 def _needs_grads(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -235,7 +270,8 @@ def fused_linear_cross_entropy(
 
     hidden (..., H), weight (V, H) of one floating dtype, target (...) integer. Same options and semantics as
     `kernels.cross_entropy` (mean over non-ignored targets, 0 if none). The weight gradient is summed in fp32 for
-    fp16/bf16 (a V x H fp32 buffer during forward). Backward runs once (or any times with grad_output 1).
+    fp16/bf16 (a V x H fp32 buffer from forward to backward). fp16 inputs take a GradScaler's loss scale (see the module
+    docstring). Backward runs once (or any times with grad_output 1, except for fp16).
     """
     hidden, weight = _autocast_inputs(hidden, weight)
     args = (hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction)
@@ -326,9 +362,9 @@ def _vp_flce_forward(
     need_h,
     need_w,
 ):
-    """(loss, grad_hidden, grad_weight_shard): per chunk the local softmax statistics of this rank's logits are
-    all-reduced (max, then sum-exp / row sum / target logit) into the global log-sum-exp; each rank then writes the
-    gradient of its own logits."""
+    """(loss, grad_hidden, grad_weight_shard, owed) as `_flce_forward`: per chunk the local softmax statistics of this
+    rank's logits are all-reduced (max, then sum-exp / row sum / target logit) into the global log-sum-exp; each rank
+    then writes the gradient of its own logits."""
     name = "vocab_parallel_fused_linear_cross_entropy"
     _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size)
     V_local, H = weight.shape
@@ -338,6 +374,10 @@ def _vp_flce_forward(
     t = check_targets(name, target, N, V, ignore_index, h.device)
     acc = acc_dtype(h.dtype)
     scale = loss_scale(t, ignore_index, reduction, acc)
+    w_max = _weight_max(weight, need_h)
+    if w_max is not None:  # one P for the group: the hidden gradients of all ranks are summed
+        dist.all_reduce(w_max, op=dist.ReduceOp.MAX, group=group)
+    stored, owed = stored_grad_scale(scale, h.dtype, z_loss, w_max)
     bufs = _ChunkedBuffers(h, weight, need_h, need_w)
     loss_rows = torch.empty(N, dtype=acc, device=h.device)
     valid = t != ignore_index
@@ -369,7 +409,7 @@ def _vp_flce_forward(
                     logits.stride(0),
                     t_c,
                     lse,
-                    scale,
+                    stored,
                     V_local,
                     V_valid,
                     start_v,
@@ -384,14 +424,14 @@ def _vp_flce_forward(
                 bufs.add_chunk(start, end, logits, h_c, weight)
     if bufs.grad_h is not None and reduce_hidden_grad:
         dist.all_reduce(bufs.grad_h, group=group)
-    return (reduce_loss(loss_rows, scale, reduction, loss_rows.shape),) + bufs.result(hidden, weight)
+    return reduce_loss(loss_rows, scale, reduction, loss_rows.shape), bufs.grad_h, bufs.grad_w, owed
 
 
 class VocabParallelFusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
-        loss, grad_h, grad_w = _vp_flce_forward(*args, *ctx.needs_input_grad[:2])
-        ctx.save_for_backward(grad_h, grad_w)
+        loss, grad_h, grad_w, owed = _vp_flce_forward(*args, *ctx.needs_input_grad[:2])
+        _save_grads(ctx, args[0], args[1], grad_h, grad_w, owed)
         return loss
 
     @staticmethod

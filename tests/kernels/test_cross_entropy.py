@@ -11,8 +11,10 @@ from kernels.cross_entropy_loss import (
     CrossEntropyLoss,
     cross_entropy,
     cross_entropy_reference,
+    fp16_prescale,
     launch_config,
 )
+from kernels.utils import two_x_rule
 
 IGN = -100
 
@@ -207,3 +209,86 @@ def test_bad_input_errors(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: a clear error
         with pytest.raises(ValueError, match="CUDA tensor"):
             cross_entropy(x, torch.tensor([0, 1, 2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fp16 under a GradScaler's loss scale (loss * 65536, then backward)
+
+
+def underflow_regime(rows=32, V=50257, H=64, boost=4.5, seed=0, min_flushed=0.9):
+    """fp16 (hidden, weight, target) at vocabulary 50k whose logits hidden @ weight.T are exact in fp16 (multiples of
+    1/64 below 32, so fp16 and fp64 references see the same logits), with over 90% of the non-target softmax entries
+    divided by the mean's `rows` below 2^-25, half fp16's smallest subnormal: the regime every entry is in at 16k tokens
+    (softmax ~ 1/50k, / 16384 ~ 1e-9). A forward that stores the mean's gradient in fp16 flushes them to zero."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randint(0, 2, (V, H), generator=g) * 2 - 1) / 4  # +-1/4: every row has squared norm 4
+    target = torch.randint(0, V, (rows,), generator=g)
+    hidden = torch.randint(-2, 3, (rows, H), generator=g) / 8 + boost * weight[target]
+    logits = hidden.double() @ weight.double().t()
+    assert torch.equal((hidden.half() @ weight.half().t()).double(), logits)
+    p = logits.softmax(-1)
+    off_target = torch.ones_like(p, dtype=torch.bool)
+    off_target[torch.arange(rows), target] = False
+    assert (p[off_target] / rows < 2.0**-25).double().mean() >= min_flushed
+    return hidden.half(), weight.half(), target
+
+
+def projection_err(out: torch.Tensor, ref: torch.Tensor, seed: int = 0) -> float:
+    """rel_err of out @ R against ref @ R for a random (V, 8) R: the sums over the vocabulary that the layer below
+    takes. Entries flushed to zero hardly move a max-norm error but bias these sums by their total."""
+    r = torch.randn(out.shape[-1], 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return rel_err(
+        out.detach().double().reshape(-1, out.shape[-1]) @ r, ref.detach().double().reshape(-1, r.shape[0]) @ r
+    )
+
+
+@pytest.mark.parametrize("kw", [{}, {"z_loss": 1e-4}])
+@pytest.mark.parametrize("loss_scale", [65536.0, 1024.0])
+def test_fp16_loss_scale_in_the_underflow_regime(loss_scale, kw):
+    hidden, weight, t = underflow_regime()
+    x = hidden @ weight.t()  # fp16, exact
+    xo = x.clone().requires_grad_()
+    loss = cross_entropy(xo, t, **kw)
+    (loss * loss_scale).backward()  # as GradScaler: the fp32 loss times the scale, then backward
+    xr = x.double().requires_grad_()
+    ref = cross_entropy_reference(xr, t, **kw)
+    ref.backward()
+    exact = xr.grad * loss_scale
+    assert xo.grad.dtype == torch.float16 and torch.isfinite(xo.grad).all()
+    assert rel_err(loss, ref) <= 1e-5
+    # The fp16 rule above, against torch's own fp16 reference (scale-free: relative errors).
+    x16 = x.clone().requires_grad_()
+    cross_entropy_reference(x16, t, **kw).backward()
+    assert rel_err(xo.grad, exact) <= 2 * rel_err(x16.grad, xr.grad) + 2.0**-11
+    # Stricter: twice the error of the best fp16 answer (the exact gradient rounded once), plus half an ulp.
+    err, allowed = two_x_rule(xo.grad, exact, exact.half())
+    assert err <= allowed, (err, allowed)
+    assert projection_err(xo.grad, exact) <= 2 * projection_err(exact.half(), exact) + 2.0**-11
+
+
+def test_fp16_reduction_none_per_row_loss_scale():
+    hidden, weight, t = underflow_regime(rows=8, V=5000, boost=3.0, min_flushed=0.0)
+    x = hidden @ weight.t()
+    w = torch.tensor([65536.0, 1.0, 3.0, 0.0, 1 / 3, 2.0**-10, 100.0, 4096.0])
+    xo = x.clone().requires_grad_()
+    (cross_entropy(xo, t, reduction="none", z_loss=1e-3) * w).sum().backward()
+    xr = x.double().requires_grad_()
+    (cross_entropy_reference(xr, t, reduction="none", z_loss=1e-3) * w).sum().backward()
+    assert torch.isfinite(xo.grad).all() and (xo.grad[3] == 0).all()
+    err, allowed = two_x_rule(xo.grad, xr.grad, xr.grad.half())
+    assert err <= allowed, (err, allowed)
+    assert projection_err(xo.grad, xr.grad) <= 2 * projection_err(xr.grad.half(), xr.grad) + 2.0**-11
+
+
+def test_fp16_prescale_cannot_overflow():
+    assert fp16_prescale(0.0) == 2.0**14 and fp16_prescale(1e-4) == 2.0**12
+    for z in (0.0, 1e-4, 1e-2, 1.0):
+        assert fp16_prescale(z) * (2 + z * 2.0**17) <= 65504 < 2 * fp16_prescale(z) * (2 + z * 2.0**17)
+    # The largest finite fp16 logits and a large z-loss: the stored gradient stays finite.
+    x = torch.tensor([[65504.0, -65504.0, 0.0, 1.0], [-65504.0, -65504.0, -65504.0, -65504.0]]).half()
+    xo = x.clone().requires_grad_()
+    (cross_entropy(xo, torch.tensor([1, 0]), z_loss=1e-2) * 2.0**-20).backward()
+    xr = x.double().requires_grad_()
+    (cross_entropy_reference(xr, torch.tensor([1, 0]), z_loss=1e-2) * 2.0**-20).backward()
+    assert torch.isfinite(xo.grad).all()
+    assert rel_err(xo.grad, xr.grad) <= 2.0**-10

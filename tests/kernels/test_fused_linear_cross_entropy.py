@@ -13,8 +13,9 @@ from kernels.linear_cross_entropy import (
     fused_linear_cross_entropy_reference,
     vocab_parallel_fused_linear_cross_entropy,
 )
+from kernels.utils import two_x_rule
 from tests.distributed import run_distributed
-from tests.kernels.test_cross_entropy import rel_err
+from tests.kernels.test_cross_entropy import rel_err, underflow_regime
 
 IGN = -100
 
@@ -71,6 +72,44 @@ def test_fp16_two_x_rule():
     floor = 2.0**-11
     for a, b16, b32 in zip(ours, ref16, ref32):
         assert rel_err(a, b32) <= 2 * rel_err(b16, b32) + floor
+
+
+@pytest.mark.parametrize("loss_scale", [65536.0, 1024.0])
+def test_fp16_loss_scale_in_the_underflow_regime(loss_scale):
+    """fp16 at vocabulary 50k, the mean's per-entry gradient below fp16's subnormals (see `underflow_regime`), loss
+    times a GradScaler's scale: finite gradients equal to the exact ones times the scale, by the fp16 rule above and
+    within twice the error of the exact gradients rounded once to fp16 (plus half an ulp)."""
+    hidden, weight, target = underflow_regime()
+    kw = dict(z_loss=1e-4)
+    ours = run(fused_linear_cross_entropy, hidden, weight, target, grad_scale=loss_scale, chunk_size=8, **kw)
+    ref = run(fused_linear_cross_entropy_reference, hidden, weight, target, torch.float64, **kw)
+    # torch's fp16 reference cannot carry 65536 (inf in fp16); 1024 keeps its own gradient out of the underflow.
+    ref16 = run(fused_linear_cross_entropy_reference, hidden, weight, target, grad_scale=1024.0, **kw)
+    assert ours[1].dtype == ours[2].dtype == torch.float16
+    assert rel_err(ours[0], ref[0]) <= 1e-5
+    for a, b, b16 in zip(ours[1:], ref[1:], ref16[1:]):
+        exact = b * loss_scale
+        assert torch.isfinite(a).all()
+        assert rel_err(a, exact) <= 2 * rel_err(b16, b * 1024.0) + 2.0**-11
+        err, allowed = two_x_rule(a, exact, exact.half())
+        assert err <= allowed, (err, allowed)
+
+
+def test_fp16_large_weights_cap_the_prescale():
+    """The fp16 chunk gradient is pre-scaled by a power of two; with weights of magnitude ~300 the hidden gradient's
+    fp16 GEMM dlogits @ W would overflow at the z-loss bound's scale (2^12) unless it is capped by max|W|."""
+    g = torch.Generator().manual_seed(21)
+    hidden = (torch.randn(6, 16, generator=g) / 300).half()
+    weight = (torch.randn(37, 16, generator=g) * 300).half()
+    target = torch.randint(0, 37, (6,), generator=g)
+    kw = dict(z_loss=1e-4, chunk_size=4)
+    ours = run(fused_linear_cross_entropy, hidden, weight, target, grad_scale=4.0, **kw)
+    kw.pop("chunk_size")
+    ref = run(fused_linear_cross_entropy_reference, hidden, weight, target, torch.float64, grad_scale=4.0, **kw)
+    ref16 = run(fused_linear_cross_entropy_reference, hidden, weight, target, grad_scale=4.0, **kw)
+    for a, b, b16 in zip(ours, ref, ref16):
+        assert torch.isfinite(a).all()
+        assert rel_err(a, b) <= 2 * rel_err(b16, b) + 2.0**-11
 
 
 def test_chunk_size_does_not_change_the_result():
@@ -216,6 +255,33 @@ def _tp_worker(rank, world_size):
     ref = run(fused_linear_cross_entropy_reference, hidden, weight, target, torch.float64)
     results.append((0.0, rel_err(partial, ref[1]), 0.0, hi - lo))
     return results
+
+
+def _tp_fp16_worker(rank, world_size):
+    """fp16 shards under a GradScaler's 65536: finite gradients, equal to the exact ones times the scale by the fp16
+    rule (torch's fp16 reference at a scale it can carry, 1024)."""
+    hidden, weight, target = make_inputs((6,), 16, 37, torch.float16, n_ignored=1, seed=40)
+    lo, hi = SHARDS[rank]
+    h = hidden.clone().requires_grad_()
+    w = weight[lo:hi].clone().requires_grad_()
+    loss = vocab_parallel_fused_linear_cross_entropy(h, w, target, chunk_size=4, z_loss=1e-4)
+    (loss * 65536.0).backward()
+    _, ref_h, ref_w = run(fused_linear_cross_entropy_reference, hidden, weight, target, torch.float64, z_loss=1e-4)
+    _, h16, w16 = run(fused_linear_cross_entropy_reference, hidden, weight, target, grad_scale=1024.0, z_loss=1e-4)
+    results = []
+    for ours, ref, same in ((h.grad, ref_h, h16), (w.grad, ref_w[lo:hi], w16[lo:hi])):
+        ok = ours.dtype == torch.float16 and bool(torch.isfinite(ours).all())
+        results.append((ok, rel_err(ours, ref * 65536.0), 2 * rel_err(same, ref * 1024.0) + 2.0**-11))
+    return results
+
+
+@pytest.mark.distributed
+def test_vocab_parallel_fp16_loss_scale():
+    env = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    for results in run_distributed(_tp_fp16_worker, 2, timeout=120, env=env):
+        for ok, err, bound in results:
+            assert ok and err <= bound, results
 
 
 @pytest.mark.distributed
