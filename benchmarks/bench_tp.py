@@ -38,12 +38,13 @@ import time
 
 import torch
 
-from engine.config import ModelConfig
+from engine.config import Config, ModelConfig
 from engine.model.gpt import GPT, Block, resolve
 from engine.model.ops import rope_cos_sin
-from engine.parallel import state
 from engine.parallel.comm_count import count_collectives
+from engine.parallel.dims import ParallelDims
 from engine.parallel.grads import finish_tp_grads
+from engine.parallel.parallelize import parallelize_gpt
 
 
 def model_config(args: dict) -> ModelConfig:
@@ -86,10 +87,13 @@ def closed_form(
 
 def measure(rank: int, world: int, args: dict) -> dict:
     """One forward+backward of the real GPT under the counter (a `run_distributed` worker)."""
-    state.initialize(tp=world)
+    dims = ParallelDims.from_world(tp=world)
     try:
-        torch.manual_seed(0)
-        model = GPT(model_config(args), tp_group=state.get_tp_group(), sequence_parallel=args["sp"])
+        cfg = Config(model=model_config(args))
+        cfg.parallel.sp = args["sp"]
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        [model] = parallelize_gpt(model, dims, cfg, device="cpu")
         g = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, args["vocab"], (args["batch"], args["seq"] + 1), generator=g)
         with count_collectives() as counter:
@@ -98,7 +102,7 @@ def measure(rank: int, world: int, args: dict) -> dict:
             finish_tp_grads(model)
         return {"calls": counter.by_op(), "wire_bytes": counter.wire_bytes(), "loss": loss.item()}
     finally:
-        state.destroy()
+        dims.destroy()
 
 
 def run_cpu(args: argparse.Namespace) -> int:

@@ -48,13 +48,14 @@ def _plain_run(argv: list[str]) -> float:
     """The same model, data and hyperparameters in a minimal loop; tokens/s from the median step time."""
     from engine.config import load_config
     from engine.model.gpt import GPT, resolve
-    from engine.train import SampleStream, _cpu_threads, _load_data_sources
+    from engine.training.device import cpu_threads
+    from engine.training.samples import SampleStream, load_data_sources
 
     cfg = load_config(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     if device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(cfg))  # the engine's thread policy, so both loops get the same cores
-    data = _load_data_sources(cfg)
+        torch.set_num_threads(cpu_threads(cfg))  # the engine's thread policy, so both loops get the same cores
+    data = load_data_sources(cfg)
     mcfg = resolve(cfg.model, tokenizer_vocab=data.tokenizer.vocab_size)
     stream = SampleStream(data.train_prefix, mcfg.seq_len, cfg.train.seed, mcfg.vocab_size)
     torch.manual_seed(cfg.train.seed)
@@ -92,7 +93,7 @@ def compare(argv: list[str], repeats: int) -> dict:
     from engine.config import load_config
     from engine.metrics import model_flops_utilization, peak_flops
     from engine.model.gpt import count_params, flops_per_token, resolve
-    from engine.train import _load_data_sources
+    from engine.training.samples import load_data_sources
 
     ours, plain = [], []
     for _ in range(repeats):
@@ -100,7 +101,7 @@ def compare(argv: list[str], repeats: int) -> dict:
         with tempfile.TemporaryDirectory() as d:
             ours.append(_engine_run(argv, d))
     cfg = load_config(argv)
-    mcfg = resolve(cfg.model, tokenizer_vocab=_load_data_sources(cfg).tokenizer.vocab_size)
+    mcfg = resolve(cfg.model, tokenizer_vocab=load_data_sources(cfg).tokenizer.vocab_size)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     peak = peak_flops(device)
     fpt = flops_per_token(mcfg)

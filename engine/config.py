@@ -56,7 +56,7 @@ class ParallelConfig:
     dp_shard: int = 1
     zero1: bool = False
     sp: bool = False
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = "1f1b"
     virtual_stages: int = 1
 
 
@@ -70,6 +70,8 @@ class TrainConfig:
     fp8: Literal["off", "delayed", "current"] = "off"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # CPU intra-op threads per process; 0: OMP_NUM_THREADS if set, else cores / processes / 2
+    max_skipped_steps: int = 5  # consecutive steps with a non-finite gradient norm (skipped) before the run stops
+    dry_run: bool = False  # build on the meta device for the layout, print parameter and memory counts, exit
 
 
 @dataclass

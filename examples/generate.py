@@ -36,15 +36,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def load_model(checkpoint: str, device: str = "cpu") -> tuple[torch.nn.Module, object, Config]:
     """(model in eval mode, tokenizer, config) from a checkpoint path."""
+    from engine.checkpoint.state import load_named_parameters
     from engine.model.gpt import GPT
-    from engine.train import _load_data_sources
+    from engine.training.samples import load_data_sources
 
     path = resolve_checkpoint_path(checkpoint)
     ck = load_checkpoint(path)
     cfg = load_config(["--config", str(path / "config.toml")])
-    tokenizer = _load_data_sources(cfg).tokenizer
+    tokenizer = load_data_sources(cfg).tokenizer
     model = GPT(cfg.model)
-    model.load_state_dict(ck.tensors["model"])
+    try:
+        load_named_parameters(model, ck.tensors["model"])
+    except KeyError as e:
+        raise CheckpointError(f"{path}: {str(e).strip(chr(39))}") from None
     return model.to(device).eval(), tokenizer, cfg
 
 

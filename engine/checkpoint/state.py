@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# Param-group entries that choose an implementation, not the math: a load keeps the live optimizer's.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
 
 def optimizer_state_to_named(
     optimizer: torch.optim.Optimizer, param_names: dict[int, str]
@@ -73,6 +76,9 @@ def named_to_optimizer_state(
         if sorted(saved["params"]) != sorted(live_names):
             raise KeyError("checkpoint optimizer param groups hold different parameters than this optimizer's")
         g = {k: v for k, v in saved.items() if k != "params"}
+        # How the update is computed is this run's choice (optim.impl may change on resume); the saved group would
+        # otherwise bring back the old run's fused/foreach flags.
+        g.update({k: live[k] for k in IMPLEMENTATION_KEYS if k in live})
         g["params"] = [name_to_index[n] for n in live_names]
         groups.append(g)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -107,3 +113,18 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@torch.no_grad()
+def load_named_parameters(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copies a checkpoint's `model` tensors (keyed by parameter name, each shared tensor once) into an unsharded
+    model; a missing, unexpected or misshapen tensor is a KeyError naming it."""
+    params = dict(model.named_parameters())
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            shape = tuple(tensors[name].shape)
+            raise KeyError(f"checkpoint tensor {name} has shape {shape}, the model's {tuple(p.shape)}")
+        p.copy_(tensors[name])

@@ -1,4 +1,4 @@
-"""The backend switch for the model's fused ops (DESIGN.md, Backends).
+"""The backend switch for the model's fused ops (docs/architecture.md, "Backends").
 
 Every op takes `backend` = "auto" | "torch" | "triton" (the `model.kernels` config key) and resolves it per call
 from the input's device, so a model built on CPU and moved to CUDA picks the right path:
@@ -207,7 +207,7 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tupl
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Rotary embedding, half-rotation convention: x (b, s, h, d); cos, sin (s, d/2) (DESIGN.md)."""
+    """Rotary embedding, half-rotation convention: x (b, s, h, d); cos, sin (s, d/2)."""
     if select(backend, x) == "triton":
         return _kernel("apply_rope")(x, cos, sin)
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -243,7 +243,7 @@ def attention(
         and q.dtype in (torch.float16, torch.bfloat16)
         and _flash_attn_installed()
     ):
-        # DESIGN.md Backends: an installed specialist library first (flash-attn takes (b, s, h, d) and GQA as is)
+        # an installed specialist library first (flash-attn takes (b, s, h, d) and GQA as is)
         from flash_attn import flash_attn_func
 
         return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
@@ -274,44 +274,27 @@ def attention(
     return out.transpose(1, 2)
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, backend: str = "auto"):
-    """Mean cross-entropy over targets != ignore_index; logits (n, vocab), target (n,). Computed in fp32."""
+def cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"
+) -> torch.Tensor:
+    """Cross-entropy over targets != ignore_index, the mean (or with reduction "sum" the sum); logits (n, vocab),
+    target (n,). Computed in fp32."""
     if select(backend, logits) == "triton":
-        return _kernel("cross_entropy")(logits, target, ignore_index=ignore_index)
-    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
+        return _kernel("cross_entropy")(logits, target, ignore_index=ignore_index, reduction=reduction)
+    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction=reduction)
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, backend: str = "auto"
-) -> torch.Tensor:
-    """Mean cross-entropy of logits = hidden @ weight.T; the triton path never materialises all the logits."""
-    if select(backend, hidden) == "triton":
-        return _kernel("fused_linear_cross_entropy")(hidden, weight, target, ignore_index=ignore_index)
-    return F.cross_entropy(F.linear(hidden, weight).float(), target, ignore_index=ignore_index)
-
-
-def vocab_parallel_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
-    group,
-    vocab_size: int,
     ignore_index: int = -100,
+    reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Mean cross-entropy of logits = hidden @ weight.T with `weight` this rank's vocabulary shard (tensor parallel).
-
-    `hidden` must already be inside the tp region (`engine.parallel.tensor.enter_tp_region`: the same full tokens on
-    every rank, with the backward that sums the hidden gradient over tp); columns >= `vocab_size` are padding.
-    torch: vocab-sharded logits + `vocab_parallel_cross_entropy` (b, s, V / tp logits per rank); triton: K2's
-    chunked kernel, which never holds more than a chunk of them (it leaves the hidden gradient to the region).
-    """
+    """Cross-entropy of logits = hidden @ weight.T (mean or sum over targets != ignore_index); the triton path never
+    materialises all the logits."""
     if select(backend, hidden) == "triton":
-        fn = _kernel("vocab_parallel_fused_linear_cross_entropy")
-        return fn(
-            hidden, weight, target, group, ignore_index=ignore_index, vocab_size=vocab_size, reduce_hidden_grad=False
-        )
-    from engine.parallel.tensor import vocab_parallel_cross_entropy
-
-    logits = F.linear(hidden, weight)
-    return vocab_parallel_cross_entropy(logits, target, group, vocab_size=vocab_size, ignore_index=ignore_index)
+        fn = _kernel("fused_linear_cross_entropy")
+        return fn(hidden, weight, target, ignore_index=ignore_index, reduction=reduction)
+    return F.cross_entropy(F.linear(hidden, weight).float(), target, ignore_index=ignore_index, reduction=reduction)

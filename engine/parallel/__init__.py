@@ -1,4 +1,5 @@
-"""Megatron-style parallelism as explicit layers over one process-group grid (`engine.parallel.state`).
+"""Megatron-style parallelism applied to a plain model from outside (`parallelize_gpt`), its layers, and the layout
+(`ParallelDims`; `engine.parallel.state` keeps a default grid for embedders).
 
 Names load on first use; importing this package starts no process group.
 """
@@ -32,16 +33,33 @@ _TENSOR = [
     "parallel_lm_logits",
     "enter_tp_region",
     "check_tp_divisibility",
+    "gather_full",
+    "shard_full_",
 ]
-_SEQUENCE = ["mark_sequence_parallel", "allreduce_sequence_parallel_grads"]
-_GRADS = ["finish_tp_grads", "norm_parameters", "model_tp_group"]
-_RANDOM = ["RNGStatesTracker", "maybe_fork", "recompute_context_fn"]
+_SEQUENCE = ["allreduce_grads", "SequenceShardedPositionEmbedding"]
+_GRADS = ["finish_tp_grads", "norm_parameters"]
+_RANDOM = ["RNGStatesTracker", "maybe_fork", "recompute_context_fn", "rng_tracker_of"]
+_PARALLELIZE = [
+    "parallelize_gpt",
+    "apply_tensor_parallel",
+    "apply_recompute",
+    "materialize_and_init",
+    "apply_data_parallel",
+    "check_tensor_parallel",
+    "TP_PLAN",
+]
 _EXPORTS = {
     **{name: "engine.parallel.state" for name in _STATE},
     **{name: "engine.parallel.tensor" for name in _TENSOR},
     **{name: "engine.parallel.sequence" for name in _SEQUENCE},
     **{name: "engine.parallel.grads" for name in _GRADS},
     **{name: "engine.parallel.random" for name in _RANDOM},
+    **{name: "engine.parallel.parallelize" for name in _PARALLELIZE},
+    "ParallelDims": "engine.parallel.dims",
+    "ParamSharding": "engine.parallel.sharding",
+    "ShardingRegistry": "engine.parallel.sharding",
+    "sharding_of": "engine.parallel.sharding",
+    "VocabParallelOutputHead": "engine.parallel.output",
     "count_collectives": "engine.parallel.comm_count",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,68 +1,22 @@
-"""Initialisation and random streams that make a sharded model equal the unsharded one for the same seed.
+"""Random streams that make dropout under tensor parallelism correct and replayable.
 
-Weights: every sharded parameter carries `partition_dim` and its `full_shape` (set by the layers in tensor.py).
-`init_param_(p, fn)` runs `fn` on the full master tensor drawn from the default generator, exactly as the
-unsharded model would, and keeps this rank's slice (Megatron's `_initialize_affine_weight_cpu`). Every tp rank
-draws the same numbers, and the stream advances by the full size, so the parameters initialised afterwards match
-too. Costs one full-size temporary per parameter at init time.
-
-Dropout: `RNGStatesTracker` keeps named generator states (Megatron's `CudaRNGStatesTracker`). Regions whose
-activations are split over tp (attention heads, sequence shards under SP) must draw different masks per tp rank:
-run them inside `tracker.fork("tp")`; replicated regions use the default generator, the same on every tp rank.
-Activation recomputation must replay the tracked streams too: `recompute_context_fn` (Megatron's checkpoint does the
-same for its CUDA RNG tracker).
+`RNGStatesTracker` keeps named generator states (Megatron-LM's `CudaRNGStatesTracker`). Regions whose activations
+are split over tp (attention heads, sequence shards under sequence parallelism) must draw different dropout masks per
+tp rank: they run inside `tracker.fork("tp")`; replicated regions use the default generator, the same on every tp
+rank. Activation recomputation must replay the tracked streams too: `recompute_context_fn` (Megatron's checkpoint
+does the same for its CUDA RNG tracker). Parameter initialisation does not use these streams at all: each parameter
+has its own seeded generator (engine.model.init).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-InitFn = Callable[[torch.Tensor], object]
-
 TP_SEED_OFFSET = 2718  # Megatron's offset for the tensor-parallel stream
-
-
-def linear_weight_init(weight: torch.Tensor) -> None:
-    """`torch.nn.Linear`'s default weight init (kaiming uniform, a=sqrt(5)); needs the full (out, in) tensor."""
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-
-
-def linear_bias_init(fan_in: int) -> InitFn:
-    """`torch.nn.Linear`'s default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), with the full fan-in."""
-    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    return lambda b: nn.init.uniform_(b, -bound, bound)
-
-
-def embedding_init(weight: torch.Tensor) -> None:
-    """`torch.nn.Embedding`'s default init, N(0, 1)."""
-    nn.init.normal_(weight)
-
-
-def is_sharded(param: torch.Tensor) -> bool:
-    return getattr(param, "partition_dim", None) is not None
-
-
-@torch.no_grad()
-def init_param_(param: torch.Tensor, init_fn: InitFn) -> torch.Tensor:
-    """Initialises `param` in place with `init_fn` as if it were unsharded.
-
-    For a sharded parameter, `init_fn` runs on the full unpadded master tensor (same device and dtype, so the same
-    generator as the unsharded model); padding rows are zero. A plain parameter gets `init_fn(param)`.
-    """
-    if not is_sharded(param):
-        init_fn(param)
-        return param
-    from engine.parallel.tensor import shard_full_  # tensor.py imports this module
-
-    full = torch.empty(param.full_shape, dtype=param.dtype, device=param.device)
-    init_fn(full)
-    shard_full_(param, full)
-    return param
 
 
 class RNGStatesTracker:
@@ -109,7 +63,9 @@ def model_parallel_seed(seed: int, tp_rank: int) -> RNGStatesTracker:
 
 
 def _get_state() -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    # Wherever CUDA exists its generator is part of the state, initialised or not: a tracker made before the first
+    # CUDA call must still own a CUDA stream, or dropout on the GPU would draw from the default (shared) one.
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
     return torch.get_rng_state(), cuda
 
 
@@ -146,3 +102,26 @@ def _replaying(tracker: RNGStatesTracker, saved: dict) -> Iterator[None]:
         yield
     finally:
         tracker.set_states(current)
+
+
+_ATTRIBUTE = "parallel_rng_tracker"
+
+
+def attach_rng_tracker(model: nn.Module, tracker: RNGStatesTracker) -> None:
+    """Records the tp dropout stream on the model root (found through wrappers by `rng_tracker_of`), for checkpoints
+    and recomputation."""
+    object.__setattr__(model, _ATTRIBUTE, tracker)
+
+
+def rng_tracker_of(model: nn.Module) -> RNGStatesTracker | None:
+    """The tracker a parallelizer attached to `model` (through DDP's `.module` / torch.compile's `_orig_mod`), or
+    None (no tensor parallelism: every draw is from the default generator)."""
+    for _ in range(8):
+        tracker = model.__dict__.get(_ATTRIBUTE)
+        if tracker is not None:
+            return tracker
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return None

@@ -9,8 +9,8 @@ The collectives here are paired autograd functions: the backward of an all-gathe
 versa. Tensors are batch-first, (batch, seq, ...), so `seq_dim` defaults to 1 (Megatron's [s, b, h] uses 0).
 
 Parameters outside the tp regions (norm weights, the row-parallel bias, learned positions) see only this rank's
-tokens under SP, so their gradients must be summed over tp: mark them with `mark_sequence_parallel` and call
-`allreduce_sequence_parallel_grads` after backward.
+tokens under SP, so their gradients must be summed over tp: the sharding registry flags them and
+`engine.parallel.grads.finish_tp_grads` sums them after backward.
 """
 
 from __future__ import annotations
@@ -155,33 +155,31 @@ def reduce_scatter_to_sequence_parallel_region(
     return _ReduceScatterToSequenceParallel.apply(x, resolve_group(group), seq_dim)
 
 
+class SequenceShardedPositionEmbedding(nn.Module):
+    """Learned positions under sequence parallelism: this rank's block of positions [r s / t, (r + 1) s / t),
+    matching the sequence shard the embedding's reduce-scatter left here. Holds the plain module's `weight` (same
+    name, same tensor); its gradient is a partial sum over tp (the registry flags it)."""
+
+    def __init__(self, weight: nn.Parameter, group: dist.ProcessGroup):
+        super().__init__()
+        self.weight, self.group = weight, group
+
+    def forward(self, seq: int) -> torch.Tensor:
+        n = dist.get_world_size(self.group)
+        if seq % n:
+            raise ShapeError(f"sequence length {seq} is not divisible by parallel.tp = {n} (sequence parallelism)")
+        per = seq // n
+        return self.weight[dist.get_rank(self.group) * per : (dist.get_rank(self.group) + 1) * per]
+
+
 # --- gradients of parameters that live on sequence shards ---
 
 
-def mark_sequence_parallel(*params: nn.Parameter) -> None:
-    """Marks parameters whose gradient is a per-rank partial sum under SP (norm weights, row-parallel bias)."""
-    for p in params:
-        p.sequence_parallel = True
-
-
-def _partial(p: torch.Tensor) -> bool:
-    return getattr(p, "sequence_parallel", False) or getattr(p, "tp_partial_grad", False)
-
-
-def allreduce_sequence_parallel_grads(
-    params: nn.Module | Iterable[nn.Parameter], group: dist.ProcessGroup | None = None
-) -> int:
-    """Sums over tp every gradient that is a per-rank partial sum, in one all-reduce per dtype: parameters marked
-    `sequence_parallel` (norm weights, row-parallel biases under SP) or `tp_partial_grad` (replicated GQA kv
-    projections, tensor.ReplicatedKVLinear).
-
-    Call after backward (after the last micro-batch is enough: the sum is linear) and before the dp reduction and
-    the optimizer. Returns the number of gradients reduced.
-    """
+def allreduce_grads(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None = None) -> int:
+    """Sums the gradients of `params` over `group` in place, one flat all-reduce per dtype (for per-rank partial
+    sums: parameters applied to sequence shards under SP, replicated GQA kv projections). Returns how many."""
     group = resolve_group(group)
-    if isinstance(params, nn.Module):
-        params = params.parameters()
-    grads = [p.grad for p in params if _partial(p) and p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads or dist.get_world_size(group) == 1:
         return len(grads)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

@@ -142,12 +142,12 @@ class _State:
 _STATE: _State | None = None
 
 
-def _init_default_group(backend: str | None, timeout: timedelta | None) -> None:
+def init_process_group(backend: str | None = None, timeout: timedelta | None = None) -> None:
     """Initialises the default group from torchrun's environment (or as a 1-process world when there is none).
 
-    The store is prefixed by the elastic restart attempt: after a worker dies, restarted gloo workers would
-    otherwise read the previous attempt's addresses from the shared store and fail in connectFullMesh
-    (ENV-NOTES, "Elastic restart pitfall").
+    The store is prefixed by the elastic restart attempt: after a worker dies, torchrun restarts the workers with
+    the same store, and gloo workers would otherwise read the previous attempt's addresses from it and fail in
+    connectFullMesh ("Connection refused").
     """
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -188,7 +188,7 @@ def initialize(
         timeout = timedelta(seconds=timeout)
     owns = False
     if not dist.is_initialized():
-        _init_default_group(backend, timeout)
+        init_process_group(backend, timeout)
         owns = True
     try:
         grid = build_grid(dist.get_world_size(), tp, pp, cp, dp_shard)

@@ -13,36 +13,33 @@ With sequence parallelism (sequence.py) f becomes an all-gather along the sequen
 
 Layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, ReplicatedKVLinear (GQA with fewer kv
 heads than tp ranks); `parallel_lm_logits` + `vocab_parallel_cross_entropy` for the output layer and loss.
-Every layer takes its process group explicitly (default: the grid's tp group), so other trainers can pass their own.
-Sharded parameters carry `partition_dim`, `full_shape` (unpadded), `padded_size`, `partition_rank` and
-`partition_size`; `init_param_` (random.py), `shard_full_` and `gather_full` use them, so initialisation equals the
-unsharded layer's for the same seed and checkpoints can be resharded; `shard_range` says where a shard's rows sit.
+Every layer takes its process group explicitly (default: the grid's tp group), so other trainers can pass their own,
+and converts from its plain twin (`from_linear`, `from_embedding`). Each describes how its parameters are sharded in
+`param_shardings()` (sharding.py's `ParamSharding`: global shape, partition dim, rank, padding, partial-gradient
+flags); the parameters themselves carry nothing. Built directly, a layer initialises like its torch.nn twin of the
+full size for the same seed (`init_param_`); `shard_full_` and `gather_full` move between full and local tensors.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.parallel.random import (
-    InitFn,
-    embedding_init,
-    init_param_,
-    linear_bias_init,
-    linear_weight_init,
-)
 from engine.parallel.sequence import (
     ShapeError,
     all_gather,
     all_reduce,
     gather_from_sequence_parallel_region,
-    mark_sequence_parallel,
     reduce_scatter_to_sequence_parallel_region,
     resolve_group,
     split,
 )
+from engine.parallel.sharding import ParamSharding
 
 # --- the four mappings of a tp region ---
 
@@ -123,48 +120,75 @@ def enter_tp_region(
     return copy_to_tp_region(x, group)
 
 
-# --- sharded parameters ---
+# --- initialisation of standalone layers and sharded tensors ---
+
+InitFn = Callable[[torch.Tensor], object]
 
 
-def _sharded_param(
-    full_shape: tuple[int, ...], dim: int, group: dist.ProcessGroup, padded: int | None, device, dtype
-) -> nn.Parameter:
-    n, r = dist.get_world_size(group), dist.get_rank(group)
-    padded = full_shape[dim] if padded is None else padded
-    local = list(full_shape)
-    local[dim] = padded // n
-    p = nn.Parameter(torch.empty(local, device=device, dtype=dtype))
-    p.partition_dim, p.full_shape, p.padded_size = dim, tuple(full_shape), padded
-    p.partition_rank, p.partition_size = r, n
-    return p
+def linear_weight_init(weight: torch.Tensor) -> None:
+    """`torch.nn.Linear`'s default weight init (kaiming uniform, a=sqrt(5)); needs the full (out, in) tensor."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
-def shard_range(param: torch.Tensor) -> tuple[int, int, int]:
-    """(dim, start, rows): the sharded `param`'s first `rows` rows along `dim` are rows `start` onwards of its full
-    unpadded tensor; its local rows past `rows` are padding (zero), all of them when `rows` is 0."""
-    dim, size = param.partition_dim, param.shape[param.partition_dim]
-    start = param.partition_rank * size
-    return dim, start, max(0, min(size, param.full_shape[dim] - start))
+def linear_bias_init(fan_in: int) -> InitFn:
+    """`torch.nn.Linear`'s default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), with the full fan-in."""
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return lambda b: nn.init.uniform_(b, -bound, bound)
+
+
+def embedding_init(weight: torch.Tensor) -> None:
+    """`torch.nn.Embedding`'s default init, N(0, 1)."""
+    nn.init.normal_(weight)
 
 
 @torch.no_grad()
-def shard_full_(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+def init_param_(param: torch.Tensor, spec: ParamSharding, init_fn: InitFn) -> torch.Tensor:
+    """Initialises `param` (laid out as `spec`) with `init_fn` as if it were unsharded: `init_fn` runs on the full
+    unpadded tensor drawn from the default generator, exactly as the unsharded layer would, and this rank keeps its
+    slice (Megatron-LM's `_initialize_affine_weight_cpu`); padding rows are zero. A layer built on the meta device is
+    left as it is (it is initialised after materialisation)."""
+    if param.is_meta:
+        return param
+    if not spec.sharded:
+        init_fn(param)
+        return param
+    full = torch.empty(spec.global_shape, dtype=param.dtype, device=param.device)
+    init_fn(full)
+    return param.copy_(spec.local_from_full(full))
+
+
+@torch.no_grad()
+def shard_full_(param: torch.Tensor, spec: ParamSharding, full: torch.Tensor) -> torch.Tensor:
     """Copies this rank's slice of the full unpadded tensor `full` into the sharded `param` (padding rows zero)."""
-    if tuple(full.shape) != tuple(param.full_shape):
-        raise ShapeError(f"full tensor has shape {tuple(full.shape)}, the parameter's full shape is {param.full_shape}")
-    dim, start, rows = shard_range(param)
-    param.zero_()
-    if rows > 0:
-        param.narrow(dim, 0, rows).copy_(full.narrow(dim, start, rows))
-    return param
+    if tuple(full.shape) != tuple(spec.global_shape):
+        raise ShapeError(f"full tensor has shape {tuple(full.shape)}, the parameter's is {spec.global_shape}")
+    return param.copy_(spec.local_from_full(full))
 
 
-def gather_full(param: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """The full unpadded tensor of a sharded parameter (all-gather over its group); a plain tensor as is."""
-    if getattr(param, "partition_dim", None) is None:
+def gather_full(
+    param: torch.Tensor, spec: ParamSharding | None, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """The full unpadded tensor of a sharded parameter (all-gather over its group); a replicated one as it is."""
+    if spec is None or not spec.sharded:
         return param.detach()
-    full = all_gather(param.detach(), param.partition_dim, resolve_group(group))
-    return full.narrow(param.partition_dim, 0, param.full_shape[param.partition_dim])
+    full = all_gather(param.detach(), spec.dim, resolve_group(group))
+    return full.narrow(spec.dim, 0, spec.global_shape[spec.dim])
+
+
+def _spec(full_shape: tuple[int, ...], dim: int, group: dist.ProcessGroup, padded: int | None = None) -> ParamSharding:
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    return ParamSharding(tuple(full_shape), dim, r, n, padded)
+
+
+def _empty(spec: ParamSharding, device, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(spec.local_shape, device=device, dtype=dtype))
+
+
+def _copy_from(param: nn.Parameter, spec: ParamSharding, source: torch.Tensor | None) -> None:
+    """A converted layer takes its slice of the plain layer's tensor (nothing to copy from the meta device)."""
+    if source is not None and not source.is_meta and not param.is_meta:
+        with torch.no_grad():
+            param.copy_(spec.local_from_full(source.detach().to(param.dtype)))
 
 
 def _divisible(what: str, value: int, n: int) -> None:
@@ -181,7 +205,8 @@ class ColumnParallelLinear(nn.Module):
     The input is replicated (or sequence-sharded with `sequence_parallel`, then all-gathered here). `gather_output`
     all-gathers the output columns (not with SP). `skip_input_comm`: the caller already ran `enter_tp_region`.
     `pad_output` pads out_features up to a multiple of tp with zero rows (an odd vocabulary in an LM head); the
-    padded columns must be masked downstream (vocab_parallel_cross_entropy's `vocab_size`).
+    padded columns must be masked downstream (vocab_parallel_cross_entropy's `vocab_size`). Built directly it is
+    initialised like nn.Linear of the full size (same seed, same values); `from_linear` converts a plain layer.
     """
 
     def __init__(
@@ -211,15 +236,34 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features, self.padded_out_features = in_features, out_features, padded
         self.gather_output, self.skip_input_comm = gather_output, skip_input_comm
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
-        self.weight = _sharded_param((out_features, in_features), 0, self.group, padded, device, dtype)
-        self.bias = _sharded_param((out_features,), 0, self.group, padded, device, dtype) if bias else None
+        self.weight_spec = _spec((out_features, in_features), 0, self.group, padded)
+        self.bias_spec = _spec((out_features,), 0, self.group, padded)
+        self.weight = _empty(self.weight_spec, device, dtype)
+        self.bias = _empty(self.bias_spec, device, dtype) if bias else None
         self.reset_parameters(init_method, bias_init_method)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> ColumnParallelLinear:
+        """The column-parallel form of `linear` (its slice of the weight and bias; none to copy on the meta device)."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype,
+                    init_method=_no_init, bias_init_method=_no_init, **kwargs)  # fmt: skip
+        _copy_from(layer.weight, layer.weight_spec, w)
+        if linear.bias is not None:
+            _copy_from(layer.bias, layer.bias_spec, linear.bias)
+        return layer
+
+    def param_shardings(self) -> dict[str, ParamSharding]:
+        out = {"weight": self.weight_spec}
+        if self.bias is not None:
+            out["bias"] = self.bias_spec
+        return out
 
     def reset_parameters(self, init_method: InitFn | None = None, bias_init_method: InitFn | None = None) -> None:
         """Default: torch.nn.Linear's init of the full weight, sliced (equal to nn.Linear for the same seed)."""
-        init_param_(self.weight, init_method or linear_weight_init)
+        init_param_(self.weight, self.weight_spec, init_method or linear_weight_init)
         if self.bias is not None:
-            init_param_(self.bias, bias_init_method or linear_bias_init(self.in_features))
+            init_param_(self.bias, self.bias_spec, bias_init_method or linear_bias_init(self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.skip_input_comm:
@@ -238,10 +282,14 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
+def _no_init(t: torch.Tensor) -> None:
+    """For conversions: the values come from the plain layer (or from init_weights after materialisation)."""
+
+
 class RowParallelLinear(nn.Module):
     """y = x A^T + b with A split by input columns over tp: each rank's partial product is summed over tp
     (all-reduce; with `sequence_parallel`, reduce-scatter along the sequence). The bias is replicated and added
-    after the sum; under SP it is marked `sequence_parallel` (its gradient needs the tp all-reduce)."""
+    after the sum; under SP its gradient is a partial sum over tp (recorded in `param_shardings`)."""
 
     def __init__(
         self,
@@ -266,16 +314,32 @@ class RowParallelLinear(nn.Module):
         _divisible("RowParallelLinear in_features", in_features, n)
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel, self.seq_dim = input_is_parallel, sequence_parallel, seq_dim
-        self.weight = _sharded_param((out_features, in_features), 1, self.group, None, device, dtype)
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        if self.bias is not None and sequence_parallel:
-            mark_sequence_parallel(self.bias)
+        self.weight_spec = _spec((out_features, in_features), 1, self.group)
+        self.bias_spec = ParamSharding((out_features,), sequence_parallel=sequence_parallel)
+        self.weight = _empty(self.weight_spec, device, dtype)
+        self.bias = _empty(self.bias_spec, device, dtype) if bias else None
         self.reset_parameters(init_method, bias_init_method)
 
-    def reset_parameters(self, init_method: InitFn | None = None, bias_init_method: InitFn | None = None) -> None:
-        init_param_(self.weight, init_method or linear_weight_init)
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> RowParallelLinear:
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype,
+                    init_method=_no_init, bias_init_method=_no_init, **kwargs)  # fmt: skip
+        _copy_from(layer.weight, layer.weight_spec, w)
+        if linear.bias is not None:
+            _copy_from(layer.bias, layer.bias_spec, linear.bias)
+        return layer
+
+    def param_shardings(self) -> dict[str, ParamSharding]:
+        out = {"weight": self.weight_spec}
         if self.bias is not None:
-            init_param_(self.bias, bias_init_method or linear_bias_init(self.in_features))
+            out["bias"] = self.bias_spec
+        return out
+
+    def reset_parameters(self, init_method: InitFn | None = None, bias_init_method: InitFn | None = None) -> None:
+        init_param_(self.weight, self.weight_spec, init_method or linear_weight_init)
+        if self.bias is not None:
+            init_param_(self.bias, self.bias_spec, bias_init_method or linear_bias_init(self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -319,14 +383,24 @@ class VocabParallelEmbedding(nn.Module):
         per_rank = self.num_embeddings_padded // n
         self.vocab_start, self.vocab_end = r * per_rank, (r + 1) * per_rank
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
-        self.weight = _sharded_param(
-            (num_embeddings, embedding_dim), 0, self.group, self.num_embeddings_padded, device, dtype
-        )
+        self.weight_spec = _spec((num_embeddings, embedding_dim), 0, self.group, self.num_embeddings_padded)
+        self.weight = _empty(self.weight_spec, device, dtype)
         self.reset_parameters(init_method)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, **kwargs) -> VocabParallelEmbedding:
+        w = embedding.weight
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, device=w.device, dtype=w.dtype,
+                    init_method=_no_init, **kwargs)  # fmt: skip
+        _copy_from(layer.weight, layer.weight_spec, w)
+        return layer
+
+    def param_shardings(self) -> dict[str, ParamSharding]:
+        return {"weight": self.weight_spec}
 
     def reset_parameters(self, init_method: InitFn | None = None) -> None:
         """Default: torch.nn.Embedding's N(0, 1) on the full table, sliced."""
-        init_param_(self.weight, init_method or embedding_init)
+        init_param_(self.weight, self.weight_spec, init_method or embedding_init)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
@@ -373,8 +447,8 @@ def check_tp_divisibility(n_heads: int, n_kv_heads: int, ffn_hidden: int, tp: in
 class ReplicatedKVLinear(nn.Module):
     """The k or v projection under GQA when n_kv_heads < tp: every rank holds the full (n_kv_heads * head_dim, in)
     weight (initialised as the unsharded nn.Linear) and outputs only kv head `tp_rank // (tp / n_kv_heads)`, the
-    one its q heads attend with. Each rank's weight gradient is then a partial sum: it is marked `tp_partial_grad`
-    and `allreduce_sequence_parallel_grads` sums it over tp (call it whenever tp > 1, with or without SP)."""
+    one its q heads attend with. Each rank's weight gradient is then a partial sum over tp (recorded in
+    `param_shardings`; `finish_tp_grads` sums it, with or without SP)."""
 
     def __init__(
         self,
@@ -400,14 +474,29 @@ class ReplicatedKVLinear(nn.Module):
         self.in_features, self.head_dim, self.head = in_features, head_dim, r // (n // n_kv_heads)
         self.sequence_parallel, self.skip_input_comm, self.seq_dim = sequence_parallel, skip_input_comm, seq_dim
         out = n_kv_heads * head_dim
-        self.weight = nn.Parameter(torch.empty(out, in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out, device=device, dtype=dtype)) if bias else None
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.tp_partial_grad = True
-        init_param_(self.weight, init_method or linear_weight_init)
+        self.weight_spec = ParamSharding((out, in_features), partial_grad=True)
+        self.bias_spec = ParamSharding((out,), partial_grad=True)
+        self.weight = _empty(self.weight_spec, device, dtype)
+        self.bias = _empty(self.bias_spec, device, dtype) if bias else None
+        init_param_(self.weight, self.weight_spec, init_method or linear_weight_init)
         if self.bias is not None:
-            init_param_(self.bias, bias_init_method or linear_bias_init(in_features))
+            init_param_(self.bias, self.bias_spec, bias_init_method or linear_bias_init(in_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, n_kv_heads: int, head_dim: int, **kwargs) -> ReplicatedKVLinear:
+        w = linear.weight
+        layer = cls(linear.in_features, n_kv_heads, head_dim, linear.bias is not None, device=w.device,
+                    dtype=w.dtype, init_method=_no_init, bias_init_method=_no_init, **kwargs)  # fmt: skip
+        _copy_from(layer.weight, layer.weight_spec, w)
+        if linear.bias is not None:
+            _copy_from(layer.bias, layer.bias_spec, linear.bias)
+        return layer
+
+    def param_shardings(self) -> dict[str, ParamSharding]:
+        out = {"weight": self.weight_spec}
+        if self.bias is not None:
+            out["bias"] = self.bias_spec
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.skip_input_comm:

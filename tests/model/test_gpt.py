@@ -116,7 +116,7 @@ def test_megatron_init():
     torch.manual_seed(0)
     model = GPT(tiny(n_layers=8, d_model=128, arch="gpt2", tie_embeddings=False))
     out_std = 0.02 / math.sqrt(16)
-    blk = model.layers[3]
+    blk = model.layers["3"]
     for w, std in [
         (blk.attn.q_proj.weight, 0.02),
         (blk.mlp.up_proj.weight, 0.02),

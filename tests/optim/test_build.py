@@ -22,7 +22,7 @@ def test_param_groups_llama_tied():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     leaves = {n.rsplit(".", 2)[-2] for n in decay["names"]}
     assert leaves == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert set(no_decay["names"]) == {"tok_emb.weight", "norm.weight"} | {
+    assert set(no_decay["names"]) == {"tok_emb.weight", "output.norm.weight"} | {
         f"layers.{i}.{k}.weight" for i in range(2) for k in ("attn_norm", "mlp_norm")
     }
     n_group = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
@@ -32,8 +32,9 @@ def test_param_groups_llama_tied():
 def test_param_groups_gpt2_untied():
     m = model("gpt2", tied=False)
     decay, no_decay = param_groups(m, 0.1)
-    assert "lm_head.weight" in decay["names"]  # an untied output head is a matmul weight
-    assert {"tok_emb.weight", "pos_emb.weight", "layers.0.attn.q_proj.bias", "norm.bias"} <= set(no_decay["names"])
+    assert "output.proj.weight" in decay["names"]  # an untied output head is a matmul weight
+    names = set(no_decay["names"])
+    assert {"tok_emb.weight", "pos_emb.weight", "layers.0.attn.q_proj.bias", "output.norm.bias"} <= names
     assert all(p.ndim == 2 for p in decay["params"])
     decay_e, _ = param_groups(m, 0.1, decay_embeddings=True)
     assert {"tok_emb.weight", "pos_emb.weight"} <= set(decay_e["names"])

@@ -13,6 +13,7 @@ from engine.model.ops import rope_cos_sin
 from engine.parallel import state
 from engine.parallel.comm_count import CommCounter, Record, count_collectives
 from engine.parallel.grads import finish_tp_grads
+from engine.parallel.parallelize import apply_tensor_parallel, block_plan
 from engine.parallel.sequence import scatter_to_sequence_parallel_region
 from engine.parallel.tensor import (
     ColumnParallelLinear,
@@ -42,7 +43,8 @@ def test_counter_restores_torch_distributed():
 
 def _block_counts(group, sp):
     cfg = resolve(ModelConfig(n_layers=1, d_model=16, n_heads=4, ffn_hidden=32, vocab_size=13, kernels="torch"))
-    block = Block(cfg, group, sp)  # llama: RMSNorm, RoPE, SwiGLU, no biases
+    block = Block(cfg)  # llama: RMSNorm, RoPE, SwiGLU, no biases
+    apply_tensor_parallel(block, group, sp, model_cfg=cfg, plan=block_plan())
     cos, sin = rope_cos_sin(8, 4, cfg.rope_theta)
     x = torch.randn(2, 8, 16)
     if sp:

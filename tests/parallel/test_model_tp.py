@@ -8,19 +8,21 @@ one-process losses to 1e-5 relative (gradient norms 1e-4); its weights at step 0
 and its gathered logits the unsharded logits. The same world checks the fused (triton) tp loss against the torch one
 and dropout under tp (per-rank masks where activations differ per rank, replay under recomputation)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-from engine.config import ConfigError, ModelConfig, OptimConfig
+from engine.config import Config, ConfigError, ModelConfig, OptimConfig
 from engine.model.gpt import GPT, resolve
 from engine.optim import build_optimizer
-from engine.optim.clip import clip_grad_norm
-from engine.parallel import state
-from engine.parallel.grads import finish_tp_grads, norm_parameters
+from engine.parallel.dims import ParallelDims
+from engine.parallel.parallelize import check_tensor_parallel, parallelize_gpt
+from engine.parallel.sharding import sharding_of
 from engine.parallel.state import LayoutError, build_grid
 from engine.parallel.tensor import gather_full
+from engine.training.step import TrainStep
 from tests.distributed import run_distributed
 
 VOCAB, SEQ, BATCH, STEPS = 50, 8, 4, 10
@@ -47,63 +49,67 @@ def _batches():
     return pool[torch.arange(STEPS) % 2]
 
 
-def _train(cfg, tp_group=None, sp=False, dp_group=None, reference=None):
-    """10 steps; returns (losses, grad norms). Each dp rank takes its slice of the batch and DDP over the dp group
-    averages the gradients; partial tp gradients are summed and the norm taken over tp counting each element once
-    (the calls a training loop makes)."""
-    torch.manual_seed(41)
-    model = GPT(ModelConfig(**cfg), tp_group=tp_group, sequence_parallel=sp)
+def _build(cfg, dims=None, sp=False):
+    """(what the forward calls, the model): the plain model (seed 41), or built on meta and parallelized by dims."""
+    conf = Config(model=ModelConfig(**cfg))
+    conf.parallel.sp, conf.train.seed = sp, 41
+    if dims is None:
+        model = GPT(conf.model, seed=41)
+        return model, model
+    with torch.device("meta"):
+        model = GPT(conf.model)
+    [wrapped] = parallelize_gpt(model, dims, conf, device="cpu")
+    return wrapped, model
+
+
+def _train(cfg, dims=None, sp=False, reference=None):
+    """10 steps through the trainer's step (per-token loss normalisation, DDP summing over dp, partial tp gradients
+    summed, the norm over tp counting each element once); returns (losses, grad norms)."""
+    wrapped, model = _build(cfg, dims, sp)
     batches = _batches()
     if reference is not None:  # step 0: the same weights and the same (gathered) logits as the unsharded model
+        sharding, group = sharding_of(model), dims.group("tp")
         params = dict(model.named_parameters())
         for name, p in reference.named_parameters():
-            assert torch.equal(gather_full(params[name], tp_group), p.detach()), f"init of {name}"
-            q = params[name]
-            if getattr(q, "partition_dim", None) is not None:  # padding rows (odd vocabulary) are zero
-                dim, rows = q.partition_dim, q.shape[q.partition_dim]
-                valid = max(0, min(rows, q.full_shape[dim] - q.partition_rank * rows))
-                assert torch.count_nonzero(q.detach().narrow(dim, valid, rows - valid)) == 0, f"padding of {name}"
+            spec = sharding.get(name)
+            assert torch.equal(gather_full(params[name], spec, group), p.detach()), f"init of {name}"
+            if spec is not None and spec.sharded:  # padding rows (odd vocabulary) are zero
+                _, _, rows = spec.shard_range()
+                local = params[name].detach()
+                assert torch.count_nonzero(local.narrow(spec.dim, rows, local.shape[spec.dim] - rows)) == 0, name
         with torch.no_grad():
             _close(model(batches[0, :, :-1]), reference(batches[0, :, :-1]), "logits", atol=1e-6)
-    dp = 1 if dp_group is None else dist.get_world_size(dp_group)
-    dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
-    if dp > 1:
-        model = DistributedDataParallel(model, process_group=dp_group)
+    dp = 1 if dims is None else dims.dp
+    dp_rank = 0 if dims is None else dims.rank_in("dp")
     opt = build_optimizer(model, OPTIM)
+    step = TrainStep(
+        wrapped, model, opt, OPTIM.clip, contextlib.nullcontext,
+        dp_group=dims.group("dp") if dims is not None and dp > 1 else None,
+        mp_group=dims.group("model_parallel") if dims is not None else None,
+    )  # fmt: skip
     losses, norms = [], []
-    for step in range(STEPS):
-        batch = batches[step].chunk(dp)[dp_rank]
-        loss = model(batch[:, :-1], batch[:, 1:])
-        loss.backward()
-        finish_tp_grads(model)
-        loss = loss.detach()
-        if dp > 1:  # for the log; equal token counts per dp rank: the mean of the means is the global mean
-            dist.all_reduce(loss, group=dp_group)
-            loss /= dp
-        norm = clip_grad_norm(model.parameters(), OPTIM.clip, group=tp_group, norm_parameters=norm_parameters(model))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        norms.append(norm.item())
+    for i in range(STEPS):
+        batch = batches[i].chunk(dp)[dp_rank]
+        out = step([(batch[:, :-1], batch[:, 1:])])
+        losses.append(out.loss)
+        norms.append(out.grad_norm)
     return losses, norms
 
 
-def _check_fused_loss(tp_group, sp):
-    """The triton loss path (K2's chunked vocab-parallel kernel, in the interpreter) equals the torch path: loss and
+def _check_fused_loss(dims, sp):
+    """The triton loss path (the chunked vocab-parallel kernel, in the interpreter) equals the torch path: loss and
     the gradients of the hidden states and the (tied, vocab-padded) output weight."""
     grads = []
+    group = dims.group("tp")
     for kernels in ("torch", "triton"):
-        torch.manual_seed(41)
-        model = GPT(
-            ModelConfig(**{**CONFIGS["llama_gqa"], "kernels": kernels}), tp_group=tp_group, sequence_parallel=sp
-        )
-        tp = dist.get_world_size(tp_group)
+        _, model = _build({**CONFIGS["llama_gqa"], "kernels": kernels}, dims, sp)
+        tp = dist.get_world_size(group)
         h = torch.randn(BATCH, SEQ, 32, generator=torch.Generator().manual_seed(42))
-        h = h.chunk(tp, dim=1)[dist.get_rank(tp_group)] if sp else h
+        h = h.chunk(tp, dim=1)[dist.get_rank(group)] if sp else h
         h.requires_grad_()
         targets = _batches()[0, :, 1:].clone()
         targets[0, :3] = -100
-        loss = model.loss(h, targets)
+        loss = model.output(h, targets)
         loss.backward()
         grads.append((loss.detach(), h.grad, model.output_weight.grad))
     for what, a, b in zip(("loss", "hidden grad", "weight grad"), *grads):
@@ -116,7 +122,7 @@ def _gathered(t, group):
     return out
 
 
-def _check_dropout(tp_group):
+def _check_dropout(dims):
     """Dropout under tp: regions that differ per tp rank (sp shards, split heads) draw per-rank masks, replicated ones
     the same mask on every rank; recomputation (full, selective) replays the same masks; the default generator
     stays in step over tp."""
@@ -124,16 +130,16 @@ def _check_dropout(tp_group):
     for sp in (False, True):
         results = []
         for recompute in ("none", "full", "selective"):
+            tp_group = dims.group("tp")
+            _, model = _build({**CONFIGS["gpt2"], "dropout": 0.5, "recompute": recompute}, dims, sp)
             torch.manual_seed(43)
-            cfg = ModelConfig(**{**CONFIGS["gpt2"], "dropout": 0.5, "recompute": recompute})
-            model = GPT(cfg, tp_group=tp_group, sequence_parallel=sp)
             seen = {}
 
             def keep(key, seen=seen):  # the zero pattern of a dropout's first output (a hook returning None)
                 return lambda m, i, o: seen.update({key: o.detach() == 0}) if key not in seen else None
 
             model.emb_dropout.register_forward_hook(keep("emb"))
-            model.layers[0].attn.resid_dropout.register_forward_hook(keep("resid"))
+            model.layers["0"].attn.resid_dropout.register_forward_hook(keep("resid"))
             loss = model(batch[:, :-1], batch[:, 1:])
             loss.backward()
             results.append([loss.detach()] + [p.grad for p in model.parameters()])
@@ -152,14 +158,13 @@ def _check_dropout(tp_group):
 def _layouts_worker(rank, world):
     refs = {}
     for name, cfg in CONFIGS.items():
-        torch.manual_seed(41)
-        refs[name] = (GPT(ModelConfig(**cfg)), _train(cfg))
+        refs[name] = (_build(cfg)[1], _train(cfg))
     out = {}
 
-    def run(name, label, sp, dp_group=None, **overrides):  # overrides that do not change the model's numerics
+    def run(name, label, sp, dims, **overrides):  # overrides that do not change the model's numerics
         cfg = {**CONFIGS[name], **overrides}
         label += "".join(f" {k}={v}" for k, v in overrides.items())
-        losses, norms = _train(cfg, state.get_tp_group(), sp, dp_group, reference=refs[name][0])
+        losses, norms = _train(cfg, dims, sp, reference=refs[name][0])
         ref_losses, ref_norms = refs[name][1]
         _close(torch.tensor(losses), torch.tensor(ref_losses), f"{name} {label} sp={sp} losses")
         # Norms are the more sensitive: Adam turns rounding in near-zero gradients into O(lr) updates (1e-7 at
@@ -167,26 +172,25 @@ def _layouts_worker(rank, world):
         _close(torch.tensor(norms), torch.tensor(ref_norms), f"{name} {label} sp={sp} grad norms", rtol=1e-4)
         out[(name, label, sp)] = losses
 
-    state.initialize(tp=4)
+    dims = ParallelDims.from_world(tp=4)
     try:
         for sp in (False, True):
-            run("llama_gqa", "tp4", sp)
-            _check_fused_loss(state.get_tp_group(), sp)
-        run("llama_gqa", "tp4", False, recompute="selective")
+            run("llama_gqa", "tp4", sp, dims)
+            _check_fused_loss(dims, sp)
+        run("llama_gqa", "tp4", False, dims, recompute="selective")
     finally:
-        state.destroy()
-    state.initialize(tp=2)  # tp groups {0,1} {2,3}; dp groups {0,2} {1,3}
+        dims.destroy()
+    dims = ParallelDims.from_world(tp=2)  # tp groups {0,1} {2,3}; dp groups {0,2} {1,3}
     try:
         for sp in (False, True):
-            run("llama_gqa", "tp2", sp)  # each tp pair trains on the whole batch alone (dp = 1)
-            run("llama_gqa", "tp2xdp2", sp, state.get_dp_group())
-        run("llama_gqa", "tp2xdp2", True, state.get_dp_group(), recompute="full")
-        _check_dropout(state.get_tp_group())
-        run("llama_kv1", "tp2", True)
-        run("gpt2", "tp2", False)
-        run("gpt2", "tp2xdp2", True, state.get_dp_group())
+            run("llama_gqa", "tp2xdp2", sp, dims)
+        run("llama_gqa", "tp2xdp2", True, dims, recompute="full")
+        _check_dropout(dims)
+        run("llama_kv1", "tp2xdp2", True, dims)
+        run("gpt2", "tp2xdp2", False, dims)
+        run("gpt2", "tp2xdp2", True, dims)
     finally:
-        state.destroy()
+        dims.destroy()
     return {"ref": {k: v[1][0] for k, v in refs.items()}, "runs": out}
 
 
@@ -194,7 +198,7 @@ def _layouts_worker(rank, world):
 def test_gpt_layouts_train_like_one_process():
     results = run_distributed(_layouts_worker, 4, timeout=240, env={"TRITON_INTERPRET": "1"})
     for r in results:
-        assert len(r["runs"]) == 11
+        assert len(r["runs"]) == 9
         for name, losses in r["ref"].items():
             assert losses[0] > losses[-1] + 0.1, (name, losses)  # it trains
     assert all(r == results[0] for r in results[1:])  # every rank saw the same losses
@@ -213,7 +217,7 @@ def test_gpt_layouts_train_like_one_process():
 def test_tp_shape_errors_are_one_line(kw, tp, sp, needle):
     cfg = ModelConfig(**{**BASE, "d_model": 64, **kw})
     with pytest.raises(ConfigError, match=needle) as e:
-        resolve(cfg, tp=tp, sequence_parallel=sp)
+        check_tensor_parallel(resolve(cfg), tp, sp)
     assert "\n" not in str(e.value)
 
 
@@ -222,5 +226,5 @@ def test_tp_layout_and_vocab_padding():
         build_grid(6, tp=4)
     assert "\n" not in str(e.value)
     # the padded vocabulary does not depend on tp: every layout trains the same model
-    assert {resolve(ModelConfig(vocab_size=0), 4101, tp=t).vocab_size for t in (1, 2, 4)} == {4160}
-    assert resolve(ModelConfig(n_heads=4, n_kv_heads=1, vocab_size=50), tp=4).vocab_size == 50  # kv replicated: ok
+    assert resolve(ModelConfig(vocab_size=0), 4101).vocab_size == 4160
+    check_tensor_parallel(resolve(ModelConfig(n_heads=4, n_kv_heads=1, vocab_size=50)), 4, False)  # kv replicated

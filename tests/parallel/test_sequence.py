@@ -2,6 +2,8 @@
 forward and backward, with and without sequence parallelism, at tp=4 and tp=2 (one 4-process world). Whole-model
 training in every layout: test_model_tp.py."""
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,9 +13,9 @@ from engine.model.gpt import Block, resolve
 from engine.model.ops import rope_cos_sin
 from engine.parallel import state
 from engine.parallel.grads import finish_tp_grads
+from engine.parallel.parallelize import apply_tensor_parallel, block_plan
 from engine.parallel.sequence import (
     ShapeError,
-    all_gather,
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
@@ -72,14 +74,14 @@ def _check_block(group, tp, sp, arch):
     cfg = resolve(ModelConfig(arch=arch, n_layers=1, d_model=16, n_heads=4, n_kv_heads=2 if arch == "llama" else 0,
                               ffn_hidden=32, vocab_size=13, kernels="torch"))  # fmt: skip
     torch.manual_seed(20)
-    block = Block(cfg, group, sp)
-    torch.manual_seed(20)
     ref = Block(cfg)
+    block = copy.deepcopy(ref)
+    sharding = apply_tensor_parallel(block, group, sp, model_cfg=cfg, plan=block_plan())
     cos, sin = rope_cos_sin(8, 4, cfg.rope_theta) if arch == "llama" else (None, None)
     params = dict(block.named_parameters())
     assert params.keys() == dict(ref.named_parameters()).keys()
-    for name, p in ref.named_parameters():  # the layers' own init (nn.Linear's) equals the unsharded one too
-        assert torch.equal(gather_full(params[name], group), p), f"init of {name}"
+    for name, p in ref.named_parameters():  # converted layers hold their slices of the plain block's weights
+        assert torch.equal(gather_full(params[name], sharding.get(name), group), p), f"init of {name}"
     gen = torch.Generator().manual_seed(21)
     x, dy = torch.randn(2, 8, 16, generator=gen), torch.randn(2, 8, 16, generator=gen)
     x_par, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -100,7 +102,7 @@ def _check_block(group, tp, sp, arch):
     _close(x_par.grad, x_ref.grad, f"{arch} block input grad (sp={sp})")
     for name, p in ref.named_parameters():
         q = params[name]
-        grad = q.grad if getattr(q, "partition_dim", None) is None else all_gather(q.grad, q.partition_dim, group)
+        grad = gather_full(q.grad, sharding.get(name), group)
         _close(grad, p.grad, f"{arch} grad of {name} (sp={sp})")
 
 

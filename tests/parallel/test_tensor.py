@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.parallel import state
-from engine.parallel.sequence import all_gather, allreduce_sequence_parallel_grads, split
+from engine.parallel.sequence import all_gather, allreduce_grads, split
+from engine.parallel.sharding import ParamSharding
 from engine.parallel.tensor import (
     ColumnParallelLinear,
     ReplicatedKVLinear,
@@ -18,7 +19,6 @@ from engine.parallel.tensor import (
     check_tp_divisibility,
     gather_full,
     shard_full_,
-    shard_range,
     vocab_parallel_cross_entropy,
 )
 from tests.distributed import run_distributed
@@ -34,10 +34,10 @@ def _close(a, b, what, rtol=TOL["rtol"], atol=TOL["atol"]):
     assert not bad.any(), f"{what}: {int(bad.sum())}/{a.numel()} elements differ, max abs error {err.max().item():.3g}"
 
 
-def _grad_full(param, group):
+def _grad_full(param, spec, group):
     """The full (unpadded) gradient of a sharded parameter."""
-    full = all_gather(param.grad, param.partition_dim, group)
-    return full.narrow(param.partition_dim, 0, param.full_shape[param.partition_dim])
+    full = all_gather(param.grad, spec.dim, group)
+    return full.narrow(spec.dim, 0, spec.global_shape[spec.dim])
 
 
 def _inputs(*shape, seed):
@@ -50,8 +50,11 @@ def _check_column(group, tp):
         ref = nn.Linear(6, out)
         torch.manual_seed(10)
         col = ColumnParallelLinear(6, out, gather_output=gather_output, pad_output=out % tp != 0, group=group)
-        assert torch.equal(gather_full(col.weight, group), ref.weight), "init differs from nn.Linear"
-        assert torch.equal(gather_full(col.bias, group), ref.bias)
+        assert torch.equal(gather_full(col.weight, col.weight_spec, group), ref.weight), "init differs from nn.Linear"
+        converted = ColumnParallelLinear.from_linear(ref, gather_output=gather_output, pad_output=out % tp != 0,
+                                                     group=group)  # fmt: skip
+        assert torch.equal(converted.weight, col.weight) and torch.equal(converted.bias, col.bias), "from_linear"
+        assert torch.equal(gather_full(col.bias, col.bias_spec, group), ref.bias)
         assert col.weight.shape == (-(-out // tp), 6)
         x, x_ref = _inputs(3, 5, 6, seed=1), _inputs(3, 5, 6, seed=1)
         dy = torch.randn(3, 5, out, generator=torch.Generator().manual_seed(2))
@@ -64,8 +67,8 @@ def _check_column(group, tp):
             y.backward(split(dy, -1, group))
         y_ref.backward(dy)
         _close(x.grad, x_ref.grad, "column input grad")
-        _close(_grad_full(col.weight, group), ref.weight.grad, "column weight grad")
-        _close(_grad_full(col.bias, group), ref.bias.grad, "column bias grad")
+        _close(_grad_full(col.weight, col.weight_spec, group), ref.weight.grad, "column weight grad")
+        _close(_grad_full(col.bias, col.bias_spec, group), ref.bias.grad, "column bias grad")
         if out % tp:
             assert torch.count_nonzero(all_gather(col.weight.grad, 0, group)[out:]) == 0, "padding rows got gradient"
 
@@ -76,7 +79,10 @@ def _check_row(group, tp):
         ref = nn.Linear(8, 5)
         torch.manual_seed(11)
         row = RowParallelLinear(8, 5, input_is_parallel=input_is_parallel, group=group)
-        assert torch.equal(gather_full(row.weight, group), ref.weight) and torch.equal(row.bias, ref.bias)
+        assert torch.equal(gather_full(row.weight, row.weight_spec, group), ref.weight)
+        assert torch.equal(row.bias, ref.bias)
+        converted = RowParallelLinear.from_linear(ref, input_is_parallel=input_is_parallel, group=group)
+        assert torch.equal(converted.weight, row.weight) and torch.equal(converted.bias, row.bias), "from_linear"
         x, x_ref = _inputs(2, 4, 8, seed=3), _inputs(2, 4, 8, seed=3)
         y = row(split(x, -1, group) if input_is_parallel else x)
         y_ref = ref(x_ref)
@@ -87,7 +93,7 @@ def _check_row(group, tp):
         x_grad = x.grad if not input_is_parallel else x.grad.narrow(-1, dist.get_rank(group) * 8 // tp, 8 // tp)
         x_grad_ref = x_ref.grad if not input_is_parallel else split(x_ref.grad, -1, group)
         _close(x_grad, x_grad_ref, "row input grad")
-        _close(_grad_full(row.weight, group), ref.weight.grad, "row weight grad")
+        _close(_grad_full(row.weight, row.weight_spec, group), ref.weight.grad, "row weight grad")
         _close(row.bias.grad, ref.bias.grad, "row bias grad")
 
 
@@ -98,14 +104,14 @@ def _check_embedding(group, tp):
         torch.manual_seed(12)
         emb = VocabParallelEmbedding(vocab, 6, group=group)
         assert emb.num_embeddings_padded % tp == 0 and emb.num_embeddings_padded - vocab < tp
-        assert torch.equal(gather_full(emb.weight, group), ref.weight), "init differs from nn.Embedding"
+        assert torch.equal(gather_full(emb.weight, emb.weight_spec, group), ref.weight), "init"
         ids = torch.tensor([[0, vocab - 1, 3, 3], [1, 2, vocab - 2, 0]])
         y, y_ref = emb(ids), ref(ids)
         _close(y, y_ref, "embedding output")
         dy = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(5))
         y.backward(dy)
         y_ref.backward(dy)
-        _close(_grad_full(emb.weight, group), ref.weight.grad, "embedding grad")
+        _close(_grad_full(emb.weight, emb.weight_spec, group), ref.weight.grad, "embedding grad")
         assert torch.count_nonzero(all_gather(emb.weight.grad, 0, group)[vocab:]) == 0
 
 
@@ -145,6 +151,8 @@ def _check_replicated_kv(group, tp):
     torch.manual_seed(13)
     kv = ReplicatedKVLinear(6, n_kv, hd, bias=True, group=group)
     assert torch.equal(kv.weight, ref.weight) and torch.equal(kv.bias, ref.bias)
+    converted = ReplicatedKVLinear.from_linear(ref, n_kv, hd, group=group)
+    assert torch.equal(converted.weight, kv.weight) and torch.equal(converted.bias, kv.bias), "from_linear"
     rank = dist.get_rank(group)
     head = rank // (tp // n_kv)
     x, x_ref = _inputs(2, 4, 6, seed=7), _inputs(2, 4, 6, seed=7)
@@ -153,7 +161,8 @@ def _check_replicated_kv(group, tp):
     # Every rank's attention sends back its own gradient; the unsharded kv head receives the sum over its ranks.
     dys = torch.randn(tp, 2, 4, hd, generator=torch.Generator().manual_seed(8))
     y.backward(dys[rank])
-    assert allreduce_sequence_parallel_grads(kv, group) == 2
+    assert kv.weight_spec.grad_needs_tp_sum and kv.bias_spec.grad_needs_tp_sum
+    assert allreduce_grads(kv.parameters(), group) == 2
     dy_full = torch.cat([dys[h * (tp // n_kv) : (h + 1) * (tp // n_kv)].sum(0) for h in range(n_kv)], dim=-1)
     y_ref.backward(dy_full)
     _close(x.grad, x_ref.grad, "replicated kv input grad")
@@ -218,21 +227,21 @@ def test_layers_match_torch_nn_at_tp4_and_tp2():
 
 def test_shard_range_places_each_ranks_rows_and_its_padding():
     """5 rows over tp 4 pad to 8: ranks hold rows [0, 2), [2, 4), [4, 5) + one padding row, and two padding rows."""
-
-    def shard(rank):
-        p = torch.full((2, 3), 7.0)
-        p.partition_dim, p.full_shape, p.partition_rank = 0, (5, 3), rank
-        return p
-
+    specs = [ParamSharding((5, 3), dim=0, rank=r, size=4, padded=8) for r in range(4)]
     full = torch.arange(15.0).reshape(5, 3)
-    assert [shard_range(shard(r)) for r in range(4)] == [(0, 0, 2), (0, 2, 2), (0, 4, 1), (0, 6, 0)]
-    parts = [shard_full_(shard(r), full) for r in range(4)]
+    assert [s.shard_range() for s in specs] == [(0, 0, 2), (0, 2, 2), (0, 4, 1), (0, 6, 0)]
+    assert [s.offsets() for s in specs] == [[0, 0], [2, 0], [4, 0], [6, 0]]
+    parts = [shard_full_(torch.full((2, 3), 7.0), s, full) for s in specs]
     torch.testing.assert_close(torch.cat(parts)[:5], full, rtol=0, atol=0)
     assert not torch.cat(parts)[5:].any()  # padding rows are zero
+    assert [tuple(s.valid_local(p).shape) for s, p in zip(specs, parts)] == [(2, 3), (2, 3), (1, 3), (0, 3)]
+    with pytest.raises(ValueError, match="full shape|shape"):
+        shard_full_(torch.zeros(2, 3), specs[0], torch.zeros(4, 3))
 
 
 def test_rng_tracker_forks_and_restores():
-    from engine.parallel.random import RNGStatesTracker, init_param_, model_parallel_seed
+    from engine.parallel.random import RNGStatesTracker, model_parallel_seed
+    from engine.parallel.tensor import init_param_
 
     draws = []
     for tp_rank in (0, 1):
@@ -263,5 +272,5 @@ def test_rng_tracker_forks_and_restores():
     with tracker.fork("x"):
         assert torch.equal(torch.rand(2), first)  # checkpointed states replay
     p = nn.Parameter(torch.empty(4))
-    init_param_(p, nn.init.ones_)  # an unsharded parameter: init_fn runs on it directly
+    init_param_(p, ParamSharding((4,)), nn.init.ones_)  # an unsharded parameter: init_fn runs on it directly
     assert torch.equal(p.detach(), torch.ones(4))

@@ -43,14 +43,14 @@ def test_metrics_config_and_retention(tmp_path, tiny_data, engine_cache):
     assert manifest["config"]["optim"]["decay_steps"] == 6
 
 
-def _straight_and_resumed(root, data, crash_records=False):
+def _straight_and_resumed(root, data, crash_records=False, **kw):
     """Losses of 6 straight steps, and of 3 steps + resume to 6 (train.steps raised on resume)."""
-    straight = _train(root / "straight", data).losses
-    _train(root / "split", data, train__steps=3)
+    straight = _train(root / "straight", data, **kw).losses
+    _train(root / "split", data, train__steps=3, **kw)
     if crash_records:  # a crashed run logged steps past its last checkpoint, and a torn last line
         with open(root / "split" / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n" + '{"step": 5, "lo')
-    resumed = _train(root / "split", data)
+    resumed = _train(root / "split", data, **kw)
     assert resumed.start_step == 3
     return straight, resumed.losses
 
@@ -60,6 +60,13 @@ def test_resume_is_bit_identical_one_process(tmp_path, tiny_data):
     assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
     steps = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
     assert steps == list(range(0, 7))  # appended, each step once: the crashed run's step 4 was dropped
+
+
+def test_resume_with_dropout_restores_the_random_streams(tmp_path, tiny_data):
+    """Dropout on: the resumed steps draw the masks the straight run drew (the RNG states are restored), bit for
+    bit; a resume that reseeded instead would give other losses."""
+    straight, resumed = _straight_and_resumed(tmp_path, tiny_data, model__dropout=0.2, eval__every=0)
+    assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
 
 
 def _two_rank_resume(rank, world_size, root, data):
@@ -85,17 +92,65 @@ def test_resume_is_bit_identical_two_processes_and_reshards(tmp_path, tiny_data)
 
 
 def test_grad_accumulation_and_bf16_autocast(tmp_path, tiny_data):
-    base = _train(tmp_path / "a", tiny_data, train__steps=3, eval__every=0).losses
-    accum = _train(tmp_path / "b", tiny_data, train__steps=3, eval__every=0, train__micro_batch=1).losses
-    for s in base:  # 4 micro steps of 1 sequence = 1 of 4, up to summation order
+    # clip 100: no clipping, so a wrongly scaled gradient changes the losses, not only the norms
+    base_run = _train(tmp_path / "a", tiny_data, train__steps=3, eval__every=0, optim__clip=100)
+    accum_run = _train(tmp_path / "b", tiny_data, train__steps=3, eval__every=0, train__micro_batch=1, optim__clip=100)
+    base, accum = base_run.losses, accum_run.losses
+    for s in base:  # 4 micro steps of 1 sequence = 1 of 4, up to summation order: losses and gradient norms
         assert accum[s] == pytest.approx(base[s], rel=1e-5)
+        assert accum_run.grad_norms[s] == pytest.approx(base_run.grad_norms[s], rel=1e-5)
     bf16 = _train(tmp_path / "c", tiny_data, train__steps=3, eval__every=0, train__dtype="bf16").losses
     for s in base:  # bf16 autocast over fp32 master weights stays close to fp32
         assert bf16[s] == pytest.approx(base[s], rel=2e-2)
 
 
+def _nan_loss_at(monkeypatch, steps):
+    """Makes the model's loss NaN on the forward passes of the given 1-based training steps (one micro-batch each)."""
+    from engine.model import head
+
+    real, calls = head.ops.linear_cross_entropy, {"n": 0}
+
+    def patched(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if not __import__("torch").is_grad_enabled():  # evaluation
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] in steps else loss
+
+    monkeypatch.setattr(head.ops, "linear_cross_entropy", patched)
+
+
+def test_non_finite_gradient_skips_the_step(tmp_path, tiny_data, monkeypatch):
+    """A NaN gradient at step 3 skips that update on every rank (weights unchanged, counted in metrics) and training
+    goes on; the checkpoints hold finite weights."""
+    import torch
+
+    from engine.checkpoint.checkpointer import load_checkpoint
+
+    _nan_loss_at(monkeypatch, {3})
+    res = _train(tmp_path / "nan", tiny_data, eval__every=0)
+    assert res.skipped_steps == [3] and res.end_step == 6
+    recs = {r["step"]: r for r in read_metrics(tmp_path / "nan" / "metrics.jsonl")}
+    assert recs[3]["skipped"] is True and recs[3]["skipped_total"] == 1 and recs[4]["skipped"] is False
+    assert all(torch.isfinite(torch.tensor(res.losses[s])) for s in (4, 5, 6))
+    ck = load_checkpoint(tmp_path / "nan" / "checkpoints" / "step_00000006")
+    assert all(torch.isfinite(t).all() for t in ck.tensors["model"].values())
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path, tiny_data, monkeypatch):
+    from engine.training.validate import TrainError
+
+    _nan_loss_at(monkeypatch, {4, 5})
+    with pytest.raises(TrainError, match=r"2 consecutive steps \(up to step 5\) had a non-finite gradient norm"):
+        _train(tmp_path / "stop", tiny_data, eval__every=0, train__max_skipped_steps=2)
+    # the last good checkpoint (step 3) is kept and still loads
+    from engine.checkpoint.checkpointer import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "stop" / "checkpoints").name == "step_00000003"
+
+
 def test_blended_stream_draws_whole_epochs(tiny_data):
-    from engine.train import SampleStream
+    from engine.training.samples import SampleStream
 
     train_prefix, valid_prefix = tiny_data
     stream = SampleStream(f"0.7 {train_prefix} 0.3 {valid_prefix}", 32, 1, 256)
@@ -107,7 +162,7 @@ def test_blended_stream_draws_whole_epochs(tiny_data):
 
 def test_extending_train_steps_keeps_the_schedule(tmp_path, tiny_data, capsys):
     """optim.decay_steps 0 follows train.steps; a resume that raises train.steps keeps the checkpoint's schedule, so
-    the extended run equals a straight one with that decay length, bit for bit (DESIGN.md contract 3)."""
+    the extended run equals a straight one with that decay length, bit for bit (docs/contracts.md, resume exactness)."""
     short = _train(tmp_path / "ext", tiny_data, train__steps=3, optim__decay_steps=0, eval__every=0)
     assert short.end_step == 3
     capsys.readouterr()

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from engine.checkpoint.checkpointer import load_checkpoint
 from engine.config import load_config
 from engine.metrics import read_metrics
-from engine.train import _agree_found_inf, main, train
+from engine.train import main, train
+from engine.training.precision import agree_found_inf
 from tests.distributed import run_distributed
 from tests.train.conftest import tiny_args
 
@@ -58,7 +59,7 @@ def _tp2_worker(rank, world, root, data):
         model.weight.grad[0, 0] = float("inf")
     before = model.bias.detach().clone()
     scaler.unscale_(opt)
-    _agree_found_inf(scaler, opt, dist.group.WORLD)
+    agree_found_inf(scaler, opt, dist.group.WORLD)
     scaler.step(opt)
     scaler.update()
     out["fp16"] = (torch.equal(before, model.bias.detach()), scaler.get_scale())

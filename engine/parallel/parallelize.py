@@ -1,0 +1,249 @@
+"""parallelize_gpt: turns a plain `engine.model.GPT` into this rank's model chunks for a layout, from outside.
+
+Order (torchtitan's), each step its own function so later parallelisms slot in between:
+  1. `apply_tensor_parallel`: the plan below (module-name pattern -> style) swaps nn.Linear / nn.Embedding / the
+     output head for their Megatron tensor-parallel forms (Shoeybi et al. 2019) and, with sequence parallelism
+     (Korthikanti et al. 2022), marks the norms and dropouts that run on sequence shards;
+  2. `apply_recompute`: activation checkpointing per block (full) or of the attention core (selective), with torch's
+     composable checkpoint (parameter names unchanged), replaying the per-rank dropout stream;
+  3. `materialize_and_init`: a model built on the meta device is allocated on the target device and every parameter
+     (or local shard) initialised from its own seeded generator (engine.model.init), so any layout gets the same
+     values;
+  4. `apply_data_parallel`: DDP over the data-parallel group (it cannot wrap meta parameters, hence last), its
+     gradient reduction a sum (the step divides by the global number of loss-bearing tokens).
+Later: FP8 conversion after 1, context parallelism after 2, FSDP2 / ZeRO-1 in place of 4, pipeline splitting first.
+Returns the list of chunks this rank holds (one until pipeline parallelism splits the model).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.config import Config, ConfigError, ModelConfig
+from engine.model.init import canonical_name, init_weights, materialize_
+from engine.parallel.dims import ParallelDims
+from engine.parallel.output import VocabParallelOutputHead
+from engine.parallel.random import TP_SEED_OFFSET, RNGStatesTracker, attach_rng_tracker, recompute_context_fn
+from engine.parallel.sequence import SequenceShardedPositionEmbedding
+from engine.parallel.sharding import ShardingRegistry, attach_sharding, collect_sharding, sharding_of
+from engine.parallel.tensor import (
+    ColumnParallelLinear,
+    ReplicatedKVLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    attention_heads_per_rank,
+    check_tp_divisibility,
+    enter_tp_region,
+)
+
+# The tensor-parallel plan of engine.model.GPT: module-name pattern ("*" is one name segment) -> style. Styles
+# starting with "sequence_" apply only with sequence parallelism.
+TP_PLAN: dict[str, str] = {
+    "tok_emb": "vocab_embedding",
+    "pos_emb": "sequence_positions",
+    "emb_dropout": "sequence_dropout",
+    "layers.*.attn_norm": "sequence_norm",
+    "layers.*.attn": "enter_region",
+    "layers.*.attn.q_proj": "column",
+    "layers.*.attn.k_proj": "column_kv",
+    "layers.*.attn.v_proj": "column_kv",
+    "layers.*.attn.core": "split_heads_rng",
+    "layers.*.attn.o_proj": "row",
+    "layers.*.attn.resid_dropout": "sequence_dropout",
+    "layers.*.mlp_norm": "sequence_norm",
+    "layers.*.mlp": "enter_region",
+    "layers.*.mlp.gate_proj": "column",
+    "layers.*.mlp.up_proj": "column",
+    "layers.*.mlp.down_proj": "row",
+    "layers.*.mlp.dropout": "sequence_dropout",
+    "output": "vocab_output",
+    "output.norm": "sequence_norm",
+}
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> None:
+    """One-line ConfigError when a resolved model shape cannot be split over `tp` ranks."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ConfigError(f"parallel.tp must be a positive integer, got {tp!r}")
+    if tp == 1:
+        return
+    try:
+        check_tp_divisibility(cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, tp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if sequence_parallel and cfg.seq_len % tp:
+        raise ConfigError(
+            f"model.seq_len = {cfg.seq_len} is not divisible by parallel.tp = {tp} (needed with parallel.sp = true)"
+        )
+
+
+@dataclass
+class _TPContext:
+    group: dist.ProcessGroup
+    tp: int
+    sp: bool
+    tracker: RNGStatesTracker | None
+    cfg: ModelConfig
+
+
+def _pattern(p: str) -> re.Pattern:
+    return re.compile("^" + re.escape(p).replace(r"\*", r"[^.]+") + "$")
+
+
+def block_plan() -> dict[str, str]:
+    """TP_PLAN for one transformer block on its own (the `layers.*.` entries, relative to the block)."""
+    return {k[len("layers.*.") :]: v for k, v in TP_PLAN.items() if k.startswith("layers.*.")}
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _enter_region_hook(ctx: _TPContext) -> Callable:
+    def hook(module, args):  # the block side's input enters the tp region once (q, k, v / gate, up skip theirs)
+        return (enter_tp_region(args[0], ctx.group, ctx.sp), *args[1:])
+
+    return hook
+
+
+def _convert(model: nn.Module, name: str, module: nn.Module, style: str, ctx: _TPContext) -> None:
+    kw = dict(sequence_parallel=ctx.sp, group=ctx.group)
+    if style == "column":
+        _set_child(model, name, ColumnParallelLinear.from_linear(module, skip_input_comm=True, **kw))
+    elif style == "column_kv":
+        head_dim = ctx.cfg.d_model // ctx.cfg.n_heads
+        if attention_heads_per_rank(ctx.cfg.n_heads, ctx.cfg.n_kv_heads, ctx.tp)[2]:
+            new = ReplicatedKVLinear.from_linear(module, ctx.cfg.n_kv_heads, head_dim, skip_input_comm=True, **kw)
+        else:
+            new = ColumnParallelLinear.from_linear(module, skip_input_comm=True, **kw)
+        _set_child(model, name, new)
+    elif style == "row":
+        _set_child(model, name, RowParallelLinear.from_linear(module, **kw))
+    elif style == "vocab_embedding":
+        _set_child(model, name, VocabParallelEmbedding.from_embedding(module, **kw))
+    elif style == "vocab_output":
+        tok_emb = getattr(model, "tok_emb", None)
+        tied = tok_emb.weight if ctx.cfg.tie_embeddings and tok_emb is not None else None
+        _set_child(model, name, VocabParallelOutputHead(module, ctx.group, ctx.sp, tied_weight=tied))
+    elif style == "enter_region":
+        module.register_forward_pre_hook(_enter_region_hook(ctx))
+    elif style in ("split_heads_rng", "sequence_dropout"):
+        # this rank's heads (or tokens) differ from the other tp ranks': its own dropout stream
+        if ctx.tracker is not None:
+            module.rng_context = lambda: ctx.tracker.fork("tp")
+    elif style == "sequence_positions":
+        _set_child(model, name, SequenceShardedPositionEmbedding(module.weight, ctx.group))
+    elif style != "sequence_norm":  # norms need no conversion: the registry marks their gradients partial
+        raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
+
+
+def apply_tensor_parallel(
+    model: nn.Module,
+    group: dist.ProcessGroup,
+    sequence_parallel: bool = False,
+    *,
+    model_cfg: ModelConfig | None = None,
+    tracker: RNGStatesTracker | None = None,
+    plan: dict[str, str] | None = None,
+) -> ShardingRegistry:
+    """Converts `model` in place by `plan` (default TP_PLAN; `block_plan()` for a lone block) over the tp `group`
+    and records its sharding registry (and the tp dropout stream `tracker`, if any) on it. `model_cfg`: the resolved
+    model config (default `model.cfg`). Returns the registry."""
+    cfg = model_cfg if model_cfg is not None else model.cfg
+    tp = dist.get_world_size(group)
+    check_tensor_parallel(cfg, tp, sequence_parallel)
+    compiled = [(_pattern(p), style) for p, style in (TP_PLAN if plan is None else plan).items()]
+    ctx = _TPContext(group, tp, sequence_parallel, tracker, cfg)
+    sp_modules = set()
+    for name, module in list(model.named_modules()):
+        cname = canonical_name(name) if name else ""
+        style = next((st for pattern, st in compiled if pattern.match(cname)), None)
+        if style is None or (style.startswith("sequence_") and not sequence_parallel):
+            continue
+        if style in ("sequence_norm", "sequence_positions"):
+            sp_modules.add(cname)
+        _convert(model, name, module, style, ctx)
+    registry = collect_sharding(model, frozenset(sp_modules), tp_group=group)
+    attach_sharding(model, registry)
+    if tracker is not None:
+        attach_rng_tracker(model, tracker)
+    return registry
+
+
+def tp_dropout_tracker(dims: ParallelDims, seed: int) -> RNGStatesTracker:
+    """The per-rank dropout stream for tp regions: seeded `seed + 2718 + (dp_rank * tp + tp_rank)` (Megatron's tp
+    offset, numbered by model-parallel rank over dp so that data-parallel replicas, which see different data, also
+    draw different masks; dp rank 0 keeps Megatron's seeds)."""
+    tracker = RNGStatesTracker()
+    tracker.add("tp", seed + TP_SEED_OFFSET + dims.rank_in("dp") * dims.tp + dims.rank_in("tp"))
+    return tracker
+
+
+def apply_recompute(model: nn.Module, mode: str) -> None:
+    """Activation checkpointing: "full" recomputes each block in backward, "selective" only the attention core
+    (Korthikanti et al. 2022, sec. 5); "none" does nothing. Parameter names are unchanged."""
+    if mode == "none":
+        return
+    from torch.distributed._composable import checkpoint
+
+    from engine.parallel.random import rng_tracker_of
+
+    context_fn = recompute_context_fn(rng_tracker_of(model))
+    for block in model.layers.values():
+        checkpoint(block if mode == "full" else block.attn.core, context_fn=context_fn)
+
+
+def materialize_and_init(model: nn.Module, device: torch.device | str, seed: int) -> None:
+    """Allocates a meta-device model on `device` and initialises every parameter (each rank its local shards) from
+    its (seed, name) generator; a model already on a real device is re-initialised the same way."""
+    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
+        materialize_(model, device)
+    init_weights(model, seed, sharding_of(model))
+
+
+def sum_gradients_hook(group, bucket):
+    """DDP communication hook: sum each gradient bucket (a dist.GradBucket) over `group` (a process group); DDP's
+    default divides by the group size. Unannotated on purpose: DDP compares the annotations with the real classes,
+    which postponed (string) annotations are not."""
+    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def apply_data_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """DDP over the data-parallel group, summing gradients; the model itself when dp is 1."""
+    if not dims.dp_enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device = next(model.parameters()).device
+    group = dims.group("dp")
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
+    ddp.register_comm_hook(group, sum_gradients_hook)
+    return ddp
+
+
+def parallelize_gpt(
+    model: nn.Module, dims: ParallelDims, cfg: Config, device: torch.device | str | None = None
+) -> list[nn.Module]:
+    """Applies the layout of `dims` (and cfg.parallel.sp, cfg.model.recompute, seeded by cfg.train.seed) to the plain
+    `model` in the documented order and returns this rank's chunks. `device`: where a meta-device model is
+    materialised and initialised; "meta" (or None with a meta model) stops before materialisation (a dry run), so
+    no data parallelism is applied either."""
+    for key in ("pp", "cp", "dp_shard"):
+        if getattr(dims, key) != 1:
+            raise ConfigError(f"parallel.{key}={getattr(dims, key)} is not implemented yet; use 1")
+    sp = cfg.parallel.sp and dims.tp_enabled
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, dims.group("tp"), sp, tracker=tp_dropout_tracker(dims, cfg.train.seed))
+    apply_recompute(model, model.cfg.recompute)
+    if device is None or torch.device(device).type == "meta":
+        return [model]
+    materialize_and_init(model, device, cfg.train.seed)
+    return [apply_data_parallel(model, dims)]

@@ -1,0 +1,113 @@
+"""`--train.dry_run true`: build the model on the meta device for the requested layout, without real peers, print
+what each rank would hold, and exit.
+
+Every rank of the first data-parallel replica is built in turn in this one process, each inside torch's `fake`
+process-group backend (collectives are no-ops, sizes and ranks are real), through the same `parallelize_gpt` the
+trainer uses. Nothing is allocated: the counts come from the local parameter shapes. Bytes per rank: parameters and
+gradients in fp32 (the master weights; 4 bytes each), the optimizer state (engine.scaling.optimizer_state_bytes), and
+an activation estimate for one micro-batch (engine.scaling.estimate_activations, Korthikanti et al. 2022's per-layer
+formula with its sequence-parallel and recomputation variants).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.config import Config, ConfigError
+from engine.model.gpt import GPT, count_params, resolve
+from engine.parallel.dims import ParallelDims
+from engine.parallel.parallelize import check_tensor_parallel, parallelize_gpt
+from engine.scaling.memory import estimate_activations, format_bytes, optimizer_state_bytes
+from engine.training.validate import batch_layout
+
+
+@dataclass
+class RankMemory:
+    rank: int
+    params: int  # local parameter elements (vocabulary padding included)
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+@dataclass
+class DryRunReport:
+    total_params: int
+    non_embedding_params: int
+    world_size: int
+    micro_batch: int
+    ranks: list[RankMemory]
+
+
+def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int) -> RankMemory:
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    [chunk] = parallelize_gpt(model, dims, cfg, device="meta")
+    n = sum(p.numel() for p in chunk.parameters())  # each shared tensor once
+    sp = cfg.parallel.sp and dims.tp_enabled
+    act = estimate_activations(
+        model_cfg.seq_len, micro, model_cfg.d_model, model_cfg.n_heads, model_cfg.vocab_size, model_cfg.n_layers,
+        tp=dims.tp, sp=sp, recompute=model_cfg.recompute,
+    )  # fmt: skip
+    return RankMemory(dims.rank, n, 4 * n, 4 * n, optimizer_state_bytes(n, cfg.optim.name), act.total_bytes)
+
+
+def dry_run(cfg: Config, vocab_size: int | None = None, out: Callable[[str], None] = print) -> DryRunReport:
+    """Builds every rank of the first data-parallel replica on meta and prints their memory (see module docstring).
+
+    The world is tp x pp x cp x dp_shard x dp with dp from $WORLD_SIZE when set (else 1). `vocab_size`: the
+    tokenizer's, needed only when model.vocab_size is 0."""
+    if dist.is_initialized():
+        raise ConfigError("train.dry_run runs in one process without torch.distributed; run it without torchrun")
+    model_cfg = resolve(cfg.model, tokenizer_vocab=vocab_size)
+    p = cfg.parallel
+    model_ranks = p.tp * p.pp * p.cp * p.dp_shard
+    world = int(os.environ.get("WORLD_SIZE", model_ranks))
+    dims0 = ParallelDims(p.tp, p.pp, p.cp, p.dp_shard, world, 0)  # checks the layout
+    check_tensor_parallel(model_cfg, p.tp, p.sp and p.tp > 1)
+    micro, _ = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, dims0.dp)
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    ranks = []
+    for rank in range(model_ranks):  # the first replica: dp rank 0
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+        try:
+            ranks.append(_rank_memory(cfg, model_cfg, ParallelDims(p.tp, p.pp, p.cp, p.dp_shard, world, rank), micro))
+        finally:
+            dist.destroy_process_group()
+    report = DryRunReport(count_params(model_cfg), count_params(model_cfg, non_embedding=True), world, micro, ranks)
+    _print(report, cfg, model_cfg, dims0, out)
+    return report
+
+
+def _print(report: DryRunReport, cfg: Config, model_cfg, dims: ParallelDims, out: Callable[[str], None]) -> None:
+    layout = " ".join(f"{k} {v}" for k, v in dims.as_dict().items() if k == "world_size" or v > 1)
+    sp = " + sp" if cfg.parallel.sp and dims.tp_enabled else ""
+    out(
+        f"dry run: {model_cfg.arch}, {model_cfg.n_layers} layers, d_model {model_cfg.d_model}: "
+        f"{report.total_params:,} parameters ({report.total_params / 1e9:.3f}B), "
+        f"{report.non_embedding_params:,} non-embedding ({report.non_embedding_params / 1e9:.3f}B); "
+        f"layout {layout}{sp}"
+    )
+    out(
+        f"per rank (fp32 parameters and gradients, {cfg.optim.name} state, activations of one micro-batch of "
+        f"{report.micro_batch} x {model_cfg.seq_len} tokens, recompute {model_cfg.recompute}):"
+    )
+    out(f"{'rank':>5} {'parameters':>15} {'param bytes':>12} {'grad bytes':>12} {'optimizer':>12} "
+        f"{'activations':>12} {'total':>12}")  # fmt: skip
+    for r in report.ranks:
+        out(
+            f"{r.rank:>5} {r.params:>15,} {format_bytes(r.param_bytes):>12} {format_bytes(r.grad_bytes):>12} "
+            f"{format_bytes(r.optimizer_bytes):>12} {format_bytes(r.activation_bytes):>12} "
+            f"{format_bytes(r.total_bytes):>12}"
+        )

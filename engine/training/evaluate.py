@@ -1,0 +1,37 @@
+"""Held-out evaluation: the per-token mean loss over a fixed set of validation samples, the same in any layout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.model.head import IGNORE_INDEX
+from engine.training.samples import collate, micro_batches
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, ds: Any, batches: int, global_batch: int, micro: int, dp_rank: int, dp: int,
+    device: torch.device, autocast: Callable, dp_group: dist.ProcessGroup | None = None,
+) -> float:  # fmt: skip
+    """Sum of per-token losses over `batches` global batches of `ds` divided by their loss-bearing tokens (the
+    step's normalisation); `model` is put in eval mode for the duration."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, tokens
+    try:
+        for b in range(batches):
+            for idx in micro_batches(b * global_batch, global_batch, micro, dp_rank, dp):
+                x, y = collate(ds, idx, device)
+                with autocast():
+                    total[0] += model(x, y, reduction="sum").double()
+                total[1] += (y != IGNORE_INDEX).sum()
+    finally:
+        model.train(was_training)
+    if dp_group is not None:
+        dist.all_reduce(total, group=dp_group)
+    return (total[0] / total[1].clamp(min=1)).item()

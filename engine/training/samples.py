@@ -1,0 +1,107 @@
+"""The training and evaluation sample streams and how a step's micro-batches are cut from them.
+
+Which sequences a step sees depends only on the global sample counter (`consumed_samples`), never on the layout:
+step k reads samples [c, c + global_batch) and data-parallel rank r takes its contiguous slice, cut into micro-batches
+(engine.data.sampler). So the same config trains on the same data with 1 or N processes, and a checkpoint's data
+position is that one integer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.config import Config, ConfigError
+
+
+@dataclass
+class DataSources:
+    tokenizer: Any
+    train_prefix: str
+    valid_prefix: str
+
+
+def load_data_sources(cfg: Config) -> DataSources:
+    """The tokenizer and the train/valid prefixes. Every rank calls this: the embedded corpus's file lock makes one
+    rank prepare it while the others wait."""
+    d = cfg.data
+    cache_dir = d.cache_dir or None
+    if d.path == "embedded":
+        from engine.data.embedded import prepare_embedded
+
+        emb = prepare_embedded(cache_dir=cache_dir, tokenizer=d.tokenizer, bpe_vocab=d.bpe_vocab)
+        return DataSources(emb.tokenizer, emb.train_prefix, d.valid_path or emb.valid_prefix)
+    from engine.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(d.tokenizer, cache_dir=cache_dir, bpe_vocab=d.bpe_vocab)
+    return DataSources(tokenizer, d.path, d.valid_path)
+
+
+class SampleStream:
+    """The training stream: global sample k -> {"tokens": seq_len + 1 ids}, unbounded, whatever train.steps is.
+
+    Epoch e is a one-epoch `GPTDataset` shuffled with seed + e (a blend: a `BlendedDataset` over one epoch of each
+    component). Its length never depends on how long the run is, so a run extended on resume sees exactly the
+    samples a straight run would (contract 3). Epochs are built lazily, when the stream first reaches them.
+    `cache_dir` keeps each epoch's index arrays and the vocabulary scan for later runs (None: rebuilt every time).
+    """
+
+    def __init__(self, path: str, seq_len: int, seed: int, vocab_size: int, cache_dir: str | None = None) -> None:
+        from engine.data.blended_dataset import parse_blend
+
+        self.blend = [(w, prefix) for w, prefix in parse_blend(path) if w > 0]
+        self.seq_len, self.seed, self.vocab_size, self.cache_dir = seq_len, seed, vocab_size, cache_dir
+        self._epochs: dict[int, Any] = {0: self._build(0)}
+        self.epoch_len = len(self._epochs[0])
+
+    def _build(self, epoch: int) -> Any:
+        from engine.data.gpt_dataset import GPTDataset
+
+        seed = self.seed + epoch
+        parts = [
+            GPTDataset(prefix, None, self.seq_len, seed, self.cache_dir, vocab_size=self.vocab_size)
+            for _, prefix in self.blend
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        from engine.data.blended_dataset import _MARGIN, BlendedDataset
+
+        weights = [w for w, _ in self.blend]
+        total = sum(weights)
+        # The longest blend that exhausts no component: component i supplies len_i samples at share w_i / total
+        # (less the blend's own margin: the greedy blend strays up to about one sample from the exact proportions).
+        size = int(min(len(p) * total / w for p, w in zip(parts, weights)) * (1 - _MARGIN)) - 1
+        if size < 1:
+            raise ConfigError(f"data.path blend {self.blend} is too small to draw one sample from every dataset")
+        return BlendedDataset(parts, weights, size)
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        epoch, i = divmod(k, self.epoch_len)
+        if epoch not in self._epochs:
+            self._epochs = {0: self._epochs[0], epoch: self._build(epoch)}  # keep memory bounded
+        return self._epochs[epoch][i % len(self._epochs[epoch])]
+
+
+def eval_dataset(
+    path: str, num_samples: int, seq_len: int, seed: int, vocab_size: int, cache_dir: str | None = None
+) -> Any:
+    """A fixed set of `num_samples` held-out samples (the same ones every eval, in every layout)."""
+    from engine.data.gpt_dataset import GPTDataset
+
+    return GPTDataset(path, num_samples, seq_len, seed, cache_dir, split="valid", vocab_size=vocab_size)
+
+
+def micro_batches(consumed: int, global_batch: int, micro: int, dp_rank: int, dp: int) -> list[list[int]]:
+    from engine.data.sampler import micro_batch_indices
+
+    return micro_batch_indices(consumed, global_batch, micro, dp_rank, dp)
+
+
+def collate(ds: Any, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of shape (len(indices), seq_len): labels are the inputs shifted by one token."""
+    tokens = torch.from_numpy(np.stack([np.asarray(ds[k]["tokens"], dtype=np.int64) for k in indices]))
+    tokens = tokens.to(device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:]

@@ -1,0 +1,116 @@
+"""One optimizer step: micro-batches, per-token loss normalisation, loss scaling, gradient finishing, clipping and
+the non-finite guard. A pipeline schedule will replace `TrainStep.forward_backward`.
+
+Loss normalisation (docs/contracts.md): the step's loss is the sum of per-token losses over the whole global batch
+(every micro-batch on every data-parallel rank) divided by the number of loss-bearing tokens in it, N. Each
+micro-batch backpropagates sum_i / N, and the data-parallel reduction sums (parallelize.apply_data_parallel), so the
+gradient is that of the global per-token mean whatever the micro-batch and rank token counts are. N is counted
+before the forward passes (one scalar all-reduce over dp).
+
+Guard: a non-finite global gradient norm skips the optimizer step on every rank (the norm is reduced over the
+model-parallel group and the gradients over dp, so all ranks see the same value); with fp16 the loss scaler's own
+skip counts as one. The caller stops the run after `train.max_skipped_steps` consecutive skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.model.head import IGNORE_INDEX
+from engine.optim.clip import clip_grad_norm
+from engine.parallel.grads import finish_tp_grads, norm_parameters
+from engine.parallel.sharding import sharding_of
+from engine.training.precision import agree_found_inf
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (micro batch, seq_len)
+
+
+@dataclass
+class StepResult:
+    loss: float  # the global per-token mean loss
+    grad_norm: float  # before clipping; inf/nan when the step was skipped for it
+    tokens: int  # loss-bearing tokens in the global batch
+    skipped: bool  # no optimizer update was made
+
+
+class TrainStep:
+    """Runs forward/backward over a step's micro-batches and updates the parameters.
+
+    `model`: what the forward calls (the DDP wrapper when dp > 1); `inner`: the parallelized model itself (its
+    sharding registry gives the tp gradient bookkeeping). `dp_group`/`mp_group`: None when that degree is 1.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        clip: float,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        scaler: torch.amp.GradScaler | None = None,
+        dp_group: dist.ProcessGroup | None = None,
+        mp_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.model, self.inner, self.optimizer = model, inner, optimizer
+        self.clip, self.autocast, self.scaler = clip, autocast, scaler
+        self.dp_group, self.mp_group = dp_group, mp_group
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.sharding = sharding_of(inner)
+        self.tp_enabled = self.sharding.tp_group is not None and dist.get_world_size(self.sharding.tp_group) > 1
+        # Under tp, each element counted once in the global norm: sharded slices everywhere, replicated on tp rank 0.
+        self.norm_params = norm_parameters(inner, sharding=self.sharding) if self.tp_enabled else None
+
+    def count_tokens(self, batches: Sequence[Batch]) -> torch.Tensor:
+        """N: loss-bearing tokens in the global batch (an fp64 scalar; summed over dp)."""
+        n = sum((y != IGNORE_INDEX).sum() for _, y in batches).to(torch.float64)
+        if self.dp_group is not None:
+            dist.all_reduce(n, group=self.dp_group)
+        return n
+
+    def forward_backward(self, batches: Sequence[Batch], n_tokens: torch.Tensor) -> torch.Tensor:
+        """Backward of sum_i / N for each micro-batch (DDP synchronises on the last only); returns the detached sum
+        of this rank's per-token losses."""
+        total = torch.zeros((), dtype=torch.float64, device=n_tokens.device)
+        denom = n_tokens.clamp(min=1).float()
+        for i, (x, y) in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if (last or self.dp_group is None) else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss_sum = self.model(x, y, reduction="sum")
+                loss = loss_sum / denom
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss_sum.detach().double()
+        return total
+
+    def __call__(self, batches: Sequence[Batch]) -> StepResult:
+        n_tokens = self.count_tokens(batches)
+        local = self.forward_backward(batches, n_tokens)
+        if self.tp_enabled:
+            finish_tp_grads(self.inner, sharding=self.sharding)  # after DDP's reduction over dp: the sum is linear
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            if self.mp_group is not None:
+                agree_found_inf(self.scaler, self.optimizer, self.mp_group)
+        grad_norm = float(clip_grad_norm(self.params, self.clip, group=self.mp_group, norm_parameters=self.norm_params))
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale  # the scaler backs off exactly when it skipped the step
+        else:
+            skipped = not math.isfinite(grad_norm)
+            if not skipped:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.dp_group is not None:  # the tp ranks of a dp rank already hold the same full loss
+            dist.all_reduce(local, group=self.dp_group)
+        n = int(n_tokens.item())
+        return StepResult(loss=local.item() / max(n, 1), grad_norm=grad_norm, tokens=n, skipped=skipped)

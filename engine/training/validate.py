@@ -1,0 +1,74 @@
+"""Checks of a run's config that need nothing but the config, and the batch arithmetic."""
+
+from __future__ import annotations
+
+from engine.config import Config, ConfigError
+
+
+class TrainError(ValueError):
+    """A training setup the loop refuses (impossible batch, unsupported layout); the message is one line."""
+
+
+def check_config(cfg: Config) -> None:
+    """Range checks that need nothing but the config (so they fail before any process group or data work)."""
+    checks = (
+        ("train.steps", cfg.train.steps, 1),
+        ("train.global_batch", cfg.train.global_batch, 1),
+        ("train.micro_batch", cfg.train.micro_batch, 0),
+        ("train.threads", cfg.train.threads, 0),
+        ("eval.every", cfg.eval.every, 0),
+        ("eval.batches", cfg.eval.batches, 1),
+        ("checkpoint.every", cfg.checkpoint.every, 0),
+        ("checkpoint.keep", cfg.checkpoint.keep, 0),
+        ("run.log_every", cfg.run.log_every, 1),
+        ("optim.warmup", cfg.optim.warmup, 0),
+        ("optim.decay_steps", cfg.optim.decay_steps, 0),
+    )
+    for key, value, low in checks:
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.clip < 0:
+        raise ConfigError(f"optim.clip must be >= 0 (0 turns clipping off), got {cfg.optim.clip}")
+    if cfg.train.fp8 != "off":
+        raise TrainError("train.fp8 is not supported by this training loop yet; use --train.fp8 off")
+    p = cfg.parallel
+    if isinstance(p.tp, bool) or not isinstance(p.tp, int) or p.tp < 1:
+        raise ConfigError(f"parallel.tp must be a positive integer, got {p.tp!r}")
+    for key in ("pp", "cp", "dp_shard"):
+        if getattr(p, key) != 1:
+            raise TrainError(f"parallel.{key}={getattr(p, key)} is not supported by this training loop yet; use 1")
+    if cfg.checkpoint.async_:
+        raise TrainError("checkpoint.async is not supported by this training loop yet; use --checkpoint.async false")
+    if p.zero1:
+        raise TrainError("parallel.zero1 is not supported by this training loop yet; set it false")
+    if p.pp == 1 and (p.pp_schedule != "1f1b" or p.virtual_stages != 1):
+        raise TrainError(
+            "parallel.pp_schedule and parallel.virtual_stages apply to pipeline parallelism (parallel.pp > 1), "
+            "which is not implemented yet; leave them at 1f1b and 1"
+        )
+    if cfg.train.max_skipped_steps < 1:
+        raise ConfigError(f"train.max_skipped_steps must be >= 1, got {cfg.train.max_skipped_steps}")
+    if p.tp > 1 and cfg.optim.name == "adafactor":
+        # Its factored second moments and RMS scalings are statistics of whole matrices: on tp shards they differ.
+        raise TrainError("optim.name adafactor does not support parallel.tp > 1 yet; use --optim.name adamw or tp 1")
+    if not cfg.run.dir:
+        raise ConfigError("run.dir must not be empty")
+
+
+def batch_layout(global_batch: int, micro_batch: int, dp: int) -> tuple[int, int]:
+    """(micro_batch, grad_accum) with global_batch = micro_batch x grad_accum x dp; micro_batch 0 derives it."""
+    if micro_batch == 0:
+        if global_batch % dp:
+            raise TrainError(
+                f"train.global_batch ({global_batch}) is not divisible by the {dp} data-parallel ranks; "
+                f"make it a multiple of {dp}"
+            )
+        return global_batch // dp, 1
+    if global_batch % (micro_batch * dp):
+        raise TrainError(
+            f"train.global_batch ({global_batch}) must be a multiple of train.micro_batch x dp = "
+            f"{micro_batch} x {dp} = {micro_batch * dp}"
+        )
+    return micro_batch, global_batch // (micro_batch * dp)
