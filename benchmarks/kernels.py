@@ -2,8 +2,8 @@
 
     python -m benchmarks.kernels [--only rmsnorm,...,fused_linear_ce,flash_attention] [--csv out.csv]
 
-On a CUDA device, per kernel and shape: a correctness check of ours against an fp32 reference (DESIGN.md contract 2,
-the 2x-error rule against the same-dtype torch computation), then forward and forward+backward times with
+On a CUDA device, per kernel and shape: a correctness check of ours against an fp32 reference (docs/contracts.md,
+kernel parity: the 2x-error rule against the same-dtype torch computation), then forward and forward+backward times with
 `triton.testing.do_bench` (median, 20th and 80th percentiles, L2 flushed before each call), throughput in GB/s for
 the memory-bound kernels or TFLOP/s for fused linear cross-entropy and flash attention (ours vs torch SDPA vs the
 flash-attn package when importable; FLOPs 4 b h s^2 d forward, halved when causal, backward 2.5x forward), that as a
@@ -397,7 +397,7 @@ def check_case(case: Case, high_precision: torch.dtype) -> tuple[float, float, b
     """(forward error, worst gradient error, pass) of ours against the reference on upcast copies of the inputs.
 
     fp32/fp64 inputs: max relative error <= 1e-5. Lower precision: the 2x rule, error <= 2x the error of plain torch
-    in the same dtype, plus one ulp of the dtype (DESIGN.md contract 2).
+    in the same dtype, plus one ulp of the dtype (docs/contracts.md, kernel parity).
     """
     torch.manual_seed(1)
     ours, reference = _take(case.ours, case.outputs), _take(case.reference, case.outputs)

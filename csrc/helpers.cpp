@@ -1,4 +1,4 @@
-// Index builders for the GPT data pipeline (Megatron-LM `helpers.cpp` semantics, reference/methods.md §3.4).
+// Index builders for the GPT data pipeline (Megatron-LM `helpers.cpp` semantics; docs/contracts.md, data format).
 //
 // build_sample_idx: walks the shuffled document order and records where each fixed-length sample starts, as
 //   (position in document_idx, token offset in that document); samples span documents without padding and

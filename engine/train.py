@@ -76,7 +76,7 @@ class _Run:
         from engine.optim import build_optimizer
         from engine.parallel.dims import ParallelDims
         from engine.parallel.parallelize import check_tensor_parallel, parallelize_gpt
-        from engine.parallel.random import rng_tracker_of
+        from engine.parallel.rng import rng_tracker_of
         from engine.parallel.sharding import sharding_of
         from engine.parallel.state import init_process_group
         from engine.training import precision, resume

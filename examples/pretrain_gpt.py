@@ -1,7 +1,7 @@
 """Pretrain a GPT: `torchrun --nproc-per-node N examples/pretrain_gpt.py [--config F.toml] [--section.key value ...]`.
 
 With no flags it trains the tiny default model (engine/config.py, the same as configs/tiny.toml) on the embedded
-corpus, on CPU (gloo) or GPU (nccl). All flags are those of `python -m engine.train` (DESIGN.md, command line).
+corpus, on CPU (gloo) or GPU (nccl). All flags are those of `python -m engine.train` (README.md, Configuration).
 """
 
 import sys

@@ -53,7 +53,7 @@ _EXPORTS = {
     **{name: "engine.parallel.tensor" for name in _TENSOR},
     **{name: "engine.parallel.sequence" for name in _SEQUENCE},
     **{name: "engine.parallel.grads" for name in _GRADS},
-    **{name: "engine.parallel.random" for name in _RANDOM},
+    **{name: "engine.parallel.rng" for name in _RANDOM},
     **{name: "engine.parallel.parallelize" for name in _PARALLELIZE},
     "ParallelDims": "engine.parallel.dims",
     "ParamSharding": "engine.parallel.sharding",

@@ -29,7 +29,7 @@ from engine.config import Config, ConfigError, ModelConfig
 from engine.model.init import canonical_name, init_weights, materialize_
 from engine.parallel.dims import ParallelDims
 from engine.parallel.output import VocabParallelOutputHead
-from engine.parallel.random import TP_SEED_OFFSET, RNGStatesTracker, attach_rng_tracker, recompute_context_fn
+from engine.parallel.rng import TP_SEED_OFFSET, RNGStatesTracker, attach_rng_tracker, recompute_context_fn
 from engine.parallel.sequence import SequenceShardedPositionEmbedding
 from engine.parallel.sharding import ShardingRegistry, attach_sharding, collect_sharding, sharding_of
 from engine.parallel.tensor import (
@@ -193,7 +193,7 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
         return
     from torch.distributed._composable import checkpoint
 
-    from engine.parallel.random import rng_tracker_of
+    from engine.parallel.rng import rng_tracker_of
 
     context_fn = recompute_context_fn(rng_tracker_of(model))
     for block in model.layers.values():

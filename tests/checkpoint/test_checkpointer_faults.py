@@ -283,3 +283,22 @@ def test_corrupt_manifest_is_incomplete_and_named_on_load(tmp_path, content):
     assert "\n" not in message and str(manifest) in message and "corrupt" in message
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(resolve_checkpoint_path(path))
+
+
+def test_optimizer_implementation_is_this_runs_choice_on_resume():
+    """optim.impl may change on resume: loading a foreach AdamW's state into a fused one keeps it fused (the saved
+    param groups used to bring back the old implementation flags)."""
+    from torch import nn
+
+    from engine.checkpoint.state import named_to_optimizer_state, optimizer_state_to_named
+
+    model = nn.Linear(4, 3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    saved_opt = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=True)
+    model(torch.randn(2, 4)).sum().backward()
+    saved_opt.step()
+    tensors, meta = optimizer_state_to_named(saved_opt, names)
+    live = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    named_to_optimizer_state(live, names, tensors, meta)
+    assert live.param_groups[0]["fused"] is True and not live.param_groups[0]["foreach"]
+    assert torch.equal(live.state[model.weight]["exp_avg"], saved_opt.state[model.weight]["exp_avg"])

@@ -1,12 +1,14 @@
-"""The real GPT under tensor and sequence parallelism equals the one-process model (DESIGN.md contract 1).
+"""The real GPT parallelized by `parallelize_gpt` equals the one-process model (docs/contracts.md, layout invariance).
 
-One 4-process gloo world runs every layout: tp=4 and tp=2 (each with and without sp), tp=2 x dp=2 (DDP over the dp
-group), full and selective recomputation under tp, for llama with grouped-query attention (kv heads split at tp=2,
-replicated at tp=4 and with one kv head at tp=2) and for gpt2 (biases, LayerNorm, learned positions, untied
-vocab-parallel head). Each trains 10 AdamW steps with global-norm clipping on a fixed batch stream and must give the
-one-process losses to 1e-5 relative (gradient norms 1e-4); its weights at step 0 must equal the unsharded model's,
-and its gathered logits the unsharded logits. The same world checks the fused (triton) tp loss against the torch one
-and dropout under tp (per-rank masks where activations differ per rank, replay under recomputation)."""
+One 4-process gloo world runs every layout: tp=4 (with and without sp, and with selective recomputation) and tp=2 x
+dp=2 (DDP over the dp group summing gradients; with and without sp, full recomputation), for llama with grouped-query
+attention (kv heads split at tp=2, replicated at tp=4 and with one kv head at tp=2) and for gpt2 (biases, LayerNorm,
+learned positions, untied vocab-parallel head). Each builds on the meta device, materialises with the per-parameter
+seeded init, trains 10 AdamW steps with global-norm clipping through the trainer's step on a fixed batch stream and
+must give the one-process losses to 1e-5 relative (gradient norms 1e-4); its weights at step 0 must equal the
+unsharded model's, and its gathered logits the unsharded logits. The same world checks the fused (triton) tp loss
+against the torch one and dropout under tp (per-rank masks where activations differ per rank, replay under
+recomputation)."""
 
 import contextlib
 

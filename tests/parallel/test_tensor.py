@@ -240,7 +240,7 @@ def test_shard_range_places_each_ranks_rows_and_its_padding():
 
 
 def test_rng_tracker_forks_and_restores():
-    from engine.parallel.random import RNGStatesTracker, model_parallel_seed
+    from engine.parallel.rng import RNGStatesTracker, model_parallel_seed
     from engine.parallel.tensor import init_param_
 
     draws = []
