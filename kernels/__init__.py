@@ -2,6 +2,10 @@
 
 Names load on first use, so `import kernels` imports neither triton nor touches a GPU. No module is named like a
 public function: importing a submodule sets it as a package attribute, which would shadow the function.
+
+Every op and module takes `backend` = "auto" (default) | "triton" | "torch": "auto" runs the Triton kernel on CUDA
+tensors (and on CPU under TRITON_INTERPRET=1) and the plain-torch reference elsewhere, decided at each call, so a model
+built from these drop-ins runs unchanged on a CPU-only machine (kernels/utils.py, "Backends").
 """
 
 import importlib

@@ -34,11 +34,11 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels.utils import acc_dtype, check_tensors, interpreting, next_power_of_2
+from kernels.utils import acc_dtype, check_tensors, import_triton, interpreting, next_power_of_2, use_triton
+
+triton, tl = import_triton()  # stand-ins where triton is not installed: the torch references still run
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -506,8 +506,8 @@ class FlashAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _check(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    check_tensors(fn, q=q, k=k, v=v)
+def _check(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_triton: bool = True) -> None:
+    check_tensors(fn, need_triton, q=q, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"{fn}: q, k, v must be 4-D (batch, seq, heads, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -534,6 +534,7 @@ def flash_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention softmax(scale * q k^T) v, FlashAttention-2 in Triton; differentiable in q, k, v (and lse).
 
@@ -541,9 +542,15 @@ def flash_attention(
     `causal`: query i sees keys j <= i + seq_k - seq_q (bottom-right aligned); rows that see no key give 0.
     `softmax_scale` defaults to 1/sqrt(head_dim). Returns out (q's shape and dtype), or (out, lse) with lse
     (batch, heads_q, seq_q) fp32, the natural-log normaliser of each row (-inf for a row that sees no key).
+    ``backend`` = "auto" runs the kernel on CUDA tensors (on CPU too under ``TRITON_INTERPRET=1``) and
+    `flash_attention_reference` (fp32 math, the full score matrix) elsewhere, decided at each call from q's device;
+    "triton" forces the kernel (a one-line error where it cannot run), "torch" the reference.
     """
     fn = "flash_attention"
-    _check(fn, q, k, v)
+    triton_path = use_triton(fn, backend, q)
+    _check(fn, q, k, v, triton_path)
+    if not triton_path:
+        return flash_attention_reference(q, k, v, bool(causal), softmax_scale, return_lse)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, lse = FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
     return (out, lse) if return_lse else out

@@ -27,6 +27,11 @@ finite fp16 input, 2^14 without z-loss), which puts softmax entries down to ~4e-
 multiplies by `grad_output / (n_valid * P)` in fp32. The result equals an fp16 rounding of the exact scaled gradient
 up to one more rounding, and overflows only where the scaled gradient itself exceeds fp16 (which a GradScaler sees as
 inf and answers by lowering its scale).
+
+Backends: `cross_entropy` and `CrossEntropyLoss` take ``backend`` = "auto" | "triton" | "torch" (kernels/utils.py):
+"auto" runs the kernel on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``), elsewhere `cross_entropy_reference`
+on the logits upcast to fp32 (the kernel's math and fp32 loss; the gradient reaches the logits in their dtype;
+``inplace_backward`` is ignored there).
 """
 
 from __future__ import annotations
@@ -34,10 +39,20 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels.utils import acc_dtype, check_tensors, elementwise_warps, interpreting, num_warps_for, tl_acc_dtype
+from kernels.utils import (
+    acc_dtype,
+    check_backend,
+    check_tensors,
+    elementwise_warps,
+    import_triton,
+    interpreting,
+    num_warps_for,
+    tl_acc_dtype,
+    use_triton,
+)
+
+triton, tl = import_triton()  # stand-ins where triton is not installed: the torch references still run
 
 REDUCTIONS = ("mean", "sum", "none")
 # Largest vocabulary block one loop iteration loads; longer rows loop. On GPU Liger-Kernel's choice (32k lanes over
@@ -355,6 +370,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     reduction: str = "mean",
     inplace_backward: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of `logits` (..., V) against integer `target` (...), with the gradient computed in forward.
 
@@ -363,16 +379,36 @@ def cross_entropy(
     writes the gradient over `logits` (saves a logits-sized buffer; only when nothing else reads the logits later).
     The gradient buffer is scaled in place in backward, so backward runs once (or any times with grad_output 1, except
     for fp16, whose buffer always owes a factor). fp16 logits take a GradScaler's loss scale (see the module docstring).
+    ``backend``: "auto" | "triton" | "torch", resolved from the logits' device at each call (module docstring).
     """
     check_options("cross_entropy", label_smoothing, z_loss, reduction)
+    if not use_triton("kernels.cross_entropy", backend, logits):
+        return _cross_entropy_torch(logits, target, ignore_index, label_smoothing, z_loss, reduction)
     args = (logits, target, ignore_index, label_smoothing, z_loss, reduction, inplace_backward, None)
     if torch.is_grad_enabled() and logits.requires_grad:
         return CrossEntropyFunction.apply(*args)
     return _cross_entropy_forward(*args, need_grad=False)[0]  # evaluation: one read of the logits, no buffer
 
 
+def _cross_entropy_torch(logits, target, ignore_index, label_smoothing, z_loss, reduction):
+    """The torch backend: the same checks, then the reference on fp32 (fp64) logits."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] == 0:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"cross_entropy: logits must have a non-empty last (vocab) dim, got {shape}")
+    check_tensors("cross_entropy", False, logits=logits)
+    V = logits.shape[-1]
+    t = check_targets("cross_entropy", target, logits.numel() // V, V, ignore_index, logits.device)
+    x = logits.to(acc_dtype(logits.dtype))
+    return cross_entropy_reference(x, t.view(logits.shape[:-1]), ignore_index, label_smoothing, z_loss, reduction)
+
+
 class CrossEntropyLoss(torch.nn.Module):
-    """`torch.nn.CrossEntropyLoss` drop-in (class-index targets) backed by the Triton kernel."""
+    """`torch.nn.CrossEntropyLoss` drop-in (class-index targets) backed by the Triton kernel.
+
+    ``backend`` = "auto" (default) runs the kernel on CUDA tensors (on CPU too under ``TRITON_INTERPRET=1``) and
+    `cross_entropy_reference` (fp32 math) elsewhere, decided at each call from the logits' device; "triton" forces the
+    kernel (a one-line error where it cannot run), "torch" the reference.
+    """
 
     def __init__(
         self,
@@ -381,21 +417,31 @@ class CrossEntropyLoss(torch.nn.Module):
         z_loss: float = 0.0,
         reduction: str = "mean",
         inplace_backward: bool = False,
+        backend: str = "auto",
     ):
         super().__init__()
         check_options("CrossEntropyLoss", label_smoothing, z_loss, reduction)
         self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
         self.reduction, self.inplace_backward = reduction, inplace_backward
+        self.backend = check_backend("kernels.CrossEntropyLoss", backend)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
-            logits, target, self.ignore_index, self.label_smoothing, self.z_loss, self.reduction, self.inplace_backward
+            logits,
+            target,
+            self.ignore_index,
+            self.label_smoothing,
+            self.z_loss,
+            self.reduction,
+            self.inplace_backward,
+            self.backend,
         )
 
     def extra_repr(self) -> str:
+        extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
         return (
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-            f"reduction={self.reduction!r}"
+            f"reduction={self.reduction!r}{extra}"
         )
 
 

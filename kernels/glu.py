@@ -12,15 +12,28 @@ fp64 inputs).
 
 `SwiGLU` and `GeGLU` are parameter-free module drop-ins taking ``(gate, up)``, or one ``gate_up`` tensor holding
 both halves on its last dim (a fused gate/up projection's output).
+
+Backends: the functions and modules take ``backend`` = "auto" | "triton" | "torch" (kernels/utils.py): "auto" runs
+the kernel on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``), the plain-torch reference (``swiglu_reference``
+/ ``geglu_reference``, fp32 math, same output dtype) elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels.utils import as_rows, check_tensors, elementwise_tile, elementwise_warps, tl_acc_dtype
+from kernels.utils import (
+    as_rows,
+    check_backend,
+    check_tensors,
+    elementwise_tile,
+    elementwise_warps,
+    import_triton,
+    tl_acc_dtype,
+    use_triton,
+)
+
+triton, tl = import_triton()  # stand-ins where triton is not installed: the torch references still run
 
 _SILU, _GELU_TANH = 0, 1
 
@@ -163,25 +176,37 @@ class _GLUFunction(torch.autograd.Function):
         return dg.view(ctx.shape), du.view(ctx.shape), None
 
 
-def _glu(fn, gate, up, act):
-    check_tensors(fn, gate=gate, up=up)
+def _glu(fn, gate, up, act, backend):
+    triton_path = use_triton(fn, backend, gate)
+    check_tensors(fn, triton_path, gate=gate, up=up)
     if gate.shape != up.shape:
         raise ValueError(f"{fn}: gate has shape {tuple(gate.shape)} but up has {tuple(up.shape)}; they must match")
+    if not triton_path:
+        return (swiglu_reference if act == _SILU else geglu_reference)(gate, up)
     return _GLUFunction.apply(gate, up, act)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``, fused; output dtype is the promoted dtype of gate and up."""
-    return _glu("kernels.swiglu", gate, up, _SILU)
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``silu(gate) * up``, fused; output dtype is the promoted dtype of gate and up. ``backend``: "auto" | "triton" |
+    "torch", resolved from gate's device at each call (see the module docstring)."""
+    return _glu("kernels.swiglu", gate, up, _SILU, backend)
 
 
-def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``gelu_tanh(gate) * up`` (tanh-approximate GELU), fused; output dtype is the promoted dtype of gate and up."""
-    return _glu("kernels.geglu", gate, up, _GELU_TANH)
+def geglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` (tanh-approximate GELU), fused; output dtype is the promoted dtype of gate and up.
+    ``backend`` as in `swiglu`."""
+    return _glu("kernels.geglu", gate, up, _GELU_TANH, backend)
 
 
 class _GLU(torch.nn.Module):
     # Subclasses set _fn (the functional op) and _name (for error messages).
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = check_backend(f"kernels.{self._name}", backend)
+
+    def extra_repr(self) -> str:
+        return "" if self.backend == "auto" else f"backend={self.backend!r}"
+
     def forward(self, gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
         if up is None:
             gate_up = gate
@@ -192,7 +217,7 @@ class _GLU(torch.nn.Module):
                     f"(even size), got {shape}"
                 )
             gate, up = gate_up.chunk(2, dim=-1)  # row-strided views, read in place by the kernel
-        return self._fn(gate, up)
+        return self._fn(gate, up, self.backend)
 
 
 class SwiGLU(_GLU):
@@ -201,6 +226,10 @@ class SwiGLU(_GLU):
     ``forward(gate_up)`` with one tensor takes gate and up as its first and second halves on the last dim, the
     layout of a fused gate/up projection's output (``gate_up.chunk(2, -1)``, read in place), and returns a tensor
     of half its last dim.
+
+    ``SwiGLU(backend="auto")`` runs the Triton kernel on CUDA tensors (on CPU too under ``TRITON_INTERPRET=1``) and
+    `swiglu_reference` elsewhere, decided at each call from the input's device; "triton" forces the kernel (a one-line
+    error where it cannot run), "torch" the reference.
     """
 
     _fn = staticmethod(swiglu)
@@ -211,7 +240,7 @@ class GeGLU(_GLU):
     """Parameter-free module: ``forward(gate, up)`` is `geglu(gate, up)` = ``gelu_tanh(gate) * up``.
 
     ``forward(gate_up)`` with one tensor takes gate and up as its first and second halves on the last dim, as
-    `SwiGLU`.
+    `SwiGLU`. ``backend`` as in `SwiGLU` (the reference here is `geglu_reference`).
     """
 
     _fn = staticmethod(geglu)

@@ -22,6 +22,12 @@ The hidden gradient stays P-scaled until backward (unscaled it could drop below 
 regime); the weight gradient's P-scaled sum is in fp32. The per-chunk buffer stays the chunk of logits, in the inputs'
 dtype.
 
+Backends: `fused_linear_cross_entropy`, `FusedLinearCrossEntropyLoss` and the vocab-parallel variant take ``backend``
+= "auto" | "triton" | "torch" (kernels/utils.py): "auto" runs the chunked Triton path on CUDA tensors (and on CPU
+under ``TRITON_INTERPRET=1``), elsewhere plain torch: the full logits in the inputs' dtype, then the cross-entropy in
+fp32 (`cross_entropy_reference`, or for the vocab-parallel variant the same all-reduces as its kernels'), which
+materialises N x V logits: meant for developing on a CPU-only machine.
+
 The tensor-parallel variant (`vocab_parallel_fused_linear_cross_entropy`) takes this rank's vocab shard of `weight`
 (Megatron's vocab-parallel output layer, Shoeybi et al. 2019): per chunk each rank computes its local max, sum of
 exponentials, row sum and target logit, and two small all-reduces over the group (a MAX of one value per row, then a
@@ -32,8 +38,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import triton
-import triton.language as tl
 
 from kernels.cross_entropy_loss import (
     _row_grad,
@@ -49,7 +53,9 @@ from kernels.cross_entropy_loss import (
     scale_grad_,
     stored_grad_scale,
 )
-from kernels.utils import acc_dtype, check_tensors, tl_acc_dtype
+from kernels.utils import acc_dtype, check_backend, check_tensors, import_triton, tl_acc_dtype, use_triton
+
+triton, tl = import_triton()  # stand-ins where triton is not installed: the torch references still run
 
 FLCE_REDUCTIONS = ("mean", "sum")
 
@@ -123,13 +129,13 @@ def _check_options(name: str, label_smoothing: float, z_loss: float, reduction: 
         raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
 
 
-def _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size) -> None:
+def _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size, need_triton=True) -> None:
     _check_options(name, label_smoothing, z_loss, reduction, chunk_size)
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{name}: need hidden (..., H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
-    check_tensors(name, hidden=hidden, weight=weight)
+    check_tensors(name, need_triton, hidden=hidden, weight=weight)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"{name}: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
 
@@ -265,14 +271,18 @@ def fused_linear_cross_entropy(
     z_loss: float = 0.0,
     chunk_size: int | None = None,
     reduction: str = "mean",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """`cross_entropy(hidden @ weight.T, target)` computed `chunk_size` rows at a time (default: about N*H logits).
 
     hidden (..., H), weight (V, H) of one floating dtype, target (...) integer. Same options and semantics as
     `kernels.cross_entropy` (mean over non-ignored targets, 0 if none). The weight gradient is summed in fp32 for
     fp16/bf16 (a V x H fp32 buffer from forward to backward). fp16 inputs take a GradScaler's loss scale (see the module
-    docstring). Backward runs once (or any times with grad_output 1, except for fp16).
+    docstring). Backward runs once (or any times with grad_output 1, except for fp16). ``backend``: "auto" | "triton"
+    | "torch", resolved from hidden's device at each call (see the module docstring).
     """
+    if not use_triton("kernels.fused_linear_cross_entropy", backend, hidden):
+        return _flce_torch(hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction)
     hidden, weight = _autocast_inputs(hidden, weight)
     args = (hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction)
     if _needs_grads(hidden, weight):
@@ -280,8 +290,27 @@ def fused_linear_cross_entropy(
     return _flce_forward(*args, need_h=False, need_w=False)[0]
 
 
+def _flce_torch(hidden, weight, target, ignore_index, label_smoothing, z_loss, chunk_size, reduction):
+    """The torch backend: the same checks, the full logits in the inputs' (autocast) dtype, the cross-entropy
+    reference on them in fp32 (this path materialises N x V logits: meant for development on CPU)."""
+    name = "fused_linear_cross_entropy"
+    hidden, weight = _autocast_inputs(hidden, weight)
+    _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size, need_triton=False)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = check_targets(name, target, h.shape[0], weight.shape[0], ignore_index, h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        logits = h @ weight.t()
+    return cross_entropy_reference(logits.to(acc_dtype(h.dtype)), t, ignore_index, label_smoothing, z_loss, reduction)
+
+
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
-    """Module form: `loss = FusedLinearCrossEntropyLoss()(hidden, lm_head.weight, target)`."""
+    """Module form: `loss = FusedLinearCrossEntropyLoss()(hidden, lm_head.weight, target)`.
+
+    ``backend`` = "auto" (default) runs the chunked Triton path on CUDA tensors (on CPU too under
+    ``TRITON_INTERPRET=1``) and, elsewhere, plain torch (full logits, then `cross_entropy_reference` in fp32), decided
+    at each call from hidden's device; "triton" forces the kernels (a one-line error where they cannot run), "torch"
+    the plain path.
+    """
 
     def __init__(
         self,
@@ -290,11 +319,13 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         z_loss: float = 0.0,
         chunk_size: int | None = None,
         reduction: str = "mean",
+        backend: str = "auto",
     ):
         super().__init__()
         _check_options("FusedLinearCrossEntropyLoss", label_smoothing, z_loss, reduction, chunk_size)
         self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
         self.chunk_size, self.reduction = chunk_size, reduction
+        self.backend = check_backend("kernels.FusedLinearCrossEntropyLoss", backend)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return fused_linear_cross_entropy(
@@ -306,7 +337,12 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
             self.z_loss,
             self.chunk_size,
             self.reduction,
+            self.backend,
         )
+
+    def extra_repr(self) -> str:
+        extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
+        return f"ignore_index={self.ignore_index}, z_loss={self.z_loss}, reduction={self.reduction!r}{extra}"
 
 
 def fused_linear_cross_entropy_reference(
@@ -452,6 +488,7 @@ def vocab_parallel_fused_linear_cross_entropy(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     reduce_hidden_grad: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Fused linear cross-entropy with `weight` = this rank's rows [vocab_start, vocab_start + V_local) of the
     output layer; `hidden` and global `target` are the same on every rank of `group`.
@@ -460,11 +497,96 @@ def vocab_parallel_fused_linear_cross_entropy(
     `vocab_start` is given. `vocab_size`: the true vocabulary when the shards are padded beyond it (as
     `engine.parallel.vocab_parallel_cross_entropy`); padding columns are left out of the softmax and get no gradient.
     The hidden gradient is summed over the group (as the backward of Megatron's copy-to-tensor-parallel-region
-    would); pass `reduce_hidden_grad=False` when the caller reduces it itself.
+    would); pass `reduce_hidden_grad=False` when the caller reduces it itself. ``backend``: "auto" | "triton" |
+    "torch" as in `fused_linear_cross_entropy` (every rank must resolve it alike: the paths' collectives differ); the
+    torch path materialises this rank's N x V_local logits.
     """
+    triton_path = use_triton("kernels.vocab_parallel_fused_linear_cross_entropy", backend, hidden)
     hidden, weight = _autocast_inputs(hidden, weight)
     args = (hidden, weight, target, group, ignore_index, label_smoothing, z_loss, chunk_size, reduction)
     args += (vocab_start, vocab_size, reduce_hidden_grad)
+    if not triton_path:
+        return _vp_torch(*args)
     if _needs_grads(hidden, weight):
         return VocabParallelFusedLinearCrossEntropyFunction.apply(*args)
     return _vp_flce_forward(*args, need_h=False, need_w=False)[0]
+
+
+class _AllReduceForward(torch.autograd.Function):
+    """All-reduce (sum) in forward, identity in backward: every rank computes the same loss from the sums, and each
+    rank's inputs reach that loss only through its own term (Megatron's reduce-from-tensor-parallel-region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _AllReduceBackward(torch.autograd.Function):
+    """Identity in forward, all-reduce (sum) of the gradient in backward (Megatron's copy-to-tensor-parallel-region):
+    the hidden gradient summed over the ranks' vocab shards."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _vp_torch(
+    hidden,
+    weight,
+    target,
+    group,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    chunk_size,
+    reduction,
+    vocab_start,
+    vocab_size,
+    reduce_hidden_grad,
+):
+    """The torch backend of the vocab-parallel op: this rank's logits in full, the global log-sum-exp from the same
+    two all-reduces as the kernels' (a MAX without gradient, then a SUM of sum-exp / row sum / target logit)."""
+    name = "vocab_parallel_fused_linear_cross_entropy"
+    _check_inputs(name, hidden, weight, label_smoothing, z_loss, reduction, chunk_size, need_triton=False)
+    V_local, H = weight.shape
+    start_v, V, V_valid = _shard_layout(name, V_local, group, vocab_start, vocab_size, weight.device)
+    h = hidden.reshape(-1, H)
+    N = h.shape[0]
+    t = check_targets(name, target, N, V, ignore_index, h.device)
+    acc = acc_dtype(h.dtype)
+    if reduce_hidden_grad and h.requires_grad and torch.is_grad_enabled():
+        h = _AllReduceBackward.apply(h, group)
+    with torch.autocast(h.device.type, enabled=False):
+        logits = (h @ weight[:V_valid].t()).to(acc)  # the padding rows of the shard take no part
+    m = torch.full((N,), float("-inf"), dtype=acc, device=h.device)
+    if V_valid:
+        m = logits.detach().amax(-1)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    t_local = t - start_v
+    here = (t != ignore_index) & (t_local >= 0) & (t_local < V_valid)
+    if V_valid:
+        x_t = logits.gather(1, torch.where(here, t_local, 0)[:, None]).squeeze(1) * here
+    else:
+        x_t = logits.new_zeros(N)
+    local = torch.stack([torch.exp(logits - m[:, None]).sum(-1), logits.sum(-1), x_t])
+    sum_exp, row_sum, target_logit = _AllReduceForward.apply(local, group)
+    lse = m + torch.log(sum_exp)
+    eps = label_smoothing
+    loss = (1.0 - eps) * (lse - target_logit) + eps * (lse - row_sum / V) + z_loss * lse * lse
+    valid = t != ignore_index
+    loss = torch.where(valid, loss, torch.zeros_like(loss)).sum()
+    return loss / valid.sum().clamp(min=1).to(acc) if reduction == "mean" else loss

@@ -13,24 +13,31 @@ output is rounded once (Gemma's order, not Llama's cast-before-weight). When a r
 its storage dtype first and the normalised tensor is computed from that rounded sum, so ``out == norm(h)`` exactly
 for the returned ``h``. Weight/bias gradients are reduced deterministically: each backward program sums its rows
 into one fp32 row of a ``[programs, hidden]`` buffer, which torch then sums in a fixed order (no atomics).
+
+Backends: every function and module here takes ``backend`` = "auto" | "triton" | "torch" (kernels/utils.py): "auto"
+runs the kernel on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``), the plain-torch reference
+(``rms_norm_reference`` / ``layer_norm_reference``, fp32 math, same outputs and dtypes) elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import nn
 
 from kernels.utils import (
     acc_dtype,
     as_rows,
+    check_backend,
     check_tensors,
+    import_triton,
     num_reduction_programs,
     num_warps_for,
     row_tile,
     tl_acc_dtype,
+    use_triton,
 )
+
+triton, tl = import_triton()  # stand-ins where triton is not installed: the torch references still run
 
 
 @triton.jit
@@ -268,8 +275,8 @@ class _NormFunction(torch.autograd.Function):
         return dx.to(ctx.x_dtype), dw, db, dres, None, None, None, None
 
 
-def _check(fn, x, weight, bias, residual):
-    check_tensors(fn, x=x, weight=weight, bias=bias, residual=residual)
+def _check(fn, x, weight, bias, residual, need_triton=True):
+    check_tensors(fn, need_triton, x=x, weight=weight, bias=bias, residual=residual)
     if x.dim() == 0:
         raise ValueError(f"{fn}: x must have at least one dim (the normalised last dim), got a scalar")
     n = x.shape[-1]
@@ -288,13 +295,19 @@ def rms_norm(
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
     zero_centered: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of ``h`` over the last dim, ``h = x`` or ``x + residual``; returns ``out`` or ``(out, h)``.
 
     ``out`` has x's dtype; ``h`` has the promoted dtype of x and residual. ``zero_centered`` uses ``1 + weight``.
+    ``backend``: "auto" | "triton" | "torch", resolved from x's device at each call (see the module docstring).
     """
-    _check("kernels.rms_norm", x, weight, None, residual)
-    return _NormFunction.apply(x, weight, None, residual, float(eps), True, bool(zero_centered), "kernels.rms_norm")
+    fn = "kernels.rms_norm"
+    if not use_triton(fn, backend, x):
+        _check(fn, x, weight, None, residual, need_triton=False)
+        return rms_norm_reference(x, weight, eps, residual, zero_centered)
+    _check(fn, x, weight, None, residual)
+    return _NormFunction.apply(x, weight, None, residual, float(eps), True, bool(zero_centered), fn)
 
 
 def layer_norm(
@@ -304,13 +317,19 @@ def layer_norm(
     eps: float = 1e-5,
     residual: torch.Tensor | None = None,
     zero_centered: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm of ``h`` over the last dim, ``h = x`` or ``x + residual``; returns ``out`` or ``(out, h)``.
 
     ``out`` has x's dtype; ``h`` has the promoted dtype of x and residual. ``zero_centered`` uses ``1 + weight``.
+    ``backend``: "auto" | "triton" | "torch", resolved from x's device at each call (see the module docstring).
     """
-    _check("kernels.layer_norm", x, weight, bias, residual)
-    return _NormFunction.apply(x, weight, bias, residual, float(eps), False, bool(zero_centered), "kernels.layer_norm")
+    fn = "kernels.layer_norm"
+    if not use_triton(fn, backend, x):
+        _check(fn, x, weight, bias, residual, need_triton=False)
+        return layer_norm_reference(x, weight, bias, eps, residual, zero_centered)
+    _check(fn, x, weight, bias, residual)
+    return _NormFunction.apply(x, weight, bias, residual, float(eps), False, bool(zero_centered), fn)
 
 
 def _reference(x, weight, bias, eps, residual, zero_centered, upcast, is_rms):
@@ -355,7 +374,13 @@ def layer_norm_reference(
 
 
 class RMSNorm(nn.Module):
-    """Drop-in RMSNorm module on the fused kernel; ``forward(x, residual=None)`` as `rms_norm`."""
+    """Drop-in RMSNorm module; ``forward(x, residual=None)`` as `rms_norm`.
+
+    ``backend`` = "auto" (default) runs the fused Triton kernel on CUDA tensors (on CPU too under
+    ``TRITON_INTERPRET=1``) and `rms_norm_reference` elsewhere, decided at each call from x's device, so one model
+    develops on a CPU-only machine and trains on a GPU unchanged; "triton" forces the kernel (a one-line error where it
+    cannot run), "torch" the reference.
+    """
 
     def __init__(
         self,
@@ -364,9 +389,11 @@ class RMSNorm(nn.Module):
         zero_centered: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        backend: str = "auto",
     ):
         super().__init__()
         self.hidden_size, self.eps, self.zero_centered = hidden_size, eps, zero_centered
+        self.backend = check_backend("kernels.RMSNorm", backend)
         self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -375,14 +402,20 @@ class RMSNorm(nn.Module):
         nn.init.zeros_(self.weight) if self.zero_centered else nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm(x, self.weight, self.eps, residual, self.zero_centered)
+        return rms_norm(x, self.weight, self.eps, residual, self.zero_centered, self.backend)
 
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}, zero_centered={self.zero_centered}"
+        extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
+        return f"{self.hidden_size}, eps={self.eps}, zero_centered={self.zero_centered}{extra}"
 
 
 class LayerNorm(nn.Module):
-    """Drop-in LayerNorm module on the fused kernel; ``forward(x, residual=None)`` as `layer_norm`."""
+    """Drop-in LayerNorm module; ``forward(x, residual=None)`` as `layer_norm`.
+
+    ``backend`` = "auto" (default) runs the fused Triton kernel on CUDA tensors (on CPU too under
+    ``TRITON_INTERPRET=1``) and `layer_norm_reference` elsewhere, decided at each call from x's device; "triton"
+    forces the kernel (a one-line error where it cannot run), "torch" the reference.
+    """
 
     def __init__(
         self,
@@ -392,9 +425,11 @@ class LayerNorm(nn.Module):
         zero_centered: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        backend: str = "auto",
     ):
         super().__init__()
         self.hidden_size, self.eps, self.zero_centered = hidden_size, eps, zero_centered
+        self.backend = check_backend("kernels.LayerNorm", backend)
         self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
@@ -405,7 +440,9 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return layer_norm(x, self.weight, self.bias, self.eps, residual, self.zero_centered)
+        return layer_norm(x, self.weight, self.bias, self.eps, residual, self.zero_centered, self.backend)
 
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}, bias={self.bias is not None}, zero_centered={self.zero_centered}"
+        extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
+        bias = self.bias is not None
+        return f"{self.hidden_size}, eps={self.eps}, bias={bias}, zero_centered={self.zero_centered}{extra}"

@@ -11,15 +11,27 @@ sequences whose positions restart per document); ``cos``/``sin`` are then tables
 The kernel sees x as rows of head_dim elements, one per (batch, seq, head), with arbitrary strides in every dim,
 so views (e.g. q, k, v split from one fused projection) need no copy, and the in-place variant rotates them where
 they lie. All math in fp32 (fp64 for fp64 inputs).
+
+Backends: the functions and `RotaryEmbedding` take ``backend`` = "auto" | "triton" | "torch" (kernels/utils.py):
+"auto" runs the kernel on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``), `apply_rope_reference` (fp32 math,
+x's dtype; the in-place variants copy its result into x) elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels.utils import check_tensors, elementwise_warps, next_power_of_2, tl_acc_dtype
+from kernels.utils import (
+    check_backend,
+    check_tensors,
+    elementwise_warps,
+    import_triton,
+    next_power_of_2,
+    tl_acc_dtype,
+    use_triton,
+)
+
+triton, tl = import_triton()  # stand-ins where triton is not installed: the torch references still run
 
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -166,8 +178,8 @@ class _RopeInplaceFunction(torch.autograd.Function):
         return _rotate(dy, cos, sin, position_ids, ctx.offset, True), None, None, None, None
 
 
-def _check(fn, xs, cos, sin, position_ids, offset):
-    check_tensors(fn, cos=cos, sin=sin, **xs)
+def _check(fn, xs, cos, sin, position_ids, offset, need_triton=True):
+    check_tensors(fn, need_triton, cos=cos, sin=sin, **xs)
     name, x = next(iter(xs.items()))
     for n, t in xs.items():
         if t.dim() != 4:
@@ -206,13 +218,19 @@ def apply_rope(
     sin: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     offset: int = 0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Rotate x (batch, seq, heads, head_dim) by RoPE; returns a new tensor of x's shape and dtype.
 
     cos, sin: (positions, head_dim // 2). Token s uses row ``s + offset``, or ``position_ids[b, s] + offset``
-    (position_ids of shape (seq,) or (batch, seq)).
+    (position_ids of shape (seq,) or (batch, seq)). ``backend``: "auto" | "triton" | "torch", resolved from x's
+    device at each call (see the module docstring).
     """
-    _check("kernels.apply_rope", {"x": x}, cos, sin, position_ids, int(offset))
+    fn = "kernels.apply_rope"
+    triton_path = use_triton(fn, backend, x)
+    _check(fn, {"x": x}, cos, sin, position_ids, int(offset), triton_path)
+    if not triton_path:
+        return apply_rope_reference(x, cos, sin, position_ids, int(offset))
     return _RopeFunction.apply(x, cos, sin, position_ids, int(offset))
 
 
@@ -222,12 +240,18 @@ def apply_rope_(
     sin: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     offset: int = 0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """In-place `apply_rope`: rotates x (batch, seq, heads, head_dim) where it lies and returns it.
 
     x may be a strided view (e.g. of a fused qkv output) but not a leaf that requires grad (as any in-place op).
+    ``backend`` as in `apply_rope`.
     """
-    _check("kernels.apply_rope_", {"x": x}, cos, sin, position_ids, int(offset))
+    fn = "kernels.apply_rope_"
+    triton_path = use_triton(fn, backend, x)
+    _check(fn, {"x": x}, cos, sin, position_ids, int(offset), triton_path)
+    if not triton_path:
+        return _reference_(x, cos, sin, position_ids, int(offset))
     return _RopeInplaceFunction.apply(x, cos, sin, position_ids, int(offset))
 
 
@@ -238,14 +262,19 @@ def apply_rope_qk_(
     sin: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     offset: int = 0,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place RoPE on q (batch, seq, heads_q, d) and k (batch, seq, heads_kv, d); returns (q, k).
 
     Saves two activation-sized buffers per layer; q and k may be strided views (e.g. of a fused qkv output) but
     must not be leaves that require grad (as for any in-place op). Positions as in `apply_rope`. Both are checked
-    before either is modified.
+    before either is modified. ``backend`` as in `apply_rope` (resolved from q's device).
     """
-    _check("kernels.apply_rope_qk_", {"q": q, "k": k}, cos, sin, position_ids, int(offset))
+    fn = "kernels.apply_rope_qk_"
+    triton_path = use_triton(fn, backend, q)
+    _check(fn, {"q": q, "k": k}, cos, sin, position_ids, int(offset), triton_path)
+    if not triton_path:
+        return _reference_(q, cos, sin, position_ids, int(offset)), _reference_(k, cos, sin, position_ids, int(offset))
     q = _RopeInplaceFunction.apply(q, cos, sin, position_ids, int(offset))
     k = _RopeInplaceFunction.apply(k, cos, sin, position_ids, int(offset))
     return q, k
@@ -274,6 +303,13 @@ def apply_rope_reference(
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+def _reference_(x, cos, sin, position_ids, offset):
+    """The in-place variants' torch path: x.copy_(apply_rope_reference(...)), the reference reading a copy of x when
+    autograd records it (so what backward needs is not what copy_ overwrites)."""
+    rotated = apply_rope_reference(x.clone() if x.requires_grad else x, cos, sin, position_ids, offset)
+    return x.copy_(rotated)
+
+
 def rope_cos_sin(
     positions: int, head_dim: int, base: float = 10000.0, device=None, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,6 +330,10 @@ class RotaryEmbedding(torch.nn.Module):
     (the kernel does its math in fp32 anyway). Rebuilt rows equal the old ones bit for bit. With ``position_ids``
     the tables are grown only to ``offset + seq`` rows (reading the ids' maximum would cost a device sync): ids
     must stay below ``max_seq_len``; construct the module with enough rows for them.
+
+    ``backend`` = "auto" (default) runs the Triton kernel on CUDA tensors (on CPU too under ``TRITON_INTERPRET=1``)
+    and `apply_rope_reference` elsewhere, decided at each call from x's device (a module built on CPU and moved to
+    CUDA picks the kernel); "triton" forces the kernel (a one-line error where it cannot run), "torch" the reference.
     """
 
     def __init__(
@@ -303,8 +343,10 @@ class RotaryEmbedding(torch.nn.Module):
         max_seq_len: int = 2048,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
     ):
         super().__init__()
+        self.backend = check_backend("kernels.RotaryEmbedding", backend)
         if head_dim <= 0 or head_dim % 2:
             raise ValueError(f"kernels.RotaryEmbedding: head_dim must be a positive even number, got {head_dim}")
         if max_seq_len < 0:
@@ -333,7 +375,8 @@ class RotaryEmbedding(torch.nn.Module):
             )
         offset = int(offset)
         cos, sin = self._tables(max(offset, 0) + x.shape[1], x.device)
-        return apply_rope(x, cos, sin, position_ids=position_ids, offset=offset)
+        return apply_rope(x, cos, sin, position_ids=position_ids, offset=offset, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta}, max_seq_len={self.max_seq_len}"
+        extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
+        return f"head_dim={self.head_dim}, theta={self.theta}, max_seq_len={self.max_seq_len}{extra}"

@@ -1,17 +1,31 @@
-"""Shared host-side helpers for the Triton kernels: device checks, row/tile sizing, launch heuristics.
+"""Shared host-side helpers for the Triton kernels: the backend switch, device checks, row/tile sizing, launch
+heuristics.
 
-Nothing here imports triton, so callers (the model's backend switch, the benchmarks) can ask `triton_available()`
-without paying for the import. The sizing heuristics are deliberately simple functions of the shape: the Triton
-interpreter cannot run `@triton.autotune` with more than one config, so tests and GPU runs use the same launch
-parameters.
+Nothing here imports triton at import time, so callers (the model's backend switch, the benchmarks) can ask
+`triton_available()` without paying for the import. The sizing heuristics are deliberately simple functions of the
+shape: the Triton interpreter cannot run `@triton.autotune` with more than one config, so tests and GPU runs use the
+same launch parameters.
+
+Backends. Every public op and module of `kernels` takes `backend` = "auto" | "triton" | "torch", resolved per call
+from its first tensor's device by `use_triton` (so a module built on CPU and moved to CUDA picks the kernel):
+- "auto" (default): the Triton kernel on CUDA tensors, or on CPU tensors while `TRITON_INTERPRET=1` (read from the
+  environment at each call); otherwise the op's plain-PyTorch reference, so the same model code runs on a laptop;
+- "triton": the kernel, and a one-line ValueError where it cannot run (a CPU tensor without the interpreter, or no
+  triton package);
+- "torch": the reference.
+On CUDA "auto" is exactly the kernel, as before. Where triton is not installed at all (it is not packaged for macOS or
+Windows), `import_triton` gives the kernel modules stand-ins, so they still import and "auto" runs the references.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
+
+BACKENDS = ("auto", "triton", "torch")
 
 # Largest row a row-wise kernel keeps in registers at once (elements). Above this a row would spill; the
 # norms refuse it with a clear error instead of silently running slowly (hidden sizes in LLMs are <= 32k).
@@ -23,8 +37,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_triton_import_failed = False  # set by import_triton when a kernel module had to take the stand-ins
+
+
 def triton_available() -> bool:
     """True when the `triton` package can be imported (checked without importing it)."""
+    if _triton_import_failed:
+        return False
+    if "triton" in sys.modules:  # imported already (or blocked: None)
+        return sys.modules["triton"] is not None
     return importlib.util.find_spec("triton") is not None
 
 
@@ -33,8 +54,70 @@ def can_run(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
 
-def check_tensors(fn: str, **tensors: torch.Tensor | None) -> torch.device:
-    """Check that the given tensors are floating point, on one device, and that Triton can run there.
+def check_backend(fn: str, backend: str) -> str:
+    """Validates a backend name (one-line ValueError naming `fn`); returns it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def use_triton(fn: str, backend: str, t: object) -> bool:
+    """Resolves `backend` for one call of `fn` whose first tensor is `t`: True runs the Triton kernel, False the
+    plain-PyTorch reference (see the module docstring). Reads the device and TRITON_INTERPRET now, never caches."""
+    check_backend(fn, backend)
+    if backend == "torch":
+        return False
+    runnable = isinstance(t, torch.Tensor) and can_run(t)
+    if backend == "auto":
+        return runnable and triton_available()
+    if not triton_available():
+        raise ValueError(f"{fn}: backend='triton' needs the triton package (not installed); use 'auto' or 'torch'")
+    if isinstance(t, torch.Tensor) and not runnable:
+        raise ValueError(
+            f"{fn}: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got one on "
+            f"{t.device}; use backend='auto' or 'torch'"
+        )
+    return True
+
+
+class _TritonStub:
+    """Stands in for `triton` where it is not installed: `@triton.jit` leaves the function as it is (never called)."""
+
+    @staticmethod
+    def jit(fn=None, **kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    def __getattr__(self, name: str):
+        raise ImportError(f"triton is not installed (triton.{name}); use backend='auto' or 'torch'")
+
+
+class _LanguageStub:
+    """Stands in for `triton.language` where triton is not installed: module-level `tl.constexpr(v)` gives `v`."""
+
+    @staticmethod
+    def constexpr(value=None):
+        return value
+
+    def __getattr__(self, name: str):
+        raise ImportError(f"triton is not installed (triton.language.{name}); use backend='auto' or 'torch'")
+
+
+def import_triton():
+    """(triton, triton.language) for a kernel module, or stand-ins when triton cannot be imported, so that the module
+    still imports and its ops run their torch references (backend "auto" or "torch")."""
+    global _triton_import_failed
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        _triton_import_failed = True
+        return _TritonStub(), _LanguageStub()
+    return triton, tl
+
+
+def check_tensors(fn: str, need_triton: bool = True, **tensors: torch.Tensor | None) -> torch.device:
+    """Check that the given tensors are floating point, on one device, and (if `need_triton`) that Triton can run
+    there.
 
     Raises a one-line ValueError naming the function and the argument. Returns the common device.
     """
@@ -48,7 +131,7 @@ def check_tensors(fn: str, **tensors: torch.Tensor | None) -> torch.device:
             raise ValueError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
         if device is None:
             device = t.device
-            if not can_run(t):
+            if need_triton and not can_run(t):
                 raise ValueError(
                     f"{fn}: {name} is on {t.device}; the Triton kernels need a CUDA tensor "
                     "(or TRITON_INTERPRET=1 for CPU tensors); use the torch backend instead"

@@ -288,7 +288,42 @@ def test_vocab_parallel_fp16_loss_scale():
 def test_vocab_parallel_matches_unsharded_reference():
     env = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
-    per_rank = run_distributed(_tp_worker, 2, timeout=120, env=env)
+    _check_tp_results(run_distributed(_tp_worker, 2, timeout=120, env=env))
+
+
+def _tp_torch_worker(rank, world_size):
+    """_tp_worker's cases on CPU without the interpreter, where "auto" is the torch path (the kernels' Function made
+    to fail, to be sure); forcing triton there is a one-line error."""
+    import kernels.linear_cross_entropy as lce
+
+    assert os.environ["TRITON_INTERPRET"] == "0"
+
+    def refuse(*args):
+        raise AssertionError("the Triton path ran")
+
+    lce.VocabParallelFusedLinearCrossEntropyFunction.apply = refuse
+    lce._vp_flce_forward = refuse
+    h, w, t = make_inputs((3,), 8, 37, torch.float32, seed=50)
+    try:
+        vocab_parallel_fused_linear_cross_entropy(h, w[SHARDS[rank][0] : SHARDS[rank][1]], t, backend="triton")
+        forced = "no error"
+    except ValueError as e:
+        forced = str(e)
+    return _tp_worker(rank, world_size), forced
+
+
+@pytest.mark.distributed
+def test_vocab_parallel_torch_backend_matches_unsharded_reference():
+    if torch.cuda.is_available():
+        pytest.skip("written for machines without CUDA, where the tests' CPU tensors otherwise use the interpreter")
+    env = {"TRITON_INTERPRET": "0", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    per_rank = run_distributed(_tp_torch_worker, 2, timeout=120, env=env)
+    _check_tp_results([results for results, _ in per_rank])
+    for _, forced in per_rank:
+        assert "backend='triton' needs a CUDA tensor" in forced and "\n" not in forced
+
+
+def _check_tp_results(per_rank):
     for rank, results in enumerate(per_rank):
         assert [r[3] for r in results] == [SHARDS[rank][1] - SHARDS[rank][0]] * 2 + [
             20,
