@@ -7,6 +7,7 @@ Names load on first use; importing this package starts no process group.
 from engine._lazy import lazy_exports
 
 _STATE = [
+    "init_process_group",
     "initialize",
     "destroy",
     "is_initialized",

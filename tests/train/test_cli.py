@@ -49,6 +49,10 @@ def test_impossible_batch_and_bad_shapes(tmp_path, tiny_data, capsys):
     _fails(capsys, tiny_args(run, *tiny_data, train__global_batch=6, train__micro_batch=4), "multiple of")
     _fails(capsys, tiny_args(run, *tiny_data, model__n_heads=3), "must divide model.d_model")
     _fails(capsys, tiny_args(run, *tiny_data, model__seq_len=100000), "seq_len")
+    # pipeline-only keys are refused rather than silently ignored while pipeline parallelism does not exist
+    _fails(capsys, tiny_args(run, *tiny_data, parallel__virtual_stages=2), "apply to pipeline parallelism")
+    _fails(capsys, tiny_args(run, *tiny_data, parallel__pp_schedule="gpipe"), "apply to pipeline parallelism")
+    _fails(capsys, tiny_args(run, *tiny_data, train__max_skipped_steps=0), "train.max_skipped_steps must be >= 1")
     assert not run.exists()
 
 
