@@ -25,7 +25,7 @@ from engine.config import Config, ConfigError, load_config
 from engine.metrics import MetricsLogger, memory_gb, model_flops_utilization, peak_flops
 from engine.optim.schedules import lr_at, set_lr
 from engine.training.samples import SampleStream, collate, eval_dataset, load_data_sources, micro_batches
-from engine.training.validate import TrainError, batch_layout, check_config
+from engine.training.validate import TrainError, batch_layout, check_config, one_line
 
 __all__ = ["SampleStream", "TrainError", "TrainResult", "main", "train"]
 
@@ -43,13 +43,6 @@ class TrainResult:
     tokens_per_s: float = 0.0  # mean over the steps after the first (which carries warm-up costs)
     wall_s: float = 0.0  # setup + training + checkpoints
     run_dir: str = ""
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip()
-    if isinstance(e, KeyError) and msg.startswith("'"):
-        msg = msg.strip("'")
-    return (msg.splitlines()[0] if msg else type(e).__name__).strip()
 
 
 class _Run:
@@ -167,12 +160,8 @@ class _Run:
     def save(self) -> Path:
         from engine.training.resume import save_training_state
 
-        meta = {
-            "consumed_samples": self.consumed,
-            "scheduler": {"step": self.step, "decay_steps": self.rcfg.optim.decay_steps},
-            "layout": self.layout,
-            "config": self.rcfg.to_dict(),
-        }
+        meta = {"consumed_samples": self.consumed, "layout": self.layout, "config": self.rcfg.to_dict(),
+                "scheduler": {"step": self.step, "decay_steps": self.rcfg.optim.decay_steps}}  # fmt: skip
         return save_training_state(
             self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer, sharding=self.sharding,
             scaler=self.scaler, rng_tracker=self.tracker, device=self.device, meta=meta, toml=self.rcfg.to_toml(),
@@ -195,7 +184,7 @@ def train(cfg: Config) -> TrainResult:
         except (ConfigError, TrainError):
             raise
         except (ValueError, OSError) as e:  # bad input met while setting up (data, checkpoint, model shape)
-            raise TrainError(_one_line(e)) from e
+            raise TrainError(one_line(e)) from e
         return _loop(run)
     finally:
         run.close()
@@ -284,27 +273,19 @@ def _loop(run: _Run) -> TrainResult:
     return result
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input (one-line message, no traceback) rather than a bug."""
-    from engine.checkpoint.checkpointer import CheckpointError
-
-    return (ConfigError, TrainError, CheckpointError)
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: returns the exit status; user errors print one line on stderr (ENGINE_DEBUG=1: a traceback)."""
+    from engine.checkpoint.checkpointer import CheckpointError  # bad input, as ConfigError and TrainError
+
     try:
         cfg = load_config(argv)
         if cfg.train.dry_run:
             from engine.training.dry_run import dry_run
 
-            vocab = None
-            if cfg.model.vocab_size == 0:
-                vocab = load_data_sources(cfg).tokenizer.vocab_size
-            dry_run(cfg, vocab_size=vocab)
-            return 0
-        train(cfg)
-    except _user_errors() as e:
+            dry_run(cfg)
+        else:
+            train(cfg)
+    except (ConfigError, TrainError, CheckpointError) as e:
         if os.environ.get("ENGINE_DEBUG", "") not in ("", "0"):
             raise
         if int(os.environ.get("RANK", "0")) == 0:

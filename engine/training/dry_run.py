@@ -66,7 +66,11 @@ def dry_run(cfg: Config, vocab_size: int | None = None, out: Callable[[str], Non
     """Builds every rank of the first data-parallel replica on meta and prints their memory (see module docstring).
 
     The world is tp x pp x cp x dp_shard x dp with dp from $WORLD_SIZE when set (else 1). `vocab_size`: the
-    tokenizer's, needed only when model.vocab_size is 0."""
+    tokenizer's (default: loaded from data.tokenizer when model.vocab_size is 0)."""
+    if vocab_size is None and cfg.model.vocab_size == 0:
+        from engine.training.samples import load_data_sources
+
+        vocab_size = load_data_sources(cfg).tokenizer.vocab_size
     if dist.is_initialized():
         raise ConfigError("train.dry_run runs in one process without torch.distributed; run it without torchrun")
     model_cfg = resolve(cfg.model, tokenizer_vocab=vocab_size)

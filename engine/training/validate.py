@@ -72,3 +72,11 @@ def batch_layout(global_batch: int, micro_batch: int, dp: int) -> tuple[int, int
             f"{micro_batch} x {dp} = {micro_batch * dp}"
         )
     return micro_batch, global_batch // (micro_batch * dp)
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    msg = str(e).strip()
+    if isinstance(e, KeyError) and msg.startswith("'"):
+        msg = msg.strip("'")
+    return (msg.splitlines()[0] if msg else type(e).__name__).strip()
