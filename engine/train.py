@@ -61,6 +61,8 @@ class _Run:
         self.dtype = resolve_dtype(cfg, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads(cfg))
+        else:  # where CUDA RNG states (the tp dropout stream) and default allocations go
+            torch.cuda.set_device(self.device)
         select(cfg.model.kernels, torch.empty(0, device=self.device))  # a forced backend that cannot run here fails now
         self.notes: list[str] = []  # setup decisions the user should see, printed when the run starts
 
@@ -242,7 +244,8 @@ def _loop(run: _Run) -> TrainResult:
             if run.scaler is not None:
                 rec["loss_scale"] = run.scaler.get_scale()
             result.losses[step], result.grad_norms[step] = out.loss, out.grad_norm
-            consecutive_skips = consecutive_skips + 1 if out.skipped else 0
+            # fp16's routine scale back-offs do not count; a scale driven below 1 does
+            consecutive_skips = consecutive_skips + 1 if out.skipped and not out.scale_backoff else 0
             if out.skipped:
                 result.skipped_steps.append(step)
                 rec["skipped_total"] = len(result.skipped_steps)
@@ -279,12 +282,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(argv)
-        if cfg.train.dry_run:
-            from engine.training.dry_run import dry_run
+        from engine.training.dry_run import dry_run
 
-            dry_run(cfg)
-        else:
-            train(cfg)
+        dry_run(cfg) if cfg.train.dry_run else train(cfg)
     except (ConfigError, TrainError, CheckpointError) as e:
         if os.environ.get("ENGINE_DEBUG", "") not in ("", "0"):
             raise

@@ -75,10 +75,10 @@ def named_to_optimizer_state(
         live_names = [param_names[id(p)] for p in live["params"]]
         if sorted(saved["params"]) != sorted(live_names):
             raise KeyError("checkpoint optimizer param groups hold different parameters than this optimizer's")
-        g = {k: v for k, v in saved.items() if k != "params"}
-        # How the update is computed is this run's choice (optim.impl may change on resume); the saved group would
-        # otherwise bring back the old run's fused/foreach flags.
-        g.update({k: live[k] for k in IMPLEMENTATION_KEYS if k in live})
+        # The live group's keys with the saved hyperparameters over them: how the update is computed is this run's
+        # choice (optim.impl may change on resume), and a key one implementation lacks is not carried to another.
+        g = {k: v for k, v in live.items() if k != "params"}
+        g.update({k: v for k, v in saved.items() if k in live and k != "params" and k not in IMPLEMENTATION_KEYS})
         g["params"] = [name_to_index[n] for n in live_names]
         groups.append(g)
     optimizer.load_state_dict({"state": state, "param_groups": groups})

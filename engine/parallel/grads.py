@@ -19,11 +19,16 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.parallel.sequence import allreduce_grads
-from engine.parallel.sharding import ShardingRegistry, sharding_of
+from engine.parallel.sharding import ShardingRegistry, collect_sharding, sharding_of
 
 
-def _registry(model: nn.Module, sharding: ShardingRegistry | None) -> ShardingRegistry:
-    return sharding if sharding is not None else sharding_of(model)
+def _registry(model: nn.Module, sharding: ShardingRegistry | None, tp_group) -> ShardingRegistry:
+    """`sharding`, else the one parallelize_gpt attached, else one collected from the parallel layers' own
+    `param_shardings()` (layers used on their own in another model)."""
+    if sharding is not None:
+        return sharding
+    reg = sharding_of(model)
+    return reg if reg.attached else collect_sharding(model, tp_group=tp_group)
 
 
 def finish_tp_grads(
@@ -35,7 +40,7 @@ def finish_tp_grads(
     before clipping and the step. `sharding` defaults to the registry `parallelize_gpt` attached to the model and
     `tp_group` to the registry's; without tp it does nothing. Returns the number of gradients reduced.
     """
-    reg = _registry(model, sharding)
+    reg = _registry(model, sharding, tp_group)
     group = tp_group if tp_group is not None else reg.tp_group
     if group is None or dist.get_world_size(group) == 1:
         return 0
@@ -48,7 +53,7 @@ def norm_parameters(
 ) -> list[nn.Parameter]:
     """The parameters this rank counts in a global gradient norm: every one without tp; with tp, the sharded ones
     (this rank's slice) and, on tp rank 0 only, the replicated ones. Shared parameters once."""
-    reg = _registry(model, sharding)
+    reg = _registry(model, sharding, tp_group)
     group = tp_group if tp_group is not None else reg.tp_group
     named = list(reg.named(model))
     if group is None or dist.get_world_size(group) == 1 or dist.get_rank(group) == 0:

@@ -224,7 +224,9 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
 
     device = next(model.parameters()).device
     group = dims.group("dp")
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
+    # The only buffers are the rotary angles, equal on every rank by construction: no per-forward broadcast.
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group,
+              broadcast_buffers=False)  # fmt: skip
     ddp.register_comm_hook(group, sum_gradients_hook)
     return ddp
 
@@ -235,15 +237,19 @@ def parallelize_gpt(
     """Applies the layout of `dims` (and cfg.parallel.sp, cfg.model.recompute, seeded by cfg.train.seed) to the plain
     `model` in the documented order and returns this rank's chunks. `device`: where a meta-device model is
     materialised and initialised; "meta" (or None with a meta model) stops before materialisation (a dry run), so
-    no data parallelism is applied either."""
+    no data parallelism is applied either. A model on a real device keeps its values (moved to `device` if given)."""
     for key in ("pp", "cp", "dp_shard"):
         if getattr(dims, key) != 1:
             raise ConfigError(f"parallel.{key}={getattr(dims, key)} is not implemented yet; use 1")
     sp = cfg.parallel.sp and dims.tp_enabled
+    on_meta = any(p.is_meta for p in model.parameters())
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims.group("tp"), sp, tracker=tp_dropout_tracker(dims, cfg.train.seed))
     apply_recompute(model, model.cfg.recompute)
-    if device is None or torch.device(device).type == "meta":
+    if (device is None and on_meta) or (device is not None and torch.device(device).type == "meta"):
         return [model]
-    materialize_and_init(model, device, cfg.train.seed)
+    if on_meta:
+        materialize_and_init(model, device, cfg.train.seed)
+    elif device is not None:
+        model.to(device)  # a model built (or loaded) on a real device keeps its values: the converted layers hold them
     return [apply_data_parallel(model, dims)]

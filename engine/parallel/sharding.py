@@ -94,6 +94,7 @@ class ShardingRegistry:
 
     def __init__(self, entries: dict[str, ParamSharding] | None = None, tp_group=None):
         self.tp_group = tp_group  # the group sharded parameters are split over (None: no tensor parallelism)
+        self.attached = False  # set when recorded on a model (`attach_sharding`)
         self._entries: dict[str, ParamSharding] = {}
         for name, spec in (entries or {}).items():
             self._entries[canonical_name(name)] = spec
@@ -146,6 +147,7 @@ _ATTRIBUTE = "parallel_sharding"
 
 def attach_sharding(model: nn.Module, registry: ShardingRegistry) -> None:
     """Records `registry` on the model root (one attribute of the module, found through wrappers by `sharding_of`)."""
+    registry.attached = True
     object.__setattr__(model, _ATTRIBUTE, registry)
 
 

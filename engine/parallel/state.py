@@ -165,7 +165,7 @@ def init_process_group(backend: str | None = None, timeout: timedelta | None = N
         tcp = dist.TCPStore(addr, port, world, is_master, **kwargs, wait_for_workers=False)
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", tcp)
     if backend == "nccl" and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, **kwargs)
 
 

@@ -15,11 +15,12 @@ schedule and the data position (consumed samples).
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from engine.checkpoint.checkpointer import (
@@ -41,6 +42,11 @@ from engine.checkpoint.state import (
 from engine.config import Config
 from engine.model.init import canonical_name
 from engine.parallel.sharding import ShardingRegistry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 # Config keys a resume must not change. Everything else may change. optim.decay_steps is compared resolved; 0 (follow
 # train.steps) keeps the checkpoint's on a resume.
@@ -170,12 +176,16 @@ def save_training_state(
 ) -> Path:  # fmt: skip
     """Writes checkpoint `step` (a collective over every rank; see module docstring for who writes what)."""
     params = _named_parameters(model)
-    for name, p in params.items():
-        if not torch.isfinite(p.detach()).all():
-            raise CheckpointError(
-                f"parameter {name} holds non-finite values at step {step}: not saving it over the last good "
-                "checkpoint; lower optim.lr or check the data"
-            )
+    bad = [name for name, p in params.items() if not torch.isfinite(p.detach()).all()]
+    flag = torch.tensor([float(len(bad))], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank refuses together (no rank left waiting)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:
+        where = f"parameter {bad[0]}" if bad else "a parameter on another rank"
+        raise CheckpointError(
+            f"{where} holds non-finite values at step {step}: not saving it over the last good checkpoint; lower "
+            "optim.lr or check the data"
+        )
     names = {id(p): n for n, p in params.items()}
     otensors, ometa = optimizer_state_to_named(optimizer, names)
     tensors = {"model": {n: p.detach() for n, p in params.items()}, "optim": otensors}

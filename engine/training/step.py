@@ -38,6 +38,7 @@ class StepResult:
     grad_norm: float  # before clipping; inf/nan when the step was skipped for it
     tokens: int  # loss-bearing tokens in the global batch
     skipped: bool  # no optimizer update was made
+    scale_backoff: bool = False  # fp16: the loss scaler skipped the step and lowered its scale (routine)
 
 
 class TrainStep:
@@ -113,4 +114,5 @@ class TrainStep:
         if self.dp_group is not None:  # the tp ranks of a dp rank already hold the same full loss
             dist.all_reduce(local, group=self.dp_group)
         n = int(n_tokens.item())
-        return StepResult(loss=local.item() / max(n, 1), grad_norm=grad_norm, tokens=n, skipped=skipped)
+        backoff = skipped and self.scaler is not None and self.scaler.get_scale() >= 1.0
+        return StepResult(local.item() / max(n, 1), grad_norm, n, skipped, scale_backoff=backoff)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.parallel import state
+from engine.parallel.grads import finish_tp_grads
 from engine.parallel.sequence import all_gather, allreduce_grads, split
 from engine.parallel.sharding import ParamSharding
 from engine.parallel.tensor import (
@@ -162,7 +163,9 @@ def _check_replicated_kv(group, tp):
     dys = torch.randn(tp, 2, 4, hd, generator=torch.Generator().manual_seed(8))
     y.backward(dys[rank])
     assert kv.weight_spec.grad_needs_tp_sum and kv.bias_spec.grad_needs_tp_sum
-    assert allreduce_grads(kv.parameters(), group) == 2
+    # a layer used on its own (no parallelize_gpt registry): finish_tp_grads reads the layer's own shardings
+    assert finish_tp_grads(kv, group) == 2
+    assert allreduce_grads([], group) == 0
     dy_full = torch.cat([dys[h * (tp // n_kv) : (h + 1) * (tp // n_kv)].sum(0) for h in range(n_kv)], dim=-1)
     y_ref.backward(dy_full)
     _close(x.grad, x_ref.grad, "replicated kv input grad")

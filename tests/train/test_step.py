@@ -72,6 +72,12 @@ def _dp_worker(rank, world):
         [wrapped] = parallelize_gpt(model, dims, conf, device="cpu")
         step, _ = _step(model, wrapped, dims.group("dp"))
         out = step([(x.chunk(world)[rank], y.chunk(world)[rank])])  # rank 0: 10 tokens, rank 1: 5
+        # A model built on a real device (or loaded) keeps its values through parallelize_gpt, and still gets DDP.
+        eager = GPT(conf.model, seed=2)
+        before = {n: p.detach().clone() for n, p in eager.named_parameters()}
+        [wrapped_eager] = parallelize_gpt(eager, dims, conf)
+        assert isinstance(wrapped_eager, torch.nn.parallel.DistributedDataParallel)
+        assert all(torch.equal(p, before[n]) for n, p in eager.named_parameters())
         return out.loss, out.grad_norm, out.tokens
     finally:
         dims.destroy()
