@@ -199,7 +199,38 @@ def _divisible(what: str, value: int, n: int) -> None:
 # --- layers ---
 
 
-class ColumnParallelLinear(nn.Module):
+def _no_init(t: torch.Tensor) -> None:
+    """For conversions: the values come from the plain layer (or from init_weights after materialisation)."""
+
+
+class _ShardedLinear(nn.Module):
+    """What the tensor-parallel linears share: their parameters' shardings, and conversion from a plain nn.Linear
+    (the layer takes its slice of the weight and bias; nothing to copy from the meta device)."""
+
+    weight_spec: ParamSharding
+    bias_spec: ParamSharding
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs):
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype,
+                    init_method=_no_init, bias_init_method=_no_init, **kwargs)  # fmt: skip
+        return layer._take(linear)
+
+    def _take(self, linear: nn.Linear):
+        _copy_from(self.weight, self.weight_spec, linear.weight)
+        if linear.bias is not None:
+            _copy_from(self.bias, self.bias_spec, linear.bias)
+        return self
+
+    def param_shardings(self) -> dict[str, ParamSharding]:
+        out = {"weight": self.weight_spec}
+        if self.bias is not None:
+            out["bias"] = self.bias_spec
+        return out
+
+
+class ColumnParallelLinear(_ShardedLinear):
     """y = x A^T + b with A split by output rows over tp: this rank outputs out_features / tp columns.
 
     The input is replicated (or sequence-sharded with `sequence_parallel`, then all-gathered here). `gather_output`
@@ -242,23 +273,6 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _empty(self.bias_spec, device, dtype) if bias else None
         self.reset_parameters(init_method, bias_init_method)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> ColumnParallelLinear:
-        """The column-parallel form of `linear` (its slice of the weight and bias; none to copy on the meta device)."""
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype,
-                    init_method=_no_init, bias_init_method=_no_init, **kwargs)  # fmt: skip
-        _copy_from(layer.weight, layer.weight_spec, w)
-        if linear.bias is not None:
-            _copy_from(layer.bias, layer.bias_spec, linear.bias)
-        return layer
-
-    def param_shardings(self) -> dict[str, ParamSharding]:
-        out = {"weight": self.weight_spec}
-        if self.bias is not None:
-            out["bias"] = self.bias_spec
-        return out
-
     def reset_parameters(self, init_method: InitFn | None = None, bias_init_method: InitFn | None = None) -> None:
         """Default: torch.nn.Linear's init of the full weight, sliced (equal to nn.Linear for the same seed)."""
         init_param_(self.weight, self.weight_spec, init_method or linear_weight_init)
@@ -282,11 +296,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
-def _no_init(t: torch.Tensor) -> None:
-    """For conversions: the values come from the plain layer (or from init_weights after materialisation)."""
-
-
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """y = x A^T + b with A split by input columns over tp: each rank's partial product is summed over tp
     (all-reduce; with `sequence_parallel`, reduce-scatter along the sequence). The bias is replicated and added
     after the sum; under SP its gradient is a partial sum over tp (recorded in `param_shardings`)."""
@@ -319,22 +329,6 @@ class RowParallelLinear(nn.Module):
         self.weight = _empty(self.weight_spec, device, dtype)
         self.bias = _empty(self.bias_spec, device, dtype) if bias else None
         self.reset_parameters(init_method, bias_init_method)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> RowParallelLinear:
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype,
-                    init_method=_no_init, bias_init_method=_no_init, **kwargs)  # fmt: skip
-        _copy_from(layer.weight, layer.weight_spec, w)
-        if linear.bias is not None:
-            _copy_from(layer.bias, layer.bias_spec, linear.bias)
-        return layer
-
-    def param_shardings(self) -> dict[str, ParamSharding]:
-        out = {"weight": self.weight_spec}
-        if self.bias is not None:
-            out["bias"] = self.bias_spec
-        return out
 
     def reset_parameters(self, init_method: InitFn | None = None, bias_init_method: InitFn | None = None) -> None:
         init_param_(self.weight, self.weight_spec, init_method or linear_weight_init)
@@ -444,7 +438,7 @@ def check_tp_divisibility(n_heads: int, n_kv_heads: int, ffn_hidden: int, tp: in
         raise ValueError(f"model.ffn_hidden = {ffn_hidden} is not divisible by parallel.tp = {tp}")
 
 
-class ReplicatedKVLinear(nn.Module):
+class ReplicatedKVLinear(_ShardedLinear):
     """The k or v projection under GQA when n_kv_heads < tp: every rank holds the full (n_kv_heads * head_dim, in)
     weight (initialised as the unsharded nn.Linear) and outputs only kv head `tp_rank // (tp / n_kv_heads)`, the
     one its q heads attend with. Each rank's weight gradient is then a partial sum over tp (recorded in
@@ -487,16 +481,7 @@ class ReplicatedKVLinear(nn.Module):
         w = linear.weight
         layer = cls(linear.in_features, n_kv_heads, head_dim, linear.bias is not None, device=w.device,
                     dtype=w.dtype, init_method=_no_init, bias_init_method=_no_init, **kwargs)  # fmt: skip
-        _copy_from(layer.weight, layer.weight_spec, w)
-        if linear.bias is not None:
-            _copy_from(layer.bias, layer.bias_spec, linear.bias)
-        return layer
-
-    def param_shardings(self) -> dict[str, ParamSharding]:
-        out = {"weight": self.weight_spec}
-        if self.bias is not None:
-            out["bias"] = self.bias_spec
-        return out
+        return layer._take(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.skip_input_comm:
