@@ -58,6 +58,7 @@ class ParallelConfig:
     sp: bool = False
     pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = "1f1b"
     virtual_stages: int = 1
+    pp_layers: str = ""  # explicit layers per pipeline stage, e.g. "3,5,5,3"; "": balanced by count
 
 
 @dataclass

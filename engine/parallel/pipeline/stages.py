@@ -1,0 +1,75 @@
+"""Splitting the plain model into pipeline stages.
+
+The model's layers are keyed by index in an nn.ModuleDict, so a stage is the model with the layers it does not own
+removed: names stay those of the whole model (`layers.7.attn.q_proj.weight` on whichever stage holds layer 7), and
+per-name initialisation gives every stage exactly the values the unsplit model has. The first stage keeps the token
+embedding (and positions), the last the output head and loss; a tied output weight on the last stage has the
+embedding's one name, so it starts equal and its gradient is summed over the embedding group (first and last stage).
+
+Balance: layers are spread by count with the embedding and the head each costed as one layer (as torchtitan and
+Megatron-LM's "account for embedding/loss in pipeline split" do), or split explicitly (`parallel.pp_layers`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from engine.config import ConfigError
+
+
+def stage_layer_counts(n_layers: int, n_stages: int, explicit: str = "") -> list[int]:
+    """Layers per global stage. `explicit`: "3,5,5,3" (must sum to n_layers, one number per stage)."""
+    if explicit:
+        try:
+            counts = [int(x) for x in explicit.split(",")]
+        except ValueError:
+            raise ConfigError(f"parallel.pp_layers must be comma-separated integers, got '{explicit}'") from None
+        if len(counts) != n_stages or sum(counts) != n_layers or min(counts) < 0:
+            raise ConfigError(
+                f"parallel.pp_layers '{explicit}' must give {n_stages} stages (pp x virtual_stages) non-negative layer "
+                f"counts summing to model.n_layers = {n_layers}"
+            )
+        return counts
+    if n_stages > n_layers:
+        raise ConfigError(
+            f"{n_stages} pipeline stages (parallel.pp x parallel.virtual_stages) need at least as many layers, but "
+            f"model.n_layers = {n_layers}"
+        )
+    units = n_layers + 2  # the embedding and the head cost one layer each
+    base, extra = divmod(units, n_stages)
+    sizes = [base] * n_stages
+    order = list(range(1, n_stages - 1)) + [0, n_stages - 1] if n_stages > 2 else list(range(n_stages))
+    for i in order[:extra]:  # spare units to the middle stages first: the ends already carry embedding and head
+        sizes[i] += 1
+    counts = [sizes[i] - (i == 0) - (i == n_stages - 1) for i in range(n_stages)]
+    for i in (0, n_stages - 1):  # an end stage too small for its embedding/head gives its layer deficit inwards
+        if counts[i] < 0:
+            j = 1 if i == 0 else n_stages - 2
+            counts[j] += counts[i]
+            counts[i] = 0
+    return counts
+
+
+def stage_layers(n_layers: int, n_stages: int, stage: int, explicit: str = "") -> range:
+    """The layer indices of global stage `stage`."""
+    counts = stage_layer_counts(n_layers, n_stages, explicit)
+    start = sum(counts[:stage])
+    return range(start, start + counts[stage])
+
+
+def split_model(model: nn.Module, n_stages: int, stage: int, explicit: str = "") -> nn.Module:
+    """A copy of the plain GPT `model` (best on the meta device: nothing is allocated) holding only global stage
+    `stage`'s part: its layers, the embedding when first, the output head when last."""
+    keep = stage_layers(len(model.layers), n_stages, stage, explicit)
+    chunk = copy.deepcopy(model)
+    for key in list(chunk.layers):
+        if int(key) not in keep:
+            del chunk.layers[key]
+    if stage > 0:
+        chunk.tok_emb = None
+        chunk.pos_emb = None
+    if stage < n_stages - 1:
+        chunk.output = None
+    return chunk
