@@ -59,8 +59,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
-        if self.rope:
-            q = ops.apply_rope(q, cos, sin, backend=self.backend)
-            k = ops.apply_rope(k, cos, sin, backend=self.backend)
+        if self.rope:  # cos, sin: (>= s, head_dim / 2) rotary tables
+            q = ops.apply_rope(q, cos[:s], sin[:s], backend=self.backend)
+            k = ops.apply_rope(k, cos[:s], sin[:s], backend=self.backend)
         y = self.core(q, k, v, mask, causal)
         return self.resid_dropout(self.o_proj(y.reshape(b, s, -1)))

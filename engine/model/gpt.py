@@ -233,8 +233,9 @@ class GPT(nn.Module):
             if self.pos_emb is not None:
                 x = x + self.pos_emb(s)
             x = self.emb_dropout(x)
-        cos = self.rope_cos[:s] if self.rope_cos is not None else None
-        sin = self.rope_sin[:s] if self.rope_sin is not None else None
+        # The whole rotary tables: attention slices them to the sequence it sees (the full one, even where this chunk's
+        # input is a sequence shard, as a later pipeline stage's is under sequence parallelism).
+        cos, sin = self.rope_cos, self.rope_sin
         for layer in self.layers.values():
             x = layer(x, cos, sin, mask, causal)
         return x

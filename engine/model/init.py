@@ -72,8 +72,8 @@ def init_weights(model: nn.Module, seed: int, sharding=None) -> None:
     for name, p in unique_named_parameters(model):
         if p.is_meta:
             raise RuntimeError(f"init_weights: parameter {name} is on the meta device; materialise the model first")
-        name = aliases.get(name, name)
-        spec = None if sharding is None else sharding.get(name)
+        spec = None if sharding is None else sharding.get(name)  # how this copy is laid out here
+        name = aliases.get(name, name)  # whose values it holds: a tied copy seeds by its one name
         fill = fill_for(name, p.ndim, cfg.init_std, cfg.n_layers)
         gen = torch.Generator(device=p.device)
         gen.manual_seed(param_seed(seed, name))

@@ -37,6 +37,14 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     for module in model.modules():
         if _is_embedding(module) and not decay_embeddings:
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+        # A tied embedding's copy held apart from the embedding (a last pipeline stage's output weight) is the
+        # embedding too: decayed like its other copy, or the two would drift apart.
+        for alias, canonical in getattr(module, "tied_aliases", {}).items():
+            if not decay_embeddings and canonical.startswith("tok_emb") and getattr(module, "tok_emb", 0) is None:
+                try:
+                    no_decay_ids.add(id(module.get_parameter(alias)))
+                except AttributeError:  # this chunk holds neither copy
+                    pass
     decay, no_decay, decay_names, no_decay_names = [], [], [], []
     seen: set[int] = set()
     for name, p in model.named_parameters():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from engine.parallel.state import GROUP_AXES, Coords, Grid, LayoutError, build_grid
+from engine.parallel.state import KINDS, Coords, Grid, LayoutError, build_grid
 
 
 @dataclass
@@ -90,9 +90,19 @@ class ParallelDims:
 
     # -- process groups --
     def group(self, kind: str) -> dist.ProcessGroup:
-        """This rank's process group of one kind (see state.GROUP_AXES), built on first use."""
-        if kind not in GROUP_AXES:
-            raise LayoutError(f"unknown group kind {kind!r}; expected one of {', '.join(GROUP_AXES)}")
+        """This rank's process group of one kind (see state.KINDS), built on first use; None for the embedding group
+        of a middle pipeline stage."""
+        if kind not in KINDS:
+            raise LayoutError(f"unknown group kind {kind!r}; expected one of {', '.join(KINDS)}")
+        if kind == "embedding" and kind not in self._groups:
+            # the first and last stage of each pipeline (not a partition: middle stages are in none)
+            mine = None
+            for members in self.grid.groups("embedding"):
+                group = dist.new_group(members)  # every rank takes part in making every group
+                if self.rank in members:
+                    mine = group
+                    self._owned.append(group)
+            self._groups[kind] = mine
         if kind not in self._groups:
             members = self.grid.groups(kind)
             if len(members) == 1 and len(members[0]) == dist.get_world_size():

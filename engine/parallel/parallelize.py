@@ -231,25 +231,43 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
     return ddp
 
 
+def pipeline_split(model: nn.Module, dims: ParallelDims, cfg: Config) -> list[nn.Module]:
+    """This rank's pipeline chunks of the plain model: chunk c is global stage c * pp + pp_rank of pp x
+    virtual_stages stages (engine.parallel.pipeline.stages); the model itself when pp is 1."""
+    if not dims.pp_enabled:
+        if cfg.parallel.virtual_stages != 1:
+            raise ConfigError("parallel.virtual_stages > 1 needs pipeline parallelism (parallel.pp > 1)")
+        return [model]
+    from engine.parallel.pipeline.stages import split_model
+
+    v, rank = cfg.parallel.virtual_stages, dims.rank_in("pp")
+    return [split_model(model, dims.pp * v, c * dims.pp + rank, cfg.parallel.pp_layers) for c in range(v)]
+
+
 def parallelize_gpt(
     model: nn.Module, dims: ParallelDims, cfg: Config, device: torch.device | str | None = None
 ) -> list[nn.Module]:
-    """Applies the layout of `dims` (and cfg.parallel.sp, cfg.model.recompute, seeded by cfg.train.seed) to the plain
-    `model` in the documented order and returns this rank's chunks. `device`: where a meta-device model is
-    materialised and initialised; "meta" (or None with a meta model) stops before materialisation (a dry run), so
-    no data parallelism is applied either. A model on a real device keeps its values (moved to `device` if given)."""
-    for key in ("pp", "cp", "dp_shard"):
+    """Applies the layout of `dims` (and cfg.parallel.sp / virtual_stages / pp_layers, cfg.model.recompute, seeded by
+    cfg.train.seed) to the plain `model` in the documented order and returns this rank's chunks (its pipeline stages;
+    one without pipeline parallelism). `device`: where a meta-device model is materialised and initialised; "meta"
+    (or None with a meta model) stops before materialisation (a dry run), so no data parallelism is applied either.
+    A model on a real device keeps its values (moved to `device` if given). Under pipeline parallelism the chunks are
+    not wrapped in DDP: the pipeline step sums their gradients over dp after the schedule."""
+    for key in ("cp", "dp_shard"):
         if getattr(dims, key) != 1:
             raise ConfigError(f"parallel.{key}={getattr(dims, key)} is not implemented yet; use 1")
     sp = cfg.parallel.sp and dims.tp_enabled
     on_meta = any(p.is_meta for p in model.parameters())
-    if dims.tp_enabled:
-        apply_tensor_parallel(model, dims.group("tp"), sp, tracker=tp_dropout_tracker(dims, cfg.train.seed))
-    apply_recompute(model, model.cfg.recompute)
+    chunks = pipeline_split(model, dims, cfg)
+    for chunk in chunks:
+        if dims.tp_enabled:
+            apply_tensor_parallel(chunk, dims.group("tp"), sp, tracker=tp_dropout_tracker(dims, cfg.train.seed))
+        apply_recompute(chunk, chunk.cfg.recompute)
     if (device is None and on_meta) or (device is not None and torch.device(device).type == "meta"):
-        return [model]
-    if on_meta:
-        materialize_and_init(model, device, cfg.train.seed)
-    elif device is not None:
-        model.to(device)  # a model built (or loaded) on a real device keeps its values: the converted layers hold them
-    return [apply_data_parallel(model, dims)]
+        return chunks
+    for chunk in chunks:
+        if on_meta:
+            materialize_and_init(chunk, device, cfg.train.seed)
+        elif device is not None:
+            chunk.to(device)  # a model built (or loaded) on a real device keeps its values
+    return chunks if dims.pp_enabled else [apply_data_parallel(chunks[0], dims)]

@@ -94,6 +94,18 @@ def test_refusals_are_one_line(fake_world):
     cfg.parallel.sp = True
     with pytest.raises(ConfigError, match="seq_len = 7 is not divisible by parallel.tp = 2"):
         parallelize_gpt(model, ParallelDims.from_world(tp=2), cfg, device="meta")
-    with pytest.raises(ConfigError, match="parallel.pp=2 is not implemented yet"):
-        parallelize_gpt(model, ParallelDims.from_world(pp=2), cfg, device="meta")
+    with pytest.raises(ConfigError, match="parallel.cp=2 is not implemented yet"):
+        parallelize_gpt(model, ParallelDims.from_world(cp=2), cfg, device="meta")
     assert all(not k.startswith("model.") for k in TP_PLAN)  # the plan addresses the plain model's names
+
+
+def test_pipeline_split_gives_this_ranks_chunks(fake_world):
+    fake_world(1, 4)  # pp 2 x tp 2: rank 1 is pp rank 0, tp rank 1
+    cfg, model = _meta_model(n_layers=8)
+    cfg.parallel.virtual_stages = 2
+    chunks = parallelize_gpt(model, ParallelDims.from_world(tp=2, pp=2), cfg, device="meta")
+    # 4 stages over 8 layers (embedding and head costed a layer each): [1, 3, 3, 1]; pp rank 0 holds stages 0, 2
+    assert [list(c.layers) for c in chunks] == [["0"], ["4", "5", "6"]]
+    assert chunks[0].tok_emb is not None and chunks[0].output is None and chunks[1].tok_emb is None
+    assert isinstance(chunks[1].layers["4"].attn.q_proj, ColumnParallelLinear)  # tp inside every chunk
+    assert sharding_of(chunks[1])["layers.4.attn.q_proj.weight"].size == 2

@@ -1,0 +1,109 @@
+"""The training step under pipeline parallelism: the schedule's runner replaces TrainStep's forward/backward; the
+rest is the same bookkeeping across stages.
+
+After the schedule: partial tensor-parallel gradients are summed per chunk, the tied embedding's two copies (first
+and last stage) sum their gradients over the embedding group, data-parallel gradients are summed over dp (the loss
+was already divided by the global token count), and the clipping norm is taken over tp x pp counting every element
+once (tp-replicated parameters on tp rank 0, the tied weight on the first stage only). The loss, held by the last
+stage, is summed over the pipeline group so every rank logs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.model.head import IGNORE_INDEX
+from engine.optim.clip import clip_grad_norm
+from engine.parallel.dims import ParallelDims
+from engine.parallel.grads import finish_tp_grads, norm_parameters
+from engine.parallel.pipeline.runner import PipelineRunner
+from engine.parallel.sequence import allreduce_grads
+from engine.parallel.sharding import sharding_of
+from engine.training.precision import agree_found_inf
+from engine.training.step import Batch, StepResult
+
+
+def tied_copy(chunk: nn.Module) -> nn.Parameter | None:
+    """The copy of a tied embedding a chunk holds: the embedding on the first stage, the output weight on the last
+    (None when the model is untied or the chunk holds neither)."""
+    if not chunk.cfg.tie_embeddings:
+        return None
+    if chunk.tok_emb is not None:
+        return chunk.tok_emb.weight
+    return chunk.output.proj.weight if chunk.output is not None else None
+
+
+class PipelineStep:
+    def __init__(
+        self,
+        chunks: Sequence[nn.Module],
+        optimizer: torch.optim.Optimizer,
+        clip: float,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        dims: ParallelDims,
+        schedule: str,
+        activation_shape: tuple[int, ...],
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        self.chunks, self.optimizer, self.clip, self.scaler, self.dims = list(chunks), optimizer, clip, scaler, dims
+        first = next(self.chunks[0].parameters())
+        pp_group = dims.group("pp")
+        self.runner = PipelineRunner(
+            self.chunks, schedule, dist.get_process_group_ranks(pp_group), dims.rank_in("pp"), activation_shape,
+            first.dtype, first.device, autocast,
+        )  # fmt: skip
+        self.pp_group, self.mp_group = pp_group, dims.group("model_parallel")
+        self.dp_group = dims.group("dp") if dims.dp_enabled else None
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        tied = [t for t in (tied_copy(c) for c in self.chunks) if t is not None]
+        # every rank takes part in making the embedding groups (a collective), middle stages included
+        group = dims.group("embedding") if self.chunks[0].cfg.tie_embeddings else None
+        self.tied, self.embedding_group = tied, (group if tied else None)
+        last_copy = [t for c in self.chunks if c.tok_emb is None and (t := tied_copy(c)) is not None]
+        self.norm_params = [
+            p for c in self.chunks for p in norm_parameters(c, sharding=sharding_of(c))
+            if not any(p is t for t in last_copy)  # the tied weight counts once: on the first stage
+        ]  # fmt: skip
+
+    def __call__(self, batches: Sequence[Batch]) -> StepResult:
+        device = self.params[0].device
+        n_tokens = sum((y != IGNORE_INDEX).sum() for _, y in batches).to(device=device, dtype=torch.float64)
+        if self.dp_group is not None:
+            dist.all_reduce(n_tokens, group=self.dp_group)
+        scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
+        local = self.runner.run(batches, n_tokens, scale)
+        for c in self.chunks:
+            finish_tp_grads(c, sharding=sharding_of(c))
+        if self.embedding_group is not None and dist.get_world_size(self.embedding_group) > 1:
+            for t in self.tied:  # both copies end with the sum: they stay equal after the update
+                if t.grad is None:
+                    t.grad = torch.zeros_like(t)
+            allreduce_grads(self.tied, self.embedding_group)
+        if self.dp_group is not None:
+            allreduce_grads(self.params, self.dp_group)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            agree_found_inf(self.scaler, self.optimizer, self.mp_group)
+        grad_norm = float(clip_grad_norm(self.params, self.clip, group=self.mp_group, norm_parameters=self.norm_params))
+        if self.scaler is not None:
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale_before
+        else:
+            skipped = not math.isfinite(grad_norm)
+            if not skipped:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(local, group=self.pp_group)  # only the last stage holds a loss
+        if self.dp_group is not None:
+            dist.all_reduce(local, group=self.dp_group)
+        n = int(n_tokens.item())
+        backoff = skipped and self.scaler is not None and self.scaler.get_scale() >= 1.0
+        return StepResult(local.item() / max(n, 1), grad_norm, n, skipped, scale_backoff=backoff)
