@@ -1,10 +1,9 @@
 """The training entry point: `python -m engine.train [--config F] [--section.key value ...]`, launched by torchrun.
 
-Build order (docs/architecture.md): resolve the config and the resume target -> process groups (`ParallelDims`) ->
-data -> the plain model on the meta device -> `parallelize_gpt` (tensor/sequence parallelism, recomputation,
+Build order (docs/architecture.md): config and resume target -> process groups (`ParallelDims`) -> data -> the
+plain model on the meta device -> `parallelize_gpt` (pipeline stages, tensor/sequence parallelism, recomputation,
 materialisation, per-parameter seeded init, data parallelism) -> optimizer -> restore a checkpoint -> the loop. The
-pieces live in `engine.training`: the step (samples' micro-batches, per-token loss normalisation, loss scaling,
-clipping, the non-finite guard), precision, the resume policy and training state, the sample stream, the dry run.
+pieces live in `engine.training`: the step (or the pipeline step), precision, resume, samples, the dry run.
 """
 
 from __future__ import annotations
@@ -72,10 +71,10 @@ class _Run:
         from engine.parallel.dims import ParallelDims
         from engine.parallel.parallelize import check_tensor_parallel, parallelize_gpt
         from engine.parallel.rng import rng_tracker_of
-        from engine.parallel.sharding import sharding_of
+        from engine.parallel.sharding import ShardingRegistry, sharding_of
         from engine.parallel.state import init_process_group
         from engine.training import precision, resume
-        from engine.training.step import TrainStep
+        from engine.training.pipeline_step import build_step
 
         cfg, p = self.cfg, self.cfg.parallel
         self.run_dir = Path(cfg.run.dir)
@@ -91,7 +90,7 @@ class _Run:
         self.dims = dims = ParallelDims.from_world(tp=p.tp, pp=p.pp, cp=p.cp, dp_shard=p.dp_shard)
         self.world, self.rank, self.distributed = dims.world_size, dims.rank, dims.world_size > 1
         self.dp, self.dp_rank, self.tp_rank = dims.dp, dims.rank_in("dp"), dims.rank_in("tp")
-        self.layout = {**dims.as_dict(), "sp": self.sp}
+        self.layout = {**dims.as_dict(), "sp": self.sp, "virtual_stages": p.virtual_stages}
         self.micro, self.accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, self.dp)
 
         data = load_data_sources(cfg)
@@ -120,15 +119,14 @@ class _Run:
 
         with torch.device("meta"):
             model = GPT(model_cfg)
-        [self.ddp] = parallelize_gpt(model, dims, self.rcfg, device=self.device)
-        self.model, self.sharding, self.tracker = model, sharding_of(model), rng_tracker_of(model)
-        self.optimizer = build_optimizer(model, cfg.optim)
+        wrapped = parallelize_gpt(model, dims, self.rcfg, device=self.device)  # this rank's chunks
+        self.chunks = [getattr(c, "module", c) for c in wrapped]  # without DDP's wrapper
+        self.sharding = ShardingRegistry.merge([sharding_of(c) for c in self.chunks])
+        self.trackers = [rng_tracker_of(c) for c in self.chunks]
+        self.optimizer = build_optimizer(torch.nn.ModuleList(self.chunks), cfg.optim)
         self.scaler = precision.make_scaler(self.dtype)
-        self.mp_group = dims.group("model_parallel") if self.tp > 1 else None
-        self.step_fn = TrainStep(
-            self.ddp, model, self.optimizer, cfg.optim.clip, lambda: precision.autocast(self.dtype, self.device),
-            self.scaler, dims.group("dp") if self.dp > 1 else None, self.mp_group,
-        )  # fmt: skip
+        self.autocast = lambda: precision.autocast(self.dtype, self.device)
+        self.step_fn = build_step(wrapped, self.optimizer, self.rcfg, dims, self.micro, self.autocast, self.scaler)
         # Host generators: the same on every rank; torch's default one differs over dp (dropout masks follow the
         # data) and stays equal over the tp ranks of a dp rank (replicated regions draw the same masks).
         random.seed(seed)
@@ -137,8 +135,8 @@ class _Run:
         self.step = self.consumed = 0
         if self.loaded is not None:
             self.step, self.consumed = resume.restore_training_state(
-                self.loaded, model=model, optimizer=self.optimizer, sharding=self.sharding, scaler=self.scaler,
-                rng_tracker=self.tracker, device=self.device,
+                self.loaded, chunks=self.chunks, optimizer=self.optimizer, sharding=self.sharding, scaler=self.scaler,
+                rng_trackers=self.trackers, device=self.device,
             )  # fmt: skip
 
     def train_step(self):
@@ -152,12 +150,14 @@ class _Run:
         return result, lr
 
     def evaluate(self) -> float:
-        from engine.training.evaluate import evaluate
-        from engine.training.precision import autocast
+        from engine.training.evaluate import evaluate, evaluate_pipeline
 
         dp_group = self.dims.group("dp") if self.dp > 1 else None
-        return evaluate(self.model, self.valid_ds, self.cfg.eval.batches, self.cfg.train.global_batch, self.micro,
-                        self.dp_rank, self.dp, self.device, lambda: autocast(self.dtype, self.device), dp_group)
+        args = (self.valid_ds, self.cfg.eval.batches, self.cfg.train.global_batch, self.micro, self.dp_rank, self.dp,
+                self.device)  # fmt: skip
+        if self.dims.pp_enabled:
+            return evaluate_pipeline(self.step_fn.runner, *args, self.dims.group("pp"), dp_group)
+        return evaluate(self.chunks[0], *args, self.autocast, dp_group)
 
     def save(self) -> Path:
         from engine.training.resume import save_training_state
@@ -165,8 +165,8 @@ class _Run:
         meta = {"consumed_samples": self.consumed, "layout": self.layout, "config": self.rcfg.to_dict(),
                 "scheduler": {"step": self.step, "decay_steps": self.rcfg.optim.decay_steps}}  # fmt: skip
         return save_training_state(
-            self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer, sharding=self.sharding,
-            scaler=self.scaler, rng_tracker=self.tracker, device=self.device, meta=meta, toml=self.rcfg.to_toml(),
+            self.ckpt_root, self.step, chunks=self.chunks, optimizer=self.optimizer, sharding=self.sharding,
+            scaler=self.scaler, rng_trackers=self.trackers, device=self.device, meta=meta, toml=self.rcfg.to_toml(),
             keep=self.cfg.checkpoint.keep, tp_rank=self.tp_rank, dp_rank=self.dp_rank,
         )  # fmt: skip
 
@@ -209,6 +209,7 @@ def _loop(run: _Run) -> TrainResult:
 
         n, n_body = count_params(rcfg.model), count_params(rcfg.model, non_embedding=True)  # the whole model's
         tp = f", tp {run.tp}{' + sp' if run.sp else ''}" if run.tp > 1 else ""
+        tp += f", pp {run.dims.pp} ({cfg.parallel.pp_schedule})" if run.dims.pp_enabled else ""
         logger.write(
             f"model: {rcfg.model.arch}, {n / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
             f"{run.flops_per_token / 1e6:.2f} MFLOPs/token; device {run.device.type} ({run.dtype}), dp {run.dp}{tp}, "

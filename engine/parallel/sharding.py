@@ -99,6 +99,14 @@ class ShardingRegistry:
         for name, spec in (entries or {}).items():
             self._entries[canonical_name(name)] = spec
 
+    @classmethod
+    def merge(cls, registries: list[ShardingRegistry]) -> ShardingRegistry:
+        """One registry over several model chunks (a rank's pipeline stages; their names are distinct)."""
+        out = cls(tp_group=next((r.tp_group for r in registries if r.tp_group is not None), None))
+        for r in registries:
+            out._entries.update(r._entries)
+        return out
+
     def get(self, name: str) -> ParamSharding | None:
         return self._entries.get(canonical_name(name))
 

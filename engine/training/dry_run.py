@@ -49,15 +49,23 @@ class DryRunReport:
     ranks: list[RankMemory]
 
 
-def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int) -> RankMemory:
+def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_batches: int) -> RankMemory:
     with torch.device("meta"):
         model = GPT(model_cfg)
-    [chunk] = parallelize_gpt(model, dims, cfg, device="meta")
-    n = sum(p.numel() for p in chunk.parameters())  # each shared tensor once
+    chunks = parallelize_gpt(model, dims, cfg, device="meta")  # this rank's pipeline stages (one without pp)
+    n = sum(p.numel() for p in torch.nn.ModuleList(chunks).parameters())  # each shared tensor once
     sp = cfg.parallel.sp and dims.tp_enabled
+    in_flight = 1.0
+    if dims.pp_enabled:  # micro-batches whose activations the schedule holds at once on this rank, per chunk
+        from engine.parallel.pipeline.simulate import simulate
+
+        peak = simulate(cfg.parallel.pp_schedule, dims.pp, len(chunks), micro_batches).peak_in_flight
+        in_flight = peak[dims.rank_in("pp")] / len(chunks)
     act = estimate_activations(
-        model_cfg.seq_len, micro, model_cfg.d_model, model_cfg.n_heads, model_cfg.vocab_size, model_cfg.n_layers,
-        tp=dims.tp, sp=sp, recompute=model_cfg.recompute,
+        model_cfg.seq_len, micro, model_cfg.d_model, model_cfg.n_heads, model_cfg.vocab_size,
+        sum(len(c.layers) for c in chunks), tp=dims.tp, sp=sp, recompute=model_cfg.recompute,
+        first_stage=any(c.tok_emb is not None for c in chunks), last_stage=any(c.output is not None for c in chunks),
+        in_flight_microbatches=in_flight,
     )  # fmt: skip
     return RankMemory(dims.rank, n, 4 * n, 4 * n, optimizer_state_bytes(n, cfg.optim.name), act.total_bytes)
 
@@ -79,14 +87,19 @@ def dry_run(cfg: Config, vocab_size: int | None = None, out: Callable[[str], Non
     world = int(os.environ.get("WORLD_SIZE", model_ranks))
     dims0 = ParallelDims(p.tp, p.pp, p.cp, p.dp_shard, world, 0)  # checks the layout
     check_tensor_parallel(model_cfg, p.tp, p.sp and p.tp > 1)
-    micro, _ = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, dims0.dp)
+    micro, accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, dims0.dp)
+    if p.pp > 1:
+        from engine.parallel.pipeline.schedules import check_schedule
+
+        check_schedule(p.pp_schedule, p.pp, p.virtual_stages, accum)
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     ranks = []
     for rank in range(model_ranks):  # the first replica: dp rank 0
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
         try:
-            ranks.append(_rank_memory(cfg, model_cfg, ParallelDims(p.tp, p.pp, p.cp, p.dp_shard, world, rank), micro))
+            dims = ParallelDims(p.tp, p.pp, p.cp, p.dp_shard, world, rank)
+            ranks.append(_rank_memory(cfg, model_cfg, dims, micro, accum))
         finally:
             dist.destroy_process_group()
     report = DryRunReport(count_params(model_cfg), count_params(model_cfg, non_embedding=True), world, micro, ranks)
@@ -104,8 +117,8 @@ def _print(report: DryRunReport, cfg: Config, model_cfg, dims: ParallelDims, out
         f"layout {layout}{sp}"
     )
     out(
-        f"per rank (fp32 parameters and gradients, {cfg.optim.name} state, activations of one micro-batch of "
-        f"{report.micro_batch} x {model_cfg.seq_len} tokens, recompute {model_cfg.recompute}):"
+        f"per rank (fp32 parameters and gradients, {cfg.optim.name} state, activations of the micro-batches of "
+        f"{report.micro_batch} x {model_cfg.seq_len} tokens the schedule holds, recompute {model_cfg.recompute}):"
     )
     out(f"{'rank':>5} {'parameters':>15} {'param bytes':>12} {'grad bytes':>12} {'optimizer':>12} "
         f"{'activations':>12} {'total':>12}")  # fmt: skip

@@ -35,3 +35,28 @@ def evaluate(
     if dp_group is not None:
         dist.all_reduce(total, group=dp_group)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+@torch.no_grad()
+def evaluate_pipeline(
+    runner: Any, ds: Any, batches: int, global_batch: int, micro: int, dp_rank: int, dp: int, device: torch.device,
+    pp_group: dist.ProcessGroup, dp_group: dist.ProcessGroup | None = None,
+) -> float:  # fmt: skip
+    """`evaluate` through a pipeline (engine.parallel.pipeline.runner.PipelineRunner.forward_only): the last stage
+    holds the losses, summed over the pipeline group so every rank returns the same value."""
+    for chunk in runner.chunks:
+        chunk.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    try:
+        for b in range(batches):
+            indices = micro_batches(b * global_batch, global_batch, micro, dp_rank, dp)
+            data = [collate(ds, idx, device) for idx in indices]
+            total[0] += runner.forward_only(data)
+            total[1] += sum((y != IGNORE_INDEX).sum() for _, y in data)
+    finally:
+        for chunk in runner.chunks:
+            chunk.train()
+    dist.all_reduce(total[:1], group=pp_group)
+    if dp_group is not None:
+        dist.all_reduce(total, group=dp_group)
+    return (total[0] / total[1].clamp(min=1)).item()

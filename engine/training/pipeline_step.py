@@ -23,6 +23,7 @@ from engine.optim.clip import clip_grad_norm
 from engine.parallel.dims import ParallelDims
 from engine.parallel.grads import finish_tp_grads, norm_parameters
 from engine.parallel.pipeline.runner import PipelineRunner
+from engine.parallel.pipeline.schedules import check_schedule
 from engine.parallel.sequence import allreduce_grads
 from engine.parallel.sharding import sharding_of
 from engine.training.precision import agree_found_inf
@@ -107,3 +108,24 @@ class PipelineStep:
         n = int(n_tokens.item())
         backoff = skipped and self.scaler is not None and self.scaler.get_scale() >= 1.0
         return StepResult(local.item() / max(n, 1), grad_norm, n, skipped, scale_backoff=backoff)
+
+
+def build_step(
+    chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer, cfg, dims: ParallelDims, micro: int,
+    autocast: Callable[[], contextlib.AbstractContextManager], scaler: torch.amp.GradScaler | None,
+):  # fmt: skip
+    """The step for a layout: TrainStep over the (DDP-wrapped) model, or with pipeline parallelism a PipelineStep
+    running `cfg.parallel.pp_schedule` over this rank's chunks."""
+    from engine.training.step import TrainStep
+
+    if not dims.pp_enabled:
+        [wrapped] = chunks
+        inner = getattr(wrapped, "module", wrapped)
+        mp = dims.group("model_parallel") if dims.tp_enabled else None
+        return TrainStep(wrapped, inner, optimizer, cfg.optim.clip, autocast, scaler,
+                         dims.group("dp") if dims.dp_enabled else None, mp)  # fmt: skip
+    micro_batches = cfg.train.global_batch // (micro * dims.dp)
+    check_schedule(cfg.parallel.pp_schedule, dims.pp, cfg.parallel.virtual_stages, micro_batches)
+    seq = cfg.model.seq_len // (dims.tp if cfg.parallel.sp and dims.tp_enabled else 1)
+    shape = (micro, seq, cfg.model.d_model)
+    return PipelineStep(chunks, optimizer, cfg.optim.clip, autocast, dims, cfg.parallel.pp_schedule, shape, scaler)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], label: st
 
 
 def layout_text(layout: dict[str, Any]) -> str:
-    keys = ("world_size", "dp", "tp", "sp", "pp", "cp", "dp_shard")
+    keys = ("world_size", "dp", "tp", "sp", "pp", "virtual_stages", "cp", "dp_shard")
     return " ".join(f"{k}={layout[k]}" for k in keys if k in layout)
 
 
@@ -111,12 +112,13 @@ def open_checkpoint(path: Path, cfg: Config, rcfg: Config, layout: dict[str, Any
     """Loads (verified) the checkpoint at `path` for this rank after checking that this run may resume from it;
     may set rcfg.optim.decay_steps to the checkpoint's (see module docstring)."""
     saved = read_manifest(path).get("layout", {})
-    if saved.get("tp", 1) != layout["tp"]:
-        raise CheckpointError(
-            f"checkpoint {path} was saved with tp={saved.get('tp', 1)} ({layout_text(saved)}), this run has "
-            f"tp={layout['tp']} ({layout_text(layout)}); resuming into another tp (resharding) is not implemented "
-            f"yet: run with --parallel.tp {saved.get('tp', 1)}"
-        )
+    for key in ("tp", "pp", "virtual_stages"):
+        if saved.get(key, 1) != layout.get(key, 1):
+            raise CheckpointError(
+                f"checkpoint {path} was saved with {key}={saved.get(key, 1)} ({layout_text(saved)}), this run has "
+                f"{key}={layout.get(key, 1)} ({layout_text(layout)}); resuming into another {key} (resharding) is not "
+                f"implemented yet: run with --parallel.{key} {saved.get(key, 1)}"
+            )
     loaded = load_checkpoint(path, rank=rank)
     saved_cfg = loaded.manifest.get("config", {})
     saved_decay = saved_cfg.get("optim", {}).get("decay_steps")
@@ -165,17 +167,30 @@ def _param_of(key: str) -> str:
     return key[len("optim.") :].rpartition(".")[0]
 
 
-def _named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {canonical_name(n): p for n, p in model.named_parameters()}
+def _named_parameters(chunks: Sequence[nn.Module]) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+    """(canonical name -> parameter over this rank's chunks, tied copy's name -> the name whose values it holds).
+    A tied embedding's copy held apart from the embedding (a last pipeline stage's output weight) is not saved: the
+    checkpoint's global view holds the embedding once, as an unsplit model's does."""
+    params: dict[str, nn.Parameter] = {}
+    aliases: dict[str, str] = {}
+    for chunk in chunks:
+        tied = getattr(chunk, "tied_aliases", {}) if getattr(chunk, "tok_emb", 0) is None else {}
+        for n, p in chunk.named_parameters():
+            name = canonical_name(n)
+            params[name] = p
+            if name in tied:
+                aliases[name] = tied[name]
+    return params, aliases
 
 
 def save_training_state(
-    root: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, sharding: ShardingRegistry,
-    scaler: Any, rng_tracker: Any, device: torch.device, meta: dict[str, Any], toml: str, keep: int,
-    tp_rank: int, dp_rank: int,
+    root: Path, step: int, *, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer,
+    sharding: ShardingRegistry, scaler: Any, rng_trackers: Sequence[Any], device: torch.device, meta: dict[str, Any],
+    toml: str, keep: int, tp_rank: int, dp_rank: int,
 ) -> Path:  # fmt: skip
-    """Writes checkpoint `step` (a collective over every rank; see module docstring for who writes what)."""
-    params = _named_parameters(model)
+    """Writes checkpoint `step` (a collective over every rank; see module docstring for who writes what).
+    `chunks`: this rank's model chunks (one without pipeline parallelism)."""
+    params, aliases = _named_parameters(chunks)
     bad = [name for name, p in params.items() if not torch.isfinite(p.detach()).all()]
     flag = torch.tensor([float(len(bad))], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:  # every rank refuses together (no rank left waiting)
@@ -194,6 +209,8 @@ def save_training_state(
     for group, named in tensors.items():
         out[group] = {}
         for key, value in named.items():
+            if (_param_of(key) if group == "optim" else key) in aliases:
+                continue  # a tied copy: its values and state are the embedding's
             spec = sharding.get(_param_of(key) if group == "optim" else key)
             if spec is None or not spec.sharded or value.dim() != len(spec.global_shape):
                 if tp_rank == 0:  # replicated (or a scalar state such as `step`): written once
@@ -211,7 +228,8 @@ def save_training_state(
         objects={"optim": ometa, "scaler": scaler.state_dict() if scaler is not None else None},
         rank_objects={
             "rng": capture_rng_state(device),
-            "rng_tracker": rng_tracker.get_states() if rng_tracker is not None else None,
+            "rng_tracker": [t.get_states() if t is not None else None for t in rng_trackers],
+            "optim": ometa,  # each pipeline stage's optimizer holds its own parameters
         },
         meta=meta,
         texts={"config.toml": toml},
@@ -231,29 +249,40 @@ def _local(value: torch.Tensor, spec: Any, what: str) -> torch.Tensor:
 
 @torch.no_grad()
 def restore_training_state(
-    ck: LoadedCheckpoint, *, model: nn.Module, optimizer: torch.optim.Optimizer, sharding: ShardingRegistry,
-    scaler: Any, rng_tracker: Any, device: torch.device,
+    ck: LoadedCheckpoint, *, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer,
+    sharding: ShardingRegistry, scaler: Any, rng_trackers: Sequence[Any], device: torch.device,
 ) -> tuple[int, int]:  # fmt: skip
     """Loads a checkpoint's full tensors into this rank's (sliced) parameters and optimizer, the loss scaler and
-    this rank's RNG states; returns (step, consumed samples)."""
-    params = _named_parameters(model)
+    this rank's RNG states; returns (step, consumed samples). A tied copy takes the embedding's tensors."""
+    params, aliases = _named_parameters(chunks)
     saved = ck.tensors["model"]
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    needed = {aliases.get(n, n) for n in params}
+    missing = sorted(needed - set(saved))
+    whole = len(chunks) == 1 and all(getattr(chunks[0], k, None) is not None for k in ("tok_emb", "output"))
+    unexpected = sorted(set(saved) - needed) if whole else []  # a pipeline stage holds only its own part
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {ck.path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     for name, p in params.items():
-        value = _local(saved[name], sharding.get(name), name)
+        value = _local(saved[aliases.get(name, name)], sharding.get(name), name)
         if tuple(value.shape) != tuple(p.shape):
             raise CheckpointError(
                 f"checkpoint {ck.path} does not fit this model: {name} has shape {tuple(value.shape)}, "
                 f"the model's {tuple(p.shape)}"
             )
         p.copy_(value)
-    optim = {k: _local(v, sharding.get(_param_of(k)), k) for k, v in ck.tensors.get("optim", {}).items()}
+    holders: dict[str, list[str]] = {}  # saved parameter name -> the live parameters taking its optimizer state
+    for name in params:
+        holders.setdefault(aliases.get(name, name), []).append(name)
+    optim = {}
+    for key, value in ck.tensors.get("optim", {}).items():
+        source, state = _param_of(key), key.rpartition(".")[2]
+        for name in holders.get(source, []):
+            optim[f"optim.{name}.{state}"] = _local(value, sharding.get(name), key)
     try:
-        named_to_optimizer_state(optimizer, {id(p): n for n, p in params.items()}, optim, ck.objects["optim"])
+        meta = (ck.rank_objects or {}).get("optim") or ck.objects["optim"]  # this rank's groups when saved per rank
+        named_to_optimizer_state(optimizer, {id(p): n for n, p in params.items()}, optim, meta)
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().strip("'").splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {ck.path} does not fit this optimizer: {first}") from None
@@ -261,7 +290,7 @@ def restore_training_state(
         scaler.load_state_dict(ck.objects["scaler"])
     if ck.rank_objects is not None:  # the same rank existed when it was saved (a new layout keeps fresh seeds)
         restore_rng_state(ck.rank_objects["rng"], device)
-        tracker = ck.rank_objects.get("rng_tracker")
-        if tracker and rng_tracker is not None:  # same tp (checked), so the same tp rank
-            rng_tracker.set_states({k: tuple(v) for k, v in tracker.items()})
+        for tracker, states in zip(rng_trackers, ck.rank_objects.get("rng_tracker") or []):
+            if states and tracker is not None:  # same tp and pp (checked), so the same ranks
+                tracker.set_states({k: tuple(v) for k, v in states.items()})
     return int(ck.manifest["step"]), int(ck.manifest["consumed_samples"])

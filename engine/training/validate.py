@@ -34,19 +34,21 @@ def check_config(cfg: Config) -> None:
     if cfg.train.fp8 != "off":
         raise TrainError("train.fp8 is not supported by this training loop yet; use --train.fp8 off")
     p = cfg.parallel
-    if isinstance(p.tp, bool) or not isinstance(p.tp, int) or p.tp < 1:
-        raise ConfigError(f"parallel.tp must be a positive integer, got {p.tp!r}")
-    for key in ("pp", "cp", "dp_shard"):
+    for key in ("tp", "pp", "virtual_stages"):
+        value = getattr(p, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"parallel.{key} must be a positive integer, got {value!r}")
+    for key in ("cp", "dp_shard"):
         if getattr(p, key) != 1:
             raise TrainError(f"parallel.{key}={getattr(p, key)} is not supported by this training loop yet; use 1")
     if cfg.checkpoint.async_:
         raise TrainError("checkpoint.async is not supported by this training loop yet; use --checkpoint.async false")
     if p.zero1:
         raise TrainError("parallel.zero1 is not supported by this training loop yet; set it false")
-    if p.pp == 1 and (p.pp_schedule != "1f1b" or p.virtual_stages != 1):
+    if p.pp == 1 and (p.pp_schedule != "1f1b" or p.virtual_stages != 1 or p.pp_layers):
         raise TrainError(
-            "parallel.pp_schedule and parallel.virtual_stages apply to pipeline parallelism (parallel.pp > 1), "
-            "which is not implemented yet; leave them at 1f1b and 1"
+            "parallel.pp_schedule, parallel.virtual_stages and parallel.pp_layers apply to pipeline parallelism: "
+            "set parallel.pp > 1, or leave them at 1f1b, 1 and empty"
         )
     if cfg.train.max_skipped_steps < 1:
         raise ConfigError(f"train.max_skipped_steps must be >= 1, got {cfg.train.max_skipped_steps}")

@@ -155,7 +155,7 @@ def test_tp_sp_and_tp_x_dp_train_like_one_process_and_resume_exactly(tmp_path, t
     rng = [torch.load(dp_ckpt / f"rank_r{r:05d}.pt", weights_only=True) for r in range(4)]
     assert torch.equal(rng[0]["rng"]["torch"], rng[1]["rng"]["torch"])
     assert not torch.equal(rng[0]["rng"]["torch"], rng[2]["rng"]["torch"])
-    tp_streams = [r["rng_tracker"]["tp"][0] for r in rng]
+    tp_streams = [r["rng_tracker"][0]["tp"][0] for r in rng]
     assert all(not torch.equal(tp_streams[i], tp_streams[j]) for i in range(4) for j in range(i))
 
     # Resuming into another tp is refused in one line naming both layouts, and leaves the run as it was.

@@ -106,3 +106,27 @@ class PipelineRunner:
         for work, _ in pending:
             work.wait()
         return total
+
+    @torch.no_grad()
+    def forward_only(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Evaluation through the pipeline: every micro-batch forward through this rank's chunks in stage order
+        (chunk 0 first), no backward; returns this rank's sum of per-token losses (non-zero on the last stage)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        pending = []
+        for i, (x, y) in enumerate(batches):
+            for c, chunk in enumerate(self.chunks):
+                s = stage_of(c, self.rank, self.pp)
+                if s == 0:
+                    inp = x
+                else:
+                    inp = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                    dist.irecv(inp, src=self._peer(s - 1), tag=self._tag(0, s, i)).wait()
+                with self.autocast():
+                    if s == self.last_stage:
+                        total += chunk(inp, y, reduction="sum").double()
+                        continue
+                    out = chunk(inp).contiguous()
+                pending.append((dist.isend(out, dst=self._peer(s + 1), tag=self._tag(0, s + 1, i)), out))
+        for work, _ in pending:
+            work.wait()
+        return total
