@@ -11,7 +11,6 @@ stage, is summed over the pipeline group so every rank logs it.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,15 +18,13 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.model.head import IGNORE_INDEX
-from engine.optim.clip import clip_grad_norm
 from engine.parallel.dims import ParallelDims
 from engine.parallel.grads import finish_tp_grads, norm_parameters
 from engine.parallel.pipeline.runner import PipelineRunner
 from engine.parallel.pipeline.schedules import check_schedule
 from engine.parallel.sequence import allreduce_grads
 from engine.parallel.sharding import sharding_of
-from engine.training.precision import agree_found_inf
-from engine.training.step import Batch, StepResult
+from engine.training.step import Batch, StepResult, update
 
 
 def tied_copy(chunk: nn.Module) -> nn.Parameter | None:
@@ -88,25 +85,13 @@ class PipelineStep:
             allreduce_grads(self.tied, self.embedding_group)
         if self.dp_group is not None:
             allreduce_grads(self.params, self.dp_group)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            agree_found_inf(self.scaler, self.optimizer, self.mp_group)
-        grad_norm = float(clip_grad_norm(self.params, self.clip, group=self.mp_group, norm_parameters=self.norm_params))
-        if self.scaler is not None:
-            scale_before = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < scale_before
-        else:
-            skipped = not math.isfinite(grad_norm)
-            if not skipped:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped, backoff = update(
+            self.optimizer, self.params, self.clip, self.scaler, self.mp_group, self.norm_params
+        )
         dist.all_reduce(local, group=self.pp_group)  # only the last stage holds a loss
         if self.dp_group is not None:
             dist.all_reduce(local, group=self.dp_group)
         n = int(n_tokens.item())
-        backoff = skipped and self.scaler is not None and self.scaler.get_scale() >= 1.0
         return StepResult(local.item() / max(n, 1), grad_norm, n, skipped, scale_backoff=backoff)
 
 

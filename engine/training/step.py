@@ -96,23 +96,38 @@ class TrainStep:
         local = self.forward_backward(batches, n_tokens)
         if self.tp_enabled:
             finish_tp_grads(self.inner, sharding=self.sharding)  # after DDP's reduction over dp: the sum is linear
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            if self.mp_group is not None:
-                agree_found_inf(self.scaler, self.optimizer, self.mp_group)
-        grad_norm = float(clip_grad_norm(self.params, self.clip, group=self.mp_group, norm_parameters=self.norm_params))
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < scale  # the scaler backs off exactly when it skipped the step
-        else:
-            skipped = not math.isfinite(grad_norm)
-            if not skipped:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped, backoff = update(
+            self.optimizer, self.params, self.clip, self.scaler, self.mp_group, self.norm_params
+        )
         if self.dp_group is not None:  # the tp ranks of a dp rank already hold the same full loss
             dist.all_reduce(local, group=self.dp_group)
         n = int(n_tokens.item())
-        backoff = skipped and self.scaler is not None and self.scaler.get_scale() >= 1.0
         return StepResult(local.item() / max(n, 1), grad_norm, n, skipped, scale_backoff=backoff)
+
+
+def update(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    clip: float,
+    scaler: torch.amp.GradScaler | None,
+    mp_group: dist.ProcessGroup | None,
+    norm_params: list[torch.Tensor] | None,
+) -> tuple[float, bool, bool]:
+    """Unscales (fp16), clips by the global norm over `mp_group` (each element counted once: `norm_params`) and steps
+    the optimizer unless the norm is not finite; returns (norm, skipped, skipped by a routine fp16 scale back-off)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+        if mp_group is not None:
+            agree_found_inf(scaler, optimizer, mp_group)
+    grad_norm = float(clip_grad_norm(params, clip, group=mp_group, norm_parameters=norm_params))
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped the step
+    else:
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped, skipped and scaler is not None and scaler.get_scale() >= 1.0
