@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.parallel.pipeline.deferred import deferrable_linear
 from engine.parallel.sequence import (
     ShapeError,
     all_gather,
@@ -209,6 +210,7 @@ class _ShardedLinear(nn.Module):
 
     weight_spec: ParamSharding
     bias_spec: ParamSharding
+    weight_grad_store = None  # set by a zero-bubble pipeline runner: the weight gradient waits for the W pass
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs):
@@ -282,7 +284,7 @@ class ColumnParallelLinear(_ShardedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.skip_input_comm:
             x = enter_tp_region(x, self.group, self.sequence_parallel, self.seq_dim)
-        y = F.linear(x, self.weight, self.bias)
+        y = deferrable_linear(x, self.weight, self.bias, self.weight_grad_store)
         if self.gather_output:
             y = gather_from_tp_region(y, self.group)
             if self.padded_out_features != self.out_features:
@@ -338,7 +340,7 @@ class RowParallelLinear(_ShardedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.group)
-        y = F.linear(x, self.weight)
+        y = deferrable_linear(x, self.weight, None, self.weight_grad_store)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.group, self.seq_dim)
         else:

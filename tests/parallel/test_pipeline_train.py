@@ -1,5 +1,6 @@
 """Pipeline parallelism trains like one process (docs/contracts.md, layout invariance): the schedules' runner over
-real gloo processes, composed with dp and tp (+sp), tied embeddings split over the first and last stage."""
+real gloo processes (GPipe, 1F1B, interleaved, ZB-H1 with its split backward), composed with dp and tp (+sp), tied
+embeddings split over the first and last stage."""
 
 import contextlib
 
@@ -79,6 +80,7 @@ def _worker(rank, world):
                 check("llama", {}, dims, schedule, micro)
         check("llama", {}, dims, "interleaved", 1, v=2)  # 4 micro-batches, 4 stages over 4 layers
         check("gpt2", dict(arch="gpt2", tie_embeddings=True), dims, "1f1b", 2)  # tied, split over stages 0 and 1
+        check("gpt2", dict(arch="gpt2", tie_embeddings=True), dims, "zb", 1)  # split backward, biases, 4 micro
     finally:
         dims.destroy()
     dims = ParallelDims.from_world(pp=4)
@@ -86,12 +88,14 @@ def _worker(rank, world):
         check("llama", {}, dims, "1f1b", 1)  # 8 micro-batches
         check("llama8", dict(n_layers=8), dims, "interleaved", 2, v=2)  # 4 micro-batches, 8 stages
         check("gpt2", dict(arch="gpt2", tie_embeddings=True), dims, "gpipe", 2)
+        check("llama", {}, dims, "zb", 1)  # 8 micro-batches, W deferred by up to 3 iterations
     finally:
         dims.destroy()
     dims = ParallelDims.from_world(pp=2, tp=2)
     try:
         for sp in (False, True):
             check("llama", {}, dims, "1f1b", 2, sp=sp)
+        check("llama", {}, dims, "zb", 2, sp=True)  # column/row-parallel linears defer their weight gradients
     finally:
         dims.destroy()
     return runs
@@ -100,4 +104,4 @@ def _worker(rank, world):
 @pytest.mark.distributed
 def test_pipeline_layouts_train_like_one_process():
     results = run_distributed(_worker, 4, timeout=300)
-    assert all(len(r) == 11 for r in results)
+    assert all(len(r) == 14 for r in results)

@@ -26,7 +26,7 @@ def _pp2_worker(rank, world, root, data):
     from pathlib import Path
 
     root = Path(root)
-    out = {s: _run(root / s, data, parallel__pp=2, parallel__pp_schedule=s) for s in ("1f1b", "gpipe")}
+    out = {s: _run(root / s, data, parallel__pp=2, parallel__pp_schedule=s) for s in ("1f1b", "gpipe", "zb")}
     # 3 steps, stop, resume to 6: bit-identical to the straight 1f1b run (same layout)
     _run(root / "split", data, parallel__pp=2, train__steps=3)
     out["resumed"] = _run(root / "split", data, parallel__pp=2)
@@ -38,7 +38,7 @@ def test_pipeline_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_dat
     results = run_distributed(_pp2_worker, 2, str(tmp_path), tiny_data, timeout=240)
     ref = _run(tmp_path / "one", tiny_data)
     for r in results:
-        for schedule in ("1f1b", "gpipe"):
+        for schedule in ("1f1b", "gpipe", "zb"):
             for got, want, what in zip(r[schedule], ref, ("losses", "grad norms", "val losses")):
                 _close(got, want, f"pp 2 {schedule} {what}")
         resumed, straight = r["resumed"], r["1f1b"]

@@ -1,5 +1,6 @@
-"""Pipeline parallelism: schedules as data (schedules.py) and a simulator that checks them (simulate.py); the stage
-splitting, point-to-point exchange and the runner that executes the schedules come next.
+"""Pipeline parallelism: schedules as data (schedules.py), a simulator that checks them (simulate.py), stage
+splitting (stages.py), the runner that executes a rank's actions (runner.py) and the split backward of zero-bubble
+schedules (deferred.py).
 
 Names load on first use.
 """

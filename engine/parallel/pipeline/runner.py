@@ -7,7 +7,9 @@ dtype (the residual stream), so receivers allocate their buffers without a hands
 (simulate.py) proves the schedules deadlock-free. Each message carries a tag unique to (direction, chunk,
 micro-batch). A chunk's saved input and output are dropped as soon as its backward has run. The last stage turns its
 output into the loss: the sum of per-token losses divided by the global batch's loss-bearing tokens (the step's
-normalisation), times the fp16 loss scale when there is one.
+normalisation), times the fp16 loss scale when there is one. Zero-bubble schedules (ZB-H1) split the backward: B
+runs inside the weight-gradient store's `deferring`, so the chunk's linear layers queue their weight gradients, and W
+computes them (deferred.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.config import ConfigError
+from engine.parallel.pipeline.deferred import DeferredLinear, WeightGradStore
 from engine.parallel.pipeline.schedules import SPLIT_BACKWARD, build_schedule, stage_of
 
 
@@ -38,9 +40,11 @@ class PipelineRunner:
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
-        if schedule in SPLIT_BACKWARD:
-            raise ConfigError(f"parallel.pp_schedule {schedule} needs the split backward, not implemented yet")
         self.chunks, self.schedule, self.pp_ranks = list(chunks), schedule, list(pp_ranks)
+        self.store = WeightGradStore() if schedule in SPLIT_BACKWARD else None
+        if self.store is not None:
+            for chunk in self.chunks:
+                _defer_weight_grads(chunk, self.store)
         self.pp, self.rank, self.v = len(pp_ranks), pp_rank, len(chunks)
         self.shape, self.dtype, self.device, self.autocast = activation_shape, dtype, device, autocast
         self.last_stage = self.pp * self.v - 1
@@ -93,13 +97,16 @@ class PipelineRunner:
                 pending.append((dist.isend(t, dst=self._peer(s + 1), tag=self._tag(0, s + 1, i)), t))
             elif a.kind == "B":
                 out = outputs.pop((c, i))
-                if s == self.last_stage:
-                    out.backward()
-                else:
-                    torch.autograd.backward(out, received.pop(("B", c, i)))
+                with self.store.deferring((c, i)) if self.store is not None else contextlib.nullcontext():
+                    if s == self.last_stage:
+                        out.backward()
+                    else:
+                        torch.autograd.backward(out, received.pop(("B", c, i)))
                 inp = inputs.pop((c, i))
                 if s > 0:  # the gradient to send back: all this micro-batch's chunk still holds
                     inputs[(c, i)] = inp.grad
+            elif a.kind == "W":
+                self.store.run((c, i))
             elif a.kind == "SEND_B":
                 t = inputs.pop((c, i)).contiguous()
                 pending.append((dist.isend(t, dst=self._peer(s - 1), tag=self._tag(1, s - 1, i)), t))
@@ -130,3 +137,16 @@ class PipelineRunner:
         for work, _ in pending:
             work.wait()
         return total
+
+
+def _defer_weight_grads(chunk: nn.Module, store: WeightGradStore) -> None:
+    """Routes the matmul weights of a chunk's linear layers (not the output head's, which the loss kernel uses
+    directly) through the store: plain nn.Linear becomes a DeferredLinear (same parameters and names)."""
+    head = getattr(getattr(chunk, "output", None), "proj", None)
+    for module in chunk.modules():
+        if module is head:
+            continue
+        if type(module) is nn.Linear:
+            module.__class__ = DeferredLinear
+        if hasattr(type(module), "weight_grad_store"):
+            module.weight_grad_store = store
