@@ -78,3 +78,15 @@ def test_live_activations_follow_each_schedules_bound():
         assert peaks[("gpipe", 8)] == 8 * one
         assert peaks[("1f1b", 8)] == (2 - pp_rank) * one  # pp - stage
         assert peaks[("zb", 8)] == (2 - pp_rank) * one  # B frees them; W keeps only its deferred inputs
+
+
+@pytest.mark.distributed
+def test_bench_pp_measures_each_schedule(capsys):
+    from benchmarks.bench_pp import main
+
+    assert main(["--pp", "2", "--micro", "4", "--fwd-ms", "2", "--bwd-ms", "4", "--steps", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["gpipe", "1f1b", "interleaved"]
+    for r in rows:  # the step takes at least the busy time, and the bubble is at least the closed form's (roughly)
+        step, ideal, bubble, closed = map(float, r[-4:])
+        assert step >= 4 * 6e-3 and bubble > closed - 0.05
