@@ -65,3 +65,38 @@ def test_pipeline_with_dp_and_tp(tmp_path, tiny_data):
         for label, runs in r.items():
             for got, want, what in zip(runs, ref, ("losses", "grad norms", "val losses")):
                 _close(got, want, f"{label} {what}")
+
+
+def _pp4_matrix_worker(rank, world, root, data):
+    from pathlib import Path
+
+    root = Path(root)
+    out = {}
+    for schedule in ("gpipe", "1f1b", "zb"):
+        for micro in (8, 2, 1):  # 1, 4 and 8 micro-batches of the global batch of 8
+            kw = dict(parallel__pp=4, parallel__pp_schedule=schedule, train__micro_batch=micro, **MATRIX)
+            out[(schedule, micro)] = _run(root / f"{schedule}{micro}", data, **kw)
+    for micro in (2, 1):  # interleaved needs micro-batches divisible by pp: 4 and 8
+        out[("interleaved", micro)] = _run(root / f"int{micro}", data, parallel__pp=4, parallel__virtual_stages=2,
+                                           parallel__pp_schedule="interleaved", model__n_layers=8,
+                                           train__micro_batch=micro, **MATRIX)  # fmt: skip
+    return out
+
+
+MATRIX = dict(train__global_batch=8, eval__every=0, checkpoint__every=0)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pipeline_layout_matrix_pp4(tmp_path, tiny_data):
+    """pp 4 with every schedule at 1, 4 and 8 micro-batches (interleaved at 4 and 8 with 2 chunks per rank over 8
+    layers) equals one process to 1e-5 (losses and gradient norms)."""
+    results = run_distributed(_pp4_matrix_worker, 4, str(tmp_path), tiny_data, timeout=600)
+    refs = {4: _run(tmp_path / "one4", tiny_data, **MATRIX), 8: _run(tmp_path / "one8", tiny_data,
+                                                                        model__n_layers=8, **MATRIX)}  # fmt: skip
+    for r in results:
+        assert len(r) == 11
+        for (schedule, micro), runs in r.items():
+            ref = refs[8 if schedule == "interleaved" else 4]
+            for got, want, what in zip(runs[:2], ref[:2], ("losses", "grad norms")):
+                _close(got, want, f"pp 4 {schedule} micro {micro} {what}")
