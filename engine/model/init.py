@@ -39,6 +39,20 @@ def canonical_name(name: str) -> str:
     return ".".join(parts)
 
 
+def root_attribute(model: nn.Module, attribute: str):
+    """`attribute` recorded in the instance dict of `model` or of the module it wraps (DDP's `.module`,
+    torch.compile's `_orig_mod`, nested), or None."""
+    for _ in range(8):
+        value = model.__dict__.get(attribute)
+        if value is not None:
+            return value
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return None
+
+
 def param_seed(seed: int, name: str) -> int:
     """A 63-bit generator seed from (seed, canonical name); stable across runs, platforms and Python versions."""
     digest = hashlib.sha256(f"{int(seed)}/{name}".encode()).digest()

@@ -1,6 +1,7 @@
 """parallelize_gpt: turns a plain `engine.model.GPT` into this rank's model chunks for a layout, from outside.
 
 Order (torchtitan's), each step its own function so later parallelisms slot in between:
+  0. `pipeline_split`: this rank's pipeline stages (pp x virtual_stages, engine.parallel.pipeline.stages);
   1. `apply_tensor_parallel`: the plan below (module-name pattern -> style) swaps nn.Linear / nn.Embedding / the
      output head for their Megatron tensor-parallel forms (Shoeybi et al. 2019) and, with sequence parallelism
      (Korthikanti et al. 2022), marks the norms and dropouts that run on sequence shards;
@@ -10,9 +11,10 @@ Order (torchtitan's), each step its own function so later parallelisms slot in b
      (or local shard) initialised from its own seeded generator (engine.model.init), so any layout gets the same
      values;
   4. `apply_data_parallel`: DDP over the data-parallel group (it cannot wrap meta parameters, hence last), its
-     gradient reduction a sum (the step divides by the global number of loss-bearing tokens).
-Later: FP8 conversion after 1, context parallelism after 2, FSDP2 / ZeRO-1 in place of 4, pipeline splitting first.
-Returns the list of chunks this rank holds (one until pipeline parallelism splits the model).
+     gradient reduction a sum (the step divides by the global number of loss-bearing tokens); under pipeline
+     parallelism the pipeline step sums over dp instead.
+Later: FP8 conversion after 1, context parallelism after 2, FSDP2 / ZeRO-1 in place of 4.
+Returns the list of chunks this rank holds (its pipeline stages; one without pipeline parallelism).
 """
 
 from __future__ import annotations

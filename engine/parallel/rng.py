@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from engine.model.init import root_attribute
+
 TP_SEED_OFFSET = 2718  # Megatron's offset for the tensor-parallel stream
 
 
@@ -116,12 +118,4 @@ def attach_rng_tracker(model: nn.Module, tracker: RNGStatesTracker) -> None:
 def rng_tracker_of(model: nn.Module) -> RNGStatesTracker | None:
     """The tracker a parallelizer attached to `model` (through DDP's `.module` / torch.compile's `_orig_mod`), or
     None (no tensor parallelism: every draw is from the default generator)."""
-    for _ in range(8):
-        tracker = model.__dict__.get(_ATTRIBUTE)
-        if tracker is not None:
-            return tracker
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return None
-        model = inner
-    return None
+    return root_attribute(model, _ATTRIBUTE)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.model.init import canonical_name
+from engine.model.init import canonical_name, root_attribute
 
 
 @dataclass(frozen=True)
@@ -162,13 +162,4 @@ def attach_sharding(model: nn.Module, registry: ShardingRegistry) -> None:
 def sharding_of(model: nn.Module) -> ShardingRegistry:
     """The registry a parallelizer attached to `model` (looked up through DDP's `.module` and torch.compile's
     `_orig_mod`), or an empty one: every parameter replicated."""
-    seen = 0
-    while seen < 8:
-        reg = model.__dict__.get(_ATTRIBUTE)
-        if reg is not None:
-            return reg
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model, seen = inner, seen + 1
-    return ShardingRegistry()
+    return root_attribute(model, _ATTRIBUTE) or ShardingRegistry()

@@ -17,14 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.model.head import IGNORE_INDEX
 from engine.parallel.dims import ParallelDims
 from engine.parallel.grads import finish_tp_grads, norm_parameters
 from engine.parallel.pipeline.runner import PipelineRunner
 from engine.parallel.pipeline.schedules import check_schedule
 from engine.parallel.sequence import allreduce_grads
 from engine.parallel.sharding import sharding_of
-from engine.training.step import Batch, StepResult, update
+from engine.training.step import Batch, StepResult, count_tokens, update
 
 
 def tied_copy(chunk: nn.Module) -> nn.Parameter | None:
@@ -70,10 +69,7 @@ class PipelineStep:
         ]  # fmt: skip
 
     def __call__(self, batches: Sequence[Batch]) -> StepResult:
-        device = self.params[0].device
-        n_tokens = sum((y != IGNORE_INDEX).sum() for _, y in batches).to(device=device, dtype=torch.float64)
-        if self.dp_group is not None:
-            dist.all_reduce(n_tokens, group=self.dp_group)
+        n_tokens = count_tokens(batches, self.dp_group)
         scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
         local = self.runner.run(batches, n_tokens, scale)
         for c in self.chunks:

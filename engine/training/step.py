@@ -41,6 +41,14 @@ class StepResult:
     scale_backoff: bool = False  # fp16: the loss scaler skipped the step and lowered its scale (routine)
 
 
+def count_tokens(batches: Sequence[Batch], dp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """N: loss-bearing tokens in the global batch (an fp64 scalar on the targets' device; summed over dp)."""
+    n = sum((y != IGNORE_INDEX).sum() for _, y in batches).to(torch.float64)
+    if dp_group is not None:
+        dist.all_reduce(n, group=dp_group)
+    return n
+
+
 class TrainStep:
     """Runs forward/backward over a step's micro-batches and updates the parameters.
 
@@ -69,11 +77,7 @@ class TrainStep:
         self.norm_params = norm_parameters(inner, sharding=self.sharding) if self.tp_enabled else None
 
     def count_tokens(self, batches: Sequence[Batch]) -> torch.Tensor:
-        """N: loss-bearing tokens in the global batch (an fp64 scalar; summed over dp)."""
-        n = sum((y != IGNORE_INDEX).sum() for _, y in batches).to(torch.float64)
-        if self.dp_group is not None:
-            dist.all_reduce(n, group=self.dp_group)
-        return n
+        return count_tokens(batches, self.dp_group)
 
     def forward_backward(self, batches: Sequence[Batch], n_tokens: torch.Tensor) -> torch.Tensor:
         """Backward of sum_i / N for each micro-batch (DDP synchronises on the last only); returns the detached sum

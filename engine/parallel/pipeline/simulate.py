@@ -27,12 +27,12 @@ class Simulation:
         return [(self.makespan - b) / self.makespan for b in self.busy]
 
 
-def _peer(a: Action, rank: int, pp: int, v: int) -> tuple[str, int, int, int]:
+def _peer(a: Action, rank: int, pp: int) -> tuple[str, int, int]:
     """The key of the send a receive waits on: (kind, sending stage, micro)."""
     s = stage_of(a.chunk, rank, pp)
     if a.kind == "RECV_F":
-        return ("SEND_F", s - 1, a.micro, 0)
-    return ("SEND_B", s + 1, a.micro, 0)
+        return ("SEND_F", s - 1, a.micro)
+    return ("SEND_B", s + 1, a.micro)
 
 
 def simulate(
@@ -45,7 +45,7 @@ def simulate(
     split = name in SPLIT_BACKWARD
     cost = {"F": f, "B": b if split else b + w, "W": w}
     clock, pos = [0.0] * pp, [0] * pp
-    sent: dict[tuple[str, int, int, int], float] = {}
+    sent: dict[tuple[str, int, int], float] = {}
     busy = [0.0] * pp
     held, peak = [0] * pp, [0] * pp
     ran: list[set[tuple[str, int, int]]] = [set() for _ in range(pp)]
@@ -56,12 +56,12 @@ def simulate(
             while pos[r] < len(lists[r]):
                 a = lists[r][pos[r]]
                 if a.kind.startswith("RECV"):
-                    key = _peer(a, r, pp, v)
+                    key = _peer(a, r, pp)
                     if key not in sent:
                         break
                     clock[r] = max(clock[r], sent[key])
                 elif a.kind.startswith("SEND"):
-                    sent[(a.kind, stage_of(a.chunk, r, pp), a.micro, 0)] = clock[r]
+                    sent[(a.kind, stage_of(a.chunk, r, pp), a.micro)] = clock[r]
                 else:
                     need = {"B": "F", "W": "B"}.get(a.kind)
                     if need is not None and (need, a.chunk, a.micro) not in ran[r]:
