@@ -352,10 +352,11 @@ def launch_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> di
     (the Triton interpreter cannot run an autotune with more than one config).
 
     Under the interpreter 16 x 16 tiles, so CPU tests reach multi-block loops, ragged blocks and the causal band
-    with small shapes. On GPU (not yet tuned on one): for 16-bit inputs 64 x 64 tiles at head_dim <= 64 (no spills
-    when compiled for sm_90), 128 x 64 forward and 64 x 64 backward tiles at 128 (these spill a little: the
-    kernel keeps 2-D int64 pointer tiles), smaller at 256; fp32/fp64 operands take two/four times the registers
-    and shared memory of 16-bit ones, so their tiles are halved/quartered.
+    with small shapes. On GPU, for 16-bit inputs at head_dim 128: the winners of `benchmarks/sweep_kernels.py` on an
+    H200 (bf16, causal, MHA and GQA; benchmarks/RESULTS.md): forward 64 x 64 with 4 warps, dK/dV 64 queries x 64 keys
+    with 4 warps, dQ 128 queries x 64 keys with 8 warps, 3 stages each (the whole backward 1.8x faster than the
+    first guess). 64 x 64 tiles at head_dim <= 64 (no spills when compiled for sm_90), smaller at 256; fp32/fp64
+    operands take two/four times the registers and shared memory of 16-bit ones, so their tiles are halved/quartered.
     """
     if interpreting() or device.type != "cuda":
         return {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
@@ -364,7 +365,7 @@ def launch_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> di
         if d <= 64:  # no register spills at these sizes on sm_90 (cuobjdump); the larger head dims spill some
             return {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 2), "dq": (64, 64, 4, 2)}
         if d <= 128:
-            return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)}
+            return {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 4, 3), "dq": (128, 64, 8, 3)}
         return {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
     if dtype == torch.float32:
         if d <= 64:

@@ -40,6 +40,21 @@ from kernels.utils import (
 triton, tl = import_triton()  # stand-ins where triton is not installed: the torch references still run
 
 
+def launch_config(n_cols: int, fn: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, forward warps, backward warps) for rows of `n_cols`.
+
+    Rows up to 4096 wide go two or more to a program (8192 elements) with 4 warps forward, 8 backward: the best of
+    `benchmarks/sweep_kernels.py` on an H200 at 8192 x 4096 bf16 (benchmarks/RESULTS.md), the backward 1.5-2x faster
+    than one row per program with 8/16 warps. Wider rows keep one row per program and Liger's warps (twice as many
+    backward, where more tensors are live per element), which already beat torch at 16384 wide.
+    """
+    block_m, block_n = row_tile(n_cols, fn, budget=8192)
+    if block_n <= 4096:
+        return block_m, block_n, 4, 8
+    warps = num_warps_for(block_m * block_n)
+    return block_m, block_n, warps, min(32, 2 * warps)
+
+
 @triton.jit
 def _norm_fwd_kernel(
     X,
@@ -179,7 +194,7 @@ class _NormFunction(torch.autograd.Function):
         weight = None if weight is None else weight.contiguous()  # the kernels read weight and bias with stride 1
         bias = None if bias is None else bias.contiguous()
         m = x2.shape[0]
-        block_m, block_n = row_tile(n, fn)
+        block_m, block_n, fwd_warps, bwd_warps = launch_config(n, fn)
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if residual is not None:
             r2 = as_rows(residual)
@@ -214,10 +229,10 @@ class _NormFunction(torch.autograd.Function):
                 ACC=tl_acc_dtype(acc),
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
-                num_warps=num_warps_for(block_m * block_n),
+                num_warps=fwd_warps,
             )
         ctx.save_for_backward(h2, weight, bias, mean, rstd)
-        ctx.is_rms, ctx.zero_centered, ctx.shape, ctx.tile = is_rms, zero_centered, shape, (block_m, block_n)
+        ctx.is_rms, ctx.zero_centered, ctx.shape, ctx.tile = is_rms, zero_centered, shape, (block_m, block_n, bwd_warps)
         ctx.x_dtype = x.dtype
         ctx.res_dtype = None if residual is None else residual.dtype
         ctx.set_materialize_grads(False)
@@ -229,14 +244,14 @@ class _NormFunction(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         h2, weight, bias, mean, rstd = ctx.saved_tensors
         m, n = h2.shape
-        block_m, block_n = ctx.tile
+        block_m, block_n, bwd_warps = ctx.tile
         if dy is None:  # only the residual sum was used downstream
             dy = torch.zeros(ctx.shape, dtype=ctx.x_dtype, device=h2.device)
         dy2 = as_rows(dy)
         dh2 = as_rows(dh) if dh is not None else dy2
         dx = torch.empty((m, n), dtype=h2.dtype, device=h2.device)
         n_tiles = triton.cdiv(m, block_m)
-        programs = num_reduction_programs(h2.device, n_tiles)
+        programs = num_reduction_programs(h2.device, n_tiles, per_sm=4)  # 4 a SM: best of the H200 sweep
         acc = rstd.dtype
         dw_part = torch.zeros((programs, n), dtype=acc, device=h2.device) if weight is not None else None
         db_part = torch.zeros((programs, n), dtype=acc, device=h2.device) if bias is not None else None
@@ -266,7 +281,7 @@ class _NormFunction(torch.autograd.Function):
                 ACC=tl_acc_dtype(acc),
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
-                num_warps=min(32, 2 * num_warps_for(block_m * block_n)),
+                num_warps=bwd_warps,
             )
         dw = dw_part.sum(0).to(weight.dtype) if weight is not None else None
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None

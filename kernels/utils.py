@@ -204,16 +204,16 @@ def elementwise_tile(n_cols: int, budget: int = 4096, max_cols: int = 1024) -> t
     return max(1, budget // block_n), block_n
 
 
-def num_reduction_programs(device: torch.device, n_tiles: int) -> int:
+def num_reduction_programs(device: torch.device, n_tiles: int, per_sm: int = 1) -> int:
     """Programs for a persistent kernel that also reduces across rows (e.g. weight gradients).
 
     Each program writes one fp32 partial row, summed afterwards in a fixed order: deterministic for a given
-    device. One program per SM on GPU (enough to fill it, few partial rows to sum); at most 4 under the
-    interpreter, so the tests still exercise the multi-program reduction.
+    device. `per_sm` programs per SM on GPU (enough to fill it and hide each program's load latency, few partial
+    rows to sum); at most 4 under the interpreter, so the tests still exercise the multi-program reduction.
     """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        cap = torch.cuda.get_device_properties(index).multi_processor_count  # cached by torch
+        cap = per_sm * torch.cuda.get_device_properties(index).multi_processor_count  # cached by torch
     else:
         cap = 4
     return max(1, min(cap, n_tiles))

@@ -164,3 +164,31 @@ def test_rope_case_without_liger(monkeypatch):
     spec = bench.SPECS["rope"]
     case = spec.build(importlib.import_module(spec.module), (1, 2, 2, 1, 4), torch.float32, "cpu")
     assert case.others == {}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke mode only")
+def test_sweep_smoke_checks_each_candidate_against_the_current_config(tmp_path, monkeypatch):
+    """benchmarks/sweep_kernels.py --smoke: every sweep runs, each attention candidate's outputs are compared with the
+    current config's (a miscompiled config shows as a large max_err), and the launch configs are restored after."""
+    import json
+
+    import kernels.attention
+    import kernels.norms
+    from benchmarks import sweep_kernels
+
+    before = (kernels.attention.launch_config, kernels.norms.launch_config, kernels.norms.num_reduction_programs)
+    out = tmp_path / "sweep.json"
+    assert sweep_kernels.main(["--smoke", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {r["sweep"] for r in rows} == {"attention", "norms", "flce", "flce_accumulate"}
+    attn = [r for r in rows if r["sweep"] == "attention"]
+    assert {r["kernel"] for r in attn} == {"fwd", "dkdv", "dq"}
+    assert all(r["max_err"] < 1e-5 and r["ms"] > 0 for r in attn)
+    assert all("error" not in r for r in rows if r["sweep"] in ("norms", "flce"))
+    assert before == (
+        kernels.attention.launch_config,
+        kernels.norms.launch_config,
+        kernels.norms.num_reduction_programs,
+    )
+    with pytest.raises(SystemExit):
+        sweep_kernels.main(["--only", "nope", "--smoke"])

@@ -215,8 +215,8 @@ def test_weight_gradient_reduction_over_programs(programs, monkeypatch):
     (no atomics): every row is counted once whatever P is, and a rerun is bitwise identical."""
     import kernels.norms
 
-    monkeypatch.setattr(kernels.norms, "num_reduction_programs", lambda device, n_tiles: programs)
-    tensors, gy, gh = make_inputs("ln", (70, 200), torch.float32, residual=True, seed=9)  # 5 row tiles of 16
+    monkeypatch.setattr(kernels.norms, "num_reduction_programs", lambda device, n_tiles, **kw: programs)
+    tensors, gy, gh = make_inputs("ln", (150, 200), torch.float32, residual=True, seed=9)  # 5 row tiles of 32
     out, _, grads = run(_ln, tensors, gy, gh)
     _, _, ref_grads = run(_ln_ref, tensors, gy, gh, dtype=torch.float64)
     for name in grads:
