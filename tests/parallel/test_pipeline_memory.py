@@ -82,11 +82,30 @@ def test_live_activations_follow_each_schedules_bound():
 
 @pytest.mark.distributed
 def test_bench_pp_measures_each_schedule(capsys):
+    """Every schedule has a row, ours and torch.distributed.pipelining's, with times no shorter than the busy time."""
     from benchmarks.bench_pp import main
 
     assert main(["--pp", "2", "--micro", "4", "--fwd-ms", "2", "--bwd-ms", "4", "--steps", "1"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["gpipe", "1f1b", "interleaved"]
-    for r in rows:  # the step takes at least the busy time, and the bubble is at least the closed form's (roughly)
-        step, ideal, bubble, closed = map(float, r[-4:])
-        assert step >= 4 * 6e-3 and bubble > closed - 0.05
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if line.startswith("not run")]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["gpipe", "1f1b", "interleaved-v2", "zb", "zbv-v2"]
+    busy = 4 * 6e-3
+    for r in rows[:4]:  # ideal, ours, theirs, theirs/ours, bubble, their bubble, closed form
+        ideal, ours, theirs, ratio, bubble, their_bubble, closed = map(float, r[1:])
+        assert ours >= busy and theirs >= busy and ratio > 0
+        assert bubble > closed - 0.05  # the bubble is at least the closed form's (roughly)
+    assert float(rows[4][3]) >= busy  # torch's ZB-V: theirs only
+
+
+def test_bench_pp_sleep_stage_defers_its_weight_gradient_under_zb():
+    """The zb row measures a split backward: our runner hands the sleep stage the store, B queues W's half."""
+    from benchmarks.bench_pp import SleepStage
+
+    stage = SleepStage(0.0, 0.0)
+    runner = PipelineRunner([stage], "zb", [0, 1], 0, (1, 4, 16), torch.float32, torch.device("cpu"))
+    assert stage.weight_grad_store is runner.store
+    with runner.store.deferring((0, 0)):
+        stage(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    assert stage.w.grad is None
+    assert runner.store.run((0, 0)) == 1 and stage.w.grad is not None
