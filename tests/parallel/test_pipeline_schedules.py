@@ -114,3 +114,55 @@ def test_bad_schedules_are_one_line(args, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         build_schedule(*args, rank=0)
     assert "\n" not in str(e.value)
+
+
+NCCL_CASES = [
+    (name, pp, v, m)
+    for name, vs in (("gpipe", (1,)), ("1f1b", (1,)), ("interleaved", (2, 3)), ("zb", (1,)))
+    for v in vs
+    for pp in (2, 3, 4, 8)
+    for m in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+    if name != "interleaved" or m % pp == 0
+]
+
+
+def _messages(name, pp, v, m, rank, direction):
+    """The (kind, receiving stage, micro) of the messages this rank sends ('SEND') or receives ('RECV'), by peer,
+    in the order of its action list."""
+    out: dict[int, list] = {}
+    for a in build_schedule(name, pp, v, m, rank):
+        if not a.kind.startswith(direction):
+            continue
+        s = stage_of(a.chunk, rank, pp)
+        fwd = a.kind.endswith("F")
+        if direction == "SEND":
+            to = s + 1 if fwd else s - 1
+            out.setdefault(to % pp, []).append(("F" if fwd else "B", to, a.micro))
+        else:
+            frm = s - 1 if fwd else s + 1
+            out.setdefault(frm % pp, []).append(("F" if fwd else "B", s, a.micro))
+    return out
+
+
+@pytest.mark.parametrize("name, pp, v, m", NCCL_CASES)
+def test_schedules_run_on_a_backend_that_pairs_by_order_and_blocks_sends(name, pp, v, m):
+    """NCCL pairs the messages between two ranks by their order, and a large send waits for its receive. Every
+    schedule sends and receives the messages between each pair of ranks in the same order, and its exchanges
+    (build_exchanges) run to the end in the simulator's rendezvous model."""
+    for r in range(pp):
+        for peer, sent in _messages(name, pp, v, m, r, "SEND").items():
+            assert sent == _messages(name, pp, v, m, peer, "RECV").get(r), f"{name} rank {r} -> {peer}: order differs"
+    sim = simulate(name, pp, v, m, rendezvous=True)  # raises DeadlockError
+    assert sim.makespan >= simulate(name, pp, v, m).makespan  # waiting on sends never makes a step shorter
+
+
+def test_interleaved_needs_forward_backward_exchanges(monkeypatch):
+    """Posted one exchange per compute, interleaved 1F1B with more micro-batches than stages deadlocks when sends wait
+    for their receives (through the wrap-around from the last stage to the first); Megatron's F-B units do not."""
+    simulate("interleaved", 2, 2, 4, rendezvous=True)
+    real = schedules.comm_groups
+    monkeypatch.setattr(schedules, "comm_groups", lambda actions, fuse_forward_backward=False: real(actions))
+    with pytest.raises(DeadlockError, match="wait forever"):
+        simulate("interleaved", 2, 2, 4, rendezvous=True)
+    with pytest.raises(DeadlockError, match="wait forever"):
+        simulate("interleaved", 4, 2, 8, rendezvous=True)

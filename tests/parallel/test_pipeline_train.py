@@ -105,3 +105,32 @@ def _worker(rank, world):
 def test_pipeline_layouts_train_like_one_process():
     results = run_distributed(_worker, 4, timeout=300)
     assert all(len(r) == 14 for r in results)
+
+
+def _order_worker(rank, world):
+    """Every message tagged 0, so gloo pairs messages by their order between two ranks alone, as NCCL does."""
+    from engine.parallel.pipeline.runner import PipelineRunner
+
+    PipelineRunner._tag = lambda self, direction, stage, micro: 0
+    ref, ref8 = _reference({}), _reference(dict(n_layers=8))
+    dims = ParallelDims.from_world(pp=2)
+    runs = []
+    try:
+        for schedule, micro, v, model_kw, want in (
+            ("interleaved", 1, 2, {}, ref),  # 8 micro-batches: F-B exchanges, the wrap-around from stage 1 to 2
+            ("interleaved", 4, 4, dict(n_layers=8), ref8),  # 2 micro-batches (= pp): per-compute exchanges
+            ("zb", 1, 1, {}, ref),
+            ("gpipe", 2, 1, {}, ref),
+        ):
+            losses, norms = _pipeline(model_kw, dims, schedule, micro, v)
+            _close(losses, want[0], f"{schedule} v={v} micro={micro} losses, messages matched by order", 1e-5)
+            _close(norms, want[1], f"{schedule} v={v} micro={micro} grad norms, messages matched by order", 1e-4)
+            runs.append(schedule)
+    finally:
+        dims.destroy()
+    return runs
+
+
+@pytest.mark.distributed
+def test_messages_pair_by_order_alone():
+    assert all(len(r) == 4 for r in run_distributed(_order_worker, 2, timeout=300))

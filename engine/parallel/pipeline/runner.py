@@ -2,27 +2,42 @@
 exchange of activations and gradients between neighbouring stages.
 
 Activations crossing a stage boundary have a static shape, (micro batch, sequence shard, d_model) in the parameters'
-dtype (the residual stream), so receivers allocate their buffers without a handshake. Sends are asynchronous
-(`isend`, completed at the end of the step); receives block, exactly the semantics under which the simulator
-(simulate.py) proves the schedules deadlock-free. Each message carries a tag unique to (direction, chunk,
-micro-batch). A chunk's saved input and output are dropped as soon as its backward has run. The last stage turns its
-output into the loss: the sum of per-token losses divided by the global batch's loss-bearing tokens (the step's
-normalisation), times the fp16 loss scale when there is one. Zero-bubble schedules (ZB-H1) split the backward: B
-runs inside the weight-gradient store's `deferring`, so the chunk's linear layers queue their weight gradients, and W
-computes them (deferred.py).
+dtype (the residual stream), so receivers allocate their buffers without a handshake. The point-to-point actions
+between two computes go out as one exchange (`batch_isend_irecv` of schedules.build_exchanges) that returns once
+its receives have arrived; an exchange of sends only completes at the end of the step. Under these semantics the
+simulator (simulate.py) proves the schedules deadlock-free, also for a backend whose sends wait for their receives
+and that pairs messages by order (NCCL). Each message also carries a tag unique to (direction, stage, micro-batch),
+which gloo matches on. A chunk's saved input and output are dropped as soon as its backward has run. The last stage
+turns its output into the loss: the sum of per-token losses divided by the global batch's loss-bearing tokens (the
+step's normalisation), times the fp16 loss scale when there is one. Zero-bubble schedules (ZB-H1) split the
+backward: B runs inside the weight-gradient store's `deferring`, so the chunk's linear layers queue their weight
+gradients, and W computes them (deferred.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from engine.parallel.pipeline.deferred import DeferredLinear, WeightGradStore
-from engine.parallel.pipeline.schedules import SPLIT_BACKWARD, build_schedule, stage_of
+from engine.parallel.pipeline.schedules import SPLIT_BACKWARD, Action, build_exchanges, stage_of
+
+
+@dataclass
+class _StepState:
+    """One step's tensors in transit, by (chunk, micro-batch) or (direction, chunk, micro-batch): each dropped as soon
+    as the schedule is done with it."""
+
+    inputs: dict = field(default_factory=dict)  # a chunk's input, kept for its backward; then its gradient
+    outputs: dict = field(default_factory=dict)  # a chunk's output (or loss), kept for its backward
+    to_send: dict = field(default_factory=dict)  # an activation or gradient waiting for its exchange
+    received: dict = field(default_factory=dict)  # an activation or gradient received, waiting for its compute
+    pending: list = field(default_factory=list)  # (work, tensors) of send-only exchanges in flight
 
 
 class PipelineRunner:
@@ -63,27 +78,18 @@ class PipelineRunner:
     ) -> torch.Tensor:
         """Forward and backward of every micro-batch by the schedule; returns this rank's sum of per-token losses
         (non-zero on the last stage only). Gradients accumulate in the chunks' parameters."""
-        m = len(batches)
-        actions = build_schedule(self.schedule, self.pp, self.v, m, self.rank)
+        items = build_exchanges(self.schedule, self.pp, self.v, len(batches), self.rank)
         denom = n_tokens.clamp(min=1).float()
-        inputs: dict[tuple[int, int], torch.Tensor] = {}
-        outputs: dict[tuple[int, int], torch.Tensor] = {}
-        received: dict[tuple[str, int, int], torch.Tensor] = {}
-        pending: list = []  # (work, tensor) of sends in flight
+        st = _StepState()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for a in actions:
+        for a in items:
+            if isinstance(a, tuple):
+                self._exchange(a, st)
+                continue
             c, i, s = a.chunk, a.micro, stage_of(a.chunk, self.rank, self.pp)
-            if a.kind == "RECV_F":
-                buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-                dist.irecv(buf, src=self._peer(s - 1), tag=self._tag(0, s, i)).wait()
-                received[("F", c, i)] = buf.requires_grad_()
-            elif a.kind == "RECV_B":
-                buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-                dist.irecv(buf, src=self._peer(s + 1), tag=self._tag(1, s, i)).wait()
-                received[("B", c, i)] = buf
-            elif a.kind == "F":
+            if a.kind == "F":
                 x, y = batches[i]
-                inp = x if s == 0 else received.pop(("F", c, i))
+                inp = x if s == 0 else st.received.pop(("F", c, i)).requires_grad_()
                 with self.autocast():
                     if s == self.last_stage:
                         loss_sum = self.chunks[c](inp, y, reduction="sum")
@@ -91,28 +97,48 @@ class PipelineRunner:
                         out = scale(loss_sum / denom)
                     else:
                         out = self.chunks[c](inp)
-                inputs[(c, i)], outputs[(c, i)] = inp, out
-            elif a.kind == "SEND_F":
-                t = outputs[(c, i)].detach().contiguous()
-                pending.append((dist.isend(t, dst=self._peer(s + 1), tag=self._tag(0, s + 1, i)), t))
+                        st.to_send[("F", c, i)] = out.detach().contiguous()
+                st.inputs[(c, i)], st.outputs[(c, i)] = inp, out
             elif a.kind == "B":
-                out = outputs.pop((c, i))
+                out = st.outputs.pop((c, i))
                 with self.store.deferring((c, i)) if self.store is not None else contextlib.nullcontext():
                     if s == self.last_stage:
                         out.backward()
                     else:
-                        torch.autograd.backward(out, received.pop(("B", c, i)))
-                inp = inputs.pop((c, i))
+                        torch.autograd.backward(out, st.received.pop(("B", c, i)))
+                inp = st.inputs.pop((c, i))
                 if s > 0:  # the gradient to send back: all this micro-batch's chunk still holds
-                    inputs[(c, i)] = inp.grad
+                    st.to_send[("B", c, i)] = inp.grad.contiguous()
             elif a.kind == "W":
                 self.store.run((c, i))
-            elif a.kind == "SEND_B":
-                t = inputs.pop((c, i)).contiguous()
-                pending.append((dist.isend(t, dst=self._peer(s - 1), tag=self._tag(1, s - 1, i)), t))
-        for work, _ in pending:
+        for work, _ in st.pending:
             work.wait()
         return total
+
+    def _exchange(self, group: tuple[Action, ...], st: _StepState) -> None:
+        """Posts one exchange's sends and receives as one batch; returns once its receives have arrived. An exchange
+        of sends only stays in flight (in `st.pending`, with the tensors it reads) until the step's end."""
+        ops, sent = [], []
+        for a in group:
+            c, i, s = a.chunk, a.micro, stage_of(a.chunk, self.rank, self.pp)
+            if a.kind in ("SEND_F", "SEND_B"):
+                forward = a.kind == "SEND_F"
+                t = st.to_send.pop(("F" if forward else "B", c, i))
+                dst, tag = (s + 1, self._tag(0, s + 1, i)) if forward else (s - 1, self._tag(1, s - 1, i))
+                ops.append(dist.P2POp(dist.isend, t, self._peer(dst), tag=tag))
+                sent.append(t)
+            else:
+                forward = a.kind == "RECV_F"
+                t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                src, tag = (s - 1, self._tag(0, s, i)) if forward else (s + 1, self._tag(1, s, i))
+                ops.append(dist.P2POp(dist.irecv, t, self._peer(src), tag=tag))
+                st.received[("F" if forward else "B", c, i)] = t
+        works = dist.batch_isend_irecv(ops)
+        if len(sent) < len(ops):
+            for work in works:
+                work.wait()
+        else:
+            st.pending += [(work, sent) for work in works]
 
     @torch.no_grad()
     def forward_only(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -8,6 +8,11 @@ layout; with one chunk, stage = rank). Actions, executed in order by one runner:
   W(c, i)        weight gradient of chunk c on micro-batch i (split-backward schedules only)
   RECV_F/SEND_F  the activation coming from the previous stage / going to the next one, around an F
   RECV_B/SEND_B  the gradient coming from the next stage / going to the previous one, around a B
+The runner posts point-to-point actions in exchanges (`build_exchanges`), each one batch (`batch_isend_irecv`): e.g.
+1F1B's "send this activation, receive that gradient". A backend that pairs messages by order and makes a send wait
+for its receive (NCCL) needs both: the messages between two ranks are sent and received in the same order in every
+schedule here, and with exchanges posted whole no rank's send waits on a receive its peer posts only after a send
+of its own (simulate.py's rendezvous mode checks this).
 Schedules (m = micro-batches, p = pp, v = virtual_stages):
   gpipe        every forward, then every backward (Huang et al. 2019); m micro-batches in flight.
   1f1b         p - r - 1 warm-up forwards, then one forward, one backward (PipeDream-Flush, Narayanan et al. 2021);
@@ -132,6 +137,44 @@ def _zb_h1(pp: int, v: int, m: int, rank: int) -> list[Action]:
         pending.append(i)
         out.append(Action("W", 0, pending.pop(0)))
     return out + [Action("W", 0, i) for i in pending]
+
+
+def comm_groups(actions: list[Action], fuse_forward_backward: bool = False) -> list[Action | tuple[Action, ...]]:
+    """The action list with the point-to-point actions between two computes as one tuple: an exchange posted at
+    once. `fuse_forward_backward`: an F directly followed by a B is one unit, as in Megatron's interleaved steady state
+    (its send_forward_backward_recv_forward_backward): the B's receive joins the exchange before the F and the F's
+    send the exchange after the B, so no exchange sits between them."""
+    runs: list[list[Action]] = [[]]  # runs[t]: the point-to-point actions before compute t
+    computes: list[Action] = []
+    for a in actions:
+        if a.kind in COMM:
+            runs[-1].append(a)
+        else:
+            computes.append(a)
+            runs.append([])
+    if fuse_forward_backward:
+        for t in range(len(computes) - 1):
+            if computes[t].kind == "F" and computes[t + 1].kind == "B" and runs[t + 1]:
+                between, runs[t + 1] = runs[t + 1], []
+                runs[t] += [a for a in between if a.kind.startswith("RECV")]
+                runs[t + 2] = [a for a in between if a.kind.startswith("SEND")] + runs[t + 2]
+    out: list[Action | tuple[Action, ...]] = []
+    for run, compute in zip(runs, computes):
+        if run:
+            out.append(tuple(run))
+        out.append(compute)
+    if runs[-1]:
+        out.append(tuple(runs[-1]))
+    return out
+
+
+def build_exchanges(name: str, pp: int, virtual_stages: int, micro_batches: int, rank: int) -> list:
+    """This rank's actions with its point-to-point actions grouped into exchanges, as the runner posts them.
+    Per compute for every schedule except interleaved with more micro-batches than stages, which takes Megatron's
+    F-B units; each choice is the one simulate.py's rendezvous model runs without deadlock (tested over pp <= 8,
+    m <= 32: per-compute exchanges deadlock there, through the wrap-around from the last stage to the first)."""
+    actions = build_schedule(name, pp, virtual_stages, micro_batches, rank)
+    return comm_groups(actions, fuse_forward_backward=name == "interleaved" and micro_batches > pp)
 
 
 SCHEDULES = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "interleaved": _interleaved, "zb": _zb_h1}
