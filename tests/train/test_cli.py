@@ -130,3 +130,18 @@ def test_a_run_without_checkpoint_is_replaced_only_by_the_same_config(tmp_path, 
 def test_sp_without_tp_is_a_note(tmp_path, tiny_data, capsys):
     assert main(tiny_args(tmp_path / "run", *tiny_data, train__steps=1, eval__every=0, parallel__sp="true")) == 0
     assert "parallel.sp is ignored with parallel.tp 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--parallel.pp", "4", "--model.n_layers", "2"], "need at least as many layers, but model.n_layers = 2"),
+        (["--parallel.pp", "2", "--parallel.pp_layers", "1,2"], "must give 2 stages"),
+        (["--parallel.pp", "2", "--parallel.pp_schedule", "pipedream"], "must be one of gpipe|1f1b|interleaved|zb"),
+        (["--parallel.pp", "2", "--parallel.pp_schedule", "interleaved", "--parallel.virtual_stages", "2",
+          "--train.global_batch", "6", "--train.micro_batch", "2"], "needs micro-batches divisible by parallel.pp"),
+    ],
+)  # fmt: skip
+def test_impossible_pipelines_are_one_line(flags, match, capsys):
+    """Checked before any process group or model exists (here in a dry run: no peers needed)."""
+    _fails(capsys, [*flags, "--train.dry_run", "true"], match)

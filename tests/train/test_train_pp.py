@@ -106,6 +106,7 @@ def test_pipeline_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_dat
 
 PP2_4RANKS = {
     "pp2 x dp2 interleaved": dict(parallel__pp=2, parallel__virtual_stages=2, parallel__pp_schedule="interleaved"),
+    "pp2 x tp2": dict(parallel__pp=2, parallel__tp=2),
     "pp2 x tp2 sp": dict(parallel__pp=2, parallel__tp=2, parallel__sp="true"),
 }
 
