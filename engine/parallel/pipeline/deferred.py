@@ -34,8 +34,9 @@ class WeightGradStore:
     def run(self, key: tuple[int, int]) -> int:
         """Computes the weight gradients queued under `key`; returns how many."""
         queue = self.queues.pop(key, [])
-        for fn in queue:
-            fn()
+        with torch.no_grad():  # the saved inputs require grad: no graph for the weight gradient's product
+            for fn in queue:
+                fn()
         return len(queue)
 
 
