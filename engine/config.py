@@ -54,7 +54,8 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     dp_shard: int = 1
-    zero1: bool = False
+    zero1: bool = False  # ZeRO-1: AdamW state sharded over the data-parallel group (engine.optim.distributed)
+    bucket_mb: float = 25.0  # ZeRO-1's gradient buckets, reduce-scattered as backward goes (parallel/data_parallel.py)
     sp: bool = False
     pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = "1f1b"
     virtual_stages: int = 1

@@ -67,7 +67,7 @@ class _Run:
 
     def setup(self) -> None:
         from engine.model.gpt import GPT, flops_per_token, resolve
-        from engine.optim import build_optimizer
+        from engine.optim.distributed import build_training_optimizer
         from engine.parallel.dims import ParallelDims
         from engine.parallel.parallelize import check_tensor_parallel, parallelize_gpt
         from engine.parallel.rng import rng_tracker_of
@@ -123,7 +123,7 @@ class _Run:
         self.chunks = [getattr(c, "module", c) for c in wrapped]  # without DDP's wrapper
         self.sharding = ShardingRegistry.merge([sharding_of(c) for c in self.chunks])
         self.trackers = [rng_tracker_of(c) for c in self.chunks]
-        self.optimizer = build_optimizer(torch.nn.ModuleList(self.chunks), cfg.optim)
+        self.optimizer = build_training_optimizer(torch.nn.ModuleList(self.chunks), cfg.optim)
         self.scaler = precision.make_scaler(self.dtype)
         self.autocast = lambda: precision.autocast(self.dtype, self.device)
         self.step_fn = build_step(wrapped, self.optimizer, self.rcfg, dims, self.micro, self.autocast, self.scaler)

@@ -7,6 +7,8 @@ from engine._lazy import lazy_exports
 
 _EXPORTS = {
     "build_optimizer": "engine.optim.build",
+    "build_training_optimizer": "engine.optim.distributed",
+    "DistributedOptimizer": "engine.optim.distributed",
     "param_groups": "engine.optim.build",
     "Adafactor": "engine.optim.adafactor",
     "lr_at": "engine.optim.schedules",

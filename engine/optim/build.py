@@ -85,9 +85,14 @@ def _apex_fused_adam():
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, decay_embeddings: bool = False) -> torch.optim.Optimizer:
-    """The optimizer for `model` per `cfg` (name, lr, betas, eps, weight_decay, impl); see the module docstring."""
+    """The optimizer for `model` per `cfg` (name, lr, betas, eps, weight_decay, impl); see the module docstring.
+    (A training run takes engine.optim.distributed.build_training_optimizer: ZeRO-1's when it applies.)"""
     groups = param_groups(model, cfg.weight_decay, decay_embeddings)
-    groups = [g for g in groups if g["params"]]
+    return optimizer_for_groups([g for g in groups if g["params"]], cfg)
+
+
+def optimizer_for_groups(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer per `cfg` over given parameter groups (ZeRO-1 passes each rank's shards of the model's)."""
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("build_optimizer: the model has no trainable parameters")

@@ -12,8 +12,9 @@ Order (torchtitan's), each step its own function so later parallelisms slot in b
      values;
   4. `apply_data_parallel`: DDP over the data-parallel group (it cannot wrap meta parameters, hence last), its
      gradient reduction a sum (the step divides by the global number of loss-bearing tokens); under pipeline
-     parallelism the pipeline step sums over dp instead.
-Later: FP8 conversion after 1, context parallelism after 2, FSDP2 / ZeRO-1 in place of 4.
+     parallelism the pipeline step sums over dp instead; with ZeRO-1 (cfg.parallel.zero1) flat gradient buffers
+     with bucketed reduce-scatters (engine.parallel.data_parallel) instead of DDP, under any pp.
+Later: FP8 conversion after 1, context parallelism after 2, FSDP2 in place of 4.
 Returns the list of chunks this rank holds (its pipeline stages; one without pipeline parallelism).
 """
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from engine.config import Config, ConfigError, ModelConfig
 from engine.model.init import canonical_name, init_weights, materialize_
+from engine.parallel.data_parallel import attach_grad_buffers, build_grad_buffers
 from engine.parallel.dims import ParallelDims
 from engine.parallel.output import VocabParallelOutputHead
 from engine.parallel.rng import TP_SEED_OFFSET, RNGStatesTracker, attach_rng_tracker, recompute_context_fn
@@ -254,7 +256,9 @@ def parallelize_gpt(
     one without pipeline parallelism). `device`: where a meta-device model is materialised and initialised; "meta"
     (or None with a meta model) stops before materialisation (a dry run), so no data parallelism is applied either.
     A model on a real device keeps its values (moved to `device` if given). Under pipeline parallelism the chunks are
-    not wrapped in DDP: the pipeline step sums their gradients over dp after the schedule."""
+    not wrapped in DDP: the pipeline step sums their gradients over dp after the schedule. With cfg.parallel.zero1
+    (and dp > 1) no chunk is wrapped either: their parameters and gradients move into the flat buffers of
+    engine.parallel.data_parallel, attached to every chunk (`grad_buffers_of`), which the optimizer shards."""
     for key in ("cp", "dp_shard"):
         if getattr(dims, key) != 1:
             raise ConfigError(f"parallel.{key}={getattr(dims, key)} is not implemented yet; use 1")
@@ -272,4 +276,9 @@ def parallelize_gpt(
             materialize_and_init(chunk, device, cfg.train.seed)
         elif device is not None:
             chunk.to(device)  # a model built (or loaded) on a real device keeps its values
+    if cfg.parallel.zero1 and dims.dp_enabled:  # our own buffers: ZeRO-1 shards them
+        buffers = build_grad_buffers(chunks, dims.group("dp"), cfg.parallel.bucket_mb, zero1=True)
+        for chunk in chunks:
+            attach_grad_buffers(chunk, buffers)
+        return chunks
     return chunks if dims.pp_enabled else [apply_data_parallel(chunks[0], dims)]

@@ -67,7 +67,9 @@ def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_b
         first_stage=any(c.tok_emb is not None for c in chunks), last_stage=any(c.output is not None for c in chunks),
         in_flight_microbatches=in_flight,
     )  # fmt: skip
-    return RankMemory(dims.rank, n, 4 * n, 4 * n, optimizer_state_bytes(n, cfg.optim.name), act.total_bytes)
+    # ZeRO-1: this rank's shard of the optimizer state (engine.optim.distributed), up to each bucket's padding
+    n_state = -(-n // dims.dp) if cfg.parallel.zero1 else n
+    return RankMemory(dims.rank, n, 4 * n, 4 * n, optimizer_state_bytes(n_state, cfg.optim.name), act.total_bytes)
 
 
 def dry_run(cfg: Config, vocab_size: int | None = None, out: Callable[[str], None] = print) -> DryRunReport:

@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.parallel.data_parallel import grad_buffers_of
 from engine.parallel.dims import ParallelDims
 from engine.parallel.grads import finish_tp_grads, norm_parameters
 from engine.parallel.pipeline.runner import PipelineRunner
 from engine.parallel.pipeline.schedules import check_schedule
 from engine.parallel.sequence import allreduce_grads
 from engine.parallel.sharding import sharding_of
-from engine.training.step import Batch, StepResult, count_tokens, update
+from engine.training.step import Batch, StepResult, count_tokens, update, zero1_update_args
 
 
 def tied_copy(chunk: nn.Module) -> nn.Parameter | None:
@@ -67,10 +68,15 @@ class PipelineStep:
             p for c in self.chunks for p in norm_parameters(c, sharding=sharding_of(c))
             if not any(p is t for t in last_copy)  # the tied weight counts once: on the first stage
         ]  # fmt: skip
+        self.buffers = grad_buffers_of(self.chunks[0])  # ZeRO-1
+        if self.buffers is not None:
+            self.params, self.norm_params, self.mp_group = zero1_update_args(optimizer, self.params, self.norm_params)
 
     def __call__(self, batches: Sequence[Batch]) -> StepResult:
         n_tokens = count_tokens(batches, self.dp_group)
         scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
+        if self.buffers is not None:
+            self.buffers.sync = False  # the dp reduction waits for the whole schedule (and the tied sum)
         local = self.runner.run(batches, n_tokens, scale)
         for c in self.chunks:
             finish_tp_grads(c, sharding=sharding_of(c))
@@ -79,7 +85,9 @@ class PipelineStep:
                 if t.grad is None:
                     t.grad = torch.zeros_like(t)
             allreduce_grads(self.tied, self.embedding_group)
-        if self.dp_group is not None:
+        if self.buffers is not None:
+            self.buffers.finish()  # ZeRO-1: reduce-scatter over dp
+        elif self.dp_group is not None:
             allreduce_grads(self.params, self.dp_group)
         grad_norm, skipped, backoff = update(
             self.optimizer, self.params, self.clip, self.scaler, self.mp_group, self.norm_params

@@ -25,6 +25,7 @@ from torch import nn
 
 from engine.model.head import IGNORE_INDEX
 from engine.optim.clip import clip_grad_norm
+from engine.parallel.data_parallel import grad_buffers_of
 from engine.parallel.grads import finish_tp_grads, norm_parameters
 from engine.parallel.sharding import sharding_of
 from engine.training.precision import agree_found_inf
@@ -75,6 +76,9 @@ class TrainStep:
         self.tp_enabled = self.sharding.tp_group is not None and dist.get_world_size(self.sharding.tp_group) > 1
         # Under tp, each element counted once in the global norm: sharded slices everywhere, replicated on tp rank 0.
         self.norm_params = norm_parameters(inner, sharding=self.sharding) if self.tp_enabled else None
+        self.buffers = grad_buffers_of(inner)  # ZeRO-1: this rank clips and steps its shards of the gradients
+        if self.buffers is not None:
+            self.params, self.norm_params, self.mp_group = zero1_update_args(optimizer, self.params, self.norm_params)
 
     def count_tokens(self, batches: Sequence[Batch]) -> torch.Tensor:
         return count_tokens(batches, self.dp_group)
@@ -86,13 +90,17 @@ class TrainStep:
         denom = n_tokens.clamp(min=1).float()
         for i, (x, y) in enumerate(batches):
             last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if (last or self.dp_group is None) else self.model.no_sync()
-            with sync:
+            if self.buffers is not None:  # our buffers: collectives on the last micro-batch only
+                self.buffers.sync = last
+            quiet = not last and self.dp_group is not None and self.buffers is None
+            with self.model.no_sync() if quiet else contextlib.nullcontext():
                 with self.autocast():
                     loss_sum = self.model(x, y, reduction="sum")
                 loss = loss_sum / denom
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss_sum.detach().double()
+        if self.buffers is not None:
+            self.buffers.finish()
         return total
 
     def __call__(self, batches: Sequence[Batch]) -> StepResult:
@@ -107,6 +115,15 @@ class TrainStep:
             dist.all_reduce(local, group=self.dp_group)
         n = int(n_tokens.item())
         return StepResult(local.item() / max(n, 1), grad_norm, n, skipped, scale_backoff=backoff)
+
+
+def zero1_update_args(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], norm_params: list[torch.Tensor] | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dist.ProcessGroup]:
+    """ZeRO-1's (params, norm_params, norm group) for `update`: this rank's shards of the gradients, of which it counts
+    those of `norm_params` (default: all), in a norm summed over every rank (the shards are disjoint over dp, and
+    the model-parallel ranks already count each element once)."""
+    return optimizer.shards, optimizer.shards_of(params if norm_params is None else norm_params), dist.group.WORLD
 
 
 def update(

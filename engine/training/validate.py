@@ -43,8 +43,17 @@ def check_config(cfg: Config) -> None:
             raise TrainError(f"parallel.{key}={getattr(p, key)} is not supported by this training loop yet; use 1")
     if cfg.checkpoint.async_:
         raise TrainError("checkpoint.async is not supported by this training loop yet; use --checkpoint.async false")
-    if p.zero1:
-        raise TrainError("parallel.zero1 is not supported by this training loop yet; set it false")
+    if not p.bucket_mb > 0:
+        raise ConfigError(f"parallel.bucket_mb must be > 0, got {p.bucket_mb}")
+    if p.zero1 and p.dp_shard > 1:
+        raise TrainError("parallel.zero1 and parallel.dp_shard > 1 both shard the optimizer state: choose one")
+    if p.zero1 and cfg.train.dtype == "fp16":
+        raise TrainError("parallel.zero1 with train.dtype fp16 is not supported yet (no sharded loss scaler): use bf16")
+    if p.zero1 and cfg.optim.name != "adamw":
+        raise TrainError(
+            f"parallel.zero1 shards AdamW's elementwise state; optim.name {cfg.optim.name} cannot be sharded: use "
+            "optim.name adamw or parallel.zero1 false"
+        )
     if p.pp == 1 and (p.pp_schedule != "1f1b" or p.virtual_stages != 1 or p.pp_layers):
         raise TrainError(
             "parallel.pp_schedule, parallel.virtual_stages and parallel.pp_layers apply to pipeline parallelism: "

@@ -145,3 +145,11 @@ def test_sp_without_tp_is_a_note(tmp_path, tiny_data, capsys):
 def test_impossible_pipelines_are_one_line(flags, match, capsys):
     """Checked before any process group or model exists (here in a dry run: no peers needed)."""
     _fails(capsys, [*flags, "--train.dry_run", "true"], match)
+
+
+def test_zero1_bad_input_is_one_line(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    _fails(capsys, tiny_args(run, *tiny_data, parallel__zero1="true", optim__name="adafactor"), "cannot be sharded")
+    _fails(capsys, tiny_args(run, *tiny_data, parallel__bucket_mb=0), "parallel.bucket_mb must be > 0")
+    _fails(capsys, tiny_args(run, *tiny_data, parallel__zero1="true", train__dtype="fp16"), "no sharded loss scaler")
+    assert not run.exists()

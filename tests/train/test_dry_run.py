@@ -55,3 +55,14 @@ def test_rank_bytes_with_vocabulary_padding(tmp_path):
     assert (r.param_bytes, r.grad_bytes, r.optimizer_bytes) == (4 * hand, 4 * hand, 8 * hand)
     assert r.activation_bytes > 0 and r.total_bytes == 16 * hand + r.activation_bytes
     assert "dry run: gpt2" in printed[0] and len(printed) == 5
+
+
+def test_zero1_shards_the_optimizer_bytes(monkeypatch):
+    """With parallel.zero1 each rank of dp 4 holds a quarter of AdamW's 8 bytes a parameter (rounded up), the figure
+    tests/train/test_train_zero1.py measures on real ranks."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = ["--model.n_layers", "2", "--model.d_model", "32", "--model.vocab_size", "64", "--train.global_batch", "4"]
+    plain = dry_run(load_config(args), out=lambda s: None).ranks[0]
+    zero1 = dry_run(load_config([*args, "--parallel.zero1", "true"]), out=lambda s: None).ranks[0]
+    assert zero1.params == plain.params and zero1.grad_bytes == plain.grad_bytes == 4 * plain.params
+    assert plain.optimizer_bytes == 8 * plain.params and zero1.optimizer_bytes == 8 * -(-plain.params // 4)

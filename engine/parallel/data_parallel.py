@@ -1,0 +1,176 @@
+"""Data parallelism over contiguous gradient buffers, the layout ZeRO-1 shards (as Megatron-Core's DDP does).
+
+Each parameter's data and gradient become views into flat per-dtype buffers, cut into buckets of about
+`bucket_mb` in the reverse of the model's order (the order backward produces gradients). Autograd accumulates
+into the gradient views in place; a post-accumulate hook counts each bucket's gradients and, on the step's last
+micro-batch, starts the bucket's collective as soon as its last gradient is in, while backward goes on with the
+layers before it: an all-reduce (plain data parallelism), or with ZeRO-1 (Rajbhandari et al. 2020, stage 1) a
+reduce-scatter that leaves each rank the sum over the group of its own contiguous shard of the bucket. Accumulation
+micro-batches communicate nothing. `finish` starts what has not started (gradients that bypass autograd's
+accumulation, e.g. a zero-bubble schedule's deferred weight gradients, or a pipeline's whole schedule) and waits.
+With ZeRO-1 the optimizer (engine.optim.distributed) updates the rank's shards, then `all_gather_params` rebuilds
+every parameter from the shards.
+
+Every bucket is padded to a multiple of the group size, so each rank's shard has the same length and the
+collectives run in place on the buffer. Buckets and shards are identical on every rank of the group (the same
+model, the same parameter order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+# Looked up at each call, through the module (so engine.parallel.comm_count sees them): torch's newer names, else
+# the older ones they replace.
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, inp, group=group, async_op=async_op)
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, inp, group=group, async_op=async_op)
+
+
+@dataclass(eq=False)  # compared by identity (its fields are tensors)
+class Bucket:
+    """A contiguous slice of the flat buffers holding whole parameters, padded to a multiple of the group size."""
+
+    params: list[nn.Parameter]
+    ranges: list[tuple[int, int]]  # each parameter's [start, end) in the bucket
+    param_data: torch.Tensor
+    grad_data: torch.Tensor
+    ready: int = 0  # gradients accumulated in this backward (the step's last micro-batch)
+    work: Any = None  # the collective in flight
+
+    def shard(self, flat: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        """Rank `rank`'s contiguous part of `flat` (this bucket's param_data or grad_data, or one shaped like them)."""
+        n = flat.numel() // size
+        return flat[rank * n : (rank + 1) * n]
+
+
+@dataclass(eq=False)
+class GradBuffers:
+    group: dist.ProcessGroup
+    zero1: bool
+    buckets: list[Bucket] = field(default_factory=list)
+    sync: bool = True  # False on accumulation micro-batches (and while a pipeline schedule runs): no collectives
+    trace: list[tuple[int, int]] | None = None  # tests: (bucket, gradients seen in this backward) at each launch
+    seen: int = 0
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def _on_grad(self, bucket: Bucket) -> None:
+        if not self.sync:
+            return
+        self.seen += 1
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params) and bucket.work is None:
+            self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        if self.trace is not None:
+            self.trace.append((self.buckets.index(bucket), self.seen))
+        if self.zero1:
+            out = bucket.shard(bucket.grad_data, self.rank, self.size)
+            bucket.work = _reduce_scatter(out, bucket.grad_data, group=self.group, async_op=True)
+        else:
+            bucket.work = dist.all_reduce(bucket.grad_data, group=self.group, async_op=True)
+
+    def finish(self) -> None:
+        """Starts the collectives not yet started and waits for all: every gradient summed over the group (with
+        ZeRO-1: each rank's shards)."""
+        for b in self.buckets:
+            if b.work is None:
+                self._launch(b)
+        for b in self.buckets:
+            b.work.wait()
+            b.work, b.ready = None, 0
+        self.seen = 0
+
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            b.grad_data.zero_()
+
+    def all_gather_params(self) -> None:
+        """ZeRO-1, after the optimizer updated this rank's shards: every rank's shards into every parameter."""
+        works = [
+            _all_gather(b.param_data, b.shard(b.param_data, self.rank, self.size), group=self.group, async_op=True)
+            for b in self.buckets
+        ]
+        for w in works:
+            w.wait()
+
+    def numel(self) -> tuple[int, int]:
+        """(elements of the buffers, of which padding)."""
+        total = sum(b.param_data.numel() for b in self.buckets)
+        used = sum(e - s for b in self.buckets for s, e in b.ranges)
+        return total, total - used
+
+
+def build_grad_buffers(
+    modules: Sequence[nn.Module], group: dist.ProcessGroup, bucket_mb: float, zero1: bool
+) -> GradBuffers:
+    """Moves the trainable parameters of `modules` (each once, tied copies included) into flat buffers and installs
+    the gradient hooks; see the module docstring."""
+    size = dist.get_world_size(group)
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    buffers = GradBuffers(group, zero1)
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in reversed(params):  # backward's order: the last layers' gradients first
+        by_dtype.setdefault(p.dtype, []).append(p)
+    for dtype, ps in by_dtype.items():
+        limit = max(1, int(bucket_mb * 2**20 / torch.empty(0, dtype=dtype).element_size()))
+        groups: list[list[nn.Parameter]] = [[]]
+        for p in ps:
+            if groups[-1] and sum(q.numel() for q in groups[-1]) + p.numel() > limit:
+                groups.append([])
+            groups[-1].append(p)
+        sizes = [-(-sum(p.numel() for p in g) // size) * size for g in groups]  # padded to a multiple of size
+        device = ps[0].device
+        param_flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        grad_flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        offset = 0
+        for g, n in zip(groups, sizes):
+            ranges, start = [], 0
+            for p in g:
+                ranges.append((start, start + p.numel()))
+                start += p.numel()
+            bucket = Bucket(g, ranges, param_flat[offset : offset + n], grad_flat[offset : offset + n])
+            for p, (s, e) in zip(g, ranges):
+                view = bucket.param_data[s:e].view_as(p)
+                view.copy_(p.detach())
+                p.data = view
+                p.grad = bucket.grad_data[s:e].view_as(p)
+                p.register_post_accumulate_grad_hook(lambda _p, b=bucket: buffers._on_grad(b))
+            buffers.buckets.append(bucket)
+            offset += n
+    return buffers
+
+
+def attach_grad_buffers(module: nn.Module, buffers: GradBuffers) -> None:
+    module._grad_buffers = buffers  # read back with grad_buffers_of
+
+
+def grad_buffers_of(module: nn.Module) -> GradBuffers | None:
+    """The buffers parallelize_gpt attached to a chunk (ZeRO-1), else None."""
+    return getattr(module, "_grad_buffers", None)

@@ -1,0 +1,119 @@
+"""ZeRO-1 (`--parallel.zero1 true`) through the example's entry for 10 steps: the one-process losses and gradient norms
+to 1e-5 at dp 2 and dp 4 (with gradient accumulation), composed with tp and pp, a bit-identical resume; the overlap
+of the bucketed reduce-scatter with backward; and each rank's bytes against the closed form."""
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.train.test_train_pp import STEPS, _check, _refs, _run
+
+TINY_BUCKET = 0.002  # MiB: several buckets even in the tiny model, so overlap and bucket edges are exercised
+
+
+def _dp2_worker(rank, world, root, data):
+    from pathlib import Path
+
+    root = Path(root)
+    kw = dict(parallel__zero1="true", parallel__bucket_mb=TINY_BUCKET)
+    out = {"dp2 zero1": ("llama4", _run(root / "a", data, **kw))}
+    _run(root / "split", data, train__steps=5, **kw)  # stop at step 5, resume to 10
+    out["resumed"] = _run(root / "split", data, **kw)
+    return out
+
+
+@pytest.mark.distributed
+def test_zero1_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_data):
+    results = run_distributed(_dp2_worker, 2, str(tmp_path), tiny_data, timeout=300)
+    for r in results:
+        resumed, straight = r.pop("resumed"), r["dp2 zero1"][1]
+        assert resumed[0] == {s: straight[0][s] for s in range(1, STEPS + 1)}  # bit-identical after the resume
+    _check(results, _refs(tmp_path, tiny_data, ("llama4",)))
+
+
+ZERO1_4RANKS = {
+    "dp4 zero1 accumulation": dict(train__micro_batch=1),  # 2 micro-batches per rank
+    "dp2 x tp2 sp zero1": dict(parallel__tp=2, parallel__sp="true"),
+    "dp2 x pp2 zero1 interleaved": dict(
+        parallel__pp=2, parallel__virtual_stages=2, parallel__pp_schedule="interleaved"
+    ),
+    "dp2 x pp2 zero1 zb": dict(parallel__pp=2, parallel__pp_schedule="zb", train__micro_batch=1),
+}
+
+
+def _dp4_worker(rank, world, root, data):
+    from pathlib import Path
+
+    kw = dict(parallel__zero1="true", parallel__bucket_mb=TINY_BUCKET)
+    return {k: ("llama4", _run(Path(root) / f"r{i}", data, **kw, **v)) for i, (k, v) in enumerate(ZERO1_4RANKS.items())}
+
+
+@pytest.mark.distributed
+def test_zero1_composes_with_accumulation_tp_and_pp(tmp_path, tiny_data):
+    results = run_distributed(_dp4_worker, 4, str(tmp_path), tiny_data, timeout=300)
+    _check(results, _refs(tmp_path, tiny_data, ("llama4",)))
+
+
+def _overlap_and_bytes_worker(rank, world):
+    import torch.distributed as dist
+
+    from engine.config import Config, ModelConfig
+    from engine.model.gpt import GPT
+    from engine.optim.distributed import build_training_optimizer
+    from engine.parallel.data_parallel import grad_buffers_of
+    from engine.parallel.dims import ParallelDims
+    from engine.parallel.parallelize import parallelize_gpt
+
+    cfg = Config(model=ModelConfig(n_layers=3, d_model=32, n_heads=4, vocab_size=64, seq_len=8, kernels="torch"))
+    cfg.parallel.zero1, cfg.parallel.bucket_mb = True, TINY_BUCKET
+    dims = ParallelDims.from_world()
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    [chunk] = parallelize_gpt(model, dims, cfg, device="cpu")
+    buffers = grad_buffers_of(chunk)
+    opt = build_training_optimizer(chunk, cfg.optim)
+    n_params = len({id(p) for p in chunk.parameters()})
+    buffers.trace = []
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+    buffers.sync = False  # an accumulation micro-batch: no collective at all
+    chunk(x, x, reduction="sum").backward()
+    accumulation_trace = list(buffers.trace)
+    buffers.sync = True
+    chunk(x, x, reduction="sum").backward()
+    last_trace = list(buffers.trace)
+    buffers.finish()
+    opt.step()
+    psi = sum(p.numel() for p in {id(p): p for p in chunk.parameters()}.values())
+    total, padding = buffers.numel()
+    out = {
+        "accumulation": accumulation_trace,
+        "last": last_trace,
+        "n_params": n_params,
+        "n_buckets": len(buffers.buckets),
+        "psi": psi,
+        "buffer_elements": total,
+        "padding": padding,
+        "state_bytes": opt.state_bytes(),
+        "world": dist.get_world_size(),
+    }
+    dims.destroy()
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_bucket_collectives_overlap_backward_and_bytes_follow_the_closed_form(world):
+    """The first bucket's reduce-scatter starts while backward still has gradients to produce, and an accumulation
+    micro-batch starts none. Bytes per rank: parameters and gradients 4 each per element (fp32, plus the padding of
+    each bucket to a multiple of dp), AdamW's two moments 8 per element of this rank's shard: 8 / dp per element."""
+    results = run_distributed(_overlap_and_bytes_worker, world, timeout=120)
+    for r in results:
+        assert r["accumulation"] == []
+        assert r["n_buckets"] >= 3 and len(r["last"]) == r["n_buckets"]  # each bucket launched once, in backward
+        first_bucket, grads_seen = r["last"][0]
+        assert first_bucket == 0 and grads_seen < r["n_params"]  # launched before backward's last gradient
+        assert r["buffer_elements"] == r["psi"] + r["padding"] and r["padding"] < world * r["n_buckets"]
+    states = [r["state_bytes"] for r in results]
+    psi = results[0]["psi"]
+    assert sum(states) == 8 * psi  # every element's two moments on exactly one rank
+    assert max(states) <= 8 * (psi + results[0]["padding"]) / world
