@@ -134,7 +134,8 @@ class DistributedOptimizer:
                         flat[pc.start + pc.lo : pc.start + pc.hi].copy_(self.inner.state[pc.data][key])
                 _all_gather(flat, b.shard(flat, rank, size).clone(), group=self.group)
                 for p, (s, e) in zip(b.params, b.ranges):
-                    entry = state.setdefault(index[id(p)], {k: v for k, v in merged.items() if v is not None})
+                    # each parameter its own copy of the scalars: AdamW increments its step in place
+                    entry = state.setdefault(index[id(p)], {k: v.clone() for k, v in merged.items() if v is not None})
                     entry[key] = flat[s:e].view_as(p).to(p.dtype).clone()
         groups = [
             {**{k: v for k, v in g.inner.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}

@@ -19,6 +19,7 @@ def _dp2_worker(rank, world, root, data):
     out = {"dp2 zero1": ("llama4", _run(root / "a", data, **kw))}
     _run(root / "split", data, train__steps=5, **kw)  # stop at step 5, resume to 10
     out["resumed"] = _run(root / "split", data, **kw)
+    _run(root / "other_dp", data, train__steps=5, **kw)  # resumed by one process after the spawn
     return out
 
 
@@ -29,6 +30,11 @@ def test_zero1_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_data):
         resumed, straight = r.pop("resumed"), r["dp2 zero1"][1]
         assert resumed[0] == {s: straight[0][s] for s in range(1, STEPS + 1)}  # bit-identical after the resume
     _check(results, _refs(tmp_path, tiny_data, ("llama4",)))
+    # The checkpoint holds each parameter's whole optimizer state: one process (dp 1, no ZeRO-1) resumes it.
+    other = _run(tmp_path / "other_dp", tiny_data)
+    straight = results[0]["dp2 zero1"][1]
+    for step in range(6, STEPS + 1):
+        assert abs(other[0][step] - straight[0][step]) <= 1e-5 * abs(straight[0][step]), (step, other, straight)
 
 
 ZERO1_4RANKS = {
