@@ -105,7 +105,7 @@ class DistributedOptimizer:
 
     def step(self) -> None:
         self.inner.step()
-        self.buffers.all_gather_params()
+        self.buffers.all_gather_params(wait=False)  # overlapped with the next forward (its pre-hooks wait)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.buffers.zero_grad()  # the gradients are views into the buffers: zeroed, never dropped
@@ -115,6 +115,7 @@ class DistributedOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """torch's layout (state by parameter index) with every parameter's whole state, gathered over the group
         (a collective: every rank of the group calls it)."""
+        self.buffers.wait_params()
         params = [p for g in self.param_groups for p in g["params"]]
         index = {id(p): i for i, p in enumerate(params)}
         local = {}  # the state's keys and 0-dim values (AdamW's step), the same for every piece that has stepped

@@ -9,7 +9,8 @@ reduce-scatter that leaves each rank the sum over the group of its own contiguou
 micro-batches communicate nothing. `finish` starts what has not started (gradients that bypass autograd's
 accumulation, e.g. a zero-bubble schedule's deferred weight gradients, or a pipeline's whole schedule) and waits.
 With ZeRO-1 the optimizer (engine.optim.distributed) updates the rank's shards, then `all_gather_params` rebuilds
-every parameter from the shards.
+every parameter from the shards, bucket by bucket, and the next forward waits for each bucket just before the
+first module that reads it (the gathers overlap the forward).
 
 Every bucket is padded to a multiple of the group size, so each rank's shard has the same length and the
 collectives run in place on the buffer. Buckets and shards are identical on every rank of the group (the same
@@ -48,7 +49,8 @@ class Bucket:
     param_data: torch.Tensor
     grad_data: torch.Tensor
     ready: int = 0  # gradients accumulated in this backward (the step's last micro-batch)
-    work: Any = None  # the collective in flight
+    work: Any = None  # the gradient collective in flight
+    gather: Any = None  # ZeRO-1: the parameter all-gather in flight, waited for by the first forward that reads it
 
     def shard(self, flat: torch.Tensor, rank: int, size: int) -> torch.Tensor:
         """Rank `rank`'s contiguous part of `flat` (this bucket's param_data or grad_data, or one shaped like them)."""
@@ -63,6 +65,7 @@ class GradBuffers:
     buckets: list[Bucket] = field(default_factory=list)
     sync: bool = True  # False on accumulation micro-batches (and while a pipeline schedule runs): no collectives
     trace: list[tuple[int, int]] | None = None  # tests: (bucket, gradients seen in this backward) at each launch
+    gather_trace: list[int] | None = None  # tests: the bucket of each parameter all-gather waited for, in order
     seen: int = 0
 
     @property
@@ -105,14 +108,40 @@ class GradBuffers:
         for b in self.buckets:
             b.grad_data.zero_()
 
-    def all_gather_params(self) -> None:
-        """ZeRO-1, after the optimizer updated this rank's shards: every rank's shards into every parameter."""
-        works = [
-            _all_gather(b.param_data, b.shard(b.param_data, self.rank, self.size), group=self.group, async_op=True)
-            for b in self.buckets
-        ]
-        for w in works:
-            w.wait()
+    def all_gather_params(self, wait: bool = True) -> None:
+        """ZeRO-1, after the optimizer updated this rank's shards: every rank's shards into every parameter, bucket
+        by bucket in forward's order. `wait=False` leaves them in flight: the forward pre-hooks (`install_waits`)
+        wait for each bucket just before the first module that reads it, so the gathers overlap the next forward."""
+        self.wait_params()
+        for b in reversed(self.buckets):  # the buckets are in backward's order
+            shard = b.shard(b.param_data, self.rank, self.size)
+            b.gather = _all_gather(b.param_data, shard, group=self.group, async_op=True)
+        if wait:
+            self.wait_params()
+
+    def wait_params(self, buckets: Sequence[Bucket] | None = None) -> None:
+        """Waits for the parameter all-gathers in flight (of `buckets`, default all)."""
+        for b in self.buckets if buckets is None else buckets:
+            if b.gather is not None:
+                b.gather.wait()
+                b.gather = None
+                if self.gather_trace is not None:
+                    self.gather_trace.append(self.buckets.index(b))
+
+    def install_waits(self, model: nn.Module) -> None:
+        """Forward pre-hooks on `model`'s top-level modules (each item of a ModuleDict / ModuleList, e.g. each
+        layer): each waits for the parameter all-gathers of the buckets holding its parameters."""
+        bucket_of = {id(p): b for b in self.buckets for p in b.params}
+
+        def hook_on(module: nn.Module, params) -> None:
+            needed = list({id(b): b for p in params if (b := bucket_of.get(id(p))) is not None}.values())
+            if needed:
+                module.register_forward_pre_hook(lambda _m, _args: self.wait_params(needed))
+
+        hook_on(model, model.parameters(recurse=False))
+        for child in model.children():
+            for target in child.children() if isinstance(child, (nn.ModuleDict, nn.ModuleList)) else [child]:
+                hook_on(target, target.parameters())
 
     def numel(self) -> tuple[int, int]:
         """(elements of the buffers, of which padding)."""
@@ -164,6 +193,8 @@ def build_grad_buffers(
                 p.register_post_accumulate_grad_hook(lambda _p, b=bucket: buffers._on_grad(b))
             buffers.buckets.append(bucket)
             offset += n
+    for m in modules:
+        buffers.install_waits(m)
     return buffers
 
 

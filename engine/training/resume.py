@@ -42,6 +42,7 @@ from engine.checkpoint.state import (
 )
 from engine.config import Config
 from engine.model.init import canonical_name
+from engine.parallel.data_parallel import grad_buffers_of
 from engine.parallel.sharding import ShardingRegistry
 
 if sys.version_info >= (3, 11):
@@ -190,6 +191,9 @@ def save_training_state(
 ) -> Path:  # fmt: skip
     """Writes checkpoint `step` (a collective over every rank; see module docstring for who writes what).
     `chunks`: this rank's model chunks (one without pipeline parallelism)."""
+    for chunk in chunks:  # ZeRO-1: the step's parameter all-gathers may still be in flight
+        if (buffers := grad_buffers_of(chunk)) is not None:
+            buffers.wait_params()
     params, aliases = _named_parameters(chunks)
     bad = [name for name, p in params.items() if not torch.isfinite(p.detach()).all()]
     flag = torch.tensor([float(len(bad))], device=device)

@@ -11,12 +11,31 @@ from tests.train.test_train_pp import STEPS, _check, _refs, _run
 TINY_BUCKET = 0.002  # MiB: several buckets even in the tiny model, so overlap and bucket edges are exercised
 
 
+class _GatherOnWait:
+    """An all-gather that happens only when waited for: a parameter read before its wait sees stale shards."""
+
+    def __init__(self, real, out, inp, group):
+        self.real, self.args = real, (out, inp.clone(), group)
+
+    def wait(self):
+        out, inp, group = self.args
+        self.real(out, inp, group=group)
+
+
 def _dp2_worker(rank, world, root, data):
     from pathlib import Path
+
+    import engine.parallel.data_parallel as dp
 
     root = Path(root)
     kw = dict(parallel__zero1="true", parallel__bucket_mb=TINY_BUCKET)
     out = {"dp2 zero1": ("llama4", _run(root / "a", data, **kw))}
+    real = dp._all_gather
+    dp._all_gather = lambda o, i, group, async_op=False: (
+        _GatherOnWait(real, o, i, group) if async_op else real(o, i, group)
+    )
+    out["dp2 zero1, gathers done at their wait"] = ("llama4", _run(root / "w", data, **kw))
+    dp._all_gather = real
     _run(root / "split", data, train__steps=5, **kw)  # stop at step 5, resume to 10
     out["resumed"] = _run(root / "split", data, **kw)
     _run(root / "other_dp", data, train__steps=5, **kw)  # resumed by one process after the spawn
@@ -89,6 +108,9 @@ def _overlap_and_bytes_worker(rank, world):
     last_trace = list(buffers.trace)
     buffers.finish()
     opt.step()
+    buffers.gather_trace = []  # the step left its parameter all-gathers in flight: the next forward waits for them
+    chunk(x, x, reduction="sum")
+    gathers_waited = list(buffers.gather_trace)
     psi = sum(p.numel() for p in {id(p): p for p in chunk.parameters()}.values())
     total, padding = buffers.numel()
     out = {
@@ -101,6 +123,7 @@ def _overlap_and_bytes_worker(rank, world):
         "padding": padding,
         "state_bytes": opt.state_bytes(),
         "world": dist.get_world_size(),
+        "gathers_waited": gathers_waited,
     }
     dims.destroy()
     return out
@@ -119,6 +142,9 @@ def test_bucket_collectives_overlap_backward_and_bytes_follow_the_closed_form(wo
         first_bucket, grads_seen = r["last"][0]
         assert first_bucket == 0 and grads_seen < r["n_params"]  # launched before backward's last gradient
         assert r["buffer_elements"] == r["psi"] + r["padding"] and r["padding"] < world * r["n_buckets"]
+        # each bucket's all-gather waited for once, by the forward, in forward's order (the embedding's bucket first)
+        assert sorted(r["gathers_waited"]) == list(range(r["n_buckets"]))
+        assert r["gathers_waited"][0] == r["n_buckets"] - 1
     states = [r["state_bytes"] for r in results]
     psi = results[0]["psi"]
     assert sum(states) == 8 * psi  # every element's two moments on exactly one rank
