@@ -17,6 +17,23 @@ import torch
 IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or for a DTensor (FSDP2's sharded parameters and their optimizer state) the whole tensor: an
+    all-gather, so every rank of its mesh calls it in the same order."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def as_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor placed as `like`: for a DTensor, this rank's shard of `value` (no communication), else `value`
+    in `like`'s dtype and device."""
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = value.to(device=like.device, dtype=like.dtype)
+        return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
+    return value.to(device=like.device, dtype=like.dtype)
+
+
 def optimizer_state_to_named(
     optimizer: torch.optim.Optimizer, param_names: dict[int, str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -33,7 +50,7 @@ def optimizer_state_to_named(
         name = index_to_name[idx]
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{name}.{key}"] = value.detach().cpu()
+                tensors[f"optim.{name}.{key}"] = full_tensor(value.detach()).cpu()
             else:
                 scalars.setdefault(name, {})[key] = value
     groups = []
@@ -82,6 +99,13 @@ def named_to_optimizer_state(
         g["params"] = [name_to_index[n] for n in live_names]
         groups.append(g)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for group in optimizer.param_groups:  # DTensor parameters (FSDP2) take their shard of each whole state tensor
+        for p in group["params"]:
+            if hasattr(p, "device_mesh"):
+                st = optimizer.state.get(p, {})
+                for key, value in st.items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and not hasattr(value, "device_mesh"):
+                        st[key] = as_like(value, p)
 
 
 def capture_rng_state(device: torch.device) -> dict[str, Any]:

@@ -18,7 +18,10 @@ def grad_norm(parameters: Iterable[torch.Tensor], group: dist.ProcessGroup | Non
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads:
         # foreach norms grouped by device and dtype, accumulated in fp32
-        local = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None).float()
+        local = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
+        if hasattr(local, "full_tensor"):  # FSDP2's gradients are DTensor shards: the norm over all of them
+            local = local.full_tensor()
+        local = local.float()
     else:
         local = torch.zeros(())
     if group is None:

@@ -235,6 +235,25 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
     return ddp
 
 
+def apply_fsdp(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """FSDP2 (torch's `fully_shard`) over the dp_shard dimension: each layer, then the root (embedding, head), so a
+    layer's parameters are gathered just for its forward and backward; HSDP (replicated over dp_replicate, sharded
+    within) when dp_replicate > 1. FSDP2 averages gradients over dp: the step multiplies its loss by dp to keep the
+    sum (engine.training.step)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(model.parameters()).device.type
+    if dims.dp_replicate_enabled:  # ranks are dp_replicate x dp_shard, dp_shard fastest: the mesh's row-major order
+        mesh = init_device_mesh(device, (dims.dp_replicate, dims.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        mesh = init_device_mesh(device, (dims.dp_shard,), mesh_dim_names=("dp_shard",))
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def pipeline_split(model: nn.Module, dims: ParallelDims, cfg: Config) -> list[nn.Module]:
     """This rank's pipeline chunks of the plain model: chunk c is global stage c * pp + pp_rank of pp x
     virtual_stages stages (engine.parallel.pipeline.stages); the model itself when pp is 1."""
@@ -259,9 +278,10 @@ def parallelize_gpt(
     not wrapped in DDP: the pipeline step sums their gradients over dp after the schedule. With cfg.parallel.zero1
     (and dp > 1) no chunk is wrapped either: their parameters and gradients move into the flat buffers of
     engine.parallel.data_parallel, attached to every chunk (`grad_buffers_of`), which the optimizer shards."""
-    for key in ("cp", "dp_shard"):
-        if getattr(dims, key) != 1:
-            raise ConfigError(f"parallel.{key}={getattr(dims, key)} is not implemented yet; use 1")
+    if dims.cp != 1:
+        raise ConfigError(f"parallel.cp={dims.cp} is not implemented yet; use 1")
+    if dims.dp_shard_enabled and (dims.tp_enabled or dims.pp_enabled):
+        raise ConfigError("parallel.dp_shard (FSDP2) with tp or pp > 1 is not implemented yet")
     sp = cfg.parallel.sp and dims.tp_enabled
     on_meta = any(p.is_meta for p in model.parameters())
     chunks = pipeline_split(model, dims, cfg)
@@ -276,6 +296,8 @@ def parallelize_gpt(
             materialize_and_init(chunk, device, cfg.train.seed)
         elif device is not None:
             chunk.to(device)  # a model built (or loaded) on a real device keeps its values
+    if dims.dp_shard_enabled:
+        return [apply_fsdp(chunks[0], dims)]
     if cfg.parallel.zero1 and dims.dp_enabled:  # our own buffers: ZeRO-1 shards them
         buffers = build_grad_buffers(chunks, dims.group("dp"), cfg.parallel.bucket_mb, zero1=True)
         for chunk in chunks:

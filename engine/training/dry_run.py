@@ -67,9 +67,12 @@ def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_b
         first_stage=any(c.tok_emb is not None for c in chunks), last_stage=any(c.output is not None for c in chunks),
         in_flight_microbatches=in_flight,
     )  # fmt: skip
-    # ZeRO-1: this rank's shard of the optimizer state (engine.optim.distributed), up to each bucket's padding
-    n_state = -(-n // dims.dp) if cfg.parallel.zero1 else n
-    return RankMemory(dims.rank, n, 4 * n, 4 * n, optimizer_state_bytes(n_state, cfg.optim.name), act.total_bytes)
+    # ZeRO-1: this rank's shard of the optimizer state (engine.optim.distributed), up to each bucket's padding;
+    # FSDP2: its shard of parameters, gradients and state over dp_shard (up to each tensor's padding)
+    held = -(-n // dims.dp_shard)
+    n_state = -(-n // dims.dp) if cfg.parallel.zero1 else held
+    return RankMemory(dims.rank, held, 4 * held, 4 * held, optimizer_state_bytes(n_state, cfg.optim.name),
+                      act.total_bytes)  # fmt: skip
 
 
 def dry_run(cfg: Config, vocab_size: int | None = None, out: Callable[[str], None] = print) -> DryRunReport:

@@ -35,7 +35,9 @@ from engine.checkpoint.checkpointer import (
     save_checkpoint,
 )
 from engine.checkpoint.state import (
+    as_like,
     capture_rng_state,
+    full_tensor,
     named_to_optimizer_state,
     optimizer_state_to_named,
     restore_rng_state,
@@ -184,6 +186,11 @@ def _named_parameters(chunks: Sequence[nn.Module]) -> tuple[dict[str, nn.Paramet
     return params, aliases
 
 
+def _local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2), or `t`."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def save_training_state(
     root: Path, step: int, *, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer,
     sharding: ShardingRegistry, scaler: Any, rng_trackers: Sequence[Any], device: torch.device, meta: dict[str, Any],
@@ -191,11 +198,13 @@ def save_training_state(
 ) -> Path:  # fmt: skip
     """Writes checkpoint `step` (a collective over every rank; see module docstring for who writes what).
     `chunks`: this rank's model chunks (one without pipeline parallelism)."""
-    for chunk in chunks:  # ZeRO-1: the step's parameter all-gathers may still be in flight
-        if (buffers := grad_buffers_of(chunk)) is not None:
+    for chunk in chunks:
+        if (buffers := grad_buffers_of(chunk)) is not None:  # ZeRO-1: the step's all-gathers may be in flight
             buffers.wait_params()
+        if hasattr(chunk, "reshard"):  # FSDP2: an evaluation's forward leaves the root's parameters unsharded
+            chunk.reshard()
     params, aliases = _named_parameters(chunks)
-    bad = [name for name, p in params.items() if not torch.isfinite(p.detach()).all()]
+    bad = [name for name, p in params.items() if not torch.isfinite(_local_part(p.detach())).all()]
     flag = torch.tensor([float(len(bad))], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:  # every rank refuses together (no rank left waiting)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -207,7 +216,7 @@ def save_training_state(
         )
     names = {id(p): n for n, p in params.items()}
     otensors, ometa = optimizer_state_to_named(optimizer, names)
-    tensors = {"model": {n: p.detach() for n, p in params.items()}, "optim": otensors}
+    tensors = {"model": {n: full_tensor(p.detach()) for n, p in params.items()}, "optim": otensors}
     out: dict[str, dict[str, torch.Tensor]] = {}
     shards: dict[str, tuple[list[int], list[int]]] = {}
     for group, named in tensors.items():
@@ -275,7 +284,7 @@ def restore_training_state(
                 f"checkpoint {ck.path} does not fit this model: {name} has shape {tuple(value.shape)}, "
                 f"the model's {tuple(p.shape)}"
             )
-        p.copy_(value)
+        p.copy_(as_like(value, p))
     holders: dict[str, list[str]] = {}  # saved parameter name -> the live parameters taking its optimizer state
     for name in params:
         holders.setdefault(aliases.get(name, name), []).append(name)

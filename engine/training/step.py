@@ -76,6 +76,9 @@ class TrainStep:
         self.tp_enabled = self.sharding.tp_group is not None and dist.get_world_size(self.sharding.tp_group) > 1
         # Under tp, each element counted once in the global norm: sharded slices everywhere, replicated on tp rank 0.
         self.norm_params = norm_parameters(inner, sharding=self.sharding) if self.tp_enabled else None
+        # FSDP2 (parallel.dp_shard) reduces gradients by a mean over dp: the loss is scaled by dp to keep the sum.
+        self.fsdp = _is_fsdp(model)
+        self.loss_factor = dist.get_world_size(dp_group) if self.fsdp and dp_group is not None else 1
         self.buffers = grad_buffers_of(inner)  # ZeRO-1: this rank clips and steps its shards of the gradients
         if self.buffers is not None:
             self.params, self.norm_params, self.mp_group = zero1_update_args(optimizer, self.params, self.norm_params)
@@ -92,11 +95,13 @@ class TrainStep:
             last = i == len(batches) - 1
             if self.buffers is not None:  # our buffers: collectives on the last micro-batch only
                 self.buffers.sync = last
-            quiet = not last and self.dp_group is not None and self.buffers is None
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            quiet = not last and self.dp_group is not None and self.buffers is None and not self.fsdp
             with self.model.no_sync() if quiet else contextlib.nullcontext():
                 with self.autocast():
                     loss_sum = self.model(x, y, reduction="sum")
-                loss = loss_sum / denom
+                loss = loss_sum / denom * self.loss_factor
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss_sum.detach().double()
         if self.buffers is not None:
@@ -115,6 +120,12 @@ class TrainStep:
             dist.all_reduce(local, group=self.dp_group)
         n = int(n_tokens.item())
         return StepResult(local.item() / max(n, 1), grad_norm, n, skipped, scale_backoff=backoff)
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def zero1_update_args(

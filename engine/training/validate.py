@@ -38,17 +38,21 @@ def check_config(cfg: Config) -> None:
         value = getattr(p, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"parallel.{key} must be a positive integer, got {value!r}")
-    for key in ("cp", "dp_shard"):
-        if getattr(p, key) != 1:
-            raise TrainError(f"parallel.{key}={getattr(p, key)} is not supported by this training loop yet; use 1")
+    if p.cp != 1:
+        raise TrainError(f"parallel.cp={p.cp} is not supported by this training loop yet; use 1")
+    if isinstance(p.dp_shard, bool) or not isinstance(p.dp_shard, int) or p.dp_shard < 1:
+        raise ConfigError(f"parallel.dp_shard must be a positive integer, got {p.dp_shard!r}")
+    if p.dp_shard > 1 and (p.tp > 1 or p.pp > 1):
+        raise TrainError("parallel.dp_shard (FSDP2) with parallel.tp or parallel.pp > 1 is not supported yet")
     if cfg.checkpoint.async_:
         raise TrainError("checkpoint.async is not supported by this training loop yet; use --checkpoint.async false")
     if not p.bucket_mb > 0:
         raise ConfigError(f"parallel.bucket_mb must be > 0, got {p.bucket_mb}")
     if p.zero1 and p.dp_shard > 1:
         raise TrainError("parallel.zero1 and parallel.dp_shard > 1 both shard the optimizer state: choose one")
-    if p.zero1 and cfg.train.dtype == "fp16":
-        raise TrainError("parallel.zero1 with train.dtype fp16 is not supported yet (no sharded loss scaler): use bf16")
+    if (p.zero1 or p.dp_shard > 1) and cfg.train.dtype == "fp16":
+        what = "parallel.zero1" if p.zero1 else "parallel.dp_shard"
+        raise TrainError(f"{what} with train.dtype fp16 is not supported yet (no sharded loss scaler): use bf16")
     if p.zero1 and cfg.optim.name != "adamw":
         raise TrainError(
             f"parallel.zero1 shards AdamW's elementwise state; optim.name {cfg.optim.name} cannot be sharded: use "
