@@ -69,6 +69,7 @@ class TrainConfig:
     micro_batch: int = 0  # 0: global_batch / dp (no gradient accumulation)
     seed: int = 1234
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: bf16 parameters, fp32 gradients and master weights (ZeRO-1)
     fp8: Literal["off", "delayed", "current"] = "off"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # CPU intra-op threads per process; 0: OMP_NUM_THREADS if set, else cores / processes / 2

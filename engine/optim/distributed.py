@@ -11,8 +11,9 @@ Adam state, against 16 without sharding. Adafactor's factored second moment need
 
 To the rest of the engine this is an optimizer over the model's parameters: `param_groups` shows them (the learning
 rate schedule writes through to the pieces' groups), and `state_dict` / `load_state_dict` hold each parameter's whole
-state (gathered over the group to save, cut to this rank's pieces on load), so checkpoints keep the global view and
-resume at any dp.
+state (gathered to the group's rank 0, the one that writes, to save; cut to this rank's pieces on load), so
+checkpoints keep the global view and load at another dp. A parameter without a gradient in a step still takes the
+update of its zero gradient (momentum, weight decay), as in Megatron's distributed optimizer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 
 from engine.config import ConfigError, OptimConfig
 from engine.optim.build import build_optimizer, optimizer_for_groups, param_groups
-from engine.parallel.data_parallel import Bucket, GradBuffers, _all_gather, grad_buffers_of
+from engine.parallel.data_parallel import Bucket, GradBuffers, grad_buffers_of
 
 
 class _GroupView(MutableMapping):
@@ -64,7 +65,8 @@ class _Piece:
     start: int  # the parameter's offset in the bucket
     lo: int
     hi: int
-    data: torch.Tensor  # the 1-D view of the bucket's parameter data the inner optimizer steps
+    data: torch.Tensor  # what the inner optimizer steps: the 1-D view of the parameter data, or its fp32 master copy
+    view: torch.Tensor  # the 1-D view of the bucket's parameter data (written from `data` after a step if a copy)
 
 
 class DistributedOptimizer:
@@ -89,9 +91,11 @@ class DistributedOptimizer:
                 n = b.param_data.numel() // size
                 lo, hi = max(s, rank * n), min(e, (rank + 1) * n)
                 if lo < hi:
-                    piece = b.param_data[lo:hi]
+                    view = b.param_data[lo:hi]
+                    # fp32 parameters are their own master weights; bf16 ones get an fp32 copy of this shard
+                    piece = view if view.dtype == torch.float32 else view.float()
                     piece.grad = b.grad_data[lo:hi]
-                    self.pieces.append(_Piece(p, b, s, lo - s, hi - s, piece))
+                    self.pieces.append(_Piece(p, b, s, lo - s, hi - s, piece, view))
                     mine.append(piece)
             inner_groups.append({**{k: v for k, v in g.items() if k not in ("params", "names")}, "params": mine})
         self.inner = optimizer_for_groups(inner_groups, cfg)
@@ -104,7 +108,11 @@ class DistributedOptimizer:
         return [pc.data for pc in self.pieces if id(pc.param) in ids]
 
     def step(self) -> None:
+        self.buffers.wait_params()  # a previous step's gathers, if no forward has waited for them
         self.inner.step()
+        for pc in self.pieces:
+            if pc.data is not pc.view:
+                pc.view.copy_(pc.data)  # the master's update rounded once into the bf16 parameter
         self.buffers.all_gather_params(wait=False)  # overlapped with the next forward (its pre-hooks wait)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -113,31 +121,41 @@ class DistributedOptimizer:
     # -- checkpoints: each parameter's whole state ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's layout (state by parameter index) with every parameter's whole state, gathered over the group
-        (a collective: every rank of the group calls it)."""
+        """torch's layout (state by parameter index). The group's rank 0, the one that writes checkpoints, gets
+        every parameter's whole state, gathered bucket by bucket into host memory; the other ranks get the groups
+        only. A collective: every rank of the group calls it."""
         self.buffers.wait_params()
         params = [p for g in self.param_groups for p in g["params"]]
         index = {id(p): i for i, p in enumerate(params)}
         local = {}  # the state's keys and 0-dim values (AdamW's step), the same for every piece that has stepped
         for st in self.inner.state.values():
-            local = {k: (None if v.dim() > 0 else v.clone()) for k, v in st.items()}
+            local = {k: (None if v.dim() > 0 else v.detach().cpu().clone()) for k, v in st.items()}
             break
+        if local and any(pc.data is not pc.view for pc in self.pieces):
+            local["master"] = None  # bf16 parameters: their fp32 master weights are optimizer state too
         everyone: list[dict] = [{} for _ in range(self.buffers.size)]
-        dist.all_gather_object(everyone, local, group=self.group)  # a rank may hold no piece at all
+        dist.all_gather_object(everyone, local, group=self.group)  # every rank then loops over the same keys
         merged = next((d for d in everyone if d), {})
         state: dict[int, dict[str, Any]] = {}
         rank, size = self.buffers.rank, self.buffers.size
+        root = dist.get_global_rank(self.group, 0)
         for key in sorted(k for k, v in merged.items() if v is None):
             for b in self.buffers.buckets:
-                flat = torch.zeros(b.param_data.shape, dtype=torch.float32, device=b.param_data.device)
+                n = b.param_data.numel() // size
+                shard = torch.zeros(n, dtype=torch.float32, device=b.param_data.device)
                 for pc in self.pieces:
-                    if pc.bucket is b:
-                        flat[pc.start + pc.lo : pc.start + pc.hi].copy_(self.inner.state[pc.data][key])
-                _all_gather(flat, b.shard(flat, rank, size).clone(), group=self.group)
+                    value = pc.data.detach() if key == "master" else self.inner.state.get(pc.data, {}).get(key)
+                    if pc.bucket is b and value is not None:
+                        shard[pc.start + pc.lo - rank * n : pc.start + pc.hi - rank * n].copy_(value)
+                parts = [torch.empty_like(shard) for _ in range(size)] if rank == 0 else None
+                dist.gather(shard, parts, dst=root, group=self.group)
+                if rank != 0:
+                    continue
+                flat = torch.cat(parts).cpu()
                 for p, (s, e) in zip(b.params, b.ranges):
                     # each parameter its own copy of the scalars: AdamW increments its step in place
                     entry = state.setdefault(index[id(p)], {k: v.clone() for k, v in merged.items() if v is not None})
-                    entry[key] = flat[s:e].view_as(p).to(p.dtype).clone()
+                    entry[key] = flat[s:e].view_as(p).clone()  # fp32, also for bf16 parameters
         groups = [
             {**{k: v for k, v in g.inner.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
             for g in self.param_groups
@@ -145,19 +163,29 @@ class DistributedOptimizer:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Takes `state_dict`'s layout: each parameter's whole state, cut to this rank's pieces."""
+        """Takes `state_dict`'s layout (each parameter's whole state) and loads this rank's pieces of it through the
+        inner optimizer's own load_state_dict (which puts each value on its piece's device, as its kernel wants)."""
         params = [p for g in self.param_groups for p in g["params"]]
-        for live, saved in zip(self.param_groups, sd["param_groups"]):
-            live.inner.update({k: v for k, v in saved.items() if k != "params"})
         by_param = {id(params[i]): st for i, st in sd["state"].items()}
-        self.inner.state.clear()
+        position = {id(t): i for i, t in enumerate(t for g in self.inner.param_groups for t in g["params"])}
+        inner_state: dict[int, dict[str, Any]] = {}
         for pc in self.pieces:
-            st = by_param.get(id(pc.param))
+            st = dict(by_param.get(id(pc.param)) or {})
+            master = st.pop("master", None)
+            if pc.data is not pc.view:  # the fp32 master: saved, else the (just loaded) bf16 parameter
+                pc.data.copy_(master.reshape(-1)[pc.lo : pc.hi] if master is not None else pc.view)
             if st:
-                self.inner.state[pc.data] = {
-                    k: v.detach().reshape(-1)[pc.lo : pc.hi].to(pc.data).clone() if v.dim() > 0 else v.detach().clone()
+                inner_state[position[id(pc.data)]] = {
+                    k: v.detach().reshape(-1)[pc.lo : pc.hi].clone() if v.dim() > 0 else v.detach().clone()
                     for k, v in st.items()
                 }
+        groups = [
+            {**{k: v for k, v in saved.items() if k != "params"}, "params": [position[id(t)] for t in live["params"]]}
+            for saved, live in zip(sd["param_groups"], self.inner.param_groups)
+        ]
+        self.inner.load_state_dict({"state": inner_state, "param_groups": groups})
+        for view, group in zip(self.param_groups, self.inner.param_groups):  # torch made new group dicts
+            view.inner = group
 
     def state_bytes(self) -> int:
         """Bytes of per-element optimizer state on this rank (AdamW's moments; not its scalar step counts)."""

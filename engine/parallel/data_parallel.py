@@ -12,6 +12,10 @@ With ZeRO-1 the optimizer (engine.optim.distributed) updates the rank's shards, 
 every parameter from the shards, bucket by bucket, and the next forward waits for each bucket just before the
 first module that reads it (the gathers overlap the forward).
 
+bf16 parameters (`train.param_dtype bf16`) keep bf16 data buffers and fp32 gradient buffers: each gradient is added
+into its fp32 slice by the hook (Megatron's main_grad) and the reduction runs in fp32; the optimizer keeps fp32
+master copies of its shards.
+
 Every bucket is padded to a multiple of the group size, so each rank's shard has the same length and the
 collectives run in place on the buffer. Buckets and shards are identical on every rank of the group (the same
 model, the same parameter order).
@@ -19,6 +23,7 @@ model, the same parameter order).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +53,7 @@ class Bucket:
     ranges: list[tuple[int, int]]  # each parameter's [start, end) in the bucket
     param_data: torch.Tensor
     grad_data: torch.Tensor
-    ready: int = 0  # gradients accumulated in this backward (the step's last micro-batch)
+    ready: set[int] = field(default_factory=set)  # ids of the parameters whose gradient is in (last micro-batch)
     work: Any = None  # the gradient collective in flight
     gather: Any = None  # ZeRO-1: the parameter all-gather in flight, waited for by the first forward that reads it
 
@@ -76,13 +81,20 @@ class GradBuffers:
     def rank(self) -> int:
         return dist.get_rank(self.group)
 
-    def _on_grad(self, bucket: Bucket) -> None:
-        if not self.sync:
+    def _on_grad(self, bucket: Bucket, p: nn.Parameter) -> None:
+        if not self.sync or id(p) in bucket.ready:  # a second call for one parameter does not count twice
             return
         self.seen += 1
-        bucket.ready += 1
-        if bucket.ready == len(bucket.params) and bucket.work is None:
+        bucket.ready.add(id(p))
+        if len(bucket.ready) == len(bucket.params) and bucket.work is None:
             self._launch(bucket)
+
+    def _fold(self, p: nn.Parameter, main: torch.Tensor, bucket: Bucket | None) -> None:
+        """bf16 parameters: p's gradient added into its fp32 slice of the buffer, then dropped."""
+        main.add_(p.grad)
+        p.grad = None
+        if bucket is not None:
+            self._on_grad(bucket, p)
 
     def _launch(self, bucket: Bucket) -> None:
         if self.trace is not None:
@@ -95,13 +107,20 @@ class GradBuffers:
 
     def finish(self) -> None:
         """Starts the collectives not yet started and waits for all: every gradient summed over the group (with
-        ZeRO-1: each rank's shards)."""
+        ZeRO-1: each rank's shards). A bf16 parameter's gradient written outside autograd's accumulation (a
+        zero-bubble schedule's deferred weight gradient) is folded into the fp32 buffer first."""
+        for b in self.buckets:
+            if b.grad_data.dtype != b.param_data.dtype:
+                for p, (s, e) in zip(b.params, b.ranges):
+                    if p.grad is not None:
+                        self._fold(p, b.grad_data[s:e].view_as(p), None)
         for b in self.buckets:
             if b.work is None:
                 self._launch(b)
         for b in self.buckets:
             b.work.wait()
-            b.work, b.ready = None, 0
+            b.work = None
+            b.ready.clear()
         self.seen = 0
 
     def zero_grad(self) -> None:
@@ -150,6 +169,17 @@ class GradBuffers:
         return total, total - used
 
 
+def _hook(p: nn.Parameter, ref: weakref.ref, index: int, fold: tuple[int, int] | None) -> None:
+    buffers = ref()
+    if buffers is None:
+        return
+    bucket = buffers.buckets[index]
+    if fold is None:
+        buffers._on_grad(bucket, p)
+    else:
+        buffers._fold(p, bucket.grad_data[fold[0] : fold[1]].view_as(p), bucket)
+
+
 def build_grad_buffers(
     modules: Sequence[nn.Module], group: dist.ProcessGroup, bucket_mb: float, zero1: bool
 ) -> GradBuffers:
@@ -177,7 +207,7 @@ def build_grad_buffers(
         sizes = [-(-sum(p.numel() for p in g) // size) * size for g in groups]  # padded to a multiple of size
         device = ps[0].device
         param_flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
-        grad_flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        grad_flat = torch.zeros(sum(sizes), dtype=torch.float32 if dtype == torch.bfloat16 else dtype, device=device)
         offset = 0
         for g, n in zip(groups, sizes):
             ranges, start = [], 0
@@ -189,8 +219,15 @@ def build_grad_buffers(
                 view = bucket.param_data[s:e].view_as(p)
                 view.copy_(p.detach())
                 p.data = view
-                p.grad = bucket.grad_data[s:e].view_as(p)
-                p.register_post_accumulate_grad_hook(lambda _p, b=bucket: buffers._on_grad(b))
+                main = bucket.grad_data[s:e].view_as(p)
+                # Tensor hooks live in C++, out of the garbage collector's sight: one holding the buffers (which hold
+                # the parameter) would keep the whole model alive. They hold a weak reference and an index instead.
+                where = (weakref.ref(buffers), len(buffers.buckets))
+                if main.dtype == p.dtype:  # autograd accumulates into the buffer itself
+                    p.grad = main
+                    p.register_post_accumulate_grad_hook(lambda q, w=where: _hook(q, *w, None))
+                else:  # bf16 parameters: each gradient is added into the fp32 buffer (Megatron's main_grad)
+                    p.register_post_accumulate_grad_hook(lambda q, w=where, r=(s, e): _hook(q, *w, r))
             buffers.buckets.append(bucket)
             offset += n
     for m in modules:

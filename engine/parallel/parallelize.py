@@ -298,7 +298,12 @@ def parallelize_gpt(
             chunk.to(device)  # a model built (or loaded) on a real device keeps its values
     if dims.dp_shard_enabled:
         return [apply_fsdp(chunks[0], dims)]
-    if cfg.parallel.zero1 and dims.dp_enabled:  # our own buffers: ZeRO-1 shards them
+    bf16_params = cfg.train.param_dtype == "bf16"
+    if bf16_params and dims.dp_enabled and not cfg.parallel.zero1:
+        raise ConfigError("train.param_dtype bf16 keeps its fp32 master weights in ZeRO-1's shards: set parallel.zero1")
+    if (cfg.parallel.zero1 and dims.dp_enabled) or bf16_params:  # our own buffers: ZeRO-1 shards them
+        for p in (p for chunk in chunks for p in chunk.parameters()):
+            p.data = p.data.to(torch.bfloat16) if bf16_params else p.data  # initialised in fp32, then rounded
         buffers = build_grad_buffers(chunks, dims.group("dp"), cfg.parallel.bucket_mb, zero1=True)
         for chunk in chunks:
             attach_grad_buffers(chunk, buffers)

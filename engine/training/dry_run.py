@@ -69,10 +69,12 @@ def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_b
     )  # fmt: skip
     # ZeRO-1: this rank's shard of the optimizer state (engine.optim.distributed), up to each bucket's padding;
     # FSDP2: its shard of parameters, gradients and state over dp_shard (up to each tensor's padding)
+    # bf16 parameters: 2 bytes each, fp32 gradients, fp32 master weights with the optimizer state (2 + 4 + 12 / dp)
     held = -(-n // dims.dp_shard)
     n_state = -(-n // dims.dp) if cfg.parallel.zero1 else held
-    return RankMemory(dims.rank, held, 4 * held, 4 * held, optimizer_state_bytes(n_state, cfg.optim.name),
-                      act.total_bytes)  # fmt: skip
+    bf16 = cfg.train.param_dtype == "bf16"
+    opt = optimizer_state_bytes(n_state, cfg.optim.name, master_weights=bf16)
+    return RankMemory(dims.rank, held, (2 if bf16 else 4) * held, 4 * held, opt, act.total_bytes)
 
 
 def dry_run(cfg: Config, vocab_size: int | None = None, out: Callable[[str], None] = print) -> DryRunReport:

@@ -3,8 +3,9 @@ the non-finite guard. A pipeline schedule will replace `TrainStep.forward_backwa
 
 Loss normalisation (docs/contracts.md): the step's loss is the sum of per-token losses over the whole global batch
 (every micro-batch on every data-parallel rank) divided by the number of loss-bearing tokens in it, N. Each
-micro-batch backpropagates sum_i / N, and the data-parallel reduction sums (parallelize.apply_data_parallel), so the
-gradient is that of the global per-token mean whatever the micro-batch and rank token counts are. N is counted
+micro-batch backpropagates sum_i / N, and the data-parallel reduction sums (DDP with a summing hook, ZeRO-1's
+reduce-scatter; FSDP2's mean is undone by scaling the loss by dp), so the gradient is that of the global per-token
+mean whatever the micro-batch and rank token counts are. N is counted
 before the forward passes (one scalar all-reduce over dp).
 
 Guard: a non-finite global gradient norm skips the optimizer step on every rank (the norm is reduced over the
@@ -53,8 +54,9 @@ def count_tokens(batches: Sequence[Batch], dp_group: dist.ProcessGroup | None = 
 class TrainStep:
     """Runs forward/backward over a step's micro-batches and updates the parameters.
 
-    `model`: what the forward calls (the DDP wrapper when dp > 1); `inner`: the parallelized model itself (its
-    sharding registry gives the tp gradient bookkeeping). `dp_group`/`mp_group`: None when that degree is 1.
+    `model`: what the forward calls (the DDP wrapper when dp > 1 without ZeRO-1 or FSDP2; the model itself then);
+    `inner`: the parallelized model itself (its sharding registry gives the tp gradient bookkeeping, its attached
+    gradient buffers ZeRO-1's). `dp_group`/`mp_group`: None when that degree is 1.
     """
 
     def __init__(

@@ -66,3 +66,13 @@ def test_zero1_shards_the_optimizer_bytes(monkeypatch):
     zero1 = dry_run(load_config([*args, "--parallel.zero1", "true"]), out=lambda s: None).ranks[0]
     assert zero1.params == plain.params and zero1.grad_bytes == plain.grad_bytes == 4 * plain.params
     assert plain.optimizer_bytes == 8 * plain.params and zero1.optimizer_bytes == 8 * -(-plain.params // 4)
+
+
+def test_bf16_parameters_with_zero1_bytes(monkeypatch):
+    """bf16 parameters under ZeRO-1 at dp 4: 2 bytes of parameter, 4 of fp32 gradient, and (8 of AdamW + 4 of fp32
+    master weight) / 4 of state a parameter."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = ["--model.n_layers", "2", "--model.d_model", "32", "--model.vocab_size", "64", "--train.global_batch", "4",
+            "--parallel.zero1", "true", "--train.param_dtype", "bf16"]  # fmt: skip
+    r = dry_run(load_config(args), out=lambda s: None).ranks[0]
+    assert (r.param_bytes, r.grad_bytes, r.optimizer_bytes) == (2 * r.params, 4 * r.params, 12 * -(-r.params // 4))

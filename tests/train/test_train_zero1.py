@@ -170,3 +170,74 @@ def test_dp_tp_pp_on_eight_processes(tmp_path, tiny_data):
     """dp 2 x tp 2 x pp 2 (8 ranks), with and without ZeRO-1, equals one process to 1e-5 for 10 steps."""
     results = run_distributed(_four_d_worker, 8, str(tmp_path), tiny_data, timeout=600)
     _check(results, _refs(tmp_path, tiny_data, ("llama4",)))
+
+
+def _bf16_worker(rank, world, root, data):
+    from pathlib import Path
+
+    root = Path(root)
+    kw = dict(parallel__zero1="true", parallel__bucket_mb=TINY_BUCKET, train__param_dtype="bf16")
+    out = {"dp2 zero1 bf16 params": _run(root / "a", data, **kw)}
+    _run(root / "split", data, train__steps=5, **kw)  # stop at step 5, resume to 10: the fp32 masters come back
+    out["resumed"] = _run(root / "split", data, **kw)
+    return out
+
+
+@pytest.mark.distributed
+def test_zero1_with_bf16_parameters_and_fp32_masters(tmp_path, tiny_data):
+    """bf16 parameters, fp32 gradients and master weights in the shards: one process with bf16 parameters to 1e-3
+    (bf16 rounding of the parameters and activations), a bit-identical resume (the masters are checkpointed)."""
+    results = run_distributed(_bf16_worker, 2, str(tmp_path), tiny_data, timeout=300)
+    ref = _run(tmp_path / "one", tiny_data, train__param_dtype="bf16")
+    for r in results:
+        got = r["dp2 zero1 bf16 params"]
+        for step in range(1, STEPS + 1):
+            assert abs(got[0][step] - ref[0][step]) <= 1e-3 * abs(ref[0][step]), (step, got[0], ref[0])
+        assert r["resumed"][0] == got[0]  # bit-identical after the resume
+
+
+def _two_steps_and_leak_worker(rank, world):
+    import gc
+    import weakref
+
+    import engine.parallel.data_parallel as dp
+    from engine.config import Config, ModelConfig
+    from engine.model.gpt import GPT
+    from engine.optim.distributed import build_training_optimizer
+    from engine.parallel.data_parallel import grad_buffers_of
+    from engine.parallel.dims import ParallelDims
+    from engine.parallel.parallelize import parallelize_gpt
+
+    real = dp._all_gather
+    dp._all_gather = lambda o, i, group, async_op=False: (
+        _GatherOnWait(real, o, i, group) if async_op else real(o, i, group)
+    )
+    cfg = Config(model=ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=64, seq_len=8, kernels="torch"))
+    cfg.parallel.zero1, cfg.parallel.bucket_mb = True, TINY_BUCKET
+    dims = ParallelDims.from_world()
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    [chunk] = parallelize_gpt(model, dims, cfg, device="cpu")
+    opt = build_training_optimizer(chunk, cfg.optim)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+    chunk(x, x, reduction="sum").backward()
+    grad_buffers_of(chunk).finish()
+    opt.step()  # its gathers stay in flight (they happen at their wait)
+    mine = [pc.view.clone() for pc in opt.pieces]  # this rank's shards after the first step
+    opt.step()  # no forward in between: the first step's gathers must land before the second updates the shards
+    grad_buffers_of(chunk).wait_params()
+    moved = all(not torch.equal(a, pc.view) for a, pc in zip(mine, opt.pieces))
+    dp._all_gather = real
+    alive = weakref.ref(next(chunk.parameters()))
+    del chunk, model, opt
+    gc.collect()
+    dims.destroy()
+    return moved, alive() is None
+
+
+@pytest.mark.distributed
+def test_steps_without_a_forward_between_and_no_leak():
+    """Each step's update survives the previous step's parameter all-gathers even when no forward waited for them,
+    and a ZeRO-1 model is freed once dropped (the gradient hooks hold no strong reference to it)."""
+    for moved, freed in run_distributed(_two_steps_and_leak_worker, 2, timeout=120):
+        assert moved and freed
