@@ -50,19 +50,9 @@ def test_hsdp_trains_like_one_process(tmp_path, tiny_data):
 def _bytes_worker(rank, world):
     import torch
 
-    from engine.config import Config, ModelConfig
-    from engine.optim.distributed import build_training_optimizer
-    from engine.parallel.dims import ParallelDims
-    from engine.parallel.parallelize import parallelize_gpt
-    cfg = Config(model=ModelConfig(n_layers=3, d_model=32, n_heads=4, vocab_size=64, seq_len=8, kernels="torch"))
-    cfg.parallel.dp_shard = world
-    dims = ParallelDims.from_world(dp_shard=world)
-    with torch.device("meta"):
-        from engine.model.gpt import GPT
+    from tests.train.test_train_zero1 import tiny_chunk
 
-        model = GPT(cfg.model)
-    [chunk] = parallelize_gpt(model, dims, cfg, device="cpu")
-    opt = build_training_optimizer(chunk, cfg.optim)
+    chunk, dims, opt = tiny_chunk(dp_shard=world)
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
     chunk(x, x, reduction="sum").backward()
     opt.step()

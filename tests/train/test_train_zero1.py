@@ -11,6 +11,23 @@ from tests.train.test_train_pp import STEPS, _check, _refs, _run
 TINY_BUCKET = 0.002  # MiB: several buckets even in the tiny model, so overlap and bucket edges are exercised
 
 
+def tiny_chunk(n_layers: int = 3, zero1: bool = False, dp_shard: int = 1):
+    """(chunk, dims, optimizer): a tiny llama parallelized over this spawned rank's world, and its optimizer."""
+    from engine.config import Config, ModelConfig
+    from engine.model.gpt import GPT
+    from engine.optim.distributed import build_training_optimizer
+    from engine.parallel.dims import ParallelDims
+    from engine.parallel.parallelize import parallelize_gpt
+
+    cfg = Config(model=ModelConfig(n_layers=n_layers, d_model=32, n_heads=4, vocab_size=64, seq_len=8, kernels="torch"))
+    cfg.parallel.zero1, cfg.parallel.bucket_mb, cfg.parallel.dp_shard = zero1, TINY_BUCKET, dp_shard
+    dims = ParallelDims.from_world(dp_shard=dp_shard)
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    [chunk] = parallelize_gpt(model, dims, cfg, device="cpu")
+    return chunk, dims, build_training_optimizer(chunk, cfg.optim)
+
+
 class _GatherOnWait:
     """An all-gather that happens only when waited for: a parameter read before its wait sees stale shards."""
 
@@ -82,21 +99,10 @@ def test_zero1_composes_with_accumulation_tp_and_pp(tmp_path, tiny_data):
 def _overlap_and_bytes_worker(rank, world):
     import torch.distributed as dist
 
-    from engine.config import Config, ModelConfig
-    from engine.model.gpt import GPT
-    from engine.optim.distributed import build_training_optimizer
     from engine.parallel.data_parallel import grad_buffers_of
-    from engine.parallel.dims import ParallelDims
-    from engine.parallel.parallelize import parallelize_gpt
 
-    cfg = Config(model=ModelConfig(n_layers=3, d_model=32, n_heads=4, vocab_size=64, seq_len=8, kernels="torch"))
-    cfg.parallel.zero1, cfg.parallel.bucket_mb = True, TINY_BUCKET
-    dims = ParallelDims.from_world()
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    [chunk] = parallelize_gpt(model, dims, cfg, device="cpu")
+    chunk, dims, opt = tiny_chunk(zero1=True)
     buffers = grad_buffers_of(chunk)
-    opt = build_training_optimizer(chunk, cfg.optim)
     n_params = len({id(p) for p in chunk.parameters()})
     buffers.trace = []
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
@@ -201,24 +207,13 @@ def _two_steps_and_leak_worker(rank, world):
     import weakref
 
     import engine.parallel.data_parallel as dp
-    from engine.config import Config, ModelConfig
-    from engine.model.gpt import GPT
-    from engine.optim.distributed import build_training_optimizer
     from engine.parallel.data_parallel import grad_buffers_of
-    from engine.parallel.dims import ParallelDims
-    from engine.parallel.parallelize import parallelize_gpt
 
     real = dp._all_gather
     dp._all_gather = lambda o, i, group, async_op=False: (
         _GatherOnWait(real, o, i, group) if async_op else real(o, i, group)
     )
-    cfg = Config(model=ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=64, seq_len=8, kernels="torch"))
-    cfg.parallel.zero1, cfg.parallel.bucket_mb = True, TINY_BUCKET
-    dims = ParallelDims.from_world()
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    [chunk] = parallelize_gpt(model, dims, cfg, device="cpu")
-    opt = build_training_optimizer(chunk, cfg.optim)
+    chunk, dims, opt = tiny_chunk(n_layers=2, zero1=True)
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
     chunk(x, x, reduction="sum").backward()
     grad_buffers_of(chunk).finish()
@@ -229,7 +224,7 @@ def _two_steps_and_leak_worker(rank, world):
     moved = all(not torch.equal(a, pc.view) for a, pc in zip(mine, opt.pieces))
     dp._all_gather = real
     alive = weakref.ref(next(chunk.parameters()))
-    del chunk, model, opt
+    del chunk, opt
     gc.collect()
     dims.destroy()
     return moved, alive() is None
