@@ -244,10 +244,12 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     device = next(model.parameters()).device.type
-    if dims.dp_replicate_enabled:  # ranks are dp_replicate x dp_shard, dp_shard fastest: the mesh's row-major order
-        mesh = init_device_mesh(device, (dims.dp_replicate, dims.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-    else:
-        mesh = init_device_mesh(device, (dims.dp_shard,), mesh_dim_names=("dp_shard",))
+    # ranks are dp_replicate x dp_shard x tp, tp fastest: the mesh's row-major order. Under tp the parameters are
+    # plain tp-local tensors, which FSDP2 shards again over dp_shard (the sharding registry keeps their tp place).
+    names, shape = ("dp_replicate", "dp_shard", "tp"), (dims.dp_replicate, dims.dp_shard, dims.tp)
+    keep = [i for i, n in enumerate(shape) if n > 1 or names[i] == "dp_shard"]
+    mesh = init_device_mesh(device, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep))
+    mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate_enabled else mesh["dp_shard"]
     for layer in model.layers.values():
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -280,8 +282,8 @@ def parallelize_gpt(
     engine.parallel.data_parallel, attached to every chunk (`grad_buffers_of`), which the optimizer shards."""
     if dims.cp != 1:
         raise ConfigError(f"parallel.cp={dims.cp} is not implemented yet; use 1")
-    if dims.dp_shard_enabled and (dims.tp_enabled or dims.pp_enabled):
-        raise ConfigError("parallel.dp_shard (FSDP2) with tp or pp > 1 is not implemented yet")
+    if dims.dp_shard_enabled and dims.pp_enabled:
+        raise ConfigError("parallel.dp_shard (FSDP2) with pp > 1 is not implemented yet")
     sp = cfg.parallel.sp and dims.tp_enabled
     on_meta = any(p.is_meta for p in model.parameters())
     chunks = pipeline_split(model, dims, cfg)

@@ -84,3 +84,36 @@ def test_fsdp2_bytes_per_rank_follow_the_closed_form(world, monkeypatch):
     planned = dry_run(load_config(args), out=lambda s: None).ranks[0]
     assert planned.params == -(-psi // world)
     assert (planned.grad_bytes, planned.optimizer_bytes) == (4 * planned.params, 8 * planned.params)
+
+
+def _tp_worker(rank, world, root, data):
+    from pathlib import Path
+
+    root = Path(root)
+    kw = dict(parallel__dp_shard=2, parallel__tp=2)
+    out = {
+        "dp_shard 2 x tp 2": ("llama4", _run(root / "a", data, **kw)),
+        "dp_shard 2 x tp 2 + sp": ("llama4", _run(root / "b", data, **kw, parallel__sp="true")),
+    }
+    _run(root / "split", data, train__steps=5, **kw)  # stop at step 5, resume to 10
+    out["resumed"] = _run(root / "split", data, **kw)
+    return out
+
+
+@pytest.mark.distributed
+def test_fsdp2_with_tensor_parallelism(tmp_path, tiny_data):
+    """FSDP2 shards the tp-local parameters again over dp_shard; the checkpoint's manifest records the true global
+    shapes (each tp shard whole over dp_shard, at its tp offset), and the run resumes bit-identically."""
+    import json
+
+    results = run_distributed(_tp_worker, 4, str(tmp_path), tiny_data, timeout=300)
+    for r in results:
+        resumed, straight = r.pop("resumed"), r["dp_shard 2 x tp 2"][1]
+        assert resumed[0] == {s: straight[0][s] for s in range(1, STEPS + 1)}
+    _check(results, _refs(tmp_path, tiny_data, ("llama4",)))
+    manifest = json.loads((tmp_path / "split/checkpoints/step_00000005/manifest.json").read_text())
+    q = manifest["tensors"]["layers.0.attn.q_proj.weight"]
+    assert q["shape"] == [32, 32] and [(s["offsets"], s["shape"]) for s in q["shards"]] == [
+        ([0, 0], [16, 32]),
+        ([16, 0], [16, 32]),
+    ]
