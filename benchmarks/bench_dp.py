@@ -1,5 +1,5 @@
 """Data parallelism on CPU processes: step time, bytes communicated per step and optimizer state per rank, for DDP,
-our ZeRO-1 and torch's ZeroRedundancyOptimizer on the same model and data in the same run.
+our ZeRO-1, FSDP2 and torch's ZeroRedundancyOptimizer on the same model and data in the same run.
 
     python -m benchmarks.bench_dp [--dp 2,4] [--steps 8] [--warmup 2] [--micro 2] [--micro-batch 4]
                                   [--layers 4 --d-model 256 --vocab 2048 --seq 128] [--bucket-mb 4] [--json out.json]
@@ -16,7 +16,9 @@ initial values (parallelize_gpt's seeded init) and the same micro-batches, stepp
   torch-zero-bucket  the same with parameters_as_bucket_view=True (one broadcast per rank's bucket).
 Its overlap_with_ddp variant (the step inside DDP's last bucket hook, `hook_with_zero_step`) refuses gloo in torch
 ("Gloo backend using Overlapping DDP with ZeRO may meet hangs"); the benchmark tries it and prints why it did not run.
-FSDP2 (ZeRO-3 over DTensor) is next, once the engine has it.
+  fsdp2       parallelize_gpt with parallel.dp_shard = dp: torch's fully_shard per layer and at the root (ZeRO-3 over
+              DTensor), plain AdamW on the shards: parameters all-gathered for each layer's forward and again for
+              its backward, gradients reduce-scattered.
 
 Step time: the median of `--steps` steps after `--warmup`, each between two barriers; the implementations take turns
 step by step, so drifting load hits all alike. Bytes: engine.parallel.comm_count around one more step, per rank: payload
@@ -52,7 +54,7 @@ import torch.distributed as dist
 from engine.config import Config, ModelConfig, OptimConfig
 from engine.parallel.comm_count import count_collectives
 
-IMPLS = ("ddp", "zero1", "torch-zero", "torch-zero-bucket")
+IMPLS = ("ddp", "zero1", "fsdp2", "torch-zero", "torch-zero-bucket")
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
 LOSS_TOL = 1e-5
 
@@ -70,10 +72,11 @@ def _config(args: dict, zero1: bool) -> Config:
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of per-element optimizer state (AdamW's moments, not its step counts) in `optimizer.state`."""
-    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if v.dim())
+    local = [v.to_local() if hasattr(v, "to_local") else v for st in optimizer.state.values() for v in st.values()]
+    return sum(v.numel() * v.element_size() for v in local if v.dim())
 
 
-def _build(impl: str, dims, args: dict) -> tuple[Callable, Callable[[], int], int]:
+def _build(impl: str, dims, args: dict, fsdp_dims=None) -> tuple[Callable, Callable[[], int], int]:
     """(step(batches) -> StepResult, optimizer-state bytes on this rank, parameters) for one implementation."""
     from engine.model.gpt import GPT
     from engine.optim import build_optimizer
@@ -84,12 +87,14 @@ def _build(impl: str, dims, args: dict) -> tuple[Callable, Callable[[], int], in
     from engine.training.step import TrainStep
 
     cfg = _config(args, zero1=impl == "zero1")
+    if impl == "fsdp2":  # every data-parallel rank shards (dp_shard = dp): torch's fully_shard per layer and root
+        dims, cfg.parallel.dp_shard = fsdp_dims, fsdp_dims.dp_shard
     with torch.device("meta"):
         model = GPT(cfg.model)
     [chunk] = parallelize_gpt(model, dims, cfg, device="cpu")
     inner = chunk.module if isinstance(chunk, torch.nn.parallel.DistributedDataParallel) else chunk
     n_params = sum(p.numel() for p in {id(p): p for p in inner.parameters()}.values())
-    if impl == "ddp":
+    if impl in ("ddp", "fsdp2"):
         optimizer = build_optimizer(inner, cfg.optim)
         state = lambda: _state_bytes(optimizer)  # noqa: E731
     elif impl == "zero1":
@@ -148,8 +153,9 @@ def _worker(rank: int, world: int, args: dict) -> dict:
 
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)  # torch 2.13's DDP
     dims = ParallelDims.from_world()
+    fsdp_dims = ParallelDims.from_world(dp_shard=world)
     try:
-        impls = {name: _build(name, dims, args) for name in IMPLS}
+        impls = {name: _build(name, dims, args, fsdp_dims) for name in IMPLS}
         n_total = args["warmup"] + args["steps"] + 1  # the last one counted
         data = _batches(args, world, rank, n_total)
         times: dict[str, list[float]] = {k: [] for k in impls}
@@ -180,6 +186,7 @@ def _worker(rank: int, world: int, args: dict) -> dict:
         return {"rows": rows, "failures": failures}
     finally:
         dims.destroy()
+        fsdp_dims.destroy()
 
 
 def _merge(results: list[dict]) -> tuple[list[dict], list[str]]:

@@ -48,4 +48,7 @@ def test_bench_dp_rows_bytes_and_state(tmp_path, capsys):
     for name in ("torch-zero", "torch-zero-bucket"):
         states = rows[name]["state_bytes_per_rank"]
         assert sum(states) == 8 * p and max(states) < 8 * p, name  # whole parameters, each on one rank
+    fsdp = rows["fsdp2"]  # parameters gathered for forward and backward, gradients reduce-scattered, 1/dp of state
+    assert fsdp["payload_bytes"]["reduce_scatter"] >= 4 * p and fsdp["payload_bytes"]["all_gather"] >= 2 * 4 * p
+    assert sum(fsdp["state_bytes_per_rank"]) == 8 * p and max(fsdp["state_bytes_per_rank"]) < 8 * p
     assert "not run: torch-zero overlap_with_ddp" in text

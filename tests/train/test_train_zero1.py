@@ -87,7 +87,9 @@ def _dp4_worker(rank, world, root, data):
     from pathlib import Path
 
     kw = dict(parallel__zero1="true", parallel__bucket_mb=TINY_BUCKET)
-    return {k: ("llama4", _run(Path(root) / f"r{i}", data, **kw, **v)) for i, (k, v) in enumerate(ZERO1_4RANKS.items())}
+    out = {k: ("llama4", _run(Path(root) / f"r{i}", data, **kw, **v)) for i, (k, v) in enumerate(ZERO1_4RANKS.items())}
+    out["dp4 (DDP)"] = ("llama4", _run(Path(root) / "ddp", data))
+    return out
 
 
 @pytest.mark.distributed
