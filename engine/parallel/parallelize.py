@@ -235,7 +235,7 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
     return ddp
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims) -> nn.Module:
+def apply_fsdp(chunks: list[nn.Module], dims: ParallelDims) -> list[nn.Module]:
     """FSDP2 (torch's `fully_shard`) over the dp_shard dimension: each layer, then the root (embedding, head), so a
     layer's parameters are gathered just for its forward and backward; HSDP (replicated over dp_replicate, sharded
     within) when dp_replicate > 1. FSDP2 averages gradients over dp: the step multiplies its loss by dp to keep the
@@ -243,17 +243,20 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    device = next(model.parameters()).device.type
-    # ranks are dp_replicate x dp_shard x tp, tp fastest: the mesh's row-major order. Under tp the parameters are
-    # plain tp-local tensors, which FSDP2 shards again over dp_shard (the sharding registry keeps their tp place).
-    names, shape = ("dp_replicate", "dp_shard", "tp"), (dims.dp_replicate, dims.dp_shard, dims.tp)
+    device = next(chunks[0].parameters()).device.type
+    # ranks are dp_replicate x dp_shard x pp x tp, tp fastest: the mesh's row-major order. Under tp the parameters
+    # are plain tp-local tensors, which FSDP2 shards again over dp_shard (the sharding registry keeps their tp place);
+    # under pp each of this rank's stages is sharded over the dp_shard ranks holding the same stage.
+    names = ("dp_replicate", "dp_shard", "pp", "tp")
+    shape = (dims.dp_replicate, dims.dp_shard, dims.pp, dims.tp)
     keep = [i for i, n in enumerate(shape) if n > 1 or names[i] == "dp_shard"]
     mesh = init_device_mesh(device, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep))
     mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate_enabled else mesh["dp_shard"]
-    for layer in model.layers.values():
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    for chunk in chunks:
+        for layer in chunk.layers.values():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(chunk, mesh=mesh)
+    return chunks
 
 
 def pipeline_split(model: nn.Module, dims: ParallelDims, cfg: Config) -> list[nn.Module]:
@@ -282,8 +285,9 @@ def parallelize_gpt(
     engine.parallel.data_parallel, attached to every chunk (`grad_buffers_of`), which the optimizer shards."""
     if dims.cp != 1:
         raise ConfigError(f"parallel.cp={dims.cp} is not implemented yet; use 1")
-    if dims.dp_shard_enabled and dims.pp_enabled:
-        raise ConfigError("parallel.dp_shard (FSDP2) with pp > 1 is not implemented yet")
+    if dims.dp_shard_enabled and cfg.parallel.pp_schedule == "zb" and dims.pp_enabled:
+        raise ConfigError("parallel.dp_shard (FSDP2) with the zb schedule is not implemented yet (deferred weight "
+                          "gradients land after FSDP2 has resharded the weights); use 1f1b, gpipe or interleaved")
     sp = cfg.parallel.sp and dims.tp_enabled
     on_meta = any(p.is_meta for p in model.parameters())
     chunks = pipeline_split(model, dims, cfg)
@@ -299,7 +303,7 @@ def parallelize_gpt(
         elif device is not None:
             chunk.to(device)  # a model built (or loaded) on a real device keeps its values
     if dims.dp_shard_enabled:
-        return [apply_fsdp(chunks[0], dims)]
+        return apply_fsdp(chunks, dims)
     bf16_params = cfg.train.param_dtype == "bf16"
     if bf16_params and dims.dp_enabled and not cfg.parallel.zero1:
         raise ConfigError("train.param_dtype bf16 keeps its fp32 master weights in ZeRO-1's shards: set parallel.zero1")

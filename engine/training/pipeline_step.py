@@ -24,7 +24,7 @@ from engine.parallel.pipeline.runner import PipelineRunner
 from engine.parallel.pipeline.schedules import check_schedule
 from engine.parallel.sequence import allreduce_grads
 from engine.parallel.sharding import sharding_of
-from engine.training.step import Batch, StepResult, count_tokens, update, zero1_update_args
+from engine.training.step import Batch, StepResult, count_tokens, is_fsdp, update, zero1_update_args
 
 
 def tied_copy(chunk: nn.Module) -> nn.Parameter | None:
@@ -69,12 +69,17 @@ class PipelineStep:
             if not any(p is t for t in last_copy)  # the tied weight counts once: on the first stage
         ]  # fmt: skip
         self.buffers = grad_buffers_of(self.chunks[0])  # ZeRO-1
+        # FSDP2 reduces each chunk's gradients itself, by a mean over dp: the loss is scaled by dp to keep the sum
+        self.fsdp = is_fsdp(self.chunks[0])
+        self.loss_factor = dims.dp if self.fsdp else 1
         if self.buffers is not None:
             self.params, self.norm_params, self.mp_group = zero1_update_args(optimizer, self.params, self.norm_params)
 
     def __call__(self, batches: Sequence[Batch]) -> StepResult:
         n_tokens = count_tokens(batches, self.dp_group)
         scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
+        if self.loss_factor != 1:
+            scale = (lambda s, f: lambda t: s(t * f))(scale, self.loss_factor)
         if self.buffers is not None:
             self.buffers.sync = False  # the dp reduction waits for the whole schedule (and the tied sum)
         local = self.runner.run(batches, n_tokens, scale)
@@ -87,7 +92,7 @@ class PipelineStep:
             allreduce_grads(self.tied, self.embedding_group)
         if self.buffers is not None:
             self.buffers.finish()  # ZeRO-1: reduce-scatter over dp
-        elif self.dp_group is not None:
+        elif self.dp_group is not None and not self.fsdp:
             allreduce_grads(self.params, self.dp_group)
         grad_norm, skipped, backoff = update(
             self.optimizer, self.params, self.clip, self.scaler, self.mp_group, self.norm_params

@@ -79,7 +79,7 @@ class TrainStep:
         # Under tp, each element counted once in the global norm: sharded slices everywhere, replicated on tp rank 0.
         self.norm_params = norm_parameters(inner, sharding=self.sharding) if self.tp_enabled else None
         # FSDP2 (parallel.dp_shard) reduces gradients by a mean over dp: the loss is scaled by dp to keep the sum.
-        self.fsdp = _is_fsdp(model)
+        self.fsdp = is_fsdp(model)
         self.loss_factor = dist.get_world_size(dp_group) if self.fsdp and dp_group is not None else 1
         self.buffers = grad_buffers_of(inner)  # ZeRO-1: this rank clips and steps its shards of the gradients
         if self.buffers is not None:
@@ -124,7 +124,8 @@ class TrainStep:
         return StepResult(local.item() / max(n, 1), grad_norm, n, skipped, scale_backoff=backoff)
 
 
-def _is_fsdp(model: nn.Module) -> bool:
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether torch's FSDP2 (`fully_shard`) wraps `model`."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)

@@ -42,8 +42,8 @@ def check_config(cfg: Config) -> None:
         raise TrainError(f"parallel.cp={p.cp} is not supported by this training loop yet; use 1")
     if isinstance(p.dp_shard, bool) or not isinstance(p.dp_shard, int) or p.dp_shard < 1:
         raise ConfigError(f"parallel.dp_shard must be a positive integer, got {p.dp_shard!r}")
-    if p.dp_shard > 1 and p.pp > 1:
-        raise TrainError("parallel.dp_shard (FSDP2) with parallel.pp > 1 is not supported yet")
+    if p.dp_shard > 1 and p.pp > 1 and p.pp_schedule == "zb":
+        raise TrainError("parallel.dp_shard (FSDP2) with the zb schedule is not supported yet; use 1f1b or interleaved")
     if cfg.checkpoint.async_:
         raise TrainError("checkpoint.async is not supported by this training loop yet; use --checkpoint.async false")
     if not p.bucket_mb > 0:

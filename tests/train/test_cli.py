@@ -158,7 +158,8 @@ def test_zero1_bad_input_is_one_line(tmp_path, tiny_data, capsys):
 
 def test_fsdp2_bad_input_is_one_line(tmp_path, tiny_data, capsys):
     run = tmp_path / "run"
-    _fails(capsys, tiny_args(run, *tiny_data, parallel__dp_shard=2, parallel__pp=2), "with parallel.pp > 1")
+    _fails(capsys, tiny_args(run, *tiny_data, parallel__dp_shard=2, parallel__pp=2, parallel__pp_schedule="zb"),
+           "with the zb schedule")  # fmt: skip
     _fails(capsys, tiny_args(run, *tiny_data, parallel__dp_shard=2, parallel__zero1="true"), "choose one")
     _fails(capsys, tiny_args(run, *tiny_data, parallel__dp_shard=0), "parallel.dp_shard must be a positive integer")
     _fails(capsys, tiny_args(run, *tiny_data, parallel__dp_shard=2, train__dtype="fp16"), "no sharded loss scaler")

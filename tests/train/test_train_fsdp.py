@@ -117,3 +117,24 @@ def test_fsdp2_with_tensor_parallelism(tmp_path, tiny_data):
         ([0, 0], [16, 32]),
         ([16, 0], [16, 32]),
     ]
+
+
+def _pp_worker(rank, world, root, data):
+    from pathlib import Path
+
+    root = Path(root)
+    kw = dict(parallel__dp_shard=2, parallel__pp=2)
+    return {
+        "dp_shard 2 x pp 2 1f1b": ("llama4", _run(root / "a", data, **kw, train__micro_batch=2)),
+        "dp_shard 2 x pp 2 interleaved": ("llama4", _run(root / "b", data, **kw, parallel__pp_schedule="interleaved",
+                                                         parallel__virtual_stages=2)),  # fmt: skip
+        "dp_shard 2 x pp 2 gpt2 tied": ("gpt2", _run(root / "c", data, **kw, model__arch="gpt2")),
+    }
+
+
+@pytest.mark.distributed
+def test_fsdp2_with_pipeline_parallelism(tmp_path, tiny_data):
+    """Each pipeline stage sharded over the dp_shard ranks holding it; the tied embedding's two stage copies sum
+    their (sharded) gradients over the embedding group."""
+    results = run_distributed(_pp_worker, 4, str(tmp_path), tiny_data, timeout=300)
+    _check(results, _refs(tmp_path, tiny_data, ("llama4", "gpt2")))

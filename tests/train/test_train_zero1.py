@@ -163,6 +163,7 @@ FOUR_D = {
     "dp2 x tp2 x pp2": dict(parallel__tp=2, parallel__pp=2, train__micro_batch=1),
     "dp2 x tp2 + sp x pp2 zero1 zb": dict(parallel__tp=2, parallel__sp="true", parallel__pp=2, parallel__zero1="true",
                                           parallel__pp_schedule="zb", train__micro_batch=1),
+    "dp_shard2 x tp2 x pp2 (FSDP2)": dict(parallel__dp_shard=2, parallel__tp=2, parallel__pp=2, train__micro_batch=1),
 }  # fmt: skip
 
 
@@ -175,7 +176,7 @@ def _four_d_worker(rank, world, root, data):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_dp_tp_pp_on_eight_processes(tmp_path, tiny_data):
-    """dp 2 x tp 2 x pp 2 (8 ranks), with and without ZeRO-1, equals one process to 1e-5 for 10 steps."""
+    """dp 2 x tp 2 x pp 2 (8 ranks), plain, with ZeRO-1 and with FSDP2, equals one process to 1e-5 for 10 steps."""
     results = run_distributed(_four_d_worker, 8, str(tmp_path), tiny_data, timeout=600)
     _check(results, _refs(tmp_path, tiny_data, ("llama4",)))
 
