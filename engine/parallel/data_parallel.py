@@ -91,8 +91,9 @@ class GradBuffers:
 
     def _fold(self, p: nn.Parameter, main: torch.Tensor, bucket: Bucket | None) -> None:
         """bf16 parameters: p's gradient added into its fp32 slice of the buffer, then dropped."""
-        main.add_(p.grad)
-        p.grad = None
+        if p.grad is not None:  # (a second call for one accumulation finds it already folded)
+            main.add_(p.grad)
+            p.grad = None
         if bucket is not None:
             self._on_grad(bucket, p)
 
@@ -107,13 +108,8 @@ class GradBuffers:
 
     def finish(self) -> None:
         """Starts the collectives not yet started and waits for all: every gradient summed over the group (with
-        ZeRO-1: each rank's shards). A bf16 parameter's gradient written outside autograd's accumulation (a
-        zero-bubble schedule's deferred weight gradient) is folded into the fp32 buffer first."""
-        for b in self.buckets:
-            if b.grad_data.dtype != b.param_data.dtype:
-                for p, (s, e) in zip(b.params, b.ranges):
-                    if p.grad is not None:
-                        self._fold(p, b.grad_data[s:e].view_as(p), None)
+        ZeRO-1: each rank's shards)."""
+        self.fold_pending()
         for b in self.buckets:
             if b.work is None:
                 self._launch(b)
@@ -122,6 +118,15 @@ class GradBuffers:
             b.work = None
             b.ready.clear()
         self.seen = 0
+
+    def fold_pending(self) -> None:
+        """bf16 parameters: a gradient written outside autograd's accumulation (a zero-bubble schedule's deferred
+        weight gradient) added into the fp32 buffer, as the hook does for the others."""
+        for b in self.buckets:
+            if b.grad_data.dtype != b.param_data.dtype:
+                for p, (s, e) in zip(b.params, b.ranges):
+                    if p.grad is not None:
+                        self._fold(p, b.grad_data[s:e].view_as(p), None)
 
     def zero_grad(self) -> None:
         for b in self.buckets:
@@ -227,6 +232,7 @@ def build_grad_buffers(
                     p.grad = main
                     p.register_post_accumulate_grad_hook(lambda q, w=where: _hook(q, *w, None))
                 else:  # bf16 parameters: each gradient is added into the fp32 buffer (Megatron's main_grad)
+                    p.main_grad = main  # what gradient bookkeeping (tp sums, tied copies) reads and writes
                     p.register_post_accumulate_grad_hook(lambda q, w=where, r=(s, e): _hook(q, *w, r))
             buffers.buckets.append(bucket)
             offset += n

@@ -179,8 +179,10 @@ def allreduce_grads(params: Iterable[nn.Parameter], group: dist.ProcessGroup | N
     """Sums the gradients of `params` over `group` in place, one flat all-reduce per dtype (for per-rank partial
     sums: parameters applied to sequence shards under SP, replicated GQA kv projections). Returns how many."""
     group = resolve_group(group)
-    # FSDP2's gradients are DTensor shards over dp_shard: each tp rank sums its own shard (the same index range)
-    grads = [g.to_local() if hasattr(g, "to_local") else g for p in params if (g := p.grad) is not None]
+    # FSDP2's gradients are DTensor shards over dp_shard: each tp rank sums its own shard (the same index range);
+    # bf16 parameters under ZeRO-1 keep theirs in an fp32 `main_grad`
+    grads = [getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad for p in params]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads if g is not None]
     if not grads or dist.get_world_size(group) == 1:
         return len(grads)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

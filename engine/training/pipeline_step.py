@@ -83,11 +83,13 @@ class PipelineStep:
         if self.buffers is not None:
             self.buffers.sync = False  # the dp reduction waits for the whole schedule (and the tied sum)
         local = self.runner.run(batches, n_tokens, scale)
+        if self.buffers is not None:
+            self.buffers.fold_pending()  # bf16 parameters: deferred weight gradients into fp32 before the tp sums
         for c in self.chunks:
             finish_tp_grads(c, sharding=sharding_of(c))
         if self.embedding_group is not None and dist.get_world_size(self.embedding_group) > 1:
             for t in self.tied:  # both copies end with the sum: they stay equal after the update
-                if t.grad is None:
+                if t.grad is None and getattr(t, "main_grad", None) is None:
                     t.grad = torch.zeros_like(t)
             allreduce_grads(self.tied, self.embedding_group)
         if self.buffers is not None:
