@@ -22,6 +22,7 @@ from engine.config import Config, ConfigError
 from engine.model.gpt import GPT, count_params, resolve
 from engine.parallel.dims import ParallelDims
 from engine.parallel.parallelize import check_tensor_parallel, parallelize_gpt
+from engine.parallel.state import LayoutError
 from engine.scaling.memory import estimate_activations, format_bytes, optimizer_state_bytes
 from engine.training.validate import batch_layout
 
@@ -92,7 +93,10 @@ def dry_run(cfg: Config, vocab_size: int | None = None, out: Callable[[str], Non
     p = cfg.parallel
     model_ranks = p.tp * p.pp * p.cp * p.dp_shard
     world = int(os.environ.get("WORLD_SIZE", model_ranks))
-    dims0 = ParallelDims(p.tp, p.pp, p.cp, p.dp_shard, world, 0)  # checks the layout
+    try:
+        dims0 = ParallelDims(p.tp, p.pp, p.cp, p.dp_shard, world, 0)  # checks the layout
+    except LayoutError as e:  # one line, as the trainer gives it
+        raise ConfigError(str(e)) from None
     check_tensor_parallel(model_cfg, p.tp, p.sp and p.tp > 1)
     micro, accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, dims0.dp)
     if p.pp > 1:

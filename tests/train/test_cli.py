@@ -156,11 +156,13 @@ def test_zero1_bad_input_is_one_line(tmp_path, tiny_data, capsys):
     assert not run.exists()
 
 
-def test_fsdp2_bad_input_is_one_line(tmp_path, tiny_data, capsys):
+def test_fsdp2_bad_input_is_one_line(tmp_path, tiny_data, capsys, monkeypatch):
     run = tmp_path / "run"
     _fails(capsys, tiny_args(run, *tiny_data, parallel__dp_shard=2, parallel__pp=2, parallel__pp_schedule="zb"),
            "with the zb schedule")  # fmt: skip
     _fails(capsys, tiny_args(run, *tiny_data, parallel__dp_shard=2, parallel__zero1="true"), "choose one")
     _fails(capsys, tiny_args(run, *tiny_data, parallel__dp_shard=0), "parallel.dp_shard must be a positive integer")
     _fails(capsys, tiny_args(run, *tiny_data, parallel__dp_shard=2, train__dtype="fp16"), "no sharded loss scaler")
+    monkeypatch.setenv("WORLD_SIZE", "3")  # the dry run plans for $WORLD_SIZE ranks
+    _fails(capsys, ["--parallel.dp_shard", "2", "--train.dry_run", "true"], "world size 3 is not divisible")
     assert not run.exists()
