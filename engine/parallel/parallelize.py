@@ -235,13 +235,14 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
     return ddp
 
 
-def apply_fsdp(chunks: list[nn.Module], dims: ParallelDims) -> list[nn.Module]:
+def apply_fsdp(chunks: list[nn.Module], dims: ParallelDims, bf16_params: bool = False) -> list[nn.Module]:
     """FSDP2 (torch's `fully_shard`) over the dp_shard dimension: each layer, then the root (embedding, head), so a
     layer's parameters are gathered just for its forward and backward; HSDP (replicated over dp_replicate, sharded
     within) when dp_replicate > 1. FSDP2 averages gradients over dp: the step multiplies its loss by dp to keep the
-    sum (engine.training.step)."""
+    sum (engine.training.step). `bf16_params`: FSDP2's mixed precision, bf16 parameters gathered for compute from
+    the fp32 shards (which are the master weights the optimizer steps), gradients reduced in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     device = next(chunks[0].parameters()).device.type
     # ranks are dp_replicate x dp_shard x pp x tp, tp fastest: the mesh's row-major order. Under tp the parameters
@@ -252,10 +253,12 @@ def apply_fsdp(chunks: list[nn.Module], dims: ParallelDims) -> list[nn.Module]:
     keep = [i for i, n in enumerate(shape) if n > 1 or names[i] == "dp_shard"]
     mesh = init_device_mesh(device, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep))
     mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate_enabled else mesh["dp_shard"]
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else None
+    kw = {"mp_policy": mp} if mp is not None else {}
     for chunk in chunks:
         for layer in chunk.layers.values():
-            fully_shard(layer, mesh=mesh)
-        fully_shard(chunk, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **kw)
+        fully_shard(chunk, mesh=mesh, **kw)
     return chunks
 
 
@@ -303,7 +306,7 @@ def parallelize_gpt(
         elif device is not None:
             chunk.to(device)  # a model built (or loaded) on a real device keeps its values
     if dims.dp_shard_enabled:
-        return apply_fsdp(chunks, dims)
+        return apply_fsdp(chunks, dims, bf16_params=cfg.train.param_dtype == "bf16")
     bf16_params = cfg.train.param_dtype == "bf16"
     if bf16_params and dims.dp_enabled and not cfg.parallel.zero1:
         raise ConfigError("train.param_dtype bf16 keeps its fp32 master weights in ZeRO-1's shards: set parallel.zero1")

@@ -50,8 +50,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"parallel.bucket_mb must be > 0, got {p.bucket_mb}")
     if p.zero1 and p.dp_shard > 1:
         raise TrainError("parallel.zero1 and parallel.dp_shard > 1 both shard the optimizer state: choose one")
-    if cfg.train.param_dtype == "bf16" and (p.dp_shard > 1 or cfg.train.dtype == "fp16"):
-        raise TrainError("train.param_dtype bf16 does not support dp_shard (FSDP2) or train.dtype fp16 yet")
+    if cfg.train.param_dtype == "bf16" and cfg.train.dtype == "fp16":
+        raise TrainError("train.param_dtype bf16 with train.dtype fp16: choose one 16-bit format (bf16)")
     if (p.zero1 or p.dp_shard > 1) and cfg.train.dtype == "fp16":
         what = "parallel.zero1" if p.zero1 else "parallel.dp_shard"
         raise TrainError(f"{what} with train.dtype fp16 is not supported yet (no sharded loss scaler): use bf16")

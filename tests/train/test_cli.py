@@ -152,7 +152,7 @@ def test_zero1_bad_input_is_one_line(tmp_path, tiny_data, capsys):
     _fails(capsys, tiny_args(run, *tiny_data, parallel__zero1="true", optim__name="adafactor"), "cannot be sharded")
     _fails(capsys, tiny_args(run, *tiny_data, parallel__bucket_mb=0), "parallel.bucket_mb must be > 0")
     _fails(capsys, tiny_args(run, *tiny_data, parallel__zero1="true", train__dtype="fp16"), "no sharded loss scaler")
-    _fails(capsys, tiny_args(run, *tiny_data, train__param_dtype="bf16", parallel__dp_shard=2), "does not support")
+    _fails(capsys, tiny_args(run, *tiny_data, train__param_dtype="bf16", train__dtype="fp16"), "choose one")
     assert not run.exists()
 
 

@@ -138,3 +138,22 @@ def test_fsdp2_with_pipeline_parallelism(tmp_path, tiny_data):
     their (sharded) gradients over the embedding group."""
     results = run_distributed(_pp_worker, 4, str(tmp_path), tiny_data, timeout=300)
     _check(results, _refs(tmp_path, tiny_data, ("llama4", "gpt2")))
+
+
+def _bf16_worker(rank, world, root, data):
+    from pathlib import Path
+
+    return _run(Path(root) / "a", data, parallel__dp_shard=2, train__param_dtype="bf16")
+
+
+@pytest.mark.distributed
+def test_fsdp2_mixed_precision_with_bf16_parameters(tmp_path, tiny_data):
+    """train.param_dtype bf16 under FSDP2: its mixed-precision policy (bf16 compute parameters from fp32 shards,
+    fp32 gradient reduction) against one process with bf16 parameters and fp32 masters (ZeRO-1's), to 1e-3."""
+    got = run_distributed(_bf16_worker, 2, str(tmp_path), tiny_data, timeout=300)[0]
+    ref = _run(tmp_path / "one", tiny_data, train__param_dtype="bf16")
+    for step in range(1, STEPS + 1):
+        assert abs(got[0][step] - ref[0][step]) <= 1e-3 * abs(ref[0][step]), (step, got[0], ref[0])
+    fp32 = _run(tmp_path / "fp32", tiny_data)  # bf16 rounding shows: nearer the bf16 run than the fp32 one
+    near = sum(abs(got[0][s] - ref[0][s]) for s in range(1, STEPS + 1))
+    assert near < 0.5 * sum(abs(got[0][s] - fp32[0][s]) for s in range(1, STEPS + 1))
