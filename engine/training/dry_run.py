@@ -73,7 +73,7 @@ def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_b
     # bf16 parameters: 2 bytes each, fp32 gradients, fp32 master weights with the optimizer state (2 + 4 + 12 / dp)
     held = -(-n // dims.dp_shard)
     n_state = -(-n // dims.dp) if cfg.parallel.zero1 else held
-    bf16 = cfg.train.param_dtype == "bf16"
+    bf16 = cfg.train.param_dtype == "bf16" and dims.dp_shard == 1  # FSDP2 keeps fp32 shards, which are the masters
     opt = optimizer_state_bytes(n_state, cfg.optim.name, master_weights=bf16)
     return RankMemory(dims.rank, held, (2 if bf16 else 4) * held, 4 * held, opt, act.total_bytes)
 
