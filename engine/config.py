@@ -55,6 +55,7 @@ class ParallelConfig:
     cp: int = 1
     dp_shard: int = 1
     zero1: bool = False  # ZeRO-1: AdamW state sharded over the data-parallel group (engine.optim.distributed)
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # the data-parallel gradient reduction's dtype (bf16: half)
     bucket_mb: float = 25.0  # ZeRO-1's gradient buckets, reduce-scattered as backward goes (parallel/data_parallel.py)
     sp: bool = False
     pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = "1f1b"

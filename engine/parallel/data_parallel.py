@@ -56,6 +56,7 @@ class Bucket:
     ready: set[int] = field(default_factory=set)  # ids of the parameters whose gradient is in (last micro-batch)
     work: Any = None  # the gradient collective in flight
     gather: Any = None  # ZeRO-1: the parameter all-gather in flight, waited for by the first forward that reads it
+    low: torch.Tensor | None = None  # a bf16 copy of grad_data being reduced (parallel.grad_reduce_dtype bf16)
 
     def shard(self, flat: torch.Tensor, rank: int, size: int) -> torch.Tensor:
         """Rank `rank`'s contiguous part of `flat` (this bucket's param_data or grad_data, or one shaped like them)."""
@@ -67,6 +68,7 @@ class Bucket:
 class GradBuffers:
     group: dist.ProcessGroup
     zero1: bool
+    reduce_dtype: torch.dtype | None = None  # None: the gradients' own dtype (fp32)
     buckets: list[Bucket] = field(default_factory=list)
     sync: bool = True  # False on accumulation micro-batches (and while a pipeline schedule runs): no collectives
     trace: list[tuple[int, int]] | None = None  # tests: (bucket, gradients seen in this backward) at each launch
@@ -100,11 +102,14 @@ class GradBuffers:
     def _launch(self, bucket: Bucket) -> None:
         if self.trace is not None:
             self.trace.append((self.buckets.index(bucket), self.seen))
+        data = bucket.grad_data
+        if self.reduce_dtype is not None and self.reduce_dtype != data.dtype:  # half the bytes, bf16 rounding
+            data = bucket.low = data.to(self.reduce_dtype)
         if self.zero1:
-            out = bucket.shard(bucket.grad_data, self.rank, self.size)
-            bucket.work = _reduce_scatter(out, bucket.grad_data, group=self.group, async_op=True)
+            out = bucket.shard(data, self.rank, self.size)
+            bucket.work = _reduce_scatter(out, data, group=self.group, async_op=True)
         else:
-            bucket.work = dist.all_reduce(bucket.grad_data, group=self.group, async_op=True)
+            bucket.work = dist.all_reduce(data, group=self.group, async_op=True)
 
     def finish(self) -> None:
         """Starts the collectives not yet started and waits for all: every gradient summed over the group (with
@@ -116,6 +121,12 @@ class GradBuffers:
         for b in self.buckets:
             b.work.wait()
             b.work = None
+            if b.low is not None:  # the reduced bf16 values back into the fp32 buffer (this rank's shard)
+                if self.zero1:
+                    b.shard(b.grad_data, self.rank, self.size).copy_(b.shard(b.low, self.rank, self.size))
+                else:
+                    b.grad_data.copy_(b.low)
+                b.low = None
             b.ready.clear()
         self.seen = 0
 
@@ -186,7 +197,11 @@ def _hook(p: nn.Parameter, ref: weakref.ref, index: int, fold: tuple[int, int] |
 
 
 def build_grad_buffers(
-    modules: Sequence[nn.Module], group: dist.ProcessGroup, bucket_mb: float, zero1: bool
+    modules: Sequence[nn.Module],
+    group: dist.ProcessGroup,
+    bucket_mb: float,
+    zero1: bool,
+    reduce_dtype: torch.dtype | None = None,
 ) -> GradBuffers:
     """Moves the trainable parameters of `modules` (each once, tied copies included) into flat buffers and installs
     the gradient hooks; see the module docstring."""
@@ -198,7 +213,7 @@ def build_grad_buffers(
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-    buffers = GradBuffers(group, zero1)
+    buffers = GradBuffers(group, zero1, reduce_dtype)
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     for p in reversed(params):  # backward's order: the last layers' gradients first
         by_dtype.setdefault(p.dtype, []).append(p)

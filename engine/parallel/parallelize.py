@@ -212,6 +212,14 @@ def materialize_and_init(model: nn.Module, device: torch.device | str, seed: int
     init_weights(model, seed, sharding_of(model))
 
 
+def sum_gradients_bf16_hook(group, bucket):
+    """`sum_gradients_hook` in bf16 on the wire (parallel.grad_reduce_dtype bf16): half the bytes, bf16 rounding."""
+    buffer = bucket.buffer()
+    low = buffer.to(torch.bfloat16)
+    fut = dist.all_reduce(low, group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0].to(buffer.dtype))
+
+
 def sum_gradients_hook(group, bucket):
     """DDP communication hook: sum each gradient bucket (a dist.GradBucket) over `group` (a process group); DDP's
     default divides by the group size. Unannotated on purpose: DDP compares the annotations with the real classes,
@@ -220,8 +228,9 @@ def sum_gradients_hook(group, bucket):
     return fut.then(lambda f: f.value()[0])
 
 
-def apply_data_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
-    """DDP over the data-parallel group, summing gradients; the model itself when dp is 1."""
+def apply_data_parallel(model: nn.Module, dims: ParallelDims, bf16_reduce: bool = False) -> nn.Module:
+    """DDP over the data-parallel group, summing gradients (in bf16 with `bf16_reduce`); the model itself when dp
+    is 1."""
     if not dims.dp_enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -231,16 +240,19 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
     # The only buffers are the rotary angles, equal on every rank by construction: no per-forward broadcast.
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group,
               broadcast_buffers=False)  # fmt: skip
-    ddp.register_comm_hook(group, sum_gradients_hook)
+    ddp.register_comm_hook(group, sum_gradients_bf16_hook if bf16_reduce else sum_gradients_hook)
     return ddp
 
 
-def apply_fsdp(chunks: list[nn.Module], dims: ParallelDims, bf16_params: bool = False) -> list[nn.Module]:
+def apply_fsdp(
+    chunks: list[nn.Module], dims: ParallelDims, bf16_params: bool = False, bf16_reduce: bool = False
+) -> list[nn.Module]:
     """FSDP2 (torch's `fully_shard`) over the dp_shard dimension: each layer, then the root (embedding, head), so a
     layer's parameters are gathered just for its forward and backward; HSDP (replicated over dp_replicate, sharded
     within) when dp_replicate > 1. FSDP2 averages gradients over dp: the step multiplies its loss by dp to keep the
     sum (engine.training.step). `bf16_params`: FSDP2's mixed precision, bf16 parameters gathered for compute from
-    the fp32 shards (which are the master weights the optimizer steps), gradients reduced in fp32."""
+    the fp32 shards (which are the master weights the optimizer steps), gradients reduced in fp32; `bf16_reduce`:
+    gradients reduced in bf16."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -253,8 +265,9 @@ def apply_fsdp(chunks: list[nn.Module], dims: ParallelDims, bf16_params: bool = 
     keep = [i for i, n in enumerate(shape) if n > 1 or names[i] == "dp_shard"]
     mesh = init_device_mesh(device, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep))
     mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate_enabled else mesh["dp_shard"]
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else None
-    kw = {"mp_policy": mp} if mp is not None else {}
+    reduce = torch.bfloat16 if bf16_reduce else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16_params else None, reduce_dtype=reduce)
+    kw = {"mp_policy": mp} if bf16_params or bf16_reduce else {}
     for chunk in chunks:
         for layer in chunk.layers.values():
             fully_shard(layer, mesh=mesh, **kw)
@@ -306,15 +319,16 @@ def parallelize_gpt(
         elif device is not None:
             chunk.to(device)  # a model built (or loaded) on a real device keeps its values
     if dims.dp_shard_enabled:
-        return apply_fsdp(chunks, dims, bf16_params=cfg.train.param_dtype == "bf16")
-    bf16_params = cfg.train.param_dtype == "bf16"
+        return apply_fsdp(chunks, dims, cfg.train.param_dtype == "bf16", cfg.parallel.grad_reduce_dtype == "bf16")
+    bf16_params, bf16_reduce = cfg.train.param_dtype == "bf16", cfg.parallel.grad_reduce_dtype == "bf16"
     if bf16_params and dims.dp_enabled and not cfg.parallel.zero1:
         raise ConfigError("train.param_dtype bf16 keeps its fp32 master weights in ZeRO-1's shards: set parallel.zero1")
     if (cfg.parallel.zero1 and dims.dp_enabled) or bf16_params:  # our own buffers: ZeRO-1 shards them
         for p in (p for chunk in chunks for p in chunk.parameters()):
             p.data = p.data.to(torch.bfloat16) if bf16_params else p.data  # initialised in fp32, then rounded
-        buffers = build_grad_buffers(chunks, dims.group("dp"), cfg.parallel.bucket_mb, zero1=True)
+        buffers = build_grad_buffers(chunks, dims.group("dp"), cfg.parallel.bucket_mb, zero1=True,
+                                     reduce_dtype=torch.bfloat16 if bf16_reduce else None)  # fmt: skip
         for chunk in chunks:
             attach_grad_buffers(chunk, buffers)
         return chunks
-    return chunks if dims.pp_enabled else [apply_data_parallel(chunks[0], dims)]
+    return chunks if dims.pp_enabled else [apply_data_parallel(chunks[0], dims, bf16_reduce)]

@@ -175,9 +175,12 @@ class SequenceShardedPositionEmbedding(nn.Module):
 # --- gradients of parameters that live on sequence shards ---
 
 
-def allreduce_grads(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None = None) -> int:
+def allreduce_grads(
+    params: Iterable[nn.Parameter], group: dist.ProcessGroup | None = None, dtype: torch.dtype | None = None
+) -> int:
     """Sums the gradients of `params` over `group` in place, one flat all-reduce per dtype (for per-rank partial
-    sums: parameters applied to sequence shards under SP, replicated GQA kv projections). Returns how many."""
+    sums: parameters applied to sequence shards under SP, replicated GQA kv projections), in `dtype` on the wire
+    when given. Returns how many."""
     group = resolve_group(group)
     # FSDP2's gradients are DTensor shards over dp_shard: each tp rank sums its own shard (the same index range);
     # bf16 parameters under ZeRO-1 keep theirs in an fp32 `main_grad`
@@ -190,6 +193,8 @@ def allreduce_grads(params: Iterable[nn.Parameter], group: dist.ProcessGroup | N
         by_dtype.setdefault(g.dtype, []).append(g)
     for same in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in same])
+        if dtype is not None:  # e.g. bf16 on the wire (parallel.grad_reduce_dtype)
+            flat = flat.to(dtype)
         dist.all_reduce(flat, group=group)
         offset = 0
         for g in same:

@@ -48,6 +48,7 @@ class PipelineStep:
         schedule: str,
         activation_shape: tuple[int, ...],
         scaler: torch.amp.GradScaler | None = None,
+        reduce_bf16: bool = False,
     ) -> None:
         self.chunks, self.optimizer, self.clip, self.scaler, self.dims = list(chunks), optimizer, clip, scaler, dims
         first = next(self.chunks[0].parameters())
@@ -71,6 +72,7 @@ class PipelineStep:
         self.buffers = grad_buffers_of(self.chunks[0])  # ZeRO-1
         # FSDP2 reduces each chunk's gradients itself, by a mean over dp: the loss is scaled by dp to keep the sum
         self.fsdp = is_fsdp(self.chunks[0])
+        self.reduce_dtype = torch.bfloat16 if reduce_bf16 else None  # parallel.grad_reduce_dtype (without ZeRO-1)
         self.loss_factor = dims.dp if self.fsdp else 1
         if self.buffers is not None:
             self.params, self.norm_params, self.mp_group = zero1_update_args(optimizer, self.params, self.norm_params)
@@ -95,7 +97,7 @@ class PipelineStep:
         if self.buffers is not None:
             self.buffers.finish()  # ZeRO-1: reduce-scatter over dp
         elif self.dp_group is not None and not self.fsdp:
-            allreduce_grads(self.params, self.dp_group)
+            allreduce_grads(self.params, self.dp_group, dtype=self.reduce_dtype)
         grad_norm, skipped, backoff = update(
             self.optimizer, self.params, self.clip, self.scaler, self.mp_group, self.norm_params
         )
@@ -124,4 +126,5 @@ def build_step(
     check_schedule(cfg.parallel.pp_schedule, dims.pp, cfg.parallel.virtual_stages, micro_batches)
     seq = cfg.model.seq_len // (dims.tp if cfg.parallel.sp and dims.tp_enabled else 1)
     shape = (micro, seq, cfg.model.d_model)
-    return PipelineStep(chunks, optimizer, cfg.optim.clip, autocast, dims, cfg.parallel.pp_schedule, shape, scaler)
+    return PipelineStep(chunks, optimizer, cfg.optim.clip, autocast, dims, cfg.parallel.pp_schedule, shape, scaler,
+                        cfg.parallel.grad_reduce_dtype == "bf16")  # fmt: skip

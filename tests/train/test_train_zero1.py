@@ -265,3 +265,48 @@ def test_bf16_parameters_with_tp_and_pp(tmp_path, tiny_data):
         for label, got in r.items():
             for step in range(1, STEPS + 1):
                 assert abs(got[0][step] - ref[0][step]) <= 1e-3 * abs(ref[0][step]), (label, step, got[0], ref[0])
+
+
+def _bf16_reduce_worker(rank, world, root, data):
+    from pathlib import Path
+
+    from engine.parallel.comm_count import count_collectives
+    from engine.parallel.data_parallel import grad_buffers_of
+
+    root = Path(root)
+    layouts = {
+        "dp2 DDP": {},
+        "dp2 zero1": dict(parallel__zero1="true", parallel__bucket_mb=TINY_BUCKET),
+        "dp_shard 2": dict(parallel__dp_shard=2),
+    }
+    out = {}
+    for i, (label, kw) in enumerate(layouts.items()):  # (bf16 reduction, the same layout's fp32 reduction)
+        out[label] = (
+            _run(root / f"b{i}", data, **kw, parallel__grad_reduce_dtype="bf16"),
+            _run(root / f"f{i}", data, **kw),
+        )
+    chunk, dims, _ = tiny_chunk(zero1=True)
+    buffers = grad_buffers_of(chunk)
+    buffers.reduce_dtype = torch.bfloat16
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+    with count_collectives() as counter:
+        chunk(x, x, reduction="sum").backward()
+        buffers.finish()
+    out["bytes"] = (counter.payload_bytes("reduce_scatter"), buffers.numel()[0])
+    dims.destroy()
+    return out
+
+
+@pytest.mark.distributed
+def test_bf16_gradient_reduction_on_request(tmp_path, tiny_data):
+    """--parallel.grad_reduce_dtype bf16 (DDP's hook, ZeRO-1's buckets, FSDP2's policy): half the bytes on the wire,
+    one process's losses to 1e-3, and not the fp32 reduction's (bf16 rounding shows)."""
+    results = run_distributed(_bf16_reduce_worker, 2, str(tmp_path), tiny_data, timeout=300)
+    ref = _run(tmp_path / "one", tiny_data)
+    for r in results:
+        payload, elements = r.pop("bytes")
+        assert payload == 2 * elements  # bf16: 2 bytes an element
+        for label, (got, fp32) in r.items():
+            for step in range(1, STEPS + 1):
+                assert abs(got[0][step] - ref[0][step]) <= 1e-3 * abs(ref[0][step]), (label, step, got[0], ref[0])
+            assert got[0] != fp32[0], label
