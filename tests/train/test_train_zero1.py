@@ -310,3 +310,22 @@ def test_bf16_gradient_reduction_on_request(tmp_path, tiny_data):
             for step in range(1, STEPS + 1):
                 assert abs(got[0][step] - ref[0][step]) <= 1e-3 * abs(ref[0][step]), (label, step, got[0], ref[0])
             assert got[0] != fp32[0], label
+
+
+def _bf16_reduce_pp_worker(rank, world, root, data):
+    from pathlib import Path
+
+    kw = dict(parallel__pp=2, train__micro_batch=2)
+    bf16 = _run(Path(root) / "b", data, **kw, parallel__grad_reduce_dtype="bf16")
+    return bf16, _run(Path(root) / "f", data, **kw)
+
+
+@pytest.mark.distributed
+def test_bf16_gradient_reduction_under_pipeline_parallelism(tmp_path, tiny_data):
+    """pp 2 x dp 2 without ZeRO-1: the pipeline step's dp all-reduce in bf16."""
+    results = run_distributed(_bf16_reduce_pp_worker, 4, str(tmp_path), tiny_data, timeout=300)
+    ref = _run(tmp_path / "one", tiny_data)
+    for got, fp32 in results:
+        for step in range(1, STEPS + 1):
+            assert abs(got[0][step] - ref[0][step]) <= 1e-3 * abs(ref[0][step]), (step, got[0], ref[0])
+        assert got[0] != fp32[0]
