@@ -139,13 +139,16 @@ class DistributedOptimizer:
         state: dict[int, dict[str, Any]] = {}
         rank, size = self.buffers.rank, self.buffers.size
         root = dist.get_global_rank(self.group, 0)
+        in_bucket: dict[int, list[_Piece]] = {}
+        for pc in self.pieces:
+            in_bucket.setdefault(id(pc.bucket), []).append(pc)
         for key in sorted(k for k, v in merged.items() if v is None):
             for b in self.buffers.buckets:
                 n = b.param_data.numel() // size
                 shard = torch.zeros(n, dtype=torch.float32, device=b.param_data.device)
-                for pc in self.pieces:
+                for pc in in_bucket.get(id(b), []):
                     value = pc.data.detach() if key == "master" else self.inner.state.get(pc.data, {}).get(key)
-                    if pc.bucket is b and value is not None:
+                    if value is not None:
                         shard[pc.start + pc.lo - rank * n : pc.start + pc.hi - rank * n].copy_(value)
                 parts = [torch.empty_like(shard) for _ in range(size)] if rank == 0 else None
                 dist.gather(shard, parts, dst=root, group=self.group)

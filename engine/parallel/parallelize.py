@@ -324,8 +324,9 @@ def parallelize_gpt(
     if bf16_params and dims.dp_enabled and not cfg.parallel.zero1:
         raise ConfigError("train.param_dtype bf16 keeps its fp32 master weights in ZeRO-1's shards: set parallel.zero1")
     if (cfg.parallel.zero1 and dims.dp_enabled) or bf16_params:  # our own buffers: ZeRO-1 shards them
-        for p in (p for chunk in chunks for p in chunk.parameters()):
-            p.data = p.data.to(torch.bfloat16) if bf16_params else p.data  # initialised in fp32, then rounded
+        if bf16_params:  # initialised in fp32, then rounded
+            for p in (p for chunk in chunks for p in chunk.parameters()):
+                p.data = p.data.to(torch.bfloat16)
         buffers = build_grad_buffers(chunks, dims.group("dp"), cfg.parallel.bucket_mb, zero1=True,
                                      reduce_dtype=torch.bfloat16 if bf16_reduce else None)  # fmt: skip
         for chunk in chunks:

@@ -81,7 +81,8 @@ class PipelineStep:
         n_tokens = count_tokens(batches, self.dp_group)
         scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
         if self.loss_factor != 1:
-            scale = (lambda s, f: lambda t: s(t * f))(scale, self.loss_factor)
+            base, factor = scale, self.loss_factor
+            scale = lambda t: base(t * factor)  # noqa: E731
         if self.buffers is not None:
             self.buffers.sync = False  # the dp reduction waits for the whole schedule (and the tied sum)
         local = self.runner.run(batches, n_tokens, scale)
