@@ -52,10 +52,11 @@ def _run(run_dir, data, **kw):
     return _metrics(run_dir)
 
 
-def _close(got, ref, what):
+def _close(got, ref, what, rtol=1e-5):
+    """Two runs' values by step (losses, gradient norms, ...), the same steps, each within `rtol`."""
     assert set(got) == set(ref), f"{what}: steps {sorted(got)} vs {sorted(ref)}"
     for key in ref:
-        assert abs(got[key] - ref[key]) <= 1e-5 * abs(ref[key]), f"{what} at {key}: {got} vs {ref}"
+        assert abs(got[key] - ref[key]) <= rtol * abs(ref[key]), f"{what} at {key}: {got} vs {ref}"
 
 
 def _check(results, refs, n_metrics=3):
@@ -99,7 +100,7 @@ def test_pipeline_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_dat
     refs = _refs(tmp_path, tiny_data, ("llama4", "gpt2"))
     for r in results:
         resumed, straight = r.pop("resumed"), r["pp2 1f1b m4"][1]
-        assert resumed[0] == {s: straight[0][s] for s in range(1, STEPS + 1)}  # bit-identical after the resume
+        assert resumed[0] == straight[0]  # bit-identical after the resume
         assert resumed[1] == straight[1]
     _check(results, refs)
 
