@@ -1,8 +1,8 @@
 """kernels/attention.py (FlashAttention-2 forward and backward) against its plain-PyTorch reference by the kernel-parity
 rule (docs/contracts.md): fp32 to 1e-5 relative against an fp64 reference, fp16 by the 2x-error rule, under the Triton
-interpreter on CPU (16 x 16 tiles there, so these small shapes reach several kv blocks, ragged last blocks and the
-causal band). bf16 and large shapes on a GPU (marker gpu); the sm_90 compile of the GPU launch configs runs without one
-(slow)."""
+interpreter on CPU (16 x 16 tiles there, so these small shapes reach several kv blocks, ragged last blocks, the
+causal band, sliding-window edges and documents that start inside a block). bf16 and large shapes on a GPU (marker
+gpu); the sm_90 compile of the GPU launch configs runs without one (slow)."""
 
 import math
 
@@ -256,12 +256,246 @@ def test_public_api_and_errors():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Segment ids (packed documents) and sliding windows
+
+
+def packed_ids(*rows):
+    """(len(rows), sum of each row's lengths) int64 segment ids: row r holds documents of the given lengths, numbered
+    from 0 (every row must have the same total)."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
+
+
+def fp32_vs_fp64(q, k, v, seed=1, **kw):
+    """(name, relative error) of out, lse, dq, dk, dv of the kernel (fp32) against the fp64 reference, the loss
+    <out, go> + <lse, gl> for random go, gl."""
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(q.shape, generator=g)
+    gl = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=g)
+    ours = run(flash_attention, q, k, v, go, gl, **kw)
+    ref = run(flash_attention_reference, q, k, v, go, gl, dtype=torch.float64, **kw)
+    return ours, [(name, rel_err(o, r)) for name, o, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref)]
+
+
+# Rows of 299 positions split into 1 to 7 documents of odd lengths, one-position documents included (the one
+# 299-position document only causal: non-causal it is plain attention, and the slowest case under the interpreter).
+DOCS = [((1, 37, 3, 149, 1, 61, 47), (97, 1, 201)), ((299,), (5, 7, 9, 11, 267))]
+
+
+@pytest.mark.parametrize("docs, causal", [(DOCS[0], False), (DOCS[1], True), (DOCS[0], True)])
+def test_segments_match_fp64_reference(docs, causal):
+    """Packed documents: query i sees key j only within its document (and causal): the kernel (GQA 2/1) against
+    the fp64 reference; documents start and end inside 16-blocks, so blocks mix documents."""
+    ids = packed_ids(*docs)
+    q, k, v = make_qkv(2, 299, 299, 2, 1, 16, scale=1.5, seed=30)
+    _, errs = fp32_vs_fp64(q, k, v, causal=causal, segment_ids=ids)
+    assert all(e <= 1e-5 for _, e in errs), errs
+
+
+# (window, causal, seq_q, seq_k): windows of one position, of 17 (crossing 16-blocks), and wider than both sequences
+WINDOW_CASES = [
+    (w, causal, sq, sk) for w in (1, 17, 500) for causal in (False, True) for sq, sk in ((45, 45), (29, 61), (61, 29))
+]
+
+
+@pytest.mark.parametrize("window, causal, sq, sk", WINDOW_CASES)
+def test_windows_match_fp64_reference(window, causal, sq, sk):
+    """Sliding windows on the bottom-right diagonal (query i at key position i + seq_k - seq_q), causal or both
+    sides; with seq_q > seq_k some rows see no key. A window wider than the sequences is no window at all."""
+    q, k, v = make_qkv(1, sq, sk, 4, 2, 16, scale=1.5, seed=31)
+    ours, errs = fp32_vs_fp64(q, k, v, causal=causal, window=window)
+    assert all(e <= 1e-5 for _, e in errs), errs
+    if window >= max(sq, sk):
+        plain, _ = fp32_vs_fp64(q, k, v, causal=causal)
+        assert all(torch.equal(a, b) for a, b in zip(ours, plain))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_windows_with_segments_match_fp64_reference(causal):
+    ids = packed_ids((1, 37, 3, 61, 47), (97, 1, 51))
+    q, k, v = make_qkv(2, 149, 149, 2, 1, 16, scale=1.5, seed=32)
+    _, errs = fp32_vs_fp64(q, k, v, causal=causal, segment_ids=ids, window=17)
+    assert all(e <= 1e-5 for _, e in errs), errs
+
+
+def test_segment_pairs_cross_attention_rows_without_keys():
+    """(seg_q, seg_k) of different lengths, unsorted, int64 ids beyond int32: query rows whose id no key has see
+    nothing (out 0, lse -inf, dq 0, and a NaN lse gradient there reaches no gradient), alone or with a window."""
+    b, sq, sk, hq, hk, d = 2, 45, 70, 2, 1, 16
+    g = torch.Generator().manual_seed(33)
+    seg_q = torch.randint(0, 4, (b, sq), generator=g) * 2**40  # id 3 * 2**40 has no key
+    seg_k = torch.randint(0, 3, (b, sk), generator=g) * 2**40
+    seg_q[:, :3] = 7  # and a run of rows with no key at the start of a query block
+    q, k, v = make_qkv(b, sq, sk, hq, hk, d, scale=1.5, seed=34)
+    go, gl = torch.randn(b, sq, hq, d, generator=g), torch.randn(b, hq, sq, generator=g)
+    empty = (seg_q[:, :, None] != seg_k[:, None, :]).all(-1)  # (b, sq)
+    assert 0 < int(empty.sum()) < b * sq
+    gl.transpose(1, 2)[empty] = float("nan")
+    gl_ref = torch.where(torch.isnan(gl), 0.0, gl)
+    for causal, window in ((False, None), (True, None), (False, 9), (True, 30)):
+        kw = dict(causal=causal, window=window, segment_ids=(seg_q, seg_k))
+        ours = run(flash_attention, q, k, v, go, gl, **kw)
+        ref = run(flash_attention_reference, q, k, v, go, gl_ref, dtype=torch.float64, **kw)
+        for name, o, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref):
+            assert rel_err(o, r) <= 1e-5, (name, causal, window, rel_err(o, r))
+        out, lse, dq = ours[:3]
+        assert torch.isneginf(lse.transpose(1, 2)[empty]).all()
+        assert not out[empty].any() and not dq[empty].any()
+        assert all(torch.isfinite(t).all() for t in ours[2:])
+
+
+def test_reference_forward_and_backward_match_kernel_host_functions():
+    """flash_attention_forward/backward_reference (what ring attention runs on CPU) against the kernel host functions
+    and against autograd of flash_attention_reference, with a random lse gradient (NaN on rows without keys) and with
+    an lse that is not the forward's own (a ring-attention merge): the same formula from the given lse."""
+    from kernels.attention import (
+        flash_attention_backward,
+        flash_attention_backward_reference,
+        flash_attention_forward,
+        flash_attention_forward_reference,
+    )
+
+    b, sq, sk, hq, hk, d = 2, 40, 29, 4, 2, 16
+    q, k, v = make_qkv(b, sq, sk, hq, hk, d, scale=1.5, seed=35)
+    g = torch.Generator().manual_seed(36)
+    seg_q, seg_k = torch.randint(0, 3, (b, sq), generator=g), torch.randint(0, 2, (b, sk), generator=g)
+    go, gl = torch.randn(b, sq, hq, d, generator=g), torch.randn(b, hq, sq, generator=g)
+    scale = 0.3
+    for causal, window, segs in ((True, None, (None, None)), (False, 7, (seg_q, seg_k)), (True, 12, (seg_q, seg_k))):
+        kw = dict(window=window, seg_q=segs[0], seg_k=segs[1])
+        out, lse = flash_attention_forward(q, k, v, causal, scale, **kw)
+        q64, k64, v64 = q.double(), k.double(), v.double()
+        out_r, lse_r = flash_attention_forward_reference(q64, k64, v64, causal, scale, **kw)
+        assert out_r.dtype == lse_r.dtype == torch.float64
+        assert rel_err(out, out_r) <= 1e-5 and rel_err(lse, lse_r) <= 1e-5
+        empty = torch.isneginf(lse_r)
+        assert empty.any()  # seq_q > seq_k (causal) or ids 2 with no key
+        gl_nan = torch.where(empty, float("nan"), gl)
+        grads = flash_attention_backward(go, gl_nan, q, k, v, out, lse, causal, scale, **kw)
+        grads_r = flash_attention_backward_reference(go, gl_nan, q64, k64, v64, out_r, lse_r, causal, scale, **kw)
+        segment_ids = None if segs[0] is None else segs
+        autograd = run(
+            flash_attention_reference, q, k, v, go, torch.where(empty, 0.0, gl), dtype=torch.float64,
+            causal=causal, softmax_scale=scale, window=window, segment_ids=segment_ids,
+        )  # fmt: skip
+        for name, o, r, a in zip(["dq", "dk", "dv"], grads, grads_r, autograd[2:]):
+            assert r.dtype == torch.float64 and rel_err(r, a) <= 1e-12, (name, rel_err(r, a))
+            assert torch.isfinite(o).all() and rel_err(o, r) <= 1e-5, (name, causal, window, rel_err(o, r))
+        # a merged lse (the forward's combined with another block's) and its out: both sides take P = exp(S - lse)
+        merged = torch.logaddexp(lse_r, torch.randn(lse_r.shape, generator=g, dtype=torch.float64))
+        out_m = out_r * torch.exp(lse_r - merged).nan_to_num(0.0).transpose(1, 2)[..., None]
+        grads = flash_attention_backward(go, gl, q, k, v, out_m.float(), merged.float(), causal, scale, **kw)
+        grads_r = flash_attention_backward_reference(go, gl, q64, k64, v64, out_m, merged, causal, scale, **kw)
+        for name, o, r in zip(["dq", "dk", "dv"], grads, grads_r):
+            assert rel_err(o, r) <= 1e-5, (name, causal, window, rel_err(o, r))
+        fp32 = flash_attention_backward_reference(None, gl, q, k, v, out, lse, causal, scale, **kw)
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in fp32)
+
+
+def _nan_rows(t, rows):
+    t = t.clone()
+    t[:, rows] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fully_masked_blocks_are_skipped(causal):
+    """Blocks that no row sees are never loaded: NaN in v (and k) at keys outside every query's window, or in dO at
+    rows that see none of a kv block, would reach the results through p = 0 times NaN if a masked block were
+    computed. Windows (the forward and dQ kv ranges, the dK/dV query range) and segment ids (the run-time skip)."""
+    # window 17 at key positions 64..95: keys 0..47 (three 16-blocks) are outside every query's window
+    q, k, v = make_qkv(1, 32, 96, 2, 1, 16, seed=37)
+    go, gl = torch.randn(1, 32, 2, 16), torch.randn(1, 2, 32)
+    unseen = slice(0, 48)
+    kw = dict(causal=causal, window=17)
+    out, lse, dq, dk, dv = run(flash_attention, q, _nan_rows(k, unseen), _nan_rows(v, unseen), go, gl, **kw)
+    ref = run(flash_attention_reference, q, k, v, go, gl, dtype=torch.float64, **kw)
+    for name, o, r in zip(["out", "lse", "dq", "dk", "dv"], (out, lse, dq, dk, dv), ref):
+        assert rel_err(o, r) <= 1e-5, (name, rel_err(o, r))
+    # self-attention, window 17: query rows 48..63 see keys 32..79 at most; NaN in their dO may only reach those keys
+    q, k, v = make_qkv(1, 96, 96, 2, 1, 16, seed=38)
+    go = torch.randn(1, 96, 2, 16)
+    rows = slice(48, 64)
+    ours = run(flash_attention, q, k, v, _nan_rows(go, rows), **kw)
+    ref = run(flash_attention_reference, q, k, v, go.index_fill(1, torch.arange(48, 64), 0.0), **kw)
+    for name, i in (("dk", 3), ("dv", 4)):
+        for keys in (slice(0, 32), slice(64 if causal else 80, 96)):  # keys no row of 48..63 sees
+            assert rel_err(ours[i][:, keys], ref[i][:, keys]) <= 1e-5, (name, keys)
+    assert rel_err(ours[2][:, 64:], ref[2][:, 64:]) <= 1e-5 and rel_err(ours[2][:, :48], ref[2][:, :48]) <= 1e-5
+    # segment ids: whole 16-blocks of documents; keys 16..31 (id 5) have no query, rows 32..47 (id 9) no key
+    seg_q = torch.tensor([[0] * 16 + [1] * 16 + [9] * 16])
+    seg_k = torch.tensor([[0] * 16 + [5] * 16 + [1] * 16])
+    q, k, v = make_qkv(1, 48, 48, 2, 1, 16, seed=39)
+    go, gl = torch.randn(1, 48, 2, 16), torch.randn(1, 2, 48)
+    kw = dict(causal=causal, segment_ids=(seg_q, seg_k))
+    nan_go, nan_gl = _nan_rows(go, slice(32, 48)), gl.clone()
+    nan_gl[:, :, 32:] = float("nan")
+    ours = run(flash_attention, q, _nan_rows(k, slice(16, 32)), _nan_rows(v, slice(16, 32)), nan_go, nan_gl, **kw)
+    gl[:, :, 32:] = 0.0
+    ref = run(flash_attention_reference, q, k, v, go.index_fill(1, torch.arange(32, 48), 0.0), gl, **kw)
+    for name, o, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref):
+        assert rel_err(o, r) <= 1e-5, (name, rel_err(o, r))
+    assert not ours[3][:, 16:32].any() and not ours[4][:, 16:32].any()
+
+
+def test_torch_backend_takes_the_same_keywords(monkeypatch):
+    """backend="torch", and "auto" on CPU without the interpreter, run the reference with the same masks."""
+    q, k, v = make_qkv(2, 37, 37, 2, 1, 16, seed=40)
+    ids = packed_ids((5, 20, 12), (37,))
+    kw = dict(causal=True, segment_ids=ids, window=9, return_lse=True)
+    kernel = flash_attention(q, k, v, **kw)
+    torch_out = flash_attention(q, k, v, backend="torch", **kw)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    auto_out = flash_attention(q, k, v, **kw)
+    ref = flash_attention_reference(q, k, v, **kw)
+    for a, b in zip(kernel, ref):
+        assert rel_err(a, b) <= 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(torch_out + auto_out, ref + ref))
+    assert not torch.equal(ref[0], flash_attention_reference(q, k, v, causal=True))
+
+
+def test_segment_and_window_errors():
+    from kernels.attention import flash_attention_backward_reference, flash_attention_forward
+
+    q, k, v = make_qkv(2, 8, 8, 2, 1, 16)
+    ids = torch.zeros(2, 8, dtype=torch.int32)
+    bad = [
+        (dict(segment_ids=ids[:, :5]), "segment_ids must have shape (batch, seq_q) = (2, 8), got (2, 5)"),
+        (dict(segment_ids=ids[:1]), "segment_ids must have shape (batch, seq_q)"),
+        (dict(segment_ids=(ids, ids[:, :3])), "segment_ids[1] must have shape (batch, seq_k) = (2, 8), got (2, 3)"),
+        (dict(segment_ids=ids.float()), "segment_ids must be an integer tensor of segment ids, got torch.float32"),
+        (dict(segment_ids=ids.bool()), "must be an integer tensor"),
+        (dict(segment_ids=[1, 2]), "segment_ids[0] must be an integer tensor, got int"),
+        (dict(segment_ids=ids.to("meta")), "segment_ids is on meta but q is on cpu"),
+        (dict(segment_ids=(ids,)), "segment_ids as a tuple must be (seg_q, seg_k), got 1 items"),
+        (dict(segment_ids=(ids, ids, ids)), "got 3 items"),
+        (dict(window=0), "window must be a positive int or None, got 0"),
+        (dict(window=-3), "window must be a positive int or None, got -3"),
+        (dict(window=2.5), "window must be a positive int or None, got 2.5"),
+        (dict(window=True), "window must be a positive int or None, got True"),
+    ]
+    for backend in ("auto", "torch"):
+        for kw, message in bad:
+            for fn in (flash_attention, flash_attention_reference):
+                with pytest.raises(ValueError) as e:
+                    fn(q, k, v, **kw) if fn is flash_attention_reference else fn(q, k, v, backend=backend, **kw)
+                assert message in str(e.value) and "\n" not in str(e.value), (message, str(e.value))
+    with pytest.raises(ValueError, match=r"one segment_ids tensor needs seq_q == seq_k, got 8 and 5"):
+        flash_attention(q, k[:, :5], v[:, :5], segment_ids=ids)
+    with pytest.raises(ValueError, match=r"flash_attention_forward: segment ids for both queries and keys"):
+        flash_attention_forward(q, k, v, True, 0.25, seg_q=ids)
+    out, lse = flash_attention_forward(q, k, v, True, 0.25)
+    with pytest.raises(ValueError, match=r"flash_attention_backward_reference: window must be a positive int"):
+        flash_attention_backward_reference(None, None, q, k, v, out, lse, True, 0.25, window=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # GPU side: the launch configs compiled for sm_90 (no GPU needed), and bf16/fp32 on a CUDA device
 
 
 def aot_cases():
     """(name, kernel, arg types, constexprs, num_warps, num_stages) of the GPU launch configs: bf16 at head_dim 64
-    and 128, fp32 at 128, the backward's preprocessing kernel, a non-causal forward (each compile takes seconds)."""
+    and 128, fp32 at 128, the backward's preprocessing kernel, a non-causal forward, and each kernel with a window
+    and segment ids at bf16 head_dim 128 (each compile takes seconds)."""
     import triton.language as tl
 
     from kernels import attention as A
@@ -275,22 +509,26 @@ def aot_cases():
             cfg = launch_config(d, dtype, torch.device("cuda"))
             common = dict(HEAD_DIM=d, BLOCK_D=block_d(d), DOT=dot, PREC=prec, ACC=tl.float32)
             types = dict(Q=ptr, K=ptr, V=ptr, Out=ptr, DO=ptr, DK=ptr, DV=ptr, DQ=ptr, LSE="*fp32", DELTA="*fp32")
-            types.update(qk_scale="fp32", sm_scale="fp32")
+            types.update(qk_scale="fp32", sm_scale="fp32", SEG_Q="*i32", SEG_K="*i32")
             for name, fn in (
                 ("fwd", A._attn_fwd_kernel),
                 ("dkdv", A._attn_bwd_dkdv_kernel),
                 ("dq", A._attn_bwd_dq_kernel),
             ):
                 bm, bn, warps, stages = cfg[name]
-                consts = dict(common, CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn)
+                consts = dict(common, CAUSAL=True, WINDOW=False, HAS_SEG=False, BLOCK_M=bm, BLOCK_N=bn)
                 cases.append((f"{name} {ptr[1:]} d={d}", fn, types, consts, warps, stages))
+                if dtype == torch.bfloat16 and d == 128:  # the window and segment-id variants, non-causal for dK/dV
+                    consts = dict(consts, CAUSAL=name == "fwd", WINDOW=True, HAS_SEG=True)
+                    cases.append((f"{name} {ptr[1:]} d={d} window+segments", fn, types, consts, warps, stages))
             # backward's row statistics (with a gradient through lse), at the GPU's 64-row block
             consts = dict(HAS_DLSE=True, HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d(d), ACC=tl.float32)
             types_pre = dict(types, DLSE="*fp32")
             cases.append((f"preprocess {ptr[1:]} d={d}", A._attn_bwd_preprocess_kernel, types_pre, consts, 4, 1))
     bm, bn, warps, stages = launch_config(128, torch.bfloat16, torch.device("cuda"))["fwd"]
     consts = dict(HEAD_DIM=128, BLOCK_D=128, DOT=tl.bfloat16, PREC="tf32", ACC=tl.float32, BLOCK_M=bm, BLOCK_N=bn)
-    cases.append(("fwd bf16 d=128 non-causal", A._attn_fwd_kernel, types, dict(consts, CAUSAL=False), warps, stages))
+    consts.update(CAUSAL=False, WINDOW=False, HAS_SEG=False)
+    cases.append(("fwd bf16 d=128 non-causal", A._attn_fwd_kernel, types, consts, warps, stages))
     return cases
 
 
