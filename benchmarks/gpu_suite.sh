@@ -42,7 +42,7 @@ if "$py" -c "import xdist" 2>/dev/null; then workers=(-n 8); fi
 
 step build_ext 40 "$py" setup.py -q build_ext --inplace  # the C++ data index; NumPy fallback if it fails
 step gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider "${workers[@]}" -m gpu tests
-step kernels 170 "$py" -m benchmarks.kernels --csv "$out/kernels.csv"
+step kernels 230 "$py" -m benchmarks.kernels --csv "$out/kernels.csv"
 step tp_block 45 "$py" -m benchmarks.bench_tp --gpu
 step train 150 "$py" -m benchmarks.bench_train --gpu-suite --steps 6 --repeats 1 --json "$out/train.json"
 echo "== summary"

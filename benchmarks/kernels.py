@@ -1,6 +1,6 @@
 """Kernel benchmark harness: ours vs torch eager vs torch.compile vs Liger/apex (when importable).
 
-    python -m benchmarks.kernels [--only rmsnorm,...,fused_linear_ce,flash_attention] [--csv out.csv]
+    python -m benchmarks.kernels [--only rmsnorm,...,flash_attention,flash_attention_masked] [--csv out.csv]
 
 On a CUDA device, per kernel and shape: a correctness check of ours against an fp32 reference (docs/contracts.md,
 kernel parity: the 2x-error rule against the same-dtype torch computation), then forward and forward+backward times with
@@ -316,6 +316,41 @@ def _build_flash_attention(mod, shape, dtype, device) -> Case:
     return case
 
 
+def _build_flash_attention_masked(mod, shape, dtype, device) -> Case:
+    # (batch, seq, heads_q, heads_kv, head_dim, document length or 0, window or 0), causal: packed documents of one
+    # length (segment ids) and/or a sliding window. FLOPs count only the query-key pairs the mask leaves.
+    b, s, hq, hkv, d, doc, window = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    q = _leaf(torch.randn(b, s, hq, d, device=device, generator=g).to(dtype))
+    k = _leaf(torch.randn(b, s, hkv, d, device=device, generator=g).to(dtype))
+    v = _leaf(torch.randn(b, s, hkv, d, device=device, generator=g).to(dtype))
+    pos = torch.arange(s, device=device)
+    seg = (pos // doc).expand(b, s).contiguous() if doc else None
+    allowed = pos[None, :] <= pos[:, None]
+    if seg is not None:
+        allowed &= seg[0][:, None] == seg[0][None, :]
+    if window:
+        allowed &= pos[:, None] - pos[None, :] < window
+    pairs = int(allowed.sum())
+    kw = dict(causal=True, segment_ids=seg, window=window or None)
+
+    def sdpa(q, k, v):  # torch's SDPA with the same mask as a boolean tensor
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, enable_gqa=hq != hkv
+        )
+        return out.transpose(1, 2)
+
+    fwd = 4 * b * hq * pairs * d
+    return Case(
+        inputs=[q, k, v],
+        ours=lambda q, k, v: mod.flash_attention(q, k, v, **kw),
+        torch_eager=sdpa,
+        reference=lambda q, k, v: mod.flash_attention_reference(q, k, v, **kw),
+        work_fwd=fwd,
+        work_fwdbwd=3.5 * fwd,
+    )
+
+
 SPECS = {
     s.name: s
     for s in (
@@ -353,6 +388,14 @@ SPECS = {
             _build_flash_attention,
             ((1, 19, 2, 1, 16, True),),
             ((4, 2048, 32, 32, 128, True), (2, 4096, 32, 8, 128, True), (4, 2048, 32, 8, 128, False)),
+        ),
+        Spec(  # (batch, seq, heads_q, heads_kv, head_dim, document length or 0, window or 0), causal
+            "flash_attention_masked",
+            "kernels.attention",
+            "TFLOP/s",
+            _build_flash_attention_masked,
+            ((1, 37, 2, 1, 16, 9, 0), (1, 37, 2, 1, 16, 0, 17)),
+            ((2, 4096, 32, 8, 128, 512, 0), (2, 4096, 32, 8, 128, 0, 512), (2, 4096, 32, 8, 128, 1024, 256)),
         ),
     )
 }

@@ -52,7 +52,8 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
-    cp: int = 1
+    cp: int = 1  # context parallelism: each sample's sequence split over cp ranks (engine/parallel/context.py)
+    cp_impl: Literal["ring", "alltoall"] = "ring"
     dp_shard: int = 1
     zero1: bool = False  # ZeRO-1: AdamW state sharded over the data-parallel group (engine.optim.distributed)
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # the data-parallel gradient reduction's dtype (bf16: half)
@@ -102,6 +103,8 @@ class DataConfig:
     tokenizer: str = "bpe"  # bpe (trained on the embedded corpus), byte, or a path to a tokenizer.json
     bpe_vocab: int = 4096  # vocabulary size when the BPE tokenizer is trained here
     cache_dir: str = ""  # "": $ENGINE_CACHE, else ~/.cache/engine
+    document_mask: bool = False  # attention stays inside each document of a packed sample (split at EOD tokens)
+    reset_positions: bool = False  # positions restart at 0 at each document of a packed sample
 
 
 @dataclass

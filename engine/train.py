@@ -52,8 +52,7 @@ class _Run:
         from engine.training.device import cpu_threads, resolve_device
         from engine.training.precision import resolve_dtype
 
-        self.t_start = time.perf_counter()
-        self.dims = None
+        self.t_start, self.dims = time.perf_counter(), None
         check_config(cfg)
         self.cfg = cfg
         self.device = resolve_device(cfg)
@@ -66,6 +65,7 @@ class _Run:
         self.notes: list[str] = []  # setup decisions the user should see, printed when the run starts
 
     def setup(self) -> None:
+        from engine.data._files import cache_root
         from engine.model.gpt import GPT, flops_per_token, resolve
         from engine.optim.distributed import build_training_optimizer
         from engine.parallel.dims import ParallelDims
@@ -75,6 +75,7 @@ class _Run:
         from engine.parallel.state import init_process_group
         from engine.training import precision, resume
         from engine.training.pipeline_step import build_step
+        from engine.training.samples import SequenceLayout
 
         cfg, p = self.cfg, self.cfg.parallel
         self.run_dir = Path(cfg.run.dir)
@@ -96,9 +97,8 @@ class _Run:
         data = load_data_sources(cfg)
         model_cfg = resolve(cfg.model, tokenizer_vocab=data.tokenizer.vocab_size)
         self.rcfg = resume.resolved_config(cfg, model_cfg)
+        self.seq_layout = SequenceLayout.from_config(cfg, data.tokenizer, dims.rank_in("cp"))
         self.flops_per_token = flops_per_token(model_cfg)
-        from engine.data._files import cache_root
-
         # Index arrays under the engine cache (keyed by the data's checksum, seq_len, seed...).
         index_cache = os.path.join(cache_root(cfg.data.cache_dir or None), "indices")
         seq, seed, vocab = model_cfg.seq_len, cfg.train.seed, model_cfg.vocab_size
@@ -144,7 +144,7 @@ class _Run:
         lr = lr_at(self.step, self.rcfg.optim, self.rcfg.optim.decay_steps)
         set_lr(self.optimizer, lr)
         idx = micro_batches(self.consumed, self.cfg.train.global_batch, self.micro, self.dp_rank, self.dp)
-        result = self.step_fn([collate(self.train_ds, i, self.device) for i in idx])
+        result = self.step_fn([collate(self.train_ds, i, self.device, self.seq_layout) for i in idx])
         self.step += 1
         self.consumed += self.cfg.train.global_batch
         return result, lr
@@ -152,12 +152,12 @@ class _Run:
     def evaluate(self) -> float:
         from engine.training.evaluate import evaluate, evaluate_pipeline
 
-        dp_group = self.dims.group("dp") if self.dp > 1 else None
+        dp_group = self.step_fn.dp_group  # the ranks that share the samples: dp (x cp)
         args = (self.valid_ds, self.cfg.eval.batches, self.cfg.train.global_batch, self.micro, self.dp_rank, self.dp,
                 self.device)  # fmt: skip
         if self.dims.pp_enabled:
-            return evaluate_pipeline(self.step_fn.runner, *args, self.dims.group("pp"), dp_group)
-        return evaluate(self.chunks[0], *args, self.autocast, dp_group)
+            return evaluate_pipeline(self.step_fn.runner, *args, self.dims.group("pp"), dp_group, self.seq_layout)
+        return evaluate(self.chunks[0], *args, self.autocast, dp_group, self.seq_layout)
 
     def save(self) -> Path:
         from engine.training.resume import save_training_state
@@ -167,7 +167,7 @@ class _Run:
         return save_training_state(
             self.ckpt_root, self.step, chunks=self.chunks, optimizer=self.optimizer, sharding=self.sharding,
             scaler=self.scaler, rng_trackers=self.trackers, device=self.device, meta=meta, toml=self.rcfg.to_toml(),
-            keep=self.cfg.checkpoint.keep, tp_rank=self.tp_rank, dp_rank=self.dp_rank,
+            keep=self.cfg.checkpoint.keep, tp_rank=self.tp_rank, dp_rank=self.dims.rank_in("dp_cp"),
         )  # fmt: skip
 
     def close(self) -> None:
@@ -210,6 +210,7 @@ def _loop(run: _Run) -> TrainResult:
         n, n_body = count_params(rcfg.model), count_params(rcfg.model, non_embedding=True)  # the whole model's
         tp = f", tp {run.tp}{' + sp' if run.sp else ''}" if run.tp > 1 else ""
         tp += f", pp {run.dims.pp} ({cfg.parallel.pp_schedule})" if run.dims.pp_enabled else ""
+        tp += f", cp {run.dims.cp} ({cfg.parallel.cp_impl})" if run.dims.cp_enabled else ""
         logger.write(
             f"model: {rcfg.model.arch}, {n / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
             f"{run.flops_per_token / 1e6:.2f} MFLOPs/token; device {run.device.type} ({run.dtype}), dp {run.dp}{tp}, "
@@ -242,8 +243,7 @@ def _loop(run: _Run) -> TrainResult:
                    "mfu": model_flops_utilization(tps, run.flops_per_token, peak, run.world),
                    "mem_gb": memory_gb(run.device), "step_time_s": dt, "consumed_samples": run.consumed,
                    "loss_tokens": out.tokens, "skipped": out.skipped}  # fmt: skip
-            if run.scaler is not None:
-                rec["loss_scale"] = run.scaler.get_scale()
+            rec.update({"loss_scale": run.scaler.get_scale()} if run.scaler is not None else {})
             result.losses[step], result.grad_norms[step] = out.loss, out.grad_norm
             # fp16's routine scale back-offs do not count; a scale driven below 1 does
             consecutive_skips = consecutive_skips + 1 if out.skipped and not out.scale_backoff else 0

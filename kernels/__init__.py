@@ -38,6 +38,8 @@ _EXPORTS = {
     "vocab_parallel_fused_linear_cross_entropy": "kernels.linear_cross_entropy",
     "flash_attention": "kernels.attention",
     "flash_attention_reference": "kernels.attention",
+    "flash_attention_forward_reference": "kernels.attention",
+    "flash_attention_backward_reference": "kernels.attention",
 }
 
 __all__ = sorted(_EXPORTS)

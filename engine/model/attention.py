@@ -26,10 +26,12 @@ class AttentionCore(nn.Module):
         self.dropout, self.backend = dropout, backend
         self.rng_context: RNGContext = contextlib.nullcontext
 
-    def forward(self, q, k, v, mask=None, causal: bool = True):
+    def forward(self, q, k, v, mask=None, causal: bool = True, segment_ids=None):
         dropout_p = self.dropout if self.training else 0.0
         with self.rng_context() if dropout_p > 0 else contextlib.nullcontext():
-            return ops.attention(q, k, v, causal=causal, mask=mask, dropout_p=dropout_p, backend=self.backend)
+            return ops.attention(
+                q, k, v, causal=causal, mask=mask, dropout_p=dropout_p, backend=self.backend, segment_ids=segment_ids
+            )
 
 
 class Attention(nn.Module):
@@ -54,13 +56,19 @@ class Attention(nn.Module):
         sin: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         causal: bool = True,
+        positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`positions` (b, s): each token's rotary position (default 0..s-1); `segment_ids` (b, s): the document of
+        each token, attention staying within one (packed sequences)."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
         if self.rope:  # cos, sin: (>= s, head_dim / 2) rotary tables
-            q = ops.apply_rope(q, cos[:s], sin[:s], backend=self.backend)
-            k = ops.apply_rope(k, cos[:s], sin[:s], backend=self.backend)
-        y = self.core(q, k, v, mask, causal)
+            if positions is None:
+                cos, sin = cos[:s], sin[:s]
+            q = ops.apply_rope(q, cos, sin, backend=self.backend, positions=positions)
+            k = ops.apply_rope(k, cos, sin, backend=self.backend, positions=positions)
+        y = self.core(q, k, v, mask, causal, segment_ids)
         return self.resid_dropout(self.o_proj(y.reshape(b, s, -1)))

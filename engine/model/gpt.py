@@ -135,20 +135,21 @@ class Block(nn.Module):
         self.mlp_norm = Norm(cfg.d_model, kind, cfg.norm_eps, cfg.kernels)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos=None, sin=None, mask=None, causal=True):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal)
+    def forward(self, x, cos=None, sin=None, mask=None, causal=True, positions=None, segment_ids=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal, positions, segment_ids)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class PositionEmbedding(nn.Module):
-    """Learned absolute positions (gpt2): the embedding of positions 0..s-1, broadcast over the batch."""
+    """Learned absolute positions (gpt2): the embedding of positions 0..s-1, broadcast over the batch, or of the
+    given `positions` (b, s)."""
 
     def __init__(self, seq_len: int, d_model: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(seq_len, d_model))
 
-    def forward(self, seq: int) -> torch.Tensor:
-        return self.weight[:seq]
+    def forward(self, seq: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.weight[:seq] if positions is None else self.weight[positions]
 
 
 class GPT(nn.Module):
@@ -220,10 +221,17 @@ class GPT(nn.Module):
         return sum(p.numel() for p in seen.values())
 
     def hidden_states(
-        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = True,
+        positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The residual stream after the last layer held here (before the final norm), (b, s, d) for token ids
-        (b, s); a chunk without `tok_emb` takes hidden states (b, s, d) as `tokens`."""
+        (b, s); a chunk without `tok_emb` takes hidden states (b, s, d) as `tokens`. `positions` (b, s): each token's
+        position (default 0..s-1; per-document positions, or a context-parallel rank's chunks); `segment_ids`
+        (b, s): each token's document, attention staying inside it."""
         s = tokens.shape[1]
         if s > self.cfg.seq_len:
             raise ValueError(f"sequence length {s} exceeds model.seq_len {self.cfg.seq_len}")
@@ -231,13 +239,13 @@ class GPT(nn.Module):
         if self.tok_emb is not None:
             x = self.tok_emb(tokens)
             if self.pos_emb is not None:
-                x = x + self.pos_emb(s)
+                x = x + self.pos_emb(s, positions)
             x = self.emb_dropout(x)
         # The whole rotary tables: attention slices them to the sequence it sees (the full one, even where this chunk's
         # input is a sequence shard, as a later pipeline stage's is under sequence parallelism).
         cos, sin = self.rope_cos, self.rope_sin
         for layer in self.layers.values():
-            x = layer(x, cos, sin, mask, causal)
+            x = layer(x, cos, sin, mask, causal, positions, segment_ids)
         return x
 
     def forward(
@@ -247,8 +255,10 @@ class GPT(nn.Module):
         mask: torch.Tensor | None = None,
         causal: bool = True,
         reduction: str = "mean",
+        positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.hidden_states(tokens, mask, causal)
+        h = self.hidden_states(tokens, mask, causal, positions, segment_ids)
         if self.output is None:
             return h
         return self.output(h, targets, reduction)

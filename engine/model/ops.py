@@ -206,12 +206,23 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tupl
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Rotary embedding, half-rotation convention: x (b, s, h, d); cos, sin (s, d/2)."""
+def apply_rope(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    backend: str = "auto",
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotary embedding, half-rotation convention: x (b, s, h, d); cos, sin (s, d/2), row i for token i; or with
+    `positions` (b, s) the rows of each token's position (tables of at least max(positions) + 1 rows): positions that
+    restart per packed document, or a context-parallel rank's chunks of the sequence."""
     if select(backend, x) == "triton":
-        return _kernel("apply_rope")(x, cos, sin)
+        return _kernel("apply_rope")(x, cos, sin, position_ids=positions)
     x1, x2 = x.float().chunk(2, dim=-1)
-    c, s = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    if positions is None:
+        c, s = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    else:
+        c, s = cos[positions][:, :, None, :], sin[positions][:, :, None, :]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
@@ -230,14 +241,21 @@ def attention(
     mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    segment_ids: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention on (batch, seq, heads, head_dim) tensors; k/v may have fewer heads (GQA).
 
     `mask` (optional, broadcastable to (batch, heads, seq_q, seq_k)): bool (True = may attend) or additive float;
-    with `causal` it is combined with the causal mask. Returns (batch, seq_q, heads_q, head_dim).
+    with `causal` it is combined with the causal mask. `segment_ids` (batch, seq) ints (self-attention): a query sees
+    only keys of its own segment (documents packed in one row). `window`: sliding window, key j visible to query i
+    iff i - window < j <= i (causal) or |i - j| < window, bottom-right aligned as the causal mask. Returns
+    (batch, seq_q, heads_q, head_dim).
     """
+    plain = segment_ids is None and window is None
     if (
         backend == "auto"
+        and plain
         and mask is None
         and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
@@ -254,10 +272,18 @@ def attention(
         and _has_kernel("flash_attention")
         and q.shape[-1] <= 256
     ):
-        return _kernel("flash_attention")(q, k, v, causal=causal)
+        return _kernel("flash_attention")(q, k, v, causal=causal, segment_ids=segment_ids, window=window)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = qh.shape[1] != kh.shape[1]
     sq, sk = q.shape[1], k.shape[1]
+    if not plain:  # folded into one boolean mask (True = may attend) for SDPA
+        allowed = _segment_window_mask(segment_ids, window, causal, sq, sk, q.device)
+        if mask is None:
+            mask = allowed
+        elif mask.dtype == torch.bool:
+            mask = mask & allowed
+        else:
+            mask = mask.masked_fill(~allowed, float("-inf"))
     if causal and (mask is not None or sq != sk):
         # SDPA's is_causal is top-left aligned; ours (and flash-attn's) is bottom-right: an explicit mask
         tri = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
@@ -272,6 +298,27 @@ def attention(
         qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=gqa
     )
     return out.transpose(1, 2)
+
+
+def _segment_window_mask(
+    segment_ids: torch.Tensor | None, window: int | None, causal: bool, sq: int, sk: int, device: torch.device
+) -> torch.Tensor:
+    """The boolean (batch or 1, 1, sq, sk) mask of `attention`'s segment_ids and window (causal is added by the
+    caller)."""
+    allowed = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=device)
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"attention: window must be a positive int, got {window!r}")
+        rel = torch.arange(sq, device=device)[:, None] + (sk - sq) - torch.arange(sk, device=device)[None, :]
+        allowed = allowed & ((rel < window) if causal else (rel.abs() < window))
+    if segment_ids is not None:
+        if segment_ids.shape != (segment_ids.shape[0], sq) or sq != sk or segment_ids.is_floating_point():
+            raise ValueError(
+                f"attention: segment_ids must be integer (batch, seq) = (batch, {sq}) for self-attention, got "
+                f"{segment_ids.dtype} {tuple(segment_ids.shape)}"
+            )
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return allowed
 
 
 def cross_entropy(

@@ -1,5 +1,7 @@
 """Counts the collectives a piece of code issues, by wrapping the `torch.distributed` functions for a while.
 
+`batch_isend_irecv` counts each of its point-to-point ops as one send or recv.
+
 Used by tests (Megatron's accounting: 2 all-reduces per transformer block forward with tp) and by
 benchmarks/bench_tp.py (bytes per step against the closed form). Our layers call collectives through the module
 attribute (`dist.all_reduce(...)`), so patching the attribute sees every call, including those made in backward.
@@ -144,10 +146,22 @@ def count_collectives(counter: CommCounter | None = None) -> Iterator[CommCounte
 
         return wrapper
 
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
+    wrappers = {name: wrap(name, fn) for name, fn in originals.items()}
+    batch = dist.batch_isend_irecv
+
+    @functools.wraps(batch)
+    def batch_wrapper(p2p_ops):
+        for op in p2p_ops:  # P2POp holds torch's own isend/irecv (it accepts no wrapper)
+            kind = "send" if op.op is originals["isend"] else "recv"
+            counter.records.append(Record(kind, 2, _nbytes(op.tensor)))
+        return batch(p2p_ops)
+
+    for name, fn in wrappers.items():
+        setattr(dist, name, fn)
+    dist.batch_isend_irecv = batch_wrapper
     try:
         yield counter
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+        dist.batch_isend_irecv = batch

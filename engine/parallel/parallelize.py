@@ -14,7 +14,9 @@ Order (torchtitan's), each step its own function so later parallelisms slot in b
      gradient reduction a sum (the step divides by the global number of loss-bearing tokens); under pipeline
      parallelism the pipeline step sums over dp instead; with ZeRO-1 (cfg.parallel.zero1) flat gradient buffers
      with bucketed reduce-scatters (engine.parallel.data_parallel) instead of DDP, under any pp.
-Later: FP8 conversion after 1, context parallelism after 2, FSDP2 in place of 4.
+  1b. `apply_context_parallel` (cp > 1): each layer's attention core attends over the whole sequence held by the cp
+     group (ring or all-to-all, engine.parallel.context); gradients are then summed over dp x cp.
+Later: FP8 conversion after 1.
 Returns the list of chunks this rank holds (its pipeline stages; one without pipeline parallelism).
 """
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from engine.config import Config, ConfigError, ModelConfig
 from engine.model.init import canonical_name, init_weights, materialize_
+from engine.parallel.context import apply_context_parallel, check_context_parallel
 from engine.parallel.data_parallel import attach_grad_buffers, build_grad_buffers
 from engine.parallel.dims import ParallelDims
 from engine.parallel.output import VocabParallelOutputHead
@@ -228,15 +231,23 @@ def sum_gradients_hook(group, bucket):
     return fut.then(lambda f: f.value()[0])
 
 
+def grad_group(dims: ParallelDims) -> dist.ProcessGroup | None:
+    """The ranks whose gradients of the same weights are summed: dp, or dp x cp with context parallelism (the cp ranks
+    of a dp rank hold the same weights and different tokens); None when that is one rank."""
+    if dims.dp * dims.cp == 1:
+        return None
+    return dims.group("dp_cp" if dims.cp_enabled else "dp")
+
+
 def apply_data_parallel(model: nn.Module, dims: ParallelDims, bf16_reduce: bool = False) -> nn.Module:
-    """DDP over the data-parallel group, summing gradients (in bf16 with `bf16_reduce`); the model itself when dp
-    is 1."""
-    if not dims.dp_enabled:
+    """DDP over the gradient group (`grad_group`: dp, or dp x cp), summing gradients (in bf16 with `bf16_reduce`);
+    the model itself when that group is one rank."""
+    group = grad_group(dims)
+    if group is None:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device = next(model.parameters()).device
-    group = dims.group("dp")
     # The only buffers are the rotary angles, equal on every rank by construction: no per-forward broadcast.
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group,
               broadcast_buffers=False)  # fmt: skip
@@ -257,14 +268,16 @@ def apply_fsdp(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     device = next(chunks[0].parameters()).device.type
-    # ranks are dp_replicate x dp_shard x pp x tp, tp fastest: the mesh's row-major order. Under tp the parameters
-    # are plain tp-local tensors, which FSDP2 shards again over dp_shard (the sharding registry keeps their tp place);
-    # under pp each of this rank's stages is sharded over the dp_shard ranks holding the same stage.
-    names = ("dp_replicate", "dp_shard", "pp", "tp")
-    shape = (dims.dp_replicate, dims.dp_shard, dims.pp, dims.tp)
-    keep = [i for i, n in enumerate(shape) if n > 1 or names[i] == "dp_shard"]
+    # ranks are dp_replicate x dp_shard x pp x cp x tp, tp fastest: the mesh's row-major order. Under tp the
+    # parameters are plain tp-local tensors, which FSDP2 shards again over dp_shard (the sharding registry keeps their
+    # tp place); under pp each of this rank's stages is sharded over the dp_shard ranks holding the same stage; under
+    # cp over dp_shard x cp (the cp ranks hold the same weights: torchtitan's dp_shard_cp).
+    names = ("dp_replicate", "dp_shard", "pp", "cp", "tp")
+    shape = (dims.dp_replicate, dims.dp_shard, dims.pp, dims.cp, dims.tp)
+    keep = [i for i, n in enumerate(shape) if n > 1 or names[i] in ("dp_shard", "cp")]
     mesh = init_device_mesh(device, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep))
-    mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate_enabled else mesh["dp_shard"]
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate_enabled else mesh["dp_shard_cp"]
     reduce = torch.bfloat16 if bf16_reduce else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16_params else None, reduce_dtype=reduce)
     kw = {"mp_policy": mp} if bf16_params or bf16_reduce else {}
@@ -299,8 +312,8 @@ def parallelize_gpt(
     not wrapped in DDP: the pipeline step sums their gradients over dp after the schedule. With cfg.parallel.zero1
     (and dp > 1) no chunk is wrapped either: their parameters and gradients move into the flat buffers of
     engine.parallel.data_parallel, attached to every chunk (`grad_buffers_of`), which the optimizer shards."""
-    if dims.cp != 1:
-        raise ConfigError(f"parallel.cp={dims.cp} is not implemented yet; use 1")
+    if dims.cp_enabled:
+        check_context_parallel(model.cfg.seq_len, dims.cp, cfg.parallel.cp_impl, model.cfg.n_heads // dims.tp)
     if dims.dp_shard_enabled and cfg.parallel.pp_schedule == "zb" and dims.pp_enabled:
         raise ConfigError("parallel.dp_shard (FSDP2) with the zb schedule is not implemented yet (deferred weight "
                           "gradients land after FSDP2 has resharded the weights); use 1f1b, gpipe or interleaved")
@@ -310,6 +323,8 @@ def parallelize_gpt(
     for chunk in chunks:
         if dims.tp_enabled:
             apply_tensor_parallel(chunk, dims.group("tp"), sp, tracker=tp_dropout_tracker(dims, cfg.train.seed))
+        if dims.cp_enabled:
+            apply_context_parallel(chunk, dims.group("cp"), cfg.parallel.cp_impl)
         apply_recompute(chunk, chunk.cfg.recompute)
     if (device is None and on_meta) or (device is not None and torch.device(device).type == "meta"):
         return chunks
@@ -321,13 +336,14 @@ def parallelize_gpt(
     if dims.dp_shard_enabled:
         return apply_fsdp(chunks, dims, cfg.train.param_dtype == "bf16", cfg.parallel.grad_reduce_dtype == "bf16")
     bf16_params, bf16_reduce = cfg.train.param_dtype == "bf16", cfg.parallel.grad_reduce_dtype == "bf16"
-    if bf16_params and dims.dp_enabled and not cfg.parallel.zero1:
+    if bf16_params and grad_group(dims) is not None and not cfg.parallel.zero1:
         raise ConfigError("train.param_dtype bf16 keeps its fp32 master weights in ZeRO-1's shards: set parallel.zero1")
-    if (cfg.parallel.zero1 and dims.dp_enabled) or bf16_params:  # our own buffers: ZeRO-1 shards them
+    if (cfg.parallel.zero1 and grad_group(dims) is not None) or bf16_params:  # our own buffers: ZeRO-1 shards them
         if bf16_params:  # initialised in fp32, then rounded
             for p in (p for chunk in chunks for p in chunk.parameters()):
                 p.data = p.data.to(torch.bfloat16)
-        buffers = build_grad_buffers(chunks, dims.group("dp"), cfg.parallel.bucket_mb, zero1=True,
+        group = dims.group("dp_cp" if dims.cp_enabled else "dp")  # grad_group's, even of one rank
+        buffers = build_grad_buffers(chunks, group, cfg.parallel.bucket_mb, zero1=True,
                                      reduce_dtype=torch.bfloat16 if bf16_reduce else None)  # fmt: skip
         for chunk in chunks:
             attach_grad_buffers(chunk, buffers)

@@ -164,12 +164,13 @@ class SequenceShardedPositionEmbedding(nn.Module):
         super().__init__()
         self.weight, self.group = weight, group
 
-    def forward(self, seq: int) -> torch.Tensor:
+    def forward(self, seq: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         n = dist.get_world_size(self.group)
         if seq % n:
             raise ShapeError(f"sequence length {seq} is not divisible by parallel.tp = {n} (sequence parallelism)")
         per = seq // n
-        return self.weight[dist.get_rank(self.group) * per : (dist.get_rank(self.group) + 1) * per]
+        mine = slice(dist.get_rank(self.group) * per, (dist.get_rank(self.group) + 1) * per)
+        return self.weight[mine] if positions is None else self.weight[positions[:, mine]]
 
 
 # --- gradients of parameters that live on sequence shards ---

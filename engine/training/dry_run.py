@@ -62,8 +62,8 @@ def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_b
 
         peak = simulate(cfg.parallel.pp_schedule, dims.pp, len(chunks), micro_batches).peak_in_flight
         in_flight = peak[dims.rank_in("pp")] / len(chunks)
-    act = estimate_activations(
-        model_cfg.seq_len, micro, model_cfg.d_model, model_cfg.n_heads, model_cfg.vocab_size,
+    act = estimate_activations(  # under context parallelism a rank holds seq_len / cp of each sequence
+        model_cfg.seq_len // dims.cp, micro, model_cfg.d_model, model_cfg.n_heads, model_cfg.vocab_size,
         sum(len(c.layers) for c in chunks), tp=dims.tp, sp=sp, recompute=model_cfg.recompute,
         first_stage=any(c.tok_emb is not None for c in chunks), last_stage=any(c.output is not None for c in chunks),
         in_flight_microbatches=in_flight,
@@ -72,7 +72,7 @@ def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_b
     # FSDP2: its shard of parameters, gradients and state over dp_shard (up to each tensor's padding)
     # bf16 parameters: 2 bytes each, fp32 gradients, fp32 master weights with the optimizer state (2 + 4 + 12 / dp)
     held = -(-n // dims.dp_shard)
-    n_state = -(-n // dims.dp) if cfg.parallel.zero1 else held
+    n_state = -(-n // (dims.dp * dims.cp)) if cfg.parallel.zero1 else held  # ZeRO-1 shards over dp x cp
     bf16 = cfg.train.param_dtype == "bf16" and dims.dp_shard == 1  # FSDP2 keeps fp32 shards, which are the masters
     opt = optimizer_state_bytes(n_state, cfg.optim.name, master_weights=bf16)
     return RankMemory(dims.rank, held, (2 if bf16 else 4) * held, 4 * held, opt, act.total_bytes)

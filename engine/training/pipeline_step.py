@@ -20,6 +20,7 @@ from torch import nn
 from engine.parallel.data_parallel import grad_buffers_of
 from engine.parallel.dims import ParallelDims
 from engine.parallel.grads import finish_tp_grads, norm_parameters
+from engine.parallel.parallelize import grad_group
 from engine.parallel.pipeline.runner import PipelineRunner
 from engine.parallel.pipeline.schedules import check_schedule
 from engine.parallel.sequence import allreduce_grads
@@ -58,7 +59,7 @@ class PipelineStep:
             first.dtype, first.device, autocast,
         )  # fmt: skip
         self.pp_group, self.mp_group = pp_group, dims.group("model_parallel")
-        self.dp_group = dims.group("dp") if dims.dp_enabled else None
+        self.dp_group = grad_group(dims)  # dp, or dp x cp
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         tied = [t for t in (tied_copy(c) for c in self.chunks) if t is not None]
         # every rank takes part in making the embedding groups (a collective), middle stages included
@@ -121,11 +122,10 @@ def build_step(
         [wrapped] = chunks
         inner = getattr(wrapped, "module", wrapped)
         mp = dims.group("model_parallel") if dims.tp_enabled else None
-        return TrainStep(wrapped, inner, optimizer, cfg.optim.clip, autocast, scaler,
-                         dims.group("dp") if dims.dp_enabled else None, mp)  # fmt: skip
+        return TrainStep(wrapped, inner, optimizer, cfg.optim.clip, autocast, scaler, grad_group(dims), mp)
     micro_batches = cfg.train.global_batch // (micro * dims.dp)
     check_schedule(cfg.parallel.pp_schedule, dims.pp, cfg.parallel.virtual_stages, micro_batches)
-    seq = cfg.model.seq_len // (dims.tp if cfg.parallel.sp and dims.tp_enabled else 1)
+    seq = cfg.model.seq_len // (dims.tp if cfg.parallel.sp and dims.tp_enabled else 1) // dims.cp
     shape = (micro, seq, cfg.model.d_model)
     return PipelineStep(chunks, optimizer, cfg.optim.clip, autocast, dims, cfg.parallel.pp_schedule, shape, scaler,
                         cfg.parallel.grad_reduce_dtype == "bf16")  # fmt: skip

@@ -100,8 +100,67 @@ def micro_batches(consumed: int, global_batch: int, micro: int, dp_rank: int, dp
     return micro_batch_indices(consumed, global_batch, micro, dp_rank, dp)
 
 
-def collate(ds: Any, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, labels) of shape (len(indices), seq_len): labels are the inputs shifted by one token."""
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How a sample's sequence reaches the model on this rank: the documents packed in it (split after each EOD token,
+    as Megatron's reset_attention_mask / reset_position_ids: the EOD ends its document) as segment ids for the
+    attention and per-document positions, and this rank's context-parallel share (its zigzag chunks, with their
+    positions in the whole sequence)."""
+
+    eod_id: int | None = None
+    document_mask: bool = False
+    reset_positions: bool = False
+    cp: int = 1
+    cp_rank: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config, tokenizer: Any, cp_rank: int) -> SequenceLayout:
+        d = cfg.data
+        if (d.document_mask or d.reset_positions) and tokenizer.special_ids.get("eod") is None:
+            raise ConfigError("data.document_mask / reset_positions split documents at EOD: the tokenizer has none")
+        eod = tokenizer.eod_id if d.document_mask or d.reset_positions else None
+        return cls(eod, d.document_mask, d.reset_positions, cfg.parallel.cp, cp_rank)
+
+    @property
+    def plain(self) -> bool:
+        return not (self.document_mask or self.reset_positions or self.cp > 1)
+
+
+def documents(inputs: torch.Tensor, eod_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment ids, positions) of the documents packed in `inputs` (b, s): a document ends at (and includes) each EOD
+    token; positions count from 0 in each document."""
+    eod = inputs == eod_id
+    segment_ids = torch.cumsum(eod, dim=1) - eod.long()
+    idx = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    starts = torch.zeros_like(idx)
+    starts[:, 1:] = torch.where(eod[:, :-1], idx[:, 1:], 0)
+    return segment_ids, idx - torch.cummax(starts, dim=1).values
+
+
+def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceLayout | None = None) -> tuple:
+    """(inputs, labels) of shape (len(indices), seq_len): labels are the inputs shifted by one token. With a
+    `layout` that is not plain, (inputs, labels, model keyword arguments): `positions` and/or `segment_ids`, every
+    tensor cut to this rank's context-parallel chunks."""
+    from engine.parallel.context import shard_sequence
+
     tokens = torch.from_numpy(np.stack([np.asarray(ds[k]["tokens"], dtype=np.int64) for k in indices]))
     tokens = tokens.to(device, non_blocking=True)
-    return tokens[:, :-1], tokens[:, 1:]
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if layout is None or layout.plain:
+        return x, y
+    extra = {}
+    if layout.document_mask or layout.reset_positions:
+        segment_ids, positions = documents(x, layout.eod_id)
+        if layout.document_mask:
+            extra["segment_ids"] = segment_ids
+        if layout.reset_positions:
+            extra["positions"] = positions
+    if layout.cp > 1:
+        extra.setdefault("positions", torch.arange(x.shape[1], device=device).expand_as(x))
+    cut = lambda t: shard_sequence(t, layout.cp, layout.cp_rank)  # noqa: E731
+    return cut(x), cut(y), {k: cut(v) for k, v in extra.items()}
+
+
+def model_inputs(batch: tuple) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(inputs, labels, keyword arguments of the model) of a collated micro-batch."""
+    return batch[0], batch[1], batch[2] if len(batch) > 2 else {}

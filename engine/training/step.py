@@ -30,8 +30,9 @@ from engine.parallel.data_parallel import grad_buffers_of
 from engine.parallel.grads import finish_tp_grads, norm_parameters
 from engine.parallel.sharding import sharding_of
 from engine.training.precision import agree_found_inf
+from engine.training.samples import model_inputs
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (micro batch, seq_len)
+Batch = tuple  # (inputs, targets), each (micro batch, seq_len), and the model's keyword arguments (samples.collate)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class StepResult:
 
 def count_tokens(batches: Sequence[Batch], dp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """N: loss-bearing tokens in the global batch (an fp64 scalar on the targets' device; summed over dp)."""
-    n = sum((y != IGNORE_INDEX).sum() for _, y in batches).to(torch.float64)
+    n = sum((batch[1] != IGNORE_INDEX).sum() for batch in batches).to(torch.float64)
     if dp_group is not None:
         dist.all_reduce(n, group=dp_group)
     return n
@@ -93,7 +94,8 @@ class TrainStep:
         of this rank's per-token losses."""
         total = torch.zeros((), dtype=torch.float64, device=n_tokens.device)
         denom = n_tokens.clamp(min=1).float()
-        for i, (x, y) in enumerate(batches):
+        for i, batch in enumerate(batches):
+            x, y, kwargs = model_inputs(batch)
             last = i == len(batches) - 1
             if self.buffers is not None:  # our buffers: collectives on the last micro-batch only
                 self.buffers.sync = last
@@ -102,7 +104,7 @@ class TrainStep:
             quiet = not last and self.dp_group is not None and self.buffers is None and not self.fsdp
             with self.model.no_sync() if quiet else contextlib.nullcontext():
                 with self.autocast():
-                    loss_sum = self.model(x, y, reduction="sum")
+                    loss_sum = self.model(x, y, reduction="sum", **kwargs)
                 loss = loss_sum / denom * self.loss_factor
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss_sum.detach().double()

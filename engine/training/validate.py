@@ -38,8 +38,17 @@ def check_config(cfg: Config) -> None:
         value = getattr(p, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"parallel.{key} must be a positive integer, got {value!r}")
-    if p.cp != 1:
-        raise TrainError(f"parallel.cp={p.cp} is not supported by this training loop yet; use 1")
+    if isinstance(p.cp, bool) or not isinstance(p.cp, int) or p.cp < 1:
+        raise ConfigError(f"parallel.cp must be a positive integer, got {p.cp!r}")
+    if p.cp > 1 and p.tp > 0 and cfg.model.n_heads % p.tp == 0:
+        from engine.parallel.context import check_context_parallel
+
+        try:
+            check_context_parallel(cfg.model.seq_len, p.cp, p.cp_impl, cfg.model.n_heads // p.tp)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+    if p.cp > 1 and cfg.model.dropout > 0:
+        raise TrainError("parallel.cp > 1 computes attention without dropout: set model.dropout 0")
     if isinstance(p.dp_shard, bool) or not isinstance(p.dp_shard, int) or p.dp_shard < 1:
         raise ConfigError(f"parallel.dp_shard must be a positive integer, got {p.dp_shard!r}")
     if p.dp_shard > 1 and p.pp > 1 and p.pp_schedule == "zb":

@@ -177,6 +177,32 @@ def test_triton_attention(monkeypatch, sq, sk, kv_heads):
         torch.testing.assert_close(out[:, :1], first)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_segment_ids_and_window_on_both_paths(causal):
+    """The torch path folds segment ids and a window into SDPA's boolean mask; the triton path passes them to our
+    kernel; both match the kernel module's reference (forward and gradients), and the RoPE positions keyword rotates
+    by each token's given position."""
+    from kernels.attention import flash_attention_reference
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 21, 4, 16), torch.randn(2, 21, 2, 16), torch.randn(2, 21, 2, 16)
+    seg = torch.tensor([[0] * 5 + [1] * 9 + [2] * 7, [0] * 21])
+    for kw in (dict(segment_ids=seg), dict(window=4), dict(segment_ids=seg, window=6)):
+        want = flash_attention_reference(q, k, v, causal=causal, **kw)
+        torch.testing.assert_close(ops.attention(q, k, v, causal=causal, backend="torch", **kw), want)
+        _parity(lambda q, k, v, backend, kw=kw: ops.attention(q, k, v, causal=causal, backend=backend, **kw), q, k, v)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        ops.attention(q, k, v, window=0, backend="torch")
+    with pytest.raises(ValueError, match="segment_ids must be integer"):
+        ops.attention(q, k, v, segment_ids=seg.float(), backend="torch")
+    cos, sin = ops.rope_cos_sin(32, 16, 10000.0)
+    pos = torch.tensor([[3, 4, 0, 1, 2] + list(range(16))] * 2)
+    for backend in ("torch", "triton"):
+        rotated = ops.apply_rope(q, cos, sin, backend=backend, positions=pos)
+        torch.testing.assert_close(rotated[:, 2:5], ops.apply_rope(q[:, 2:5], cos[:3], sin[:3], backend=backend))
+        torch.testing.assert_close(rotated[:, :2], ops.apply_rope(q[:, :2], cos[3:5], sin[3:5], backend=backend))
+
+
 def test_triton_cross_entropy():
     torch.manual_seed(0)
     target = torch.randint(0, 50, (12,))

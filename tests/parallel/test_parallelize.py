@@ -94,7 +94,7 @@ def test_refusals_are_one_line(fake_world):
     cfg.parallel.sp = True
     with pytest.raises(ConfigError, match="seq_len = 7 is not divisible by parallel.tp = 2"):
         parallelize_gpt(model, ParallelDims.from_world(tp=2), cfg, device="meta")
-    with pytest.raises(ConfigError, match="parallel.cp=2 is not implemented yet"):
+    with pytest.raises(LayoutError, match="sequence length 7 is not divisible by 2 x parallel.cp = 4"):
         parallelize_gpt(model, ParallelDims.from_world(cp=2), cfg, device="meta")
     assert all(not k.startswith("model.") for k in TP_PLAN)  # the plan addresses the plain model's names
 

@@ -23,6 +23,24 @@ def build_tiny_data(root) -> tuple[str, str]:
     return prefixes[0], prefixes[1]
 
 
+def build_document_data(root, eod_id: int = 256) -> tuple[str, str]:
+    """Like `build_tiny_data`, with short documents (the source's lines, 1 to 60 bytes) each ending in the byte
+    tokenizer's EOD, so a 32-token sample packs several: for document masking and per-document positions."""
+    from engine.data.indexed_dataset import IndexedDatasetBuilder
+
+    text = inspect.getsource(json.decoder) + inspect.getsource(json.encoder)
+    docs = [line.strip().encode()[:60] for line in text.splitlines() if line.strip()]
+    prefixes = []
+    for name, part in (("train", docs[: len(docs) - 40]), ("valid", docs[-40:])):
+        prefix = str(root / name)
+        builder = IndexedDatasetBuilder(prefix, vocab_size=272)
+        for d in part:
+            builder.add_document([*d, eod_id])
+        builder.finalize()
+        prefixes.append(prefix)
+    return prefixes[0], prefixes[1]
+
+
 def tiny_args(run_dir, train_prefix, valid_prefix, **overrides) -> list[str]:
     """Flags for a ~1 s run: 2 layers, d_model 32, seq 32, global batch 4."""
     flags = {
@@ -65,3 +83,8 @@ def _private_engine_cache(engine_cache, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     return build_tiny_data(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def document_data(tmp_path_factory):
+    return build_document_data(tmp_path_factory.mktemp("document_data"))

@@ -166,3 +166,15 @@ def test_fsdp2_bad_input_is_one_line(tmp_path, tiny_data, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # the dry run plans for $WORLD_SIZE ranks
     _fails(capsys, ["--parallel.dp_shard", "2", "--train.dry_run", "true"], "world size 3 is not divisible")
     assert not run.exists()
+
+
+def test_context_parallel_bad_input_is_one_line(tmp_path, tiny_data, capsys):
+    """Refused by the config checks, before any process group (a one-process run asks for cp 2 here)."""
+    run = tmp_path / "run"
+    _fails(capsys, tiny_args(run, *tiny_data, parallel__cp=2, model__seq_len=30), "not divisible by 2 x parallel.cp")
+    alltoall = tiny_args(run, *tiny_data, parallel__cp=4, parallel__cp_impl="alltoall", model__seq_len=32)
+    _fails(capsys, alltoall, "2 heads (per tp rank) are not divisible by parallel.cp = 4")
+    _fails(capsys, tiny_args(run, *tiny_data, parallel__cp=2, parallel__cp_impl="star"), "ring|alltoall")
+    _fails(capsys, tiny_args(run, *tiny_data, parallel__cp=0), "parallel.cp must be a positive integer")
+    _fails(capsys, tiny_args(run, *tiny_data, parallel__cp=2, model__dropout=0.1), "set model.dropout 0")
+    assert not run.exists()

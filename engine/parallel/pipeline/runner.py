@@ -88,15 +88,16 @@ class PipelineRunner:
                 continue
             c, i, s = a.chunk, a.micro, stage_of(a.chunk, self.rank, self.pp)
             if a.kind == "F":
-                x, y = batches[i]
+                x, y, *rest = batches[i]  # rest: the model's keyword arguments (positions, segment ids): every stage
+                kw = rest[0] if rest else {}
                 inp = x if s == 0 else st.received.pop(("F", c, i)).requires_grad_()
                 with self.autocast():
                     if s == self.last_stage:
-                        loss_sum = self.chunks[c](inp, y, reduction="sum")
+                        loss_sum = self.chunks[c](inp, y, reduction="sum", **kw)
                         total += loss_sum.detach().double()
                         out = scale(loss_sum / denom)
                     else:
-                        out = self.chunks[c](inp)
+                        out = self.chunks[c](inp, **kw)
                         st.to_send[("F", c, i)] = out.detach().contiguous()
                 st.inputs[(c, i)], st.outputs[(c, i)] = inp, out
             elif a.kind == "B":
@@ -146,7 +147,8 @@ class PipelineRunner:
         (chunk 0 first), no backward; returns this rank's sum of per-token losses (non-zero on the last stage)."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         pending = []
-        for i, (x, y) in enumerate(batches):
+        for i, (x, y, *rest) in enumerate(batches):
+            kw = rest[0] if rest else {}
             for c, chunk in enumerate(self.chunks):
                 s = stage_of(c, self.rank, self.pp)
                 if s == 0:
@@ -156,9 +158,9 @@ class PipelineRunner:
                     dist.irecv(inp, src=self._peer(s - 1), tag=self._tag(0, s, i)).wait()
                 with self.autocast():
                     if s == self.last_stage:
-                        total += chunk(inp, y, reduction="sum").double()
+                        total += chunk(inp, y, reduction="sum", **kw).double()
                         continue
-                    out = chunk(inp).contiguous()
+                    out = chunk(inp, **kw).contiguous()
                 pending.append((dist.isend(out, dst=self._peer(s + 1), tag=self._tag(0, s + 1, i)), out))
         for work, _ in pending:
             work.wait()

@@ -1,0 +1,310 @@
+"""Context parallelism: the sequence split over `cp` ranks, attention computed across them (ring or all-to-all).
+
+Layout (zigzag, for causal balance; Megatron-Core's context parallelism, ring-flash-attention's zigzag variant):
+the sequence is cut into 2 cp chunks and rank r holds chunks r and 2cp-1-r, so every rank holds as much of the
+cheap start of the causal triangle as of its expensive end. `zigzag_positions` gives the positions a rank holds;
+`shard_sequence` cuts any per-token tensor (tokens, labels, positions, segment ids) the same way.
+
+Ring (`ring_attention`; Liu et al. 2023, "Ring Attention with Blockwise Transformers"): the k/v blocks (and the
+keys' segment ids) travel around the cp group, each step's transfer posted before the step's block is computed.
+Each block gives a partial output and log-sum-exp; they merge by the log-sum-exp rule
+    lse = logaddexp(lse_a, lse_b),  out = out_a exp(lse_a - lse) + out_b exp(lse_b - lse).
+With the zigzag layout, at step t rank r holds the k/v of rank s = r - t (mod cp): step 0 is causal attention over
+its own two chunks; for s < r both its query chunks see all of s's first chunk (and none of its second); for s > r
+only its second query chunk sees anything, all of s's two chunks. Blocks the causal mask hides are never computed,
+and every step costs the same (2c x c query-key pairs for chunk length c). The backward recomputes with the final
+lse (FlashAttention-2's backward per block), rotating k/v again; each k/v's gradient accumulator (fp32) travels one
+rank behind it and arrives at its owner after the last step.
+
+All-to-all (`ulysses_attention`; Jacobs et al. 2023, DeepSpeed-Ulysses): an all-to-all turns (sequence shard, all
+heads) into (whole sequence, heads / cp); attention runs over the whole sequence locally (in natural order: the
+gathered zigzag chunks are permuted back) and the inverse all-to-all returns each rank's shard. kv heads not
+divisible by cp are repeated to the query heads first.
+
+Block math: our Triton FlashAttention host functions where the model's kernel backend resolves to triton, the
+plain-torch references with the same semantics elsewhere (kernels/attention.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+from engine.model import ops
+from engine.model.attention import AttentionCore
+from engine.parallel.state import LayoutError
+
+CP_IMPLS = ("ring", "alltoall")
+
+
+# --- the zigzag layout ---
+
+
+def check_context_parallel(seq_len: int, cp: int, impl: str, heads: int | None = None) -> None:
+    """One-line LayoutError for a layout context parallelism cannot run: the zigzag layout needs the sequence to split
+    into 2 cp equal chunks; all-to-all needs the (this rank's) attention heads divisible by cp."""
+    if impl not in CP_IMPLS:
+        raise LayoutError(f"parallel.cp_impl must be one of {', '.join(CP_IMPLS)}, got {impl!r}")
+    if cp > 1 and seq_len % (2 * cp):
+        raise LayoutError(
+            f"sequence length {seq_len} is not divisible by 2 x parallel.cp = {2 * cp} (the zigzag layout cuts it into "
+            "2 cp equal chunks)"
+        )
+    if cp > 1 and impl == "alltoall" and heads is not None and heads % cp:
+        raise LayoutError(
+            f"parallel.cp_impl alltoall scatters attention heads over cp ranks: {heads} heads (per tp rank) are not "
+            f"divisible by parallel.cp = {cp}; use cp_impl ring"
+        )
+
+
+def zigzag_positions(seq_len: int, cp: int, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The sequence positions rank `rank` of `cp` holds: chunks rank and 2cp-1-rank of 2 cp equal chunks."""
+    check_context_parallel(seq_len, cp, "ring")
+    c = seq_len // (2 * cp)
+    ar = torch.arange(c, device=device)
+    return torch.cat((rank * c + ar, (2 * cp - 1 - rank) * c + ar))
+
+
+def shard_sequence(t: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
+    """This rank's zigzag chunks of `t` along `dim` (a copy); `t` itself when cp is 1."""
+    if cp == 1:
+        return t
+    return t.index_select(dim, zigzag_positions(t.shape[dim], cp, rank, t.device))
+
+
+# --- block attention: one (query block, key block) pair, forward and backward ---
+
+
+def _block_fns(backend: str, q: torch.Tensor):
+    """(forward, backward) of one attention block: our kernels' host functions, or the torch references."""
+    from kernels import attention as fa
+
+    if ops.select(backend, q) == "triton":
+        return fa.flash_attention_forward, fa.flash_attention_backward
+    return fa.flash_attention_forward_reference, fa.flash_attention_backward_reference
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
+    """Merges a block's (out, lse) into the running fp32 (out (b, s, h, d), lse (b, h, s)) in place."""
+    new = torch.logaddexp(lse, blk_lse)
+    ref = torch.where(torch.isneginf(new), torch.zeros_like(new), new)  # rows without keys so far stay 0
+    w_old = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)
+    w_new = torch.exp(blk_lse - ref).transpose(1, 2).unsqueeze(-1)
+    out.mul_(w_old).add_(blk_out.float() * w_new)
+    lse.copy_(new)
+
+
+def _step_plan(t: int, rank: int, cp: int, causal: bool, c: int) -> tuple[slice, slice, bool] | None:
+    """(query rows, key rows, causal) of ring step t on `rank` in the zigzag layout (chunk length c)."""
+    everything = slice(None)
+    if not causal:
+        return everything, everything, False
+    if t == 0:
+        return everything, everything, True  # its own two chunks: causal over their concatenation
+    src = (rank - t) % cp
+    if src < rank:
+        return everything, slice(0, c), False  # both query chunks see all of src's first chunk
+    return slice(c, None), everything, False  # only the second query chunk sees src, all of it
+
+
+class _Ring:
+    """The cp group's ring: this rank's neighbours and the batched transfers of one step."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+
+    def exchange(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+        """Posts sends of `tensors` to the next rank and receives of same-shaped ones from the previous rank (one
+        batch, so NCCL pairs them without deadlock); returns (the receive buffers, the works to wait on)."""
+        recv = [torch.empty_like(t) for t in tensors]
+        # torch's own isend/irecv, the only ops P2POp accepts (a collective counter may have wrapped `dist.isend`)
+        ops_ = [dist.P2POp(c10d.isend, t, self.next, self.group) for t in tensors]
+        ops_ += [dist.P2POp(c10d.irecv, r, self.prev, self.group) for r in recv]
+        return recv, dist.batch_isend_irecv(ops_)
+
+
+def _wait(works: list) -> None:
+    for w in works:
+        w.wait()
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    """Ring attention over the cp group (module docstring); q (b, 2c, hq, d), k/v (b, 2c, hk, d) this rank's zigzag
+    chunks, `seg` (b, 2c) their segment ids or None."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seg, causal, scale, group, backend):
+        ring = _Ring(group)
+        fwd, _ = _block_fns(backend, q)
+        c = q.shape[1] // 2
+        b, s, h, d = q.shape
+        out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)
+        lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
+        kv = [k, v] if seg is None else [k, v, seg]
+        for t in range(ring.size):
+            nxt, works = ring.exchange(kv) if t < ring.size - 1 else (None, [])
+            rows, cols, blk_causal = _step_plan(t, ring.rank, ring.size, causal, c)
+            sq = None if seg is None else seg[:, rows].contiguous()
+            sk = None if seg is None else kv[2][:, cols].contiguous()
+            blk_out, blk_lse = fwd(
+                q[:, rows].contiguous(), kv[0][:, cols].contiguous(), kv[1][:, cols].contiguous(), blk_causal, scale,
+                seg_q=sq, seg_k=sk,
+            )  # fmt: skip
+            _merge(out[:, rows], lse[:, :, rows], blk_out, blk_lse)
+            _wait(works)
+            kv = nxt
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, seg, out, lse)
+        ctx.causal, ctx.scale, ctx.group, ctx.backend = causal, scale, group, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, seg, out, lse = ctx.saved_tensors
+        ring = _Ring(ctx.group)
+        _, bwd = _block_fns(ctx.backend, q)
+        c = q.shape[1] // 2
+        dout = dout.contiguous()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kv = [k, v] if seg is None else [k, v, seg]
+        acc, acc_works = None, []  # the gradient accumulator of the k/v held now, arriving from the previous rank
+        for t in range(ring.size):
+            nxt, works = ring.exchange(kv) if t < ring.size - 1 else (None, [])
+            rows, cols, blk_causal = _step_plan(t, ring.rank, ring.size, ctx.causal, c)
+            sq = None if seg is None else seg[:, rows].contiguous()
+            sk = None if seg is None else kv[2][:, cols].contiguous()
+            dq_b, dk_b, dv_b = bwd(
+                dout[:, rows].contiguous(), None, q[:, rows].contiguous(), kv[0][:, cols].contiguous(),
+                kv[1][:, cols].contiguous(), out[:, rows].contiguous(), lse[:, :, rows].contiguous(), blk_causal,
+                ctx.scale, seg_q=sq, seg_k=sk,
+            )  # fmt: skip
+            dq[:, rows] += dq_b.float()
+            _wait(acc_works)
+            if acc is None:
+                acc = [torch.zeros(k.shape, dtype=torch.float32, device=k.device) for _ in range(2)]
+            acc[0][:, cols] += dk_b.float()
+            acc[1][:, cols] += dv_b.float()
+            if ring.size > 1:  # on to the next rank; the previous rank's arrives for step t + 1
+                acc, acc_works = ring.exchange(acc)
+            _wait(works)
+            kv = nxt
+        _wait(acc_works)  # after the last step: this rank's own k/v gradients, home from their trip
+        return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup,
+    causal: bool = True,
+    segment_ids: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of this rank's zigzag chunks q, k, v (b, 2c, heads, head_dim) over the whole sequence held by the
+    cp `group` (module docstring); `segment_ids` (b, 2c): this rank's chunks of the documents' ids."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if q.shape[1] % 2:
+        raise LayoutError(f"ring attention needs an even local sequence (two zigzag chunks), got {q.shape[1]}")
+    if segment_ids is not None:
+        segment_ids = segment_ids.to(torch.int32).contiguous()
+    return RingAttentionFunction.apply(q, k, v, segment_ids, bool(causal), scale, group, backend)
+
+
+# --- all-to-all (Ulysses) ---
+
+
+class _AllToAll(torch.autograd.Function):
+    """`_seq_to_heads` (to_heads) or `_heads_to_seq` over `group`; the backward is the other one."""
+
+    @staticmethod
+    def forward(ctx, x, group, to_heads):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(g, ctx.group), None, None
+
+
+def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """(b, s_local, h, d) sequence shards -> (b, cp s_local, h / cp, d) head shards (ranks' chunks in group order)."""
+    n = dist.get_world_size(group)
+    b, s, h, d = x.shape
+    send = x.reshape(b, s, n, h // n, d).permute(2, 0, 1, 3, 4).contiguous()  # [j]: the heads rank j gathers
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # [i]: rank i's sequence chunk of my heads
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, n * s, h // n, d)
+
+
+def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    b, ns, hn, d = x.shape
+    send = x.reshape(b, n, ns // n, hn, d).permute(1, 0, 2, 3, 4).contiguous()  # [i]: rank i's sequence chunk
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # [j]: my sequence chunk of rank j's heads
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, ns // n, n * hn, d)
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup,
+    causal: bool = True,
+    segment_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of this rank's zigzag chunks over the whole sequence by all-to-all (module docstring)."""
+    n = dist.get_world_size(group)
+    hq, hk = q.shape[2], k.shape[2]
+    if hq % n:
+        raise LayoutError(f"all-to-all context parallelism needs heads ({hq}) divisible by cp ({n})")
+    if hk % n:  # replicate kv heads so each rank's query heads find theirs
+        k, v = k.repeat_interleave(hq // hk, dim=2), v.repeat_interleave(hq // hk, dim=2)
+    s_local = q.shape[1]
+    seq = s_local * n
+    # the gathered order is rank 0's chunks, rank 1's, ...: `order` maps it to natural positions
+    order = torch.cat([zigzag_positions(seq, n, r, q.device) for r in range(n)])
+    natural = torch.argsort(order)
+    qg, kg, vg = (_AllToAll.apply(t, group, True)[:, natural] for t in (q, k, v))
+    seg = None
+    if segment_ids is not None:
+        parts = [torch.empty_like(segment_ids) for _ in range(n)]
+        dist.all_gather(parts, segment_ids.contiguous(), group=group)
+        seg = torch.cat(parts, dim=1)[:, natural]
+    y = ops.attention(qg, kg, vg, causal=causal, backend=backend, segment_ids=seg)
+    return _AllToAll.apply(y[:, order], group, False)
+
+
+class ContextParallelAttentionCore(AttentionCore):
+    """The attention core of a layer under context parallelism: the model's `AttentionCore` with its softmax over the
+    whole sequence held by the cp group (ring or all-to-all). No attention dropout (validation refuses it)."""
+
+    def __init__(self, core: AttentionCore, group: dist.ProcessGroup, impl: str):
+        super().__init__(core.dropout, core.backend)
+        self.rng_context = core.rng_context
+        self.group, self.impl = group, impl
+
+    def forward(self, q, k, v, mask=None, causal: bool = True, segment_ids=None):
+        if mask is not None:
+            raise ValueError("context parallelism takes no explicit attention mask; use segment ids")
+        if self.impl == "ring":
+            return ring_attention(q, k, v, self.group, causal, segment_ids, backend=self.backend)
+        return ulysses_attention(q, k, v, self.group, causal, segment_ids, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl}, cp={dist.get_world_size(self.group)}"
+
+
+def apply_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup, impl: str) -> None:
+    """Swaps every layer's attention core for its context-parallel form over `group`."""
+    for block in model.layers.values():
+        block.attn.core = ContextParallelAttentionCore(block.attn.core, group, impl)
