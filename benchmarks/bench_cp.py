@@ -5,16 +5,17 @@ cp 1, 2 and 4 (ring and all-to-all), and ring vs all-to-all step time at one seq
                                   [--layers 2 --d-model 64 --heads 4] [--documents] [--json out.json]
 
 Model: a llama (engine.model.GPT, torch ops, fp32, byte-sized vocabulary) whose attention cores are swapped for
-`ContextParallelAttentionCore` over the cp group (cp 1 included: the ring over one rank, so every row runs the same
-block attention); one step = forward and backward of one sequence (each rank its zigzag chunks), the gradients summed
-over cp, AdamW. Memory: the growth of the process's peak resident set (`ru_maxrss`) over its value after a warm-up
-step, the largest over the cp ranks; sequences are tried in increasing order (multiples of 512, about 1.25x apart, each
-a fresh step) until one exceeds `--cap-mb`, and the last that fitted is reported. Ring blocks run the torch reference
-(kernels/attention.py: one block's scores materialised, (s/cp)^2/2 per head at each step), so the ring's longest
-sequence grows about linearly with cp. All-to-all attends over the whole sequence on every rank with heads/cp heads
-through torch's SDPA (on CPU without masks its flash kernel, memory linear in s; with `--documents` the segment mask
-makes it materialise (heads/cp) s^2 scores). Step time: the median of 3 steps after one warm-up, each between
-barriers. At cp 4 the processes share the machine's cores (2 here): times measure contention as well.
+`ContextParallelAttentionCore` over the cp group (cp 1 included: the ring over one rank); one step = forward and
+backward of one sequence (each rank its zigzag chunks), the gradients summed over cp, AdamW. Memory: the growth of
+the process's peak resident set (`ru_maxrss`) over its value after a warm-up step, the largest over the cp ranks;
+sequences are tried in increasing order (multiples of 512, about 1.25x apart, each a fresh step) until one exceeds
+`--cap-mb`, and the last that fitted is reported (a row that reaches MAX_SEQ reports it, not its limit). On CPU both
+implementations attend with torch's fused flash attention (the ring block by block, with the log-sum-exp the aten op
+returns; all-to-all over the whole sequence with heads / cp heads), so neither materialises the score matrix and
+memory is dominated by the s / cp tokens' activations each rank holds: both grow about linearly with cp. With
+`--documents` the segment ids become additive masks of each block (ring) or of the whole sequence (all-to-all). Step
+time: the median of 3 steps after one warm-up, each between barriers. At cp 4 the processes share the machine's cores
+(2 here): times measure contention as well.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _step(model: GPT, opt: torch.optim.Optimizer, seq: int, documents: bool) -> 
     dist.all_reduce(flat)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def _peak_mb() -> float:

@@ -21,8 +21,9 @@ heads) into (whole sequence, heads / cp); attention runs over the whole sequence
 gathered zigzag chunks are permuted back) and the inverse all-to-all returns each rank's shard. kv heads not
 divisible by cp are repeated to the query heads first.
 
-Block math: our Triton FlashAttention host functions where the model's kernel backend resolves to triton, the
-plain-torch references with the same semantics elsewhere (kernels/attention.py).
+Block math: our Triton FlashAttention host functions where the model's kernel backend resolves to triton; otherwise on
+CPU torch's fused flash attention (its aten op returns the log-sum-exp and its backward takes the merged one), and the
+plain-torch references of kernels/attention.py elsewhere.
 """
 
 from __future__ import annotations
@@ -79,12 +80,61 @@ def shard_sequence(t: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.T
 
 
 def _block_fns(backend: str, q: torch.Tensor):
-    """(forward, backward) of one attention block: our kernels' host functions, or the torch references."""
+    """(forward, backward) of one attention block: our kernels' host functions; on CPU otherwise torch's fused flash
+    attention (which returns the log-sum-exp and takes one in its backward); elsewhere the torch references."""
     from kernels import attention as fa
 
     if ops.select(backend, q) == "triton":
         return fa.flash_attention_forward, fa.flash_attention_backward
+    if q.device.type == "cpu":
+        return _cpu_flash_forward, _cpu_flash_backward
     return fa.flash_attention_forward_reference, fa.flash_attention_backward_reference
+
+
+def _cpu_block_args(q, k, v, causal, seg_q, seg_k):
+    """(q, k, v as (b, h, s, d) with kv heads repeated to q's, is_causal, additive mask or None, rows with keys or
+    None) for torch's CPU flash attention. Segment ids become an additive mask of q's dtype (the op takes no bool
+    one), with the causal triangle folded in."""
+    group = q.shape[2] // k.shape[2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if group > 1:
+        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+    if seg_q is None:
+        return qh, kh, vh, causal, None, None
+    allowed = (seg_q[:, :, None] == seg_k[:, None, :]).unsqueeze(1)  # (b, 1, sq, sk)
+    if causal:
+        allowed = allowed & torch.ones(allowed.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    return qh, kh, vh, False, mask, allowed.any(-1)
+
+
+def _cpu_flash_forward(q, k, v, causal, scale, window=None, seg_q=None, seg_k=None):
+    """One block's (out, lse) by torch's fused CPU flash attention (no window: context parallelism takes none)."""
+    qh, kh, vh, is_causal, mask, seen = _cpu_block_args(q, k, v, causal, seg_q, seg_k)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qh, kh, vh, 0.0, is_causal, attn_mask=mask, scale=scale
+    )
+    if seen is not None:  # the op gives lse 0 to a row without keys; it is -inf (and its output 0)
+        lse = lse.masked_fill(~seen, float("-inf"))
+        out = out.masked_fill(~seen.unsqueeze(-1), 0.0)
+    return out.transpose(1, 2), lse.float()
+
+
+def _cpu_flash_backward(dout, dlse, q, k, v, out, lse, causal, scale, window=None, seg_q=None, seg_k=None):
+    """One block's (dq, dk, dv) from the merged out and lse by the op's backward (no lse gradient: ring attention
+    passes none); kv-head gradients summed over their query-head group."""
+    if dlse is not None:
+        raise ValueError("the CPU flash block backward takes no lse gradient")
+    b, sk, hk, d = k.shape
+    qh, kh, vh, is_causal, mask, _ = _cpu_block_args(q, k, v, causal, seg_q, seg_k)
+    lse = torch.where(torch.isneginf(lse), float("inf"), lse)  # a row without keys: p = exp(s - inf) = 0
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.transpose(1, 2), qh, kh, vh, out.transpose(1, 2), lse, 0.0, is_causal, attn_mask=mask, scale=scale
+    )
+    group = q.shape[2] // hk
+    dk, dv = (t.view(b, hk, group, sk, d).sum(2) if group > 1 else t for t in (dk, dv))
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
@@ -97,7 +147,7 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse:
     lse.copy_(new)
 
 
-def _step_plan(t: int, rank: int, cp: int, causal: bool, c: int) -> tuple[slice, slice, bool] | None:
+def _step_plan(t: int, rank: int, cp: int, causal: bool, c: int) -> tuple[slice, slice, bool]:
     """(query rows, key rows, causal) of ring step t on `rank` in the zigzag layout (chunk length c)."""
     everything = slice(None)
     if not causal:
@@ -140,6 +190,11 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, seg, causal, scale, group, backend):
+        with torch.autocast(q.device.type, enabled=False):  # the blocks pick their own precision (fp32 statistics)
+            return RingAttentionFunction._forward(ctx, q, k, v, seg, causal, scale, group, backend)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, seg, causal, scale, group, backend):
         ring = _Ring(group)
         fwd, _ = _block_fns(backend, q)
         c = q.shape[1] // 2
@@ -166,6 +221,11 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        with torch.autocast(dout.device.type, enabled=False):
+            return RingAttentionFunction._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         q, k, v, seg, out, lse = ctx.saved_tensors
         ring = _Ring(ctx.group)
         _, bwd = _block_fns(ctx.backend, q)
@@ -191,7 +251,7 @@ class RingAttentionFunction(torch.autograd.Function):
             acc[0][:, cols] += dk_b.float()
             acc[1][:, cols] += dv_b.float()
             if ring.size > 1:  # on to the next rank; the previous rank's arrives for step t + 1
-                acc, acc_works = ring.exchange(acc)
+                sent, (acc, acc_works) = acc, ring.exchange(acc)  # noqa: F841 (`sent` lives until the works end)
             _wait(works)
             kv = nxt
         _wait(acc_works)  # after the last step: this rank's own k/v gradients, home from their trip

@@ -115,6 +115,32 @@ def test_ring_communication_matches_closed_form(world, docs):
         assert sent == 2 * rotations * sum(per_step) + world * 2 * kv_bytes
 
 
+def test_cpu_flash_blocks_match_the_references():
+    """The ring's CPU block math (torch's fused flash attention op) against kernels/attention.py's references: GQA,
+    causal and not, segment ids of different query and key lengths with rows that see no key (out 0, lse -inf,
+    gradients 0), and the backward from a given lse."""
+    from engine.parallel.context import _cpu_flash_backward, _cpu_flash_forward
+    from kernels.attention import flash_attention_backward_reference, flash_attention_forward_reference
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 12, 4, 8, generator=gen), torch.randn(2, 6, 2, 8, generator=gen), torch.randn(2, 6, 2, 8)
+    seg_q, seg_k = torch.tensor([[0] * 4 + [1] * 4 + [7] * 4] * 2), torch.tensor([[0] * 3 + [1] * 3] * 2)
+    dout = torch.randn(2, 12, 4, 8, generator=gen)
+    for causal, segs in ((True, None), (False, None), (False, (seg_q, seg_k))):
+        sq, sk = segs or (None, None)
+        kq = q[:, :6] if causal else q  # the causal ring block is square
+        out, lse = _cpu_flash_forward(kq, k, v, causal, 0.3, seg_q=sq, seg_k=sk)
+        want = flash_attention_forward_reference(kq, k, v, causal, 0.3, seg_q=sq, seg_k=sk)
+        _close(out, want[0], "out")
+        _close(lse, want[1], "lse")
+        got = _cpu_flash_backward(dout[:, : kq.shape[1]], None, kq, k, v, out, lse, causal, 0.3, seg_q=sq, seg_k=sk)
+        ref = flash_attention_backward_reference(dout[:, : kq.shape[1]], None, kq, k, v, out, lse, causal, 0.3,
+                                                 seg_q=sq, seg_k=sk)  # fmt: skip
+        for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+            _close(a, b, f"{name} causal={causal} segments={segs is not None}")
+    assert torch.isneginf(lse[:, :, 8:]).all() and (out[:, 8:] == 0).all()  # segment 7 has no keys
+
+
 def test_zigzag_layout_and_errors():
     assert zigzag_positions(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
     assert zigzag_positions(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
