@@ -1,0 +1,23 @@
+"""Smoke test of benchmarks/bench_cp.py at a tiny size: a row per (cp, implementation), sequences tried in increasing
+order until the cap, the reported one the last that fitted."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.distributed
+def test_bench_cp_rows(tmp_path):
+    from benchmarks.bench_cp import main
+
+    out = tmp_path / "rows.json"
+    assert main(["--cp", "1,2", "--cap-mb", "12", "--time-seq", "512", "--layers", "1", "--d-model", "32",
+                 "--heads", "2", "--json", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [(r["cp"], r["impl"]) for r in rows] == [(1, "ring"), (2, "ring"), (2, "alltoall")]
+    for r in rows:
+        seqs = [s for s, _ in r["tried"]]
+        assert seqs == sorted(seqs) and r["step_s"] > 0
+        fitted = [s for s, mb in r["tried"] if mb <= 12]
+        assert r["longest_seq"] == (fitted[-1] if fitted else 0)
+        assert all(mb <= 12 for s, mb in r["tried"] if s <= r["longest_seq"])
