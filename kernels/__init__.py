@@ -40,6 +40,11 @@ _EXPORTS = {
     "flash_attention_reference": "kernels.attention",
     "flash_attention_forward_reference": "kernels.attention",
     "flash_attention_backward_reference": "kernels.attention",
+    "fp8_quantize": "kernels.fp8",
+    "fp8_matmul": "kernels.fp8",
+    "fp8_quantize_reference": "kernels.fp8",
+    "fp8_matmul_reference": "kernels.fp8",
+    "fp8_dequantize": "kernels.fp8",
 }
 
 __all__ = sorted(_EXPORTS)
