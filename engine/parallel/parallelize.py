@@ -16,7 +16,8 @@ Order (torchtitan's), each step its own function so later parallelisms slot in b
      with bucketed reduce-scatters (engine.parallel.data_parallel) instead of DDP, under any pp.
   1b. `apply_context_parallel` (cp > 1): each layer's attention core attends over the whole sequence held by the cp
      group (ring or all-to-all, engine.parallel.context); gradients are then summed over dp x cp.
-Later: FP8 conversion after 1.
+  1a. `convert_to_fp8` (train.fp8): the transformer layers' linears become Fp8Linear (engine.precision.fp8), the
+     first and last layer kept in the training dtype.
 Returns the list of chunks this rank holds (its pipeline stages; one without pipeline parallelism).
 """
 
@@ -48,6 +49,7 @@ from engine.parallel.tensor import (
     check_tp_divisibility,
     enter_tp_region,
 )
+from engine.precision.fp8 import Fp8Recipe, convert_to_fp8
 
 # The tensor-parallel plan of engine.model.GPT: module-name pattern ("*" is one name segment) -> style. Styles
 # starting with "sequence_" apply only with sequence parallelism.
@@ -323,6 +325,8 @@ def parallelize_gpt(
     for chunk in chunks:
         if dims.tp_enabled:
             apply_tensor_parallel(chunk, dims.group("tp"), sp, tracker=tp_dropout_tracker(dims, cfg.train.seed))
+        if cfg.train.fp8 != "off":
+            convert_to_fp8(chunk, Fp8Recipe(cfg.train.fp8, cfg.train.fp8_amax_history, cfg.train.fp8_margin))
         if dims.cp_enabled:
             apply_context_parallel(chunk, dims.group("cp"), cfg.parallel.cp_impl)
         apply_recompute(chunk, chunk.cfg.recompute)

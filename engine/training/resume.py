@@ -46,6 +46,7 @@ from engine.config import Config
 from engine.model.init import canonical_name
 from engine.parallel.data_parallel import grad_buffers_of
 from engine.parallel.sharding import ShardingRegistry
+from engine.precision.fp8 import fp8_state, load_fp8_state
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -242,6 +243,7 @@ def save_training_state(
         rank_objects={
             "rng": capture_rng_state(device),
             "rng_tracker": [t.get_states() if t is not None else None for t in rng_trackers],
+            "fp8": fp8_state(chunks),  # delayed scaling's amax histories: a resumed run scales as the straight one
             "optim": ometa,  # each pipeline stage's optimizer holds its own parameters
         },
         meta=meta,
@@ -303,6 +305,7 @@ def restore_training_state(
         scaler.load_state_dict(ck.objects["scaler"])
     if ck.rank_objects is not None:  # the same rank existed when it was saved (a new layout keeps fresh seeds)
         restore_rng_state(ck.rank_objects["rng"], device)
+        load_fp8_state(chunks, ck.rank_objects.get("fp8"))
         for tracker, states in zip(rng_trackers, ck.rank_objects.get("rng_tracker") or []):
             if states and tracker is not None:  # same tp and pp (checked), so the same ranks
                 tracker.set_states({k: tuple(v) for k, v in states.items()})

@@ -178,3 +178,12 @@ def test_context_parallel_bad_input_is_one_line(tmp_path, tiny_data, capsys):
     _fails(capsys, tiny_args(run, *tiny_data, parallel__cp=0), "parallel.cp must be a positive integer")
     _fails(capsys, tiny_args(run, *tiny_data, parallel__cp=2, model__dropout=0.1), "set model.dropout 0")
     assert not run.exists()
+
+
+def test_fp8_bad_input_is_one_line(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    _fails(capsys, tiny_args(run, *tiny_data, train__fp8="delayed", parallel__tp=2), "not supported yet")
+    _fails(capsys, tiny_args(run, *tiny_data, train__fp8="delayed", model__recompute="full"), "recompute full")
+    _fails(capsys, tiny_args(run, *tiny_data, train__fp8="delayed", train__fp8_amax_history=0), "must be >= 1")
+    _fails(capsys, tiny_args(run, *tiny_data, train__fp8="block"), "train.fp8")
+    assert not run.exists()

@@ -1,0 +1,1 @@
+"""Low-precision training: FP8 linear layers and their scaling recipes (fp8.py)."""
