@@ -211,6 +211,16 @@ class _ShardedLinear(nn.Module):
     weight_spec: ParamSharding
     bias_spec: ParamSharding
     weight_grad_store = None  # set by a zero-bubble pipeline runner: the weight gradient waits for the W pass
+    fp8_scalers = None  # set by engine.precision.fp8.convert_to_fp8: the three GEMMs run in FP8
+    fp8_capable = True
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's x W^T (+ b): in FP8 when converted, else a plain (possibly deferred-weight-gradient) linear."""
+        if self.fp8_scalers is not None:
+            from engine.precision.fp8 import fp8_linear
+
+            return fp8_linear(x, self.weight, bias, self.fp8_scalers, self.training)
+        return deferrable_linear(x, self.weight, bias, self.weight_grad_store)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs):
@@ -284,7 +294,7 @@ class ColumnParallelLinear(_ShardedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.skip_input_comm:
             x = enter_tp_region(x, self.group, self.sequence_parallel, self.seq_dim)
-        y = deferrable_linear(x, self.weight, self.bias, self.weight_grad_store)
+        y = self._linear(x, self.bias)
         if self.gather_output:
             y = gather_from_tp_region(y, self.group)
             if self.padded_out_features != self.out_features:
@@ -340,7 +350,7 @@ class RowParallelLinear(_ShardedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.group)
-        y = deferrable_linear(x, self.weight, None, self.weight_grad_store)
+        y = self._linear(x, None)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.group, self.seq_dim)
         else:
@@ -445,6 +455,8 @@ class ReplicatedKVLinear(_ShardedLinear):
     weight (initialised as the unsharded nn.Linear) and outputs only kv head `tp_rank // (tp / n_kv_heads)`, the
     one its q heads attend with. Each rank's weight gradient is then a partial sum over tp (recorded in
     `param_shardings`; `finish_tp_grads` sums it, with or without SP)."""
+
+    fp8_capable = False  # its forward slices the weight's rows: it stays in the training dtype
 
     def __init__(
         self,

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.fp8 import fp8_matmul, fp8_quantize
+import kernels  # its fp8 module (and triton) load on first use
 
 RECIPES = ("current", "delayed")
 
@@ -111,7 +111,7 @@ class Fp8Scaler:
             amax = amax_now if past is None else past.to(x.device)
             if record:
                 self.history.record(amax_now)
-        return fp8_quantize(x, self.fmt, "tensor", amax=amax, backend=cpu_emulated(self.recipe.backend, x))
+        return kernels.fp8_quantize(x, self.fmt, "tensor", amax=amax, backend=cpu_emulated(self.recipe.backend, x))
 
 
 class _Fp8LinearFunction(torch.autograd.Function):
@@ -122,7 +122,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
         wq, ws = sw.quantize(weight, record)
         ctx.save_for_backward(xq, xs, wq, ws)
         ctx.sg, ctx.backend, ctx.dtype, ctx.wdtype = sg, sw.recipe.backend, x2.dtype, weight.dtype
-        return fp8_matmul(xq, xs, wq, ws, out_dtype=x2.dtype, backend=cpu_emulated(sw.recipe.backend, x2))
+        return kernels.fp8_matmul(xq, xs, wq, ws, out_dtype=x2.dtype, backend=cpu_emulated(sw.recipe.backend, x2))
 
     @staticmethod
     def backward(ctx, dy):
@@ -130,10 +130,25 @@ class _Fp8LinearFunction(torch.autograd.Function):
         gq, gs = ctx.sg.quantize(dy.contiguous())
         be = cpu_emulated(ctx.backend, dy)
         # dx = dy W: W^T's rows are W's columns, quantised data transposed (one tensor scale serves both)
-        dx = fp8_matmul(gq, gs, wq.t().contiguous(), ws, out_dtype=ctx.dtype, backend=be)
+        dx = kernels.fp8_matmul(gq, gs, wq.t().contiguous(), ws, out_dtype=ctx.dtype, backend=be)
         # dW = dy^T x
-        dw = fp8_matmul(gq.t().contiguous(), gs, xq.t().contiguous(), xs, out_dtype=torch.float32, backend=be)
+        dw = kernels.fp8_matmul(gq.t().contiguous(), gs, xq.t().contiguous(), xs, out_dtype=torch.float32, backend=be)
         return dx, dw.to(ctx.wdtype), None, None
+
+
+def fp8_scalers(recipe: Fp8Recipe, group: dist.ProcessGroup | None = None) -> tuple[Fp8Scaler, Fp8Scaler, Fp8Scaler]:
+    """The (input, weight, output-gradient) scalers of one linear; `group`: the ranks whose pieces make the whole
+    tensors (tensor parallelism: each role's amax is reduced over it; for a replicated tensor that changes nothing)."""
+    return Fp8Scaler(recipe, "e4m3", group), Fp8Scaler(recipe, "e4m3", group), Fp8Scaler(recipe, "e5m2", group)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scalers: tuple,
+               record: bool) -> torch.Tensor:  # fmt: skip
+    """x W^T + b with the three GEMMs in FP8 (module docstring); x (..., in), W (out, in). `record`: delayed scaling
+    adds this call's amaxes to the histories (training forwards)."""
+    y = _Fp8LinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, scalers, record)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 class Fp8Linear(nn.Linear):
@@ -144,8 +159,7 @@ class Fp8Linear(nn.Linear):
                  group: dist.ProcessGroup | None = None, device=None, dtype=None):  # fmt: skip
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.recipe = recipe or Fp8Recipe()
-        self.scalers = (Fp8Scaler(self.recipe, "e4m3", group), Fp8Scaler(self.recipe, "e4m3", group),
-                        Fp8Scaler(self.recipe, "e5m2", group))  # fmt: skip
+        self.scalers = fp8_scalers(self.recipe, group)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Fp8Recipe | None = None, group=None) -> Fp8Linear:
@@ -156,17 +170,14 @@ class Fp8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        y = _Fp8LinearFunction.apply(x2, self.weight, self.scalers, self.training)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return fp8_linear(x, self.weight, self.bias, self.scalers, self.training)
 
     def fp8_state_dict(self) -> dict:
         """The amax histories (for checkpoints: a resumed run scales exactly as the straight one)."""
-        return {name: s.history.state_dict() for name, s in zip(("input", "weight", "grad_output"), self.scalers)}
+        return {name: s.history.state_dict() for name, s in zip(ROLES, self.scalers)}
 
     def load_fp8_state_dict(self, state: dict) -> None:
-        for name, s in zip(("input", "weight", "grad_output"), self.scalers):
+        for name, s in zip(ROLES, self.scalers):
             s.history.load_state_dict(state[name])
 
     def extra_repr(self) -> str:
@@ -188,18 +199,30 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe, keep_edges: bool = True)
                 parent_name, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent_name), child, Fp8Linear.from_linear(module, recipe))
                 n += 1
+            elif getattr(module, "fp8_capable", False):  # a tensor-parallel linear: amaxes reduced over its tp group
+                module.fp8_scalers = fp8_scalers(recipe, module.group)
+                n += 1
     return n
 
 
+ROLES = ("input", "weight", "grad_output")
+
+
+def _scalers_of(module: nn.Module) -> tuple | None:
+    return module.scalers if isinstance(module, Fp8Linear) else getattr(module, "fp8_scalers", None)
+
+
 def fp8_state(chunks) -> dict:
-    """Every Fp8Linear's amax histories, by module name (a checkpoint's per-rank object)."""
-    return {f"{c}.{name}": m.fp8_state_dict() for c, chunk in enumerate(chunks)
-            for name, m in chunk.named_modules() if isinstance(m, Fp8Linear)}  # fmt: skip
+    """Every FP8 linear's amax histories, by module name (a checkpoint's per-rank object)."""
+    return {f"{c}.{name}": {role: s.history.state_dict() for role, s in zip(ROLES, scalers)}
+            for c, chunk in enumerate(chunks) for name, m in chunk.named_modules()
+            if (scalers := _scalers_of(m)) is not None}  # fmt: skip
 
 
 def load_fp8_state(chunks, state: dict | None) -> None:
     """Restores `fp8_state`'s histories (a layout or model without them keeps fresh ones)."""
     for c, chunk in enumerate(chunks):
         for name, m in chunk.named_modules():
-            if isinstance(m, Fp8Linear) and state and f"{c}.{name}" in state:
-                m.load_fp8_state_dict(state[f"{c}.{name}"])
+            if (scalers := _scalers_of(m)) is not None and state and f"{c}.{name}" in state:
+                for role, s in zip(ROLES, scalers):
+                    s.history.load_state_dict(state[f"{c}.{name}"][role])

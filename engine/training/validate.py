@@ -32,8 +32,8 @@ def check_config(cfg: Config) -> None:
     if cfg.optim.clip < 0:
         raise ConfigError(f"optim.clip must be >= 0 (0 turns clipping off), got {cfg.optim.clip}")
     if cfg.train.fp8 != "off":
-        if cfg.parallel.tp > 1 or cfg.parallel.dp_shard > 1:
-            raise TrainError("train.fp8 with parallel.tp or parallel.dp_shard > 1 is not supported yet")
+        if cfg.parallel.dp_shard > 1 or (cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "zb"):
+            raise TrainError("train.fp8 with parallel.dp_shard > 1 or the zb schedule is not supported yet")
         if cfg.model.recompute == "full":  # a recomputed forward would record its amaxes twice
             raise TrainError("train.fp8 with model.recompute full is not supported yet; use selective or none")
         if cfg.train.fp8_amax_history < 1 or cfg.train.fp8_margin < 0:
