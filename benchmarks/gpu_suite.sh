@@ -44,6 +44,7 @@ step build_ext 40 "$py" setup.py -q build_ext --inplace  # the C++ data index; N
 step gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider "${workers[@]}" -m gpu tests
 step kernels 230 "$py" -m benchmarks.kernels --csv "$out/kernels.csv"
 step tp_block 45 "$py" -m benchmarks.bench_tp --gpu
+step fp8 150 "$py" -m benchmarks.bench_fp8 --json "$out/fp8.json"
 step train 150 "$py" -m benchmarks.bench_train --gpu-suite --steps 6 --repeats 1 --json "$out/train.json"
 echo "== summary"
 cat "$out/summary.txt"
