@@ -72,7 +72,7 @@ class TrainConfig:
     seed: int = 1234
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: bf16 parameters, fp32 gradients and master weights (ZeRO-1)
-    fp8: Literal["off", "delayed", "current"] = "off"  # FP8 linears (engine/precision/fp8.py); CPU: emulated
+    fp8: Literal["off", "delayed", "current", "block"] = "off"  # FP8 linears (engine/precision/fp8.py); CPU: emulated
     fp8_amax_history: int = 16  # delayed scaling: steps of amax history the scale takes its max over
     fp8_margin: int = 0  # delayed scaling: 2^margin headroom on the history's amax
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -7,7 +7,8 @@ A linear y = x W^T + b runs its three GEMMs in FP8 with per-tensor scales (kerne
     weight grad    dW = q(dy^T) q(x^T)^T         dy^T in e5m2, x^T in e4m3 (the same scales as dy and x)
 each accumulating in fp32 and applying the two scales after the product.
 
-Scales. `current`: each tensor's scale comes from its own amax, measured as it is quantised (one more pass over it).
+Scales (`block` aside: fine-grained current scaling, see `_Fp8BlockLinearFunction`). `current`: each tensor's scale
+comes from its own amax, measured as it is quantised (one more pass over it).
 `delayed`: the scale of step t comes from the history of the amaxes seen at steps before t, max over the window, with
 2^margin headroom (scale_inv = max(history) 2^margin / fmt_max); the amax measured now is recorded after use, so no
 pass over the tensor precedes its quantisation on a GPU. The first step (an empty history) uses its own amax. A tensor
@@ -28,7 +29,7 @@ from torch import nn
 
 import kernels  # its fp8 module (and triton) load on first use
 
-RECIPES = ("current", "delayed")
+RECIPES = ("current", "delayed", "block")
 
 
 @dataclass
@@ -146,9 +147,38 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                record: bool) -> torch.Tensor:  # fmt: skip
     """x W^T + b with the three GEMMs in FP8 (module docstring); x (..., in), W (out, in). `record`: delayed scaling
     adds this call's amaxes to the histories (training forwards)."""
-    y = _Fp8LinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, scalers, record)
+    x2, recipe = x.reshape(-1, x.shape[-1]), scalers[0].recipe
+    if recipe.scaling == "block":
+        y = _Fp8BlockLinearFunction.apply(x2, weight, cpu_emulated(recipe.backend, x2))
+    else:
+        y = _Fp8LinearFunction.apply(x2, weight, scalers, record)
     y = y.reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias.to(y.dtype)
+
+
+class _Fp8BlockLinearFunction(torch.autograd.Function):
+    """The `block` recipe (DeepSeek-V3, sec. 3.3): current scaling per 1x128 tile of activations and gradients (along
+    each GEMM's K dimension, so the backward quantises x^T and dy^T again along the other axis) and per 128x128 block
+    of the weight (W^T's blocks are W's, transposed)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, backend):
+        q = kernels.fp8_quantize
+        xq, xs = q(x2, "e4m3", "tile", backend=backend)
+        wq, ws = q(weight, "e4m3", "block2d", backend=backend)
+        ctx.save_for_backward(*q(x2.t().contiguous(), "e4m3", "tile", backend=backend), wq, ws)
+        ctx.backend, ctx.dtype, ctx.wdtype = backend, x2.dtype, weight.dtype
+        return kernels.fp8_matmul(xq, xs, wq, ws, out_dtype=x2.dtype, backend=backend)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xtq, xts, wq, ws = ctx.saved_tensors
+        be, q = ctx.backend, kernels.fp8_quantize
+        gq, gs = q(dy.contiguous(), "e5m2", "tile", backend=be)
+        gtq, gts = q(dy.t().contiguous(), "e5m2", "tile", backend=be)
+        dx = kernels.fp8_matmul(gq, gs, wq.t().contiguous(), ws.t().contiguous(), out_dtype=ctx.dtype, backend=be)
+        dw = kernels.fp8_matmul(gtq, gts, xtq, xts, out_dtype=torch.float32, backend=be)
+        return dx, dw.to(ctx.wdtype), None
 
 
 class Fp8Linear(nn.Linear):

@@ -51,13 +51,15 @@ def test_delayed_scaling_quantises_with_the_past_and_records_the_present():
         Fp8Recipe("static")
 
 
-@pytest.mark.parametrize("scaling", ["current", "delayed"])
+@pytest.mark.parametrize("scaling", ["current", "delayed", "block"])
 def test_fp8_linear_output_and_gradients_within_20db_of_fp32(scaling):
     torch.manual_seed(0)
-    ref = nn.Linear(96, 80)
-    fp8 = Fp8Linear.from_linear(nn.Linear(96, 80), Fp8Recipe(scaling))
+    ref = nn.Linear(300, 140)  # 3 x 2 weight blocks of 128 (the last ones ragged) for the block recipe
+    with torch.no_grad():  # blocks of very different magnitudes: a scale applied to the wrong block shows
+        ref.weight *= torch.logspace(0, 2, 300)
+    fp8 = Fp8Linear.from_linear(nn.Linear(300, 140), Fp8Recipe(scaling))
     fp8.load_state_dict(ref.state_dict())
-    x, dy = torch.randn(3, 40, 96), torch.randn(3, 40, 80)
+    x, dy = torch.randn(3, 50, 300), torch.randn(3, 50, 140)  # 150 rows: two tiles along dW's K
     for _ in range(2):  # delayed: the second step scales by the first's amaxes
         results = []
         for layer in (ref, fp8):

@@ -185,5 +185,6 @@ def test_fp8_bad_input_is_one_line(tmp_path, tiny_data, capsys):
     _fails(capsys, tiny_args(run, *tiny_data, train__fp8="delayed", parallel__dp_shard=2), "not supported yet")
     _fails(capsys, tiny_args(run, *tiny_data, train__fp8="delayed", model__recompute="full"), "recompute full")
     _fails(capsys, tiny_args(run, *tiny_data, train__fp8="delayed", train__fp8_amax_history=0), "must be >= 1")
-    _fails(capsys, tiny_args(run, *tiny_data, train__fp8="block"), "train.fp8")
+    _fails(capsys, tiny_args(run, *tiny_data, train__fp8="blocks"), "train.fp8")
+    _fails(capsys, tiny_args(run, *tiny_data, train__fp8="block", parallel__tp=2), "block with parallel.tp")
     assert not run.exists()

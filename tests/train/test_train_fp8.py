@@ -20,10 +20,11 @@ def _losses(run_dir):
 
 def test_fp8_trains_close_to_fp32_and_resumes_exactly(tmp_path, tiny_data):
     runs = {}
-    for name, kw in (("fp32", {}), ("delayed", dict(train__fp8="delayed")), ("current", dict(train__fp8="current"))):
+    for name in ("fp32", "delayed", "current", "block"):
+        kw = dict(train__fp8=name) if name != "fp32" else {}
         assert main(tiny_args(tmp_path / name, *tiny_data, **STEPS, **kw)) == 0
         runs[name] = _losses(tmp_path / name)
-    for name in ("delayed", "current"):
+    for name in ("delayed", "current", "block"):
         assert runs[name] != runs["fp32"], name  # fp8 really applied
         last, ref = runs[name][30], runs["fp32"][30]
         assert abs(last - ref) <= 0.05 * ref, (name, last, ref)
