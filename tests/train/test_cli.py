@@ -182,7 +182,8 @@ def test_context_parallel_bad_input_is_one_line(tmp_path, tiny_data, capsys):
 
 def test_fp8_bad_input_is_one_line(tmp_path, tiny_data, capsys):
     run = tmp_path / "run"
-    _fails(capsys, tiny_args(run, *tiny_data, train__fp8="delayed", parallel__dp_shard=2), "not supported yet")
+    _fails(capsys, tiny_args(run, *tiny_data, train__fp8="delayed", parallel__pp=2, parallel__pp_schedule="zb"),
+           "zb schedule")  # fmt: skip
     _fails(capsys, tiny_args(run, *tiny_data, train__fp8="delayed", model__recompute="full"), "recompute full")
     _fails(capsys, tiny_args(run, *tiny_data, train__fp8="delayed", train__fp8_amax_history=0), "must be >= 1")
     _fails(capsys, tiny_args(run, *tiny_data, train__fp8="blocks"), "train.fp8")
