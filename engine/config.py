@@ -37,6 +37,7 @@ class ModelConfig:
     ffn_hidden: int = 0  # 0: 4*d_model for gpt2; 8/3*d_model rounded up to a multiple of 64 for llama
     vocab_size: int = 0  # 0: the tokenizer's vocabulary padded up to a multiple of 64 (the same for every tp)
     seq_len: int = 128
+    window: int = 0  # sliding-window attention (Mistral): each token sees the last `window` tokens; 0: all before it
     tie_embeddings: bool = True
     kernels: Literal["auto", "torch", "triton"] = "auto"
     recompute: Literal["none", "full", "selective"] = "none"

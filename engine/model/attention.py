@@ -21,16 +21,17 @@ from engine.model.layers import Dropout, RNGContext
 class AttentionCore(nn.Module):
     """softmax(q k^T / sqrt(d) + mask) v with dropout on the probabilities, through the backend switch."""
 
-    def __init__(self, dropout: float, backend: str):
+    def __init__(self, dropout: float, backend: str, window: int | None = None):
         super().__init__()
-        self.dropout, self.backend = dropout, backend
+        self.dropout, self.backend, self.window = dropout, backend, window
         self.rng_context: RNGContext = contextlib.nullcontext
 
     def forward(self, q, k, v, mask=None, causal: bool = True, segment_ids=None):
         dropout_p = self.dropout if self.training else 0.0
         with self.rng_context() if dropout_p > 0 else contextlib.nullcontext():
             return ops.attention(
-                q, k, v, causal=causal, mask=mask, dropout_p=dropout_p, backend=self.backend, segment_ids=segment_ids
+                q, k, v, causal=causal, mask=mask, dropout_p=dropout_p, backend=self.backend, segment_ids=segment_ids,
+                window=self.window,
             )
 
 
@@ -45,7 +46,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, d, bias=bias)
         self.k_proj = nn.Linear(d, kv_width, bias=bias)
         self.v_proj = nn.Linear(d, kv_width, bias=bias)
-        self.core = AttentionCore(cfg.dropout, cfg.kernels)
+        self.core = AttentionCore(cfg.dropout, cfg.kernels, cfg.window or None)
         self.o_proj = nn.Linear(d, d, bias=bias)
         self.resid_dropout = Dropout(cfg.dropout)
 

@@ -59,6 +59,8 @@ def resolve(cfg: ModelConfig, tokenizer_vocab: int | None = None) -> ModelConfig
     for key in ("n_layers", "d_model", "n_heads", "seq_len"):
         if getattr(c, key) < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(c, key)}")
+    if c.window < 0:
+        raise ConfigError(f"model.window must be >= 0 (0: no sliding window), got {c.window}")
     for key in ("n_kv_heads", "ffn_hidden", "vocab_size"):
         if getattr(c, key) < 0:
             raise ConfigError(f"model.{key} must be >= 0 (0 derives it), got {getattr(c, key)}")
@@ -116,12 +118,14 @@ def flops_per_token(cfg: ModelConfig) -> int:
 
     N counts every parameter that takes part in a matmul: the non-embedding parameters plus the output projection
     (vocab_size·d_model; the logits are real compute, as Megatron's 6·h·V term and nanoGPT's tied `wte` count them).
-    The embedding lookup is not a matmul. Recomputation is not counted (this is the MFU numerator, not HFU).
+    The embedding lookup is not a matmul. Recomputation is not counted (this is the MFU numerator, not HFU). With a
+    sliding window, T is the window (when shorter than the sequence).
     """
     cfg = resolve(cfg)
     head_dim = cfg.d_model // cfg.n_heads
     n = count_params(cfg, non_embedding=True) + cfg.vocab_size * cfg.d_model
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim * cfg.seq_len
+    keys = min(cfg.seq_len, cfg.window) if cfg.window else cfg.seq_len  # a sliding window scores only its keys
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim * keys
 
 
 class Block(nn.Module):

@@ -349,6 +349,8 @@ class ContextParallelAttentionCore(AttentionCore):
     whole sequence held by the cp group (ring or all-to-all). No attention dropout (validation refuses it)."""
 
     def __init__(self, core: AttentionCore, group: dist.ProcessGroup, impl: str):
+        if core.window:
+            raise LayoutError("sliding-window attention (model.window) under context parallelism is not supported yet")
         super().__init__(core.dropout, core.backend)
         self.rng_context = core.rng_context
         self.group, self.impl = group, impl

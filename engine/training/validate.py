@@ -54,6 +54,8 @@ def check_config(cfg: Config) -> None:
             check_context_parallel(cfg.model.seq_len, p.cp, p.cp_impl, cfg.model.n_heads // p.tp)
         except ValueError as e:
             raise TrainError(str(e)) from None
+    if p.cp > 1 and cfg.model.window:
+        raise TrainError("model.window (sliding-window attention) with parallel.cp > 1 is not supported yet")
     if p.cp > 1 and cfg.model.dropout > 0:
         raise TrainError("parallel.cp > 1 computes attention without dropout: set model.dropout 0")
     if isinstance(p.dp_shard, bool) or not isinstance(p.dp_shard, int) or p.dp_shard < 1:

@@ -161,6 +161,28 @@ def test_mask_argument_reaches_attention():
     torch.testing.assert_close(model(later, mask=prefix, causal=False)[:, :7], out[:, :7])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sliding_window(arch):
+    """model.window 8: no change while the sequence fits the window; beyond it, a token's influence stops 7 positions
+    per layer later (2 layers: token 5 reaches position 19, not 20); the triton path (our kernel's window) agrees."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 128, (2, 24))
+    full, windowed = GPT(tiny(arch=arch), seed=0), GPT(tiny(arch=arch, window=8), seed=0)
+    torch.testing.assert_close(windowed(tokens[:, :8]), full(tokens[:, :8]))
+    out = windowed(tokens)
+    assert not torch.allclose(out[:, 8:], full(tokens)[:, 8:])
+    changed = tokens.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 128
+    moved = windowed(changed)
+    torch.testing.assert_close(moved[:, 20:], out[:, 20:])
+    assert not torch.allclose(moved[:, 19], out[:, 19])
+    kernel = GPT(dataclasses.replace(tiny(arch=arch, window=8), kernels="triton"), seed=0)
+    torch.testing.assert_close(kernel(tokens), out, rtol=1e-5, atol=1e-5)
+    assert flops_per_token(tiny(arch=arch, window=8)) < flops_per_token(tiny(arch=arch))
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
     torch.manual_seed(0)
     gqa = GPT(tiny(n_heads=4, n_kv_heads=2))

@@ -189,3 +189,10 @@ def test_fp8_bad_input_is_one_line(tmp_path, tiny_data, capsys):
     _fails(capsys, tiny_args(run, *tiny_data, train__fp8="blocks"), "train.fp8")
     _fails(capsys, tiny_args(run, *tiny_data, train__fp8="block", parallel__tp=2), "block with parallel.tp")
     assert not run.exists()
+
+
+def test_window_bad_input_is_one_line(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    _fails(capsys, tiny_args(run, *tiny_data, model__window=-1), "model.window must be >= 0")
+    _fails(capsys, tiny_args(run, *tiny_data, model__window=8, parallel__cp=2), "not supported yet")
+    assert not run.exists()
