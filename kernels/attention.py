@@ -830,6 +830,23 @@ def _allowed(
     return None if allowed is None else allowed.unsqueeze(-3)
 
 
+def attention_mask(
+    fn: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool,
+    segment_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    window: int | None = None,
+) -> torch.Tensor | None:
+    """The boolean mask (True: may attend), broadcastable to (batch, heads, seq_q, seq_k), of `flash_attention`'s
+    causal / window / segment-id semantics for q (batch, seq_q, ...) and k (batch, seq_k, ...); None when nothing is
+    masked. The arguments are checked as `flash_attention` checks them (one-line ValueErrors naming `fn`)."""
+    sq, sk = q.shape[1], k.shape[1]
+    seg_q, seg_k, names = _split_segment_ids(fn, segment_ids, sq, sk)
+    window, seg_q, seg_k = _mask_args(fn, q, k, window, seg_q, seg_k, names)
+    return _allowed(sq, sk, causal, window, seg_q, seg_k, q.device)
+
+
 def flash_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -846,18 +863,15 @@ def flash_attention_reference(
     window, segment ids, rows without keys giving 0 and lse -inf with zero gradients). Computes in fp32 (fp64 for
     fp64 inputs; in the inputs' own dtype with `upcast=False`, the same-dtype reference of the 2x rule) with the full
     score matrix; returns out in q's dtype, lse in fp32 (fp64)."""
-    fn = "flash_attention_reference"
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    seg_q, seg_k, names = _split_segment_ids(fn, segment_ids, sq, sk)
-    window, seg_q, seg_k = _mask_args(fn, q, k, window, seg_q, seg_k, names)
+    allowed = attention_mask("flash_attention_reference", q, k, causal, segment_ids, window)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32 if upcast else q.dtype
     qf = q.to(work).transpose(1, 2)  # (b, h, s, d)
     kf = k.to(work).transpose(1, 2).repeat_interleave(hq // hk, dim=1)
     vf = v.to(work).transpose(1, 2).repeat_interleave(hq // hk, dim=1)
     s = (qf @ kf.transpose(-1, -2)) * scale
-    allowed = _allowed(sq, sk, causal, window, seg_q, seg_k, q.device)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     m = s.detach().amax(-1, keepdim=True) if sk else s.new_zeros(b, hq, sq, 1)

@@ -276,8 +276,12 @@ def attention(
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = qh.shape[1] != kh.shape[1]
     sq, sk = q.shape[1], k.shape[1]
-    if not plain:  # folded into one boolean mask (True = may attend) for SDPA
-        allowed = _segment_window_mask(segment_ids, window, causal, sq, sk, q.device)
+    allowed = None
+    if not plain:  # the kernel module's mask (its semantics and checks); importing it imports triton, if installed
+        allowed = importlib.import_module("kernels.attention").attention_mask("attention", q, k, causal, segment_ids,
+                                                                              window)
+    if allowed is not None:  # folded into one boolean mask (True = may attend) for SDPA, causal triangle included
+        allowed = allowed.reshape(-1, 1, sq, sk)  # 4-D (batch or 1, 1, sq, sk): a 3-D one changes the output layout
         if mask is None:
             mask = allowed
         elif mask.dtype == torch.bool:
@@ -298,27 +302,6 @@ def attention(
         qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=gqa
     )
     return out.transpose(1, 2)
-
-
-def _segment_window_mask(
-    segment_ids: torch.Tensor | None, window: int | None, causal: bool, sq: int, sk: int, device: torch.device
-) -> torch.Tensor:
-    """The boolean (batch or 1, 1, sq, sk) mask of `attention`'s segment_ids and window (causal is added by the
-    caller)."""
-    allowed = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=device)
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"attention: window must be a positive int, got {window!r}")
-        rel = torch.arange(sq, device=device)[:, None] + (sk - sq) - torch.arange(sk, device=device)[None, :]
-        allowed = allowed & ((rel < window) if causal else (rel.abs() < window))
-    if segment_ids is not None:
-        if segment_ids.shape != (segment_ids.shape[0], sq) or sq != sk or segment_ids.is_floating_point():
-            raise ValueError(
-                f"attention: segment_ids must be integer (batch, seq) = (batch, {sq}) for self-attention, got "
-                f"{segment_ids.dtype} {tuple(segment_ids.shape)}"
-            )
-        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    return allowed
 
 
 def cross_entropy(

@@ -95,15 +95,15 @@ def _cpu_block_args(q, k, v, causal, seg_q, seg_k):
     """(q, k, v as (b, h, s, d) with kv heads repeated to q's, is_causal, additive mask or None, rows with keys or
     None) for torch's CPU flash attention. Segment ids become an additive mask of q's dtype (the op takes no bool
     one), with the causal triangle folded in."""
+    from kernels.attention import attention_mask
+
     group = q.shape[2] // k.shape[2]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if group > 1:
         kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
     if seg_q is None:
         return qh, kh, vh, causal, None, None
-    allowed = (seg_q[:, :, None] == seg_k[:, None, :]).unsqueeze(1)  # (b, 1, sq, sk)
-    if causal:
-        allowed = allowed & torch.ones(allowed.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    allowed = attention_mask("ring attention", q, k, causal, (seg_q, seg_k))  # (b, 1, sq, sk)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     return qh, kh, vh, False, mask, allowed.any(-1)
 

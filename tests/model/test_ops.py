@@ -191,9 +191,9 @@ def test_attention_segment_ids_and_window_on_both_paths(causal):
         want = flash_attention_reference(q, k, v, causal=causal, **kw)
         torch.testing.assert_close(ops.attention(q, k, v, causal=causal, backend="torch", **kw), want)
         _parity(lambda q, k, v, backend, kw=kw: ops.attention(q, k, v, causal=causal, backend=backend, **kw), q, k, v)
-    with pytest.raises(ValueError, match="window must be a positive int"):
+    with pytest.raises(ValueError, match="attention: window must be a positive int"):
         ops.attention(q, k, v, window=0, backend="torch")
-    with pytest.raises(ValueError, match="segment_ids must be integer"):
+    with pytest.raises(ValueError, match="attention: segment_ids must be an integer tensor"):
         ops.attention(q, k, v, segment_ids=seg.float(), backend="torch")
     cos, sin = ops.rope_cos_sin(32, 16, 10000.0)
     pos = torch.tensor([[3, 4, 0, 1, 2] + list(range(16))] * 2)
