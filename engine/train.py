@@ -113,7 +113,7 @@ class _Run:
         # The checkpoint is verified and compared with this config before the model is touched.
         self.loaded = None
         if resume_path is not None:
-            self.loaded = resume.open_checkpoint(resume_path, cfg, self.rcfg, self.layout, self.rank, self.notes)
+            self.loaded = resume.open_checkpoint(resume_path, cfg, self.rcfg, self.layout, self.notes)
         else:
             resume.check_fresh_start(cfg, self.rcfg, self.run_dir)
 
@@ -136,7 +136,7 @@ class _Run:
         if self.loaded is not None:
             self.step, self.consumed = resume.restore_training_state(
                 self.loaded, chunks=self.chunks, optimizer=self.optimizer, sharding=self.sharding, scaler=self.scaler,
-                rng_trackers=self.trackers, device=self.device,
+                rng_trackers=self.trackers, device=self.device, layout=self.layout, rank=self.rank,
             )  # fmt: skip
 
     def train_step(self):

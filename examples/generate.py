@@ -17,7 +17,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch
 
-from engine.checkpoint.checkpointer import CheckpointError, load_checkpoint, resolve_checkpoint_path
+from engine.checkpoint.checkpointer import CheckpointError, resolve_checkpoint_path
+from engine.checkpoint.reader import load_checkpoint
 from engine.config import Config, ConfigError, load_config
 
 

@@ -7,9 +7,11 @@ from engine._lazy import lazy_exports
 
 _EXPORTS = {
     "CheckpointError": "engine.checkpoint.checkpointer",
-    "LoadedCheckpoint": "engine.checkpoint.checkpointer",
+    "LoadedCheckpoint": "engine.checkpoint.reader",
+    "CheckpointReader": "engine.checkpoint.reader",
+    "verify_share": "engine.checkpoint.reader",
     "save_checkpoint": "engine.checkpoint.checkpointer",
-    "load_checkpoint": "engine.checkpoint.checkpointer",
+    "load_checkpoint": "engine.checkpoint.reader",
     "verify_checkpoint": "engine.checkpoint.checkpointer",
     "read_manifest": "engine.checkpoint.checkpointer",
     "latest_checkpoint": "engine.checkpoint.checkpointer",

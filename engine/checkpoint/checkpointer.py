@@ -41,7 +41,6 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,63 +258,6 @@ def verify_checkpoint(ckpt_dir: str | Path, files: list[str] | None = None) -> d
     return manifest
 
 
-@dataclass
-class LoadedCheckpoint:
-    path: Path
-    manifest: dict[str, Any]
-    tensors: dict[str, dict[str, torch.Tensor]]  # group -> name -> full (global) tensor
-    objects: dict[str, Any]
-    rank_objects: dict[str, Any] | None  # this rank's per-rank state; None when the saved layout had no such rank
-
-
-def load_checkpoint(ckpt_dir: str | Path, rank: int = 0, verify: bool = True) -> LoadedCheckpoint:
-    """Verifies and loads a checkpoint to CPU, assembling each tensor from its shards into its global shape."""
-    ckpt_dir = Path(ckpt_dir)
-    manifest = verify_checkpoint(ckpt_dir) if verify else read_manifest(ckpt_dir)
-    cache: dict[str, dict[str, Any]] = {}
-
-    def load_file(name: str) -> Any:
-        if name not in cache:
-            path = ckpt_dir / name
-            try:
-                cache[name] = torch.load(path, map_location="cpu", weights_only=True)
-            except FileNotFoundError:
-                raise CheckpointError(f"checkpoint file {path} is missing") from None
-            except Exception as e:  # unpickling errors have many types
-                raise CheckpointError(f"checkpoint file {path} is unreadable: {type(e).__name__}") from None
-        return cache[name]
-
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for name, info in manifest["tensors"].items():
-        shape = tuple(info["shape"])
-        shards = info["shards"]
-        # A manifest edited or corrupted by hand: shards that overlap or leave a gap would leave torch.empty garbage.
-        problem = _tiling_problem(shape, shards)
-        if problem is not None:
-            raise CheckpointError(f"checkpoint tensor {name} in {ckpt_dir}: its shards {problem}")
-        if len(shards) == 1:
-            full = load_file(shards[0]["file"])[name]
-        else:  # sharded: place each slice at its offsets
-            full = torch.empty(shape, dtype=getattr(torch, info["dtype"]))
-            for s in shards:
-                part = load_file(s["file"])[name]
-                if tuple(part.shape) != tuple(s["shape"]):
-                    raise CheckpointError(
-                        f"checkpoint tensor {name} in {ckpt_dir}: its shard in {s['file']} has shape "
-                        f"{tuple(part.shape)}, manifest says {tuple(s['shape'])}"
-                    )
-                full[tuple(slice(o, o + n) for o, n in zip(s["offsets"], s["shape"]))] = part
-        if tuple(full.shape) != shape:
-            raise CheckpointError(
-                f"checkpoint tensor {name} in {ckpt_dir} has shape {tuple(full.shape)}, manifest says {shape}"
-            )
-        tensors.setdefault(info["group"], {})[name] = full
-    objects = load_file("objects.pt") if "objects.pt" in manifest["files"] else {}
-    rank_file = f"rank_r{rank:05d}.pt"
-    rank_objects = load_file(rank_file) if rank_file in manifest["files"] else None
-    return LoadedCheckpoint(ckpt_dir, manifest, tensors, objects, rank_objects)
-
-
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -447,7 +389,7 @@ def _merge_entries(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str
             m["shards"].extend(e["shards"])
     for name, m in merged.items():
         m["shards"].sort(key=lambda sh: sh["offsets"])
-        problem = _tiling_problem(m["shape"], m["shards"])
+        problem = tiling_problem(m["shape"], m["shards"])
         if problem is not None:
             raise ValueError(
                 f"save_checkpoint: the shards of {name} {problem} "
@@ -456,7 +398,7 @@ def _merge_entries(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str
     return merged
 
 
-def _tiling_problem(shape: list[int] | tuple[int, ...], shards: list[dict[str, Any]]) -> str | None:
+def tiling_problem(shape: list[int] | tuple[int, ...], shards: list[dict[str, Any]]) -> str | None:
     """None if `shards` (each with "offsets" and "shape") tile a tensor of `shape` exactly, else what is wrong.
 
     Every shard lies inside the bounds and no two overlap (pairwise: tp-many shards), so with the element count equal

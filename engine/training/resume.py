@@ -4,12 +4,15 @@ Policy (docs/contracts.md, "Resume exactness"): `--resume auto` continues from t
 refuses a run directory that holds checkpoints, a path resumes from that checkpoint. A resume may change the number
 of steps, logging, evaluation, checkpointing, precision and implementation choices (kernels, recomputation,
 optimizer implementation); a different model shape, optimizer, schedule, data or global batch refuses to resume
-unless forced. Resuming into another tensor-parallel size (resharding) is refused for now.
+unless forced. Any parallel layout resumes from any other (resharding): each rank reads the regions of the saved
+tensors it holds now.
 
 State: parameters and optimizer state by canonical parameter name (each rank of the first data-parallel replica
 writes its tensor-parallel slices, padding dropped, with their place in the full tensor; tp rank 0 also the
 replicated ones), the loss scaler, every rank's RNG states (default generators and the tp dropout stream), the
-schedule and the data position (consumed samples).
+schedule and the data position (consumed samples). On load a rank reads only its own regions (its tp rows, its
+FSDP2 shard, its stage's layers) from memory-mapped shard files; the RNG states and fp8 histories are per rank and
+restored only into the layout that saved them.
 """
 
 from __future__ import annotations
@@ -26,16 +29,13 @@ from torch import nn
 
 from engine.checkpoint.checkpointer import (
     CheckpointError,
-    LoadedCheckpoint,
     complete_checkpoints,
     latest_checkpoint,
-    load_checkpoint,
-    read_manifest,
     resolve_checkpoint_path,
     save_checkpoint,
 )
+from engine.checkpoint.reader import CheckpointReader, verify_share
 from engine.checkpoint.state import (
-    as_like,
     capture_rng_state,
     full_tensor,
     named_to_optimizer_state,
@@ -111,20 +111,39 @@ def resume_target(cfg: Config, ckpt_root: Path) -> Path | None:
     return latest_checkpoint(ckpt_root) if cfg.resume == "auto" else None
 
 
-def open_checkpoint(path: Path, cfg: Config, rcfg: Config, layout: dict[str, Any], rank: int,
-                    notes: list[str]) -> LoadedCheckpoint:  # fmt: skip
-    """Loads (verified) the checkpoint at `path` for this rank after checking that this run may resume from it;
-    may set rcfg.optim.decay_steps to the checkpoint's (see module docstring)."""
-    saved = read_manifest(path).get("layout", {})
-    for key in ("tp", "pp", "virtual_stages"):
-        if saved.get(key, 1) != layout.get(key, 1):
-            raise CheckpointError(
-                f"checkpoint {path} was saved with {key}={saved.get(key, 1)} ({layout_text(saved)}), this run has "
-                f"{key}={layout.get(key, 1)} ({layout_text(layout)}); resuming into another {key} (resharding) is not "
-                f"implemented yet: run with --parallel.{key} {saved.get(key, 1)}"
-            )
-    loaded = load_checkpoint(path, rank=rank)
-    saved_cfg = loaded.manifest.get("config", {})
+def open_checkpoint(path: Path, cfg: Config, rcfg: Config, layout: dict[str, Any],
+                    notes: list[str]) -> CheckpointReader:  # fmt: skip
+    """The checkpoint this run resumes from, verified (every file once, split across the ranks) and checked against
+    this config; may set rcfg.optim.decay_steps to the checkpoint's (see module docstring). A collective.
+
+    With `--resume auto`, a corrupt or partial checkpoint is skipped with a note naming it and the previous complete
+    one is used; an explicit path that fails verification is an error."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    candidates = [path]
+    if cfg.resume == "auto":
+        candidates += [d for _, d in reversed(complete_checkpoints(path.parent)) if d.resolve() != path.resolve()]
+    problems = []
+    for candidate in candidates:
+        problem = _agreed(verify_share(candidate, rank, world))
+        if problem is None:
+            path = candidate
+            break
+        problems.append(problem)
+        if cfg.resume != "auto":
+            raise CheckpointError(problem)
+    else:
+        raise CheckpointError(f"no usable checkpoint under {path.parent}: {problems[0]}")
+    for problem in problems:
+        notes.append(f"skipped an unusable checkpoint: {problem}; resuming from the previous complete one, {path}")
+    reader = CheckpointReader(path)
+    saved = reader.manifest.get("layout", {})
+    if _layout_key(saved) != _layout_key(layout):
+        notes.append(
+            f"resharding {path.name} from {layout_text(saved)} to {layout_text(layout)}: model and optimizer state "
+            "are resliced; RNG streams (dropout) and fp8 amax histories start afresh"
+        )
+    saved_cfg = reader.manifest.get("config", {})
     saved_decay = saved_cfg.get("optim", {}).get("decay_steps")
     if cfg.optim.decay_steps == 0 and saved_decay and saved_decay != rcfg.optim.decay_steps:
         # decay_steps 0 follows train.steps; a resume may change train.steps without changing the schedule the run
@@ -140,7 +159,22 @@ def open_checkpoint(path: Path, cfg: Config, rcfg: Config, layout: dict[str, Any
             f"checkpoint {path} was trained with a different config ({'; '.join(diffs)}); use another --run.dir, or "
             "--checkpoint.force_resume true to resume anyway"
         )
-    return loaded
+    return reader
+
+
+def _agreed(problem: str | None) -> str | None:
+    """The first rank's problem with a checkpoint, the same on every rank (a collective when distributed)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return problem
+    everyone: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, problem)
+    return next((p for p in everyone if p is not None), None)
+
+
+def _layout_key(layout: dict[str, Any]) -> tuple:
+    """What makes two layouts hold the same per-rank state (RNG streams, fp8 histories, optimizer groups)."""
+    keys = ("world_size", "dp", "tp", "pp", "virtual_stages", "cp", "dp_shard")
+    return tuple(layout.get(k, 1) for k in keys)
 
 
 def check_fresh_start(cfg: Config, rcfg: Config, run_dir: Path) -> None:
@@ -254,59 +288,122 @@ def save_training_state(
     )
 
 
-def _local(value: torch.Tensor, spec: Any, what: str) -> torch.Tensor:
-    if spec is None or not spec.sharded or value.dim() != len(spec.global_shape):
-        return value
-    if tuple(value.shape) != tuple(spec.global_shape):
-        raise CheckpointError(f"checkpoint tensor {what} has shape {tuple(value.shape)}, expected {spec.global_shape}")
-    return spec.local_from_full(value)
+def _region(name: str, p: torch.Tensor, spec: Any) -> tuple[tuple[int, ...], list[int], list[int]]:
+    """(global shape, offsets, shape) of what parameter `p` holds on this rank, in the checkpoint's unsplit tensor:
+    its tensor-parallel rows (padding past the end included: it reads as zeros), and within them its FSDP2 shard."""
+    if spec is not None and spec.sharded:
+        full, offsets, shape = tuple(spec.global_shape), spec.offsets(), list(spec.local_shape)
+    else:
+        full = tuple(p.shape)
+        offsets, shape = [0] * len(full), list(full)
+    if hasattr(p, "device_mesh"):  # a DTensor over the data-parallel mesh: its shard of the tensor-parallel part
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local, offset = compute_local_shape_and_global_offset(tuple(shape), p.device_mesh, p.placements)
+        offsets, shape = [o + d for o, d in zip(offsets, offset)], list(local)
+    return full, offsets, shape
+
+
+def _placed(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's region `value` on `like`'s device and, for a DTensor `like`, as a DTensor from its local shard (no
+    communication); its dtype is kept (fp32 master weights and moments of bf16 parameters)."""
+    value = value.to(device=like.device)
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(value, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    return value
+
+
+def _optimizer_meta(reader: CheckpointReader, rank: int, same_layout: bool, optimizer: torch.optim.Optimizer,
+                    names: dict[int, str]) -> dict[str, Any]:  # fmt: skip
+    """The saved optimizer metadata for this rank's groups. In the saved layout, this rank's own; in another, each
+    live group takes the hyperparameters of the saved group (on whichever rank) that held its parameters."""
+    own = reader.rank_objects(rank) if same_layout else None
+    if own is not None and own.get("optim"):
+        return own["optim"]
+    if same_layout:
+        return reader.objects()["optim"]
+    saved_group: dict[str, dict[str, Any]] = {}
+    scalars: dict[str, Any] = {}
+    for r in reader.saved_ranks():
+        meta = (reader.rank_objects(r) or {}).get("optim") or {}
+        for group in meta.get("param_groups", []):
+            for n in group["params"]:
+                saved_group[n] = group
+        scalars.update(meta.get("scalars", {}))
+    groups = []
+    for live in optimizer.param_groups:
+        live_names = [names[id(p)] for p in live["params"]]
+        found = [saved_group[n] for n in live_names if n in saved_group]
+        if not found:
+            raise KeyError(f"checkpoint has no optimizer state for parameter {live_names[0]}")
+        hyper = {k: v for k, v in found[0].items() if k not in ("params", "names")}
+        if any({k: v for k, v in g.items() if k not in ("params", "names")} != hyper for g in found):
+            raise KeyError(f"one optimizer group ({live_names[0]}, ...) mixes saved hyperparameters")
+        groups.append({**hyper, "params": live_names})
+    return {"param_groups": groups, "scalars": {n: v for n, v in scalars.items() if n in set(names.values())}}
 
 
 @torch.no_grad()
 def restore_training_state(
-    ck: LoadedCheckpoint, *, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer,
+    reader: CheckpointReader, *, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer,
     sharding: ShardingRegistry, scaler: Any, rng_trackers: Sequence[Any], device: torch.device,
+    layout: dict[str, Any], rank: int,
 ) -> tuple[int, int]:  # fmt: skip
-    """Loads a checkpoint's full tensors into this rank's (sliced) parameters and optimizer, the loss scaler and
-    this rank's RNG states; returns (step, consumed samples). A tied copy takes the embedding's tensors."""
+    """Loads this rank's regions of a checkpoint's tensors (whatever layout saved them) into its parameters and
+    optimizer, the loss scaler and, when the layout is the saved one, this rank's RNG states and fp8 histories;
+    returns (step, consumed samples). A tied copy takes the embedding's tensors."""
     params, aliases = _named_parameters(chunks)
-    saved = ck.tensors["model"]
+    saved = set(reader.names("model"))
     needed = {aliases.get(n, n) for n in params}
-    missing = sorted(needed - set(saved))
+    missing = sorted(needed - saved)
     whole = len(chunks) == 1 and all(getattr(chunks[0], k, None) is not None for k in ("tok_emb", "output"))
-    unexpected = sorted(set(saved) - needed) if whole else []  # a pipeline stage holds only its own part
+    unexpected = sorted(saved - needed) if whole else []  # a pipeline stage holds only its own part
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {ck.path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"checkpoint {reader.path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+    regions = {}
     for name, p in params.items():
-        value = _local(saved[aliases.get(name, name)], sharding.get(name), name)
-        if tuple(value.shape) != tuple(p.shape):
+        source = aliases.get(name, name)
+        full, offsets, shape = regions[name] = _region(name, p, sharding.get(name))
+        if reader.shape(source) != full:
             raise CheckpointError(
-                f"checkpoint {ck.path} does not fit this model: {name} has shape {tuple(value.shape)}, "
-                f"the model's {tuple(p.shape)}"
+                f"checkpoint {reader.path} does not fit this model: {name} has shape {reader.shape(source)}, "
+                f"the model's {full}"
             )
-        p.copy_(as_like(value, p))
+        _local_part(p).copy_(reader.read(source, offsets, shape))
     holders: dict[str, list[str]] = {}  # saved parameter name -> the live parameters taking its optimizer state
     for name in params:
         holders.setdefault(aliases.get(name, name), []).append(name)
     optim = {}
-    for key, value in ck.tensors.get("optim", {}).items():
+    for key in reader.names("optim"):
         source, state = _param_of(key), key.rpartition(".")[2]
         for name in holders.get(source, []):
-            optim[f"optim.{name}.{state}"] = _local(value, sharding.get(name), key)
+            full, offsets, shape = regions[name]
+            if reader.shape(key) == full:  # per-element state: this rank's region, placed as the parameter
+                optim[f"optim.{name}.{state}"] = _placed(reader.read(key, offsets, shape), params[name])
+            else:  # a scalar (AdamW's step) or a factored statistic: whole
+                optim[f"optim.{name}.{state}"] = reader.read(key)
+    same_layout = _layout_key(reader.manifest.get("layout", {})) == _layout_key(layout)
+    names = {id(p): n for n, p in params.items()}
     try:
-        meta = (ck.rank_objects or {}).get("optim") or ck.objects["optim"]  # this rank's groups when saved per rank
-        named_to_optimizer_state(optimizer, {id(p): n for n, p in params.items()}, optim, meta)
+        meta = _optimizer_meta(reader, rank, same_layout, optimizer, names)
+        named_to_optimizer_state(optimizer, names, optim, meta)
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().strip("'").splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {ck.path} does not fit this optimizer: {first}") from None
-    if scaler is not None and ck.objects.get("scaler"):
-        scaler.load_state_dict(ck.objects["scaler"])
-    if ck.rank_objects is not None:  # the same rank existed when it was saved (a new layout keeps fresh seeds)
-        restore_rng_state(ck.rank_objects["rng"], device)
-        load_fp8_state(chunks, ck.rank_objects.get("fp8"))
-        for tracker, states in zip(rng_trackers, ck.rank_objects.get("rng_tracker") or []):
-            if states and tracker is not None:  # same tp and pp (checked), so the same ranks
+        raise CheckpointError(f"checkpoint {reader.path} does not fit this optimizer: {first}") from None
+    objects = reader.objects()
+    if scaler is not None and objects.get("scaler"):
+        scaler.load_state_dict(objects["scaler"])
+    mine = reader.rank_objects(rank) if same_layout else None
+    if mine is not None:  # the same rank at the same place in the same layout (else fresh seeds)
+        restore_rng_state(mine["rng"], device)
+        load_fp8_state(chunks, mine.get("fp8"))
+        for tracker, states in zip(rng_trackers, mine.get("rng_tracker") or []):
+            if states and tracker is not None:
                 tracker.set_states({k: tuple(v) for k, v in states.items()})
-    return int(ck.manifest["step"]), int(ck.manifest["consumed_samples"])
+    step, consumed = reader.step, int(reader.manifest["consumed_samples"])
+    reader.close()  # the memory maps
+    return step, consumed

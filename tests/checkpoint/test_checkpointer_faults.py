@@ -17,10 +17,10 @@ from engine.checkpoint.checkpointer import (
     apply_retention,
     complete_checkpoints,
     latest_checkpoint,
-    load_checkpoint,
     resolve_checkpoint_path,
     save_checkpoint,
 )
+from engine.checkpoint.reader import load_checkpoint
 
 
 class Crash(Exception):

@@ -14,10 +14,10 @@ from engine.checkpoint.checkpointer import (
     apply_retention,
     complete_checkpoints,
     latest_checkpoint,
-    load_checkpoint,
     resolve_checkpoint_path,
     save_checkpoint,
 )
+from engine.checkpoint.reader import load_checkpoint
 from engine.checkpoint.state import (
     capture_rng_state,
     named_to_optimizer_state,

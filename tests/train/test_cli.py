@@ -78,6 +78,38 @@ def test_refusals_leave_the_run_directory_alone(tmp_path, tiny_data, capsys):
     assert main(tiny_args(run, *tiny_data, optim__lr=1e-2, checkpoint__force_resume="true")) == 0
 
 
+def test_a_corrupt_or_partial_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_data, capsys):
+    """--resume auto skips a checkpoint that fails verification, naming it, and resumes from the previous complete
+    one (then saves a good copy of the skipped step over it); an explicit path to it stays an error."""
+    from engine.metrics import read_metrics
+
+    run = tmp_path / "run"
+    assert main(tiny_args(run, *tiny_data, eval__every=0)) == 0  # checkpoints at steps 3 and 6
+    straight = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if r.get("loss") is not None}
+    capsys.readouterr()
+    step6 = run / "checkpoints" / "step_00000006"
+    victim = step6 / "model_r00000.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    line = _fails(capsys, tiny_args(run, *tiny_data, eval__every=0, resume=str(step6)), "is corrupt")
+    assert str(victim) in line
+    capsys.readouterr()
+    assert main(tiny_args(run, *tiny_data, eval__every=0, train__steps=8)) == 0
+    err = capsys.readouterr().err
+    assert f"skipped an unusable checkpoint: checkpoint file {victim} is corrupt" in err
+    assert f"resuming from the previous complete one, {run / 'checkpoints' / 'step_00000003'}" in err
+    resumed = [r for r in read_metrics(run / "metrics.jsonl") if r.get("loss") is not None]
+    assert [r["step"] for r in resumed[-5:]] == [4, 5, 6, 7, 8]
+    assert [r["loss"] for r in resumed[-5:-2]] == [straight[s] for s in (4, 5, 6)]  # bit-identical
+    # A partial checkpoint (a shard file gone) is skipped the same way; with none left, the run stops.
+    (run / "checkpoints" / "step_00000008" / "optim_r00000.pt").unlink()
+    for d in ("step_00000003", "step_00000006"):
+        (run / "checkpoints" / d / "rank_r00000.pt").write_bytes(b"truncated")
+    line = _fails(capsys, tiny_args(run, *tiny_data, eval__every=0, train__steps=9), "no usable checkpoint under")
+    assert "step_00000008/optim_r00000.pt is missing" in line
+
+
 @pytest.mark.parametrize("bad", ["--train.steps", "--train.steps=x"])
 def test_flag_errors(bad, capsys):
     _fails(capsys, [bad], "train.steps")

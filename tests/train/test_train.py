@@ -125,7 +125,7 @@ def test_non_finite_gradient_skips_the_step(tmp_path, tiny_data, monkeypatch):
     goes on; the checkpoints hold finite weights."""
     import torch
 
-    from engine.checkpoint.checkpointer import load_checkpoint
+    from engine.checkpoint.reader import load_checkpoint
 
     _nan_loss_at(monkeypatch, {3})
     res = _train(tmp_path / "nan", tiny_data, eval__every=0)

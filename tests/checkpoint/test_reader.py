@@ -1,0 +1,58 @@
+"""CheckpointReader: a region is assembled from the shards it intersects, and only their files are opened;
+`verify_share` splits the checksums over ranks."""
+
+import json
+
+import pytest
+import torch
+
+from engine.checkpoint.checkpointer import MANIFEST, CheckpointError, sha256_file
+from engine.checkpoint.reader import CheckpointReader, verify_share
+
+
+def _write(tmp_path, full, cuts):
+    """A checkpoint of one (rows, cols) tensor `w` split by rows at `cuts`, one file per shard."""
+    files, shards = {}, []
+    edges = [0, *cuts, full.shape[0]]
+    for i, (a, b) in enumerate(zip(edges, edges[1:])):
+        name = f"model_r{i:05d}.pt"
+        torch.save({"w": full[a:b].clone()}, tmp_path / name)
+        files[name] = {"sha256": sha256_file(tmp_path / name), "bytes": (tmp_path / name).stat().st_size}
+        shards.append({"file": name, "offsets": [a, 0], "shape": [b - a, full.shape[1]]})
+    tensors = {"w": {"group": "model", "shape": list(full.shape), "dtype": "float32", "shards": shards}}
+    manifest = {"format": 1, "step": 7, "tensors": tensors, "files": files}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    return tmp_path
+
+
+def test_regions_read_only_the_shards_they_cross(tmp_path):
+    full = torch.arange(70, dtype=torch.float32).view(10, 7)
+    reader = CheckpointReader(_write(tmp_path, full, [3, 6]))  # rows 0-2, 3-5, 6-9
+    assert reader.step == 7 and reader.shape("w") == (10, 7) and reader.names("model") == ["w"]
+    assert torch.equal(reader.read("w", [4, 2], [2, 3]), full[4:6, 2:5])
+    assert set(reader._open) == {"model_r00001.pt"}  # the middle shard alone
+    assert torch.equal(reader.read("w", [2, 0], [5, 7]), full[2:7])  # across three shards
+    assert torch.equal(reader.read("w"), full)
+    # Past the end (a tensor-parallel shard's vocabulary padding): zeros.
+    padded = reader.read("w", [8, 0], [4, 7])
+    assert torch.equal(padded[:2], full[8:]) and not padded[2:].any()
+    # The result owns its memory (not a view of the mapped file), whole shard or not.
+    whole = reader.read("w", [3, 0], [3, 7])
+    assert torch.equal(whole, full[3:6])
+    whole.add_(1)
+    assert torch.equal(reader.read("w", [3, 0], [3, 7]), full[3:6])
+    with pytest.raises(CheckpointError, match="holds no tensor nope"):
+        reader.read("nope")
+
+
+def test_verify_share_splits_the_files_over_ranks(tmp_path):
+    path = _write(tmp_path, torch.ones(6, 2), [2, 4])
+    assert [verify_share(path, r, 3) for r in range(3)] == [None] * 3
+    data = bytearray((path / "model_r00001.pt").read_bytes())
+    data[-10] ^= 1
+    (path / "model_r00001.pt").write_bytes(bytes(data))
+    problems = [verify_share(path, r, 2) for r in range(2)]
+    assert problems[0] is None and "model_r00001.pt is corrupt" in problems[1]  # sorted files: 0, 1, 2 -> r0, r1, r0
+    assert "model_r00001.pt is corrupt" in verify_share(path)
+    (path / "model_r00002.pt").unlink()
+    assert "model_r00002.pt is missing" in verify_share(path, 0, 2)
