@@ -1,8 +1,8 @@
 """Dataclass configs, loaded from TOML and overridden by `--section.key value` flags.
 
-One `Config` composes a section per concern (model, parallel, train, optim, data, eval, run, checkpoint) so that
-later features add fields without touching the loader. Every error is a `ConfigError` with a one-line message
-that names the key and says how to fix it (with a "did you mean" suggestion for unknown keys).
+One `Config` composes a section per concern (model, parallel, train, optim, data, eval, run, checkpoint, resilience)
+so that later features add fields without touching the loader. Every error is a `ConfigError` with a one-line
+message that names the key and says how to fix it (with a "did you mean" suggestion for unknown keys).
 """
 
 from __future__ import annotations
@@ -133,6 +133,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class ResilienceConfig:
+    """Guards of a long run (engine.training.guards)."""
+
+    on_nan: Literal["skip", "rollback", "stop"] = "skip"  # a step with a non-finite gradient norm: skip its update,
+    # roll back to the last checkpoint and skip its batch, or stop the run (the last checkpoint kept)
+    hang_timeout: float = 0.0  # watchdog: a step may take max(this, hang_factor x median step time) s; 0: off
+    hang_factor: float = 10.0
+    first_step_timeout: float = 600.0  # the limit of the first steps (compilation) and of evaluations and saves
+    pg_timeout: float = 600.0  # process-group collective timeout, s
+    spike_factor: float = 3.0  # loss spikes: above Q3 + factor x IQR of the last spike_window losses; 0: off
+    spike_window: int = 50
+    straggler_every: int = 0  # gather per-rank step-time percentiles every N steps and name slow ranks; 0: off
+    straggler_threshold: float = 1.5  # a rank whose median step time exceeds this x the ranks' median is slow
+    health_every: int = 100  # GPU health (NVML) sampled every N steps when NVML is present; 0: off
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -142,6 +159,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
 
     def to_dict(self) -> dict[str, Any]:

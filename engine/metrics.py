@@ -211,6 +211,17 @@ class MetricsLogger:
         elif self.console and (step % self.log_every == 0 or "val_loss" in rec):
             print(f"step {step} " + " ".join(f"{k} {v}" for k, v in post.items()), file=sys.stderr, flush=True)
 
+    def rewind(self, step: int) -> None:
+        """Moves the records past `step` aside (to `SUPERSEDED_NAME`), as a resume does: a rollback redoes them."""
+        if not self.enabled:
+            return
+        self._file.close()
+        drop_records_after(self.path, step)
+        self._file = open(self.path, "a")
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
     def write(self, message: str) -> None:
         """Prints a line on rank 0 without breaking the progress bar."""
         if not self.enabled:

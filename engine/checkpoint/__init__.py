@@ -1,4 +1,5 @@
-"""Atomic, checksummed, manifest-described checkpoints (format in `checkpointer.py`).
+"""Atomic, checksummed, manifest-described checkpoints that load into any layout (format in `checkpointer.py`;
+`save` and `load` for other trainers in `api.py`; `python -m engine.checkpoint` inspects, verifies, consolidates).
 
 Names load on first use.
 """
@@ -18,6 +19,12 @@ _EXPORTS = {
     "complete_checkpoints": "engine.checkpoint.checkpointer",
     "resolve_checkpoint_path": "engine.checkpoint.checkpointer",
     "apply_retention": "engine.checkpoint.checkpointer",
+    "save": "engine.checkpoint.api",
+    "load": "engine.checkpoint.api",
+    "has_checkpoint": "engine.checkpoint.api",
+    "AsyncSaver": "engine.checkpoint.async_saver",
+    "save_training_state": "engine.checkpoint.training_state",
+    "restore_training_state": "engine.checkpoint.training_state",
     "optimizer_state_to_named": "engine.checkpoint.state",
     "named_to_optimizer_state": "engine.checkpoint.state",
     "capture_rng_state": "engine.checkpoint.state",

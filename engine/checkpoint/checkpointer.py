@@ -194,17 +194,8 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint `ROOT/latest` names, or the newest complete one if the pointer is missing or stale."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    _recover_aside(root)
-    try:
-        named = (root / LATEST).read_text().strip()
-    except (OSError, ValueError):
-        named = ""
-    if named and _manifest_ok(root / named):
-        return root / named
+    """The newest complete checkpoint under `root` (None: none). The `latest` file names it for people and tools;
+    a crash between a save's rename and the pointer's update leaves the pointer one behind, so it is not trusted."""
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
 
@@ -270,6 +261,7 @@ def save_checkpoint(
     keep: int = 0,
     shards: dict[str, tuple[list[int], list[int]]] | None = None,
     write_tensors: bool | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> Path:
     """Writes checkpoint `step` under `root` atomically on every rank (a collective when distributed).
 
@@ -278,8 +270,8 @@ def save_checkpoint(
     larger tensor; the others are whole, and each must come from one rank only. `objects` are replicated: rank 0
     writes them. `rank_objects` is written by every rank. `meta` (JSON-able: config, layout, data position...) goes
     into the manifest. `texts` (file name -> content, e.g. "config.toml") are written by rank 0 and checksummed like
-    the rest. `keep` > 0 deletes all but the newest `keep` complete checkpoints afterwards. Returns the final
-    directory.
+    the rest. `keep` > 0 deletes all but the newest `keep` complete checkpoints afterwards. `group`: the process
+    group of the save's collectives (an async save's own; default: the default group). Returns the final directory.
     """
     root = Path(root)
     distributed = _dist_active()
@@ -294,44 +286,28 @@ def save_checkpoint(
         _remove_leftovers(root, temporaries=True)  # and a crash's `.step_X.tmp` of this or any other step
         tmp.mkdir()
     if distributed:
-        dist.barrier()
+        dist.barrier(group=group)
 
     files: dict[str, dict[str, Any]] = {}
     entries: dict[str, dict[str, Any]] = {}
     shards = shards or {}
-    if write_tensors:
-        for group, named in tensors.items():
-            if not named:
-                continue
-            fname = f"{group}_r{rank:05d}.pt"
-            cpu = {k: v.detach().cpu().contiguous() for k, v in named.items()}
-            files[fname] = _save_file(cpu, tmp / fname)
-            for k, v in cpu.items():
-                local = list(v.shape)
-                shape, offsets = shards.get(k, (local, [0] * len(local)))
-                entries[k] = {
-                    "group": group,
-                    "shape": list(shape),
-                    "dtype": str(v.dtype).removeprefix("torch."),
-                    "shards": [{"file": fname, "offsets": list(offsets), "shape": local}],
-                }
-    if rank == 0:
-        files["objects.pt"] = _save_file(objects, tmp / "objects.pt")
-        for fname, text in (texts or {}).items():
-            with open(tmp / fname, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            files[fname] = {"sha256": sha256_file(tmp / fname), "bytes": (tmp / fname).stat().st_size}
-    rank_file = f"rank_r{rank:05d}.pt"
-    files[rank_file] = _save_file(rank_objects, tmp / rank_file)
-
+    try:
+        _write_rank_files(tmp, rank, tensors, objects, rank_objects, texts, shards, write_tensors, files, entries)
+        error = None
+    except OSError as e:  # a full disk, a quota, a vanished mount: reported by every rank, the old ones kept
+        error = f"could not write checkpoint {name} under {root}: {e.strerror or type(e).__name__} ({e.filename})"
     if distributed:
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (files, entries))
-        files = {k: v for part, _ in gathered for k, v in part.items()}
+        dist.all_gather_object(gathered, (files, entries, error), group=group)
+        error = next((e for _, _, e in gathered if e is not None), None)
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # what was written of it, to free the space
+        raise CheckpointError(f"{error}; the previous checkpoints are intact")
+    if distributed:
+        files = {k: v for part, _, _ in gathered for k, v in part.items()}
         # Every rank merges (and checks) the same entries, so a bad shard set fails on all ranks alike, not in a hang.
-        entries = _merge_entries([part for _, part in gathered])
+        entries = _merge_entries([part for _, part, _ in gathered])
     else:
         entries = _merge_entries([entries])
     if rank == 0:
@@ -368,8 +344,42 @@ def save_checkpoint(
         if keep > 0:
             apply_retention(root, keep)
     if distributed:
-        dist.barrier()
+        dist.barrier(group=group)
     return final
+
+
+def _write_rank_files(tmp: Path, rank: int, tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, Any],
+                      rank_objects: dict[str, Any], texts: dict[str, str] | None,
+                      shards: dict[str, tuple[list[int], list[int]]], write_tensors: bool,
+                      files: dict[str, dict[str, Any]], entries: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+    """This rank's files of a checkpoint in `tmp`; fills `files` (name -> checksum, size) and `entries` (tensor ->
+    manifest entry)."""
+    if write_tensors:
+        for group_name, named in tensors.items():
+            if not named:
+                continue
+            fname = f"{group_name}_r{rank:05d}.pt"
+            cpu = {k: v.detach().cpu().contiguous() for k, v in named.items()}
+            files[fname] = _save_file(cpu, tmp / fname)
+            for k, v in cpu.items():
+                local = list(v.shape)
+                shape, offsets = shards.get(k, (local, [0] * len(local)))
+                entries[k] = {
+                    "group": group_name,
+                    "shape": list(shape),
+                    "dtype": str(v.dtype).removeprefix("torch."),
+                    "shards": [{"file": fname, "offsets": list(offsets), "shape": local}],
+                }
+    if rank == 0:
+        files["objects.pt"] = _save_file(objects, tmp / "objects.pt")
+        for fname, text in (texts or {}).items():
+            with open(tmp / fname, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            files[fname] = {"sha256": sha256_file(tmp / fname), "bytes": (tmp / fname).stat().st_size}
+    rank_file = f"rank_r{rank:05d}.pt"
+    files[rank_file] = _save_file(rank_objects, tmp / rank_file)
 
 
 def _merge_entries(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -428,6 +438,11 @@ def tiling_problem(shape: list[int] | tuple[int, ...], shards: list[dict[str, An
     return None
 
 
+def _remove_doomed(doomed: Path) -> None:
+    """Removes a checkpoint directory retention has renamed out of the listing."""
+    shutil.rmtree(doomed)
+
+
 def apply_retention(root: str | Path, keep: int) -> list[Path]:
     """Deletes all but the newest `keep` complete checkpoints (never the one `latest` names); returns the deleted.
 
@@ -457,7 +472,7 @@ def apply_retention(root: str | Path, keep: int) -> list[Path]:
         deleted.append(d)
         try:
             _fsync_dir(root)  # the rename on disk before any file goes
-            shutil.rmtree(doomed)
+            _remove_doomed(doomed)
         except OSError as e:
             warnings.warn(
                 f"checkpoint retention: {d} is retired but {doomed} could not be removed ({e}); the next save or "

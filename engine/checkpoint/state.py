@@ -35,12 +35,13 @@ def as_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def optimizer_state_to_named(
-    optimizer: torch.optim.Optimizer, param_names: dict[int, str]
+    optimizer: torch.optim.Optimizer, param_names: dict[int, str], gather: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Splits `optimizer.state_dict()` into tensors named `optim.<param>.<key>` and JSON-able metadata.
 
     `param_names` maps `id(param)` to its name in the model. Non-tensor state values (e.g. an int step) and the
-    param groups' hyperparameters go into the metadata.
+    param groups' hyperparameters go into the metadata. With `gather` each tensor is whole and on the CPU (a DTensor
+    all-gathered); without, tensors stay as they are (a DTensor keeps its shard, for a sharded save).
     """
     sd = optimizer.state_dict()
     index_to_name = [param_names[id(p)] for group in optimizer.param_groups for p in group["params"]]
@@ -50,7 +51,7 @@ def optimizer_state_to_named(
         name = index_to_name[idx]
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{name}.{key}"] = full_tensor(value.detach()).cpu()
+                tensors[f"optim.{name}.{key}"] = full_tensor(value.detach()).cpu() if gather else value.detach()
             else:
                 scalars.setdefault(name, {})[key] = value
     groups = []

@@ -62,8 +62,19 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"parallel.dp_shard must be a positive integer, got {p.dp_shard!r}")
     if p.dp_shard > 1 and p.pp > 1 and p.pp_schedule == "zb":
         raise TrainError("parallel.dp_shard (FSDP2) with the zb schedule is not supported yet; use 1f1b or interleaved")
-    if cfg.checkpoint.async_:
-        raise TrainError("checkpoint.async is not supported by this training loop yet; use --checkpoint.async false")
+    r = cfg.resilience
+    for key in ("hang_timeout", "spike_factor", "first_step_timeout", "pg_timeout"):
+        if not getattr(r, key) >= 0:
+            raise ConfigError(f"resilience.{key} must be >= 0, got {getattr(r, key)}")
+    if r.pg_timeout == 0 or r.first_step_timeout == 0:
+        raise ConfigError("resilience.pg_timeout and resilience.first_step_timeout must be > 0")
+    for key in ("spike_window", "straggler_every", "health_every"):
+        if getattr(r, key) < 0:
+            raise ConfigError(f"resilience.{key} must be >= 0, got {getattr(r, key)}")
+    if r.spike_factor > 0 and r.spike_window < 4:
+        raise ConfigError(f"resilience.spike_window must be >= 4 (quartiles of the last losses), got {r.spike_window}")
+    if not r.straggler_threshold > 1 or not r.hang_factor > 0:
+        raise ConfigError("resilience.straggler_threshold must be > 1 and resilience.hang_factor > 0")
     if not p.bucket_mb > 0:
         raise ConfigError(f"parallel.bucket_mb must be > 0, got {p.bucket_mb}")
     if p.zero1 and p.dp_shard > 1:

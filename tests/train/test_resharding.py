@@ -64,6 +64,12 @@ def test_a_checkpoint_resumes_into_any_layout_with_the_straight_losses(tmp_path,
         for s in (4, 5, 6):
             assert resumed[s] == pytest.approx(straight[s], rel=1e-5, abs=0), (name, s, resumed, straight)
     assert "resharding step_00000003 from world_size=4 dp=1 tp=2 sp=False pp=2" in capfd.readouterr().err
+    # FSDP2 x tp wrote sharded: each of the 4 ranks its quarter (tp half, FSDP2 half of it) of a projection.
+    manifest = json.loads((tmp_path / "fsdp2_tp2" / "checkpoints" / "step_00000006" / "manifest.json").read_text())
+    shards = manifest["tensors"]["layers.0.attn.q_proj.weight"]["shards"]
+    assert sorted((s["file"], s["offsets"][0], s["shape"][0]) for s in shards) == [
+        ("model_r00000.pt", 0, 8), ("model_r00001.pt", 16, 8), ("model_r00002.pt", 8, 8), ("model_r00003.pt", 24, 8)
+    ]
     # One process from the tp 2 x pp 2 checkpoint; then the back-and-forth run goes on past the straight run's end
     # (steps 7, 8 at the schedule's floor), as one process goes on from its own resumed run.
     single = _run(tmp_path / "single", tiny_data, resume=str(tmp_path / "tp2pp2" / "checkpoints" / "step_00000003"))

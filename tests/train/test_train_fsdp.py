@@ -102,7 +102,8 @@ def _tp_worker(rank, world, root, data):
 @pytest.mark.distributed
 def test_fsdp2_with_tensor_parallelism(tmp_path, tiny_data):
     """FSDP2 shards the tp-local parameters again over dp_shard; the checkpoint's manifest records the true global
-    shapes (each tp shard whole over dp_shard, at its tp offset), and the run resumes bit-identically."""
+    shapes (each rank its FSDP2 half of its tp half, at its place: nothing gathered), and the run resumes
+    bit-identically."""
     import json
 
     results = run_distributed(_tp_worker, 4, str(tmp_path), tiny_data, timeout=300)
@@ -112,9 +113,11 @@ def test_fsdp2_with_tensor_parallelism(tmp_path, tiny_data):
     _check(results, _refs(tmp_path, tiny_data, ("llama4",)))
     manifest = json.loads((tmp_path / "split/checkpoints/step_00000005/manifest.json").read_text())
     q = manifest["tensors"]["layers.0.attn.q_proj.weight"]
-    assert q["shape"] == [32, 32] and [(s["offsets"], s["shape"]) for s in q["shards"]] == [
-        ([0, 0], [16, 32]),
-        ([16, 0], [16, 32]),
+    assert q["shape"] == [32, 32] and [(s["file"], s["offsets"], s["shape"]) for s in q["shards"]] == [
+        ("model_r00000.pt", [0, 0], [8, 32]),  # tp rank 0, dp_shard rank 0 (ranks: dp_shard x tp, tp fastest)
+        ("model_r00002.pt", [8, 0], [8, 32]),
+        ("model_r00001.pt", [16, 0], [8, 32]),
+        ("model_r00003.pt", [24, 0], [8, 32]),
     ]
 
 
