@@ -1,0 +1,36 @@
+"""Smoke test of benchmarks/bench_checkpoint.py at a tiny size (0.01 GB, one repeat, no restart): every measured
+field is in the JSON with a positive value, and the state is the size asked for."""
+
+import json
+
+SAVES = ("torch_save", "engine_sync", "engine_async_stall", "engine_async_total")
+LOADS = ("torch_load_cold", "torch_load_warm", "engine_load_cold", "engine_load_warm")
+RATIOS = ("save_engine_sync_vs_torch", "save_engine_async_total_vs_torch", "load_engine_vs_torch_cold",
+          "load_engine_vs_torch_warm")  # fmt: skip
+STALL = ("step_s", "stall_s", "stall_pct", "write_s", "overlapped_steps", "overlapped_step_s", "slowdown",
+         "after_step_s")  # fmt: skip
+
+
+def test_bench_checkpoint_smoke(tmp_path, capsys):
+    from benchmarks.bench_checkpoint import main
+
+    out = tmp_path / "ckpt.json"
+    assert main(["--smoke", "--json", str(out), "--dir", str(tmp_path)]) == 0
+    res = json.loads(out.read_text())
+    cfg = res["config"]
+    assert abs(cfg["state_bytes"] / 1e9 - 0.01) < 0.002 and cfg["params"] * 12 == cfg["state_bytes"]
+    for group, keys in (("save", SAVES), ("load", LOADS)):
+        assert sorted(res[group]) == sorted(keys)
+        for k in keys:
+            r = res[group][k]
+            assert r["s"] > 0 and r["gbps"] > 0 and 0 < r["best_s"] <= r["s"], (group, k, r)
+            assert abs(r["gbps"] - cfg["state_bytes"] / 1e9 / r["s"]) < 1e-9 * r["gbps"] + 1e-12
+    assert sorted(res["ratios"]) == sorted(RATIOS + tuple(f"{k}_best" for k in RATIOS))
+    assert all(v > 0 for v in res["ratios"].values()), res["ratios"]
+    for k in STALL:
+        assert res["stall"][k] > 0, k
+    assert res["stall"]["overlapped_steps"] == len(res["stall"]["overlapped_all_s"])
+    assert res["restart"] is None
+    assert list(tmp_path.iterdir()) == [out]  # the temporary directory was removed
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:5] == ["what", "s", "GB/s", "vs", "torch"] and table[-1].startswith("train step")
