@@ -84,12 +84,31 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+class _HashingWriter:
+    """A file's `write` that also feeds the bytes to sha256, so a checkpoint file is hashed as it is written
+    instead of read back (what torch.save streams is what lands in the file)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.hash, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.hash.update(data)
+        self.bytes += len(memoryview(data).cast("B"))
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _save_file(obj: Any, path: Path) -> dict[str, Any]:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
         f.flush()
         os.fsync(f.fileno())
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    if writer.bytes != path.stat().st_size:  # never expected: then hash what is on disk
+        return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return {"sha256": writer.hash.hexdigest(), "bytes": writer.bytes}
 
 
 def _dist_active() -> bool:
@@ -363,12 +382,15 @@ def _write_rank_files(tmp: Path, rank: int, tensors: dict[str, dict[str, torch.T
             files[fname] = _save_file(cpu, tmp / fname)
             for k, v in cpu.items():
                 local = list(v.shape)
-                shape, offsets = shards.get(k, (local, [0] * len(local)))
+                shape, offsets, *flat = shards.get(k, (local, [0] * len(local)))
+                shard = {"file": fname, "offsets": list(offsets), "shape": local}
+                if flat:  # a flat range of a box (ZeRO-1's piece of a parameter)
+                    shard.update(shape=list(flat[0]), flat=list(flat[1]))
                 entries[k] = {
                     "group": group_name,
                     "shape": list(shape),
                     "dtype": str(v.dtype).removeprefix("torch."),
-                    "shards": [{"file": fname, "offsets": list(offsets), "shape": local}],
+                    "shards": [shard],
                 }
     if rank == 0:
         files["objects.pt"] = _save_file(objects, tmp / "objects.pt")
@@ -398,7 +420,7 @@ def _merge_entries(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str
                 )
             m["shards"].extend(e["shards"])
     for name, m in merged.items():
-        m["shards"].sort(key=lambda sh: sh["offsets"])
+        m["shards"].sort(key=lambda sh: (sh["offsets"], sh.get("flat", [0])))
         problem = tiling_problem(m["shape"], m["shards"])
         if problem is not None:
             raise ValueError(
@@ -412,9 +434,24 @@ def tiling_problem(shape: list[int] | tuple[int, ...], shards: list[dict[str, An
     """None if `shards` (each with "offsets" and "shape") tile a tensor of `shape` exactly, else what is wrong.
 
     Every shard lies inside the bounds and no two overlap (pairwise: tp-many shards), so with the element count equal
-    the shards cover every element exactly once.
+    the shards cover every element exactly once. A shard with "flat": [lo, hi] holds elements lo..hi-1 of its box
+    (offsets, shape) in row-major order; the flat shards of one box must tile it, and then count as the box.
     """
     shape = list(shape)
+    boxes: dict[tuple, list[list[int]]] = {}
+    for s in shards:
+        if "flat" in s:
+            boxes.setdefault((tuple(s["offsets"]), tuple(s["shape"])), []).append(list(s["flat"]))
+    for (offsets, size), ranges in boxes.items():
+        ranges.sort()
+        end = 0
+        for lo, hi in ranges:
+            if lo != end or hi <= lo:
+                return f"include flat ranges {ranges} of the box at offsets {list(offsets)} that do not tile it"
+            end = hi
+        if end != math.prod(size):
+            return f"include flat ranges {ranges} of the box at offsets {list(offsets)} that do not tile it"
+    shards = [s for s in shards if "flat" not in s] + [{"offsets": o, "shape": n} for o, n in boxes]
     for s in shards:
         offsets, size = list(s["offsets"]), list(s["shape"])
         if len(offsets) != len(shape) or len(size) != len(shape):

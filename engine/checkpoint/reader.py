@@ -5,7 +5,8 @@ pipeline stage's layers), whatever layout wrote the checkpoint. `CheckpointReade
 assembles exactly that region from the shards the manifest lists, each shard file memory-mapped (`torch.load(...,
 mmap=True)`), so only the pages of the intersecting slices are read and the host memory a load takes is this rank's
 part plus the region being copied. A region may reach past the tensor's end (a tensor-parallel shard's vocabulary
-padding): that part reads as zeros.
+padding): that part reads as zeros. A shard may also be a flat range of a box (ZeRO-1's pieces of a parameter,
+which split its flattened elements, not its rows): the elements of the region that fall in it are picked out.
 
 Integrity: `verify_share` checks the sha256 of a share of the files (every `world`-th one), so a job verifies every
 file once, split across its ranks, before any rank loads.
@@ -13,6 +14,7 @@ file once, split across its ranks, before any rank loads.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,21 +92,25 @@ class CheckpointReader:
         for s in info["shards"]:
             lo = [max(o, so) for o, so in zip(offsets, s["offsets"])]
             hi = [min(o + n, so + sn) for o, n, so, sn in zip(offsets, shape, s["offsets"], s["shape"])]
-            if any(h <= a for a, h in zip(lo, hi)):
+            if any(h <= a for a, h in zip(lo, hi)) or ("flat" in s and not _flat_meets(s, lo, hi)):
                 continue
             part = self.load_file(s["file"]).get(name)
-            if part is None or tuple(part.shape) != tuple(s["shape"]):
+            expect = (s["flat"][1] - s["flat"][0],) if "flat" in s else tuple(s["shape"])
+            if part is None or tuple(part.shape) != expect:
                 got = None if part is None else tuple(part.shape)
                 raise CheckpointError(
                     f"checkpoint tensor {name} in {self.path}: its shard in {s['file']} has shape {got}, manifest "
-                    f"says {tuple(s['shape'])}"
+                    f"says {expect}"
                 )
             if out is None:
-                if tuple(offsets) == tuple(s["offsets"]) and tuple(shape) == tuple(s["shape"]):
+                if "flat" not in s and tuple(offsets) == tuple(s["offsets"]) and tuple(shape) == tuple(s["shape"]):
                     return part.clone()  # the whole shard: one copy out of the mapping
                 out = torch.zeros(shape, dtype=part.dtype)
-            src = part[tuple(slice(a - so, b - so) for a, b, so in zip(lo, hi, s["offsets"]))]
-            out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))] = src
+            dst = out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
+            if "flat" in s:
+                _copy_flat(dst, part, s, lo, hi)
+            else:
+                dst.copy_(part[tuple(slice(a - so, b - so) for a, b, so in zip(lo, hi, s["offsets"]))])
         if out is None:  # wholly past the bounds (padding), or a tensor with no elements
             out = torch.zeros(shape, dtype=self.dtype(name))
         return out
@@ -123,6 +129,28 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._open.clear()
+
+
+def _flat_meets(shard: dict[str, Any], lo: list[int], hi: list[int]) -> bool:
+    """Whether a flat shard's range can hold elements of the box [lo, hi): it meets the span between the box's first
+    and last elements in the row-major order of the shard's box (so a piece outside it is never opened)."""
+    strides = [math.prod(shard["shape"][d + 1 :]) for d in range(len(lo))]
+    first = sum((a - so) * st for a, so, st in zip(lo, shard["offsets"], strides))
+    last = sum((b - 1 - so) * st for b, so, st in zip(hi, shard["offsets"], strides))
+    return shard["flat"][0] <= last and first < shard["flat"][1]
+
+
+def _copy_flat(dst: torch.Tensor, part: torch.Tensor, shard: dict[str, Any], lo: list[int], hi: list[int]) -> None:
+    """Copies into `dst` (the box [lo, hi) of the tensor) the elements a flat shard holds: elements flat[0] to
+    flat[1] - 1 of its box in row-major order, `part` being those elements."""
+    flo, fhi = shard["flat"]
+    strides = [math.prod(shard["shape"][d + 1 :]) for d in range(len(lo))]
+    index = torch.zeros((), dtype=torch.int64)
+    for d, (a, b, so) in enumerate(zip(lo, hi, shard["offsets"])):  # each element's position in the box
+        axis = (torch.arange(a, b) - so) * strides[d]
+        index = index.unsqueeze(-1) + axis
+    held = (index >= flo) & (index < fhi)
+    dst[held] = part[index[held] - flo]
 
 
 def verify_share(ckpt_dir: str | Path, rank: int = 0, world: int = 1) -> str | None:

@@ -111,7 +111,11 @@ def save_training_state(
         )
     names = {id(p): n for n, p in params.items()}
     otensors, ometa = {}, {"param_groups": [], "scalars": {}}
-    if optimizer is not None:
+    zero1 = hasattr(optimizer, "shard_state")  # ZeRO-1: each rank writes its own pieces (flat shards)
+    if zero1:
+        groups = zip(optimizer.group_hyperparameters(), optimizer.param_groups)
+        ometa["param_groups"] = [{**h, "params": [names[id(p)] for p in g["params"]]} for h, g in groups]
+    elif optimizer is not None:
         otensors, ometa = optimizer_state_to_named(optimizer, names, gather=False)
     tensors = {"model": {n: p.detach() for n, p in params.items()}, "optim": otensors}
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -143,6 +147,8 @@ def save_training_state(
             out[group_name][key] = _local_part(value)[tuple(slice(0, v) for v in valid)]
             if list(valid) != list(full):
                 shards[key] = (list(full), offsets)
+    if zero1:
+        _zero1_pieces(optimizer, names, aliases, sharding, tp_rank, out["optim"], shards)
     objects = {"optim": ometa, "scaler": scaler.state_dict() if scaler is not None else None, "extra": extra}
     rank_objects = {
         "rng": capture_rng_state(device),
@@ -158,6 +164,32 @@ def save_training_state(
     saver.submit(step, lambda: save_checkpoint(root, step, tensors=out, objects=objects, rank_objects=rank_objects,
                                                group=group, **kwargs))  # fmt: skip
     return None
+
+
+def _zero1_pieces(optimizer: Any, names: dict[int, str], aliases: dict[str, str], sharding: ShardingRegistry,
+                  tp_rank: int, out: dict[str, torch.Tensor], shards: dict[str, tuple]) -> None:  # fmt: skip
+    """ZeRO-1's optimizer state as this rank holds it: for each piece (elements lo..hi-1 of a parameter's flattened
+    tensor-parallel slice), a flat shard of that slice's box; a scalar (AdamW's step) from the first piece of tp rank
+    0's slice only."""
+    for p, lo, hi, state in optimizer.shard_state():
+        name = names[id(p)]
+        spec = sharding.get(name)
+        if name in aliases or (not (spec is not None and spec.sharded) and tp_rank != 0):
+            continue  # a tied copy, or a replicated parameter whose pieces tp rank 0 writes
+        full, offsets, shape = _region(name, p, spec)
+        valid = [max(0, min(n, f - o)) for o, n, f in zip(offsets, shape, full)]
+        if valid[1:] != shape[1:]:
+            raise CheckpointError(f"ZeRO-1 cannot checkpoint {name}: its padding is not along dimension 0")
+        end = math.prod(valid)  # padding rows come last: the valid elements are a prefix of the flattened slice
+        a, b = min(lo, end), min(hi, end)
+        for key, value in state.items():
+            k = f"optim.{name}.{key}"
+            if value.dim() == 0:
+                if lo == 0 and tp_rank == 0:  # one copy of the parameter's step count
+                    out[k] = value
+            elif a < b:
+                out[k] = value[a - lo : b - lo]
+                shards[k] = (list(full), offsets, valid, (a, b))
 
 
 def _replica_rank(t: torch.Tensor) -> int:

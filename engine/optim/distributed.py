@@ -165,6 +165,22 @@ class DistributedOptimizer:
         ]
         return {"state": state, "param_groups": groups}
 
+    def shard_state(self) -> list[tuple[nn.Parameter, int, int, dict[str, torch.Tensor]]]:
+        """This rank's pieces with their state, without communication: (parameter, lo, hi, {key: 1-D state of
+        elements lo..hi-1 of the flattened parameter, or a 0-dim scalar}), bf16 parameters' fp32 masters as
+        `master`. What a sharded checkpoint writes."""
+        out = []
+        for pc in self.pieces:
+            st = dict(self.inner.state.get(pc.data, {}))
+            if pc.data is not pc.view and st:
+                st["master"] = pc.data
+            out.append((pc.param, pc.lo, pc.hi, st))
+        return out
+
+    def group_hyperparameters(self) -> list[dict[str, Any]]:
+        """Each param group's hyperparameters (torch's state_dict groups without their parameter indices)."""
+        return [{k: v for k, v in g.inner.items() if k != "params"} for g in self.param_groups]
+
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Takes `state_dict`'s layout (each parameter's whole state) and loads this rank's pieces of it through the
         inner optimizer's own load_state_dict (which puts each value on its piece's device, as its kernel wants)."""

@@ -56,3 +56,28 @@ def test_verify_share_splits_the_files_over_ranks(tmp_path):
     assert "model_r00001.pt is corrupt" in verify_share(path)
     (path / "model_r00002.pt").unlink()
     assert "model_r00002.pt is missing" in verify_share(path, 0, 2)
+
+
+def test_flat_shards_of_a_box(tmp_path):
+    """ZeRO-1's pieces: flat ranges of a parameter's flattened elements, not rows; regions pick out their elements."""
+    full = torch.arange(4 * 5, dtype=torch.float32).view(4, 5)
+    files, shards = {}, []
+    for i, (lo, hi) in enumerate([(0, 7), (7, 13), (13, 20)]):
+        name = f"optim_r{i:05d}.pt"
+        torch.save({"m": full.flatten()[lo:hi].clone()}, tmp_path / name)
+        files[name] = {"sha256": sha256_file(tmp_path / name), "bytes": (tmp_path / name).stat().st_size}
+        shards.append({"file": name, "offsets": [0, 0], "shape": [4, 5], "flat": [lo, hi]})
+    tensors = {"m": {"group": "optim", "shape": [4, 5], "dtype": "float32", "shards": shards}}
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": 1, "step": 1, "tensors": tensors, "files": files}))
+    reader = CheckpointReader(tmp_path)
+    assert torch.equal(reader.read("m"), full)
+    assert torch.equal(reader.read("m", [1, 1], [2, 3]), full[1:3, 1:4])  # crosses all three pieces
+    assert torch.equal(reader.read("m", [3, 0], [1, 5]), full[3:])
+    first = CheckpointReader(tmp_path)
+    assert torch.equal(first.read("m", [0, 0], [1, 5]), full[:1]) and set(first._open) == {"optim_r00000.pt"}
+    # Ranges that leave a gap or overlap are named before any file is read.
+    from engine.checkpoint.checkpointer import tiling_problem
+
+    assert tiling_problem([4, 5], shards) is None
+    assert "do not tile it" in tiling_problem([4, 5], [shards[0], shards[2]])
+    assert "do not tile it" in tiling_problem([4, 5], [shards[0], {**shards[1], "flat": [6, 13]}, shards[2]])

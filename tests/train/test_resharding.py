@@ -1,10 +1,10 @@
 """Resharding: a checkpoint saved at one parallel layout resumes at another, model and optimizer state both, and the
 resumed losses equal the straight run's (DESIGN contract 3: to 1e-5 relative).
 
-Saved at tp 2 x pp 2 (a tied GPT-2: the last stage's copy of the embedding is not saved, and its vocabulary of 257
-leaves a padding row under tp), resumed at dp 4, tp 4, pp 4, dp_shard 2 x tp 2 (FSDP2), dp 4 with ZeRO-1, and in one
-process; then back from dp_shard 2 x tp 2 to tp 2 x pp 2. Each run resumes by `--resume PATH` into a run directory of
-its own.
+Saved at tp 2 x pp 2 (a tied GPT-2: the last stage's copy of the embedding is not saved), resumed at dp 4, tp 4, pp
+4, dp_shard 2 x tp 2 (FSDP2), dp 4 with ZeRO-1, and in one process, each by `--resume PATH` into a run directory of
+its own; then back into tp 2 x pp 2 from the dp_shard 2 x tp 2 checkpoint (FSDP2 shards) and from the ZeRO-1 one
+(flat pieces of the optimizer state, written by every dp rank).
 """
 
 import json
@@ -50,6 +50,8 @@ def _worker(rank, world, root, data):
         out[name] = _run(root / name, data, resume=step3, **kw)
     back = str(root / "fsdp2_tp2" / "checkpoints" / "step_00000006")  # and back, from FSDP2 shards to pipeline stages
     out["back"] = _run(root / "back", data, resume=back, train__steps=8, parallel__tp=2, parallel__pp=2)
+    flat = str(root / "zero1_dp4" / "checkpoints" / "step_00000006")  # ZeRO-1's flat pieces into tp x pp
+    out["back_zero1"] = _run(root / "back_zero1", data, resume=flat, train__steps=8, parallel__tp=2, parallel__pp=2)
     return out
 
 
@@ -79,3 +81,11 @@ def test_a_checkpoint_resumes_into_any_layout_with_the_straight_losses(tmp_path,
                 resume=str(tmp_path / "single" / "checkpoints" / "step_00000006"))  # fmt: skip
     for s in (7, 8):
         assert out["back"][s] == pytest.approx(more[s], rel=1e-5, abs=0), (s, out["back"], more)
+        assert out["back_zero1"][s] == pytest.approx(more[s], rel=1e-5, abs=0), (s, out["back_zero1"], more)
+    # ZeRO-1 wrote sharded too: each dp rank the flat pieces of AdamW's state it holds (no gather on rank 0).
+    manifest = json.loads((tmp_path / "zero1_dp4" / "checkpoints" / "step_00000006" / "manifest.json").read_text())
+    moments = [e["shards"] for k, e in manifest["tensors"].items() if k.endswith(("exp_avg", "exp_avg_sq"))]
+    assert all("flat" in p for pieces in moments for p in pieces)
+    assert {p["file"] for pieces in moments for p in pieces} == {f"optim_r{r:05d}.pt" for r in range(4)}
+    split = [pieces for pieces in moments if len({p["file"] for p in pieces}) > 1]  # a tensor across two ranks
+    assert any(p["flat"][0] % p["shape"][-1] for pieces in split for p in pieces)  # split inside a row, even
