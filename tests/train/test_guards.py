@@ -158,3 +158,22 @@ def test_a_second_job_on_a_run_directory_in_use_is_refused(tmp_path, tiny_data, 
         first.kill()
     assert sorted(_records(run)) == list(range(1, 301))  # the first job's records, whole and alone
     assert latest_checkpoint(run / "checkpoints").name == "step_00000300"
+
+
+def test_run_guards_count_spikes_and_report_stragglers_into_the_step_metrics(tmp_path):
+    """RunGuards.after_step: a loss spike becomes a log line and the `loss_spikes` count; every straggler_every steps
+    the step-time percentiles join the record (one process: itself, no straggler)."""
+    from engine.training.guards import RunGuards
+
+    cfg = load_config(["--resilience.straggler_every", "5", "--resilience.spike_window", "20"])
+    guards = RunGuards(cfg, tmp_path, 0, torch.device("cpu"))
+    lines, recs = [], {}
+    for step in range(1, 31):
+        loss = 3.0 - 0.01 * step + 0.002 * (step % 3) + (5.0 if step == 25 else 0.0)
+        recs[step] = {}
+        lines += guards.after_step(step, loss, 0.1 + 0.001 * step, recs[step])
+    guards.close()
+    assert len(lines) == 1 and lines[0].startswith("step 25: loss spike"), lines
+    assert recs[24]["loss_spikes"] == 0 and recs[25]["loss_spikes"] == 1 and recs[30]["loss_spikes"] == 1
+    assert [s for s, r in recs.items() if "step_time_p50_max" in r] == [5, 10, 15, 20, 25, 30]
+    assert recs[30]["straggler_count"] == 0 and "gpu_temp_c" not in recs[30]  # no NVML on a CPU run
