@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call, for a lent GPU machine (run from the repository root):
 #   bash benchmarks/gpu_suite.sh OUTDIR            (on the device tool: GPU_SUITE_TAR=$OUT/gpu_out.tgz bash ...)
-# Steps run in order of value per minute (GPU tests, kernels, tp block, training MFU); each writes OUTDIR/NAME.log,
-# a failed step does not stop the others, and OUTDIR/summary.txt gets one line per step. Copy the figures into
-# benchmarks/RESULTS.md with the device and date.
+# Steps run in order of value per minute (GPU tests, kernels, tp block, fp8, checkpoint stall, training MFU); each
+# writes OUTDIR/NAME.log, a failed step does not stop the others, and OUTDIR/summary.txt gets one line per step. Copy
+# the figures into benchmarks/RESULTS.md with the device and date.
 set -u
 out=${1:-${OUT:-gpu_out}}
 py=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU image names its interpreter python3
@@ -45,6 +45,10 @@ step gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider "${workers[@]}" -m gpu
 step kernels 230 "$py" -m benchmarks.kernels --csv "$out/kernels.csv"
 step tp_block 45 "$py" -m benchmarks.bench_tp --gpu
 step fp8 150 "$py" -m benchmarks.bench_fp8 --json "$out/fp8.json"
+# ~35 s estimated: CUDA start, 1 GB state, 2 repeats x (3 saves + 4 loads) at ~1 GB/s of disk, ~25 training steps of
+# ~0.17 s (batch 16384, see the bench's docstring) around one async save; its table (stall % of a step) is the log tail.
+step checkpoint 60 "$py" -m benchmarks.bench_checkpoint --device cuda --size-gb 1 --repeats 2 \
+    --json "$out/checkpoint.json"
 step train 150 "$py" -m benchmarks.bench_train --gpu-suite --steps 6 --repeats 1 --json "$out/train.json"
 echo "== summary"
 cat "$out/summary.txt"

@@ -1,7 +1,11 @@
 """Smoke test of benchmarks/bench_checkpoint.py at a tiny size (0.01 GB, one repeat, no restart): every measured
-field is in the JSON with a positive value, and the state is the size asked for."""
+field is in the JSON with a positive value, and the state is the size asked for; `--device cuda` without CUDA is
+refused in one line."""
 
 import json
+
+import pytest
+import torch
 
 SAVES = ("torch_save", "engine_sync", "engine_async_stall", "engine_async_total")
 LOADS = ("torch_load_cold", "torch_load_warm", "engine_load_cold", "engine_load_warm")
@@ -18,6 +22,7 @@ def test_bench_checkpoint_smoke(tmp_path, capsys):
     assert main(["--smoke", "--json", str(out), "--dir", str(tmp_path)]) == 0
     res = json.loads(out.read_text())
     cfg = res["config"]
+    assert cfg["device"] == "cpu" and cfg["batch"] == 16
     assert abs(cfg["state_bytes"] / 1e9 - 0.01) < 0.002 and cfg["params"] * 12 == cfg["state_bytes"]
     for group, keys in (("save", SAVES), ("load", LOADS)):
         assert sorted(res[group]) == sorted(keys)
@@ -34,3 +39,13 @@ def test_bench_checkpoint_smoke(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [out]  # the temporary directory was removed
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[:5] == ["what", "s", "GB/s", "vs", "torch"] and table[-1].startswith("train step")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_bench_checkpoint_cuda_refused_without_cuda(tmp_path, capsys):
+    from benchmarks.bench_checkpoint import main
+
+    assert main(["--device", "cuda", "--smoke", "--dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "no CUDA device" in err, err
+    assert list(tmp_path.iterdir()) == []  # refused before building or writing anything
