@@ -115,6 +115,14 @@ class CheckpointReader:
             out = torch.zeros(shape, dtype=self.dtype(name))
         return out
 
+    def read_flat(self, name: str, offsets: list[int], shape: list[int], lo: int, hi: int) -> torch.Tensor:
+        """Elements lo..hi-1 of a region in row-major order (ZeRO-1's piece of a parameter), read through the rows
+        that hold them: the piece and at most two partial rows in memory, never the whole region."""
+        row = math.prod(shape[1:])
+        first, last = lo // row, -(-hi // row)
+        rows = self.read(name, [offsets[0] + first, *offsets[1:]], [last - first, *shape[1:]])
+        return rows.reshape(-1)[lo - first * row : hi - first * row].clone()
+
     def objects(self) -> dict[str, Any]:
         """The replicated Python state rank 0 wrote (optimizer hyperparameters, loss scaler)."""
         return self.load_file("objects.pt", mmap=False) if "objects.pt" in self.manifest["files"] else {}

@@ -26,6 +26,7 @@ from engine.checkpoint.async_saver import AsyncSaver, stage_tree
 from engine.checkpoint.checkpointer import CheckpointError, save_checkpoint
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.state import (
+    IMPLEMENTATION_KEYS,
     capture_rng_state,
     full_tensor,
     named_to_optimizer_state,
@@ -192,6 +193,27 @@ def _zero1_pieces(optimizer: Any, names: dict[int, str], aliases: dict[str, str]
                 shards[k] = (list(full), offsets, valid, (a, b))
 
 
+def _load_zero1(optimizer: Any, names: dict[int, str], optim: dict[Any, Any], meta: dict[str, Any]) -> None:
+    """ZeRO-1's pieces (`optim[id(param)]`: state name -> 1-D piece) and scalars (`optim["optim.<name>.<state>"]`)
+    into its optimizer, the saved hyperparameters over each live group's (implementation keys stay this run's)."""
+    ids = {n: i for i, n in names.items()}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in optim.items():
+        if isinstance(key, int):
+            state.setdefault(key, {}).update(value)
+        else:
+            name, _, s = key[len("optim.") :].rpartition(".")
+            state.setdefault(ids[name], {})[s] = value
+    by_name = {n: g for g in meta["param_groups"] for n in g["params"]}
+    hyper = []
+    for live in optimizer.param_groups:
+        saved = by_name[names[id(live["params"][0])]]
+        h = dict(live.inner) if hasattr(live, "inner") else dict(live)
+        h.update({k: v for k, v in saved.items() if k in h and k != "params" and k not in IMPLEMENTATION_KEYS})
+        hyper.append({k: v for k, v in h.items() if k != "params"})
+    optimizer.load_shard_state(state, hyper)
+
+
 def _replica_rank(t: torch.Tensor) -> int:
     """For a DTensor, 0 on the ranks of its first replica (coordinate 0 on every mesh dimension it is replicated
     over, e.g. HSDP's dp_replicate), else 1: one replica writes the shards."""
@@ -289,21 +311,30 @@ def restore_training_state(
     holders: dict[str, list[str]] = {}  # saved parameter name -> the live parameters taking its optimizer state
     for name in params:
         holders.setdefault(aliases.get(name, name), []).append(name)
-    optim = {}
+    zero1 = hasattr(optimizer, "load_shard_state")  # ZeRO-1 reads only its pieces (flat ranges of its regions)
+    pieces: dict[int, tuple[int, int]] = {id(p): (lo, hi) for p, lo, hi, _ in optimizer.shard_state()} if zero1 else {}
+    optim: dict[str, Any] = {}
     for key in reader.names("optim"):
         source, state = _param_of(key), key.rpartition(".")[2]
         for name in holders.get(source, []):
             full, offsets, shape = regions[name]
-            if reader.shape(key) == full:  # per-element state: this rank's region, placed as the parameter
-                optim[f"optim.{name}.{state}"] = _placed(reader.read(key, offsets, shape), params[name])
-            else:  # a scalar (AdamW's step) or a factored statistic: whole
+            p = params[name]
+            if reader.shape(key) != full:  # a scalar (AdamW's step) or a factored statistic: whole
                 optim[f"optim.{name}.{state}"] = reader.read(key)
+            elif zero1:
+                if id(p) in pieces:
+                    optim.setdefault(id(p), {})[state] = reader.read_flat(key, offsets, shape, *pieces[id(p)])
+            else:  # per-element state: this rank's region, placed as the parameter
+                optim[f"optim.{name}.{state}"] = _placed(reader.read(key, offsets, shape), p)
     same_layout = layout_key(reader.manifest.get("layout", {})) == layout_key(layout)
     names = {id(p): n for n, p in params.items()}
     try:
         if optimizer is not None:
             meta = _optimizer_meta(reader, rank, same_layout, optimizer, names)
-            named_to_optimizer_state(optimizer, names, optim, meta)
+            if zero1:
+                _load_zero1(optimizer, names, optim, meta)
+            else:
+                named_to_optimizer_state(optimizer, names, optim, meta)
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().strip("'").splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {reader.path} does not fit this optimizer: {first}") from None

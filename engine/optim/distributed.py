@@ -182,25 +182,37 @@ class DistributedOptimizer:
         return [{k: v for k, v in g.inner.items() if k != "params"} for g in self.param_groups]
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Takes `state_dict`'s layout (each parameter's whole state) and loads this rank's pieces of it through the
-        inner optimizer's own load_state_dict (which puts each value on its piece's device, as its kernel wants)."""
+        """Takes `state_dict`'s layout (each parameter's whole state) and loads this rank's pieces of it."""
         params = [p for g in self.param_groups for p in g["params"]]
         by_param = {id(params[i]): st for i, st in sd["state"].items()}
+        pieces = {
+            id(pc.param): {
+                k: v.detach().reshape(-1)[pc.lo : pc.hi] if v.dim() > 0 else v
+                for k, v in (by_param.get(id(pc.param)) or {}).items()
+            }
+            for pc in self.pieces
+        }
+        self.load_shard_state(pieces, [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]])
+
+    def load_shard_state(
+        self, state: dict[int, dict[str, torch.Tensor]], hyperparameters: list[dict[str, Any]]
+    ) -> None:
+        """Loads this rank's pieces as `shard_state` gives them (keyed by the parameter's id: the 1-D state of its
+        piece or 0-dim scalars, `master` for bf16 parameters) and each group's hyperparameters, through the inner
+        optimizer's own load_state_dict (which puts each value on its piece's device, as its kernel wants). What a
+        sharded checkpoint reads, one piece at a time."""
         position = {id(t): i for i, t in enumerate(t for g in self.inner.param_groups for t in g["params"])}
         inner_state: dict[int, dict[str, Any]] = {}
         for pc in self.pieces:
-            st = dict(by_param.get(id(pc.param)) or {})
+            st = dict(state.get(id(pc.param)) or {})
             master = st.pop("master", None)
             if pc.data is not pc.view:  # the fp32 master: saved, else the (just loaded) bf16 parameter
-                pc.data.copy_(master.reshape(-1)[pc.lo : pc.hi] if master is not None else pc.view)
+                pc.data.copy_(master if master is not None else pc.view)
             if st:
-                inner_state[position[id(pc.data)]] = {
-                    k: v.detach().reshape(-1)[pc.lo : pc.hi].clone() if v.dim() > 0 else v.detach().clone()
-                    for k, v in st.items()
-                }
+                inner_state[position[id(pc.data)]] = {k: v.detach().clone() for k, v in st.items()}
         groups = [
-            {**{k: v for k, v in saved.items() if k != "params"}, "params": [position[id(t)] for t in live["params"]]}
-            for saved, live in zip(sd["param_groups"], self.inner.param_groups)
+            {**hyper, "params": [position[id(t)] for t in live["params"]]}
+            for hyper, live in zip(hyperparameters, self.inner.param_groups)
         ]
         self.inner.load_state_dict({"state": inner_state, "param_groups": groups})
         for view, group in zip(self.param_groups, self.inner.param_groups):  # torch made new group dicts
