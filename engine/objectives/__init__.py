@@ -1,0 +1,1 @@
+"""Pretraining objectives as sample transforms (one file each)."""
