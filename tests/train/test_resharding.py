@@ -2,9 +2,9 @@
 resumed losses equal the straight run's (DESIGN contract 3: to 1e-5 relative).
 
 Saved at tp 2 x pp 2 (a tied GPT-2: the last stage's copy of the embedding is not saved), resumed at dp 4, tp 4, pp
-4, dp_shard 2 x tp 2 (FSDP2), dp 4 with ZeRO-1, and in one process, each by `--resume PATH` into a run directory of
-its own; then back into tp 2 x pp 2 from the dp_shard 2 x tp 2 checkpoint (FSDP2 shards) and from the ZeRO-1 one
-(flat pieces of the optimizer state, written by every dp rank).
+4, dp_shard 2 x tp 2 (FSDP2), dp 4 with ZeRO-1, cp 2 x dp 2 and in one process, each by `--resume PATH` into a run
+directory of its own; then back into tp 2 x pp 2 from the dp_shard 2 x tp 2 checkpoint (FSDP2 shards) and from the
+ZeRO-1 one (flat pieces of the optimizer state, written by every dp rank).
 """
 
 import json
@@ -25,6 +25,7 @@ TARGETS = {
     "pp4": dict(parallel__pp=4),
     "fsdp2_tp2": dict(parallel__dp_shard=2, parallel__tp=2),
     "zero1_dp4": dict(parallel__zero1="true"),
+    "cp2_dp2": dict(parallel__cp=2),
 }
 
 
