@@ -78,6 +78,7 @@ class TrainConfig:
     fp8_margin: int = 0  # delayed scaling: 2^margin headroom on the history's amax
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # CPU intra-op threads per process; 0: OMP_NUM_THREADS if set, else cores / processes / 2
+    objective: Literal["clm", "fim", "mlm"] = "clm"  # engine/objectives: next-token, fill-in-the-middle, masked LM
     max_skipped_steps: int = 5  # consecutive steps with a non-finite gradient norm (skipped) before the run stops
     dry_run: bool = False  # build on the meta device for the layout, print parameter and memory counts, exit
 
@@ -133,6 +134,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """Rates of the objectives (train.objective)."""
+
+    fim_rate: float = 0.5  # fim: share of documents transformed (Bavarian et al. 2022)
+    fim_spm_rate: float = 0.5  # fim: share of the transformed ones in SPM order (else PSM)
+    mlm_mask_rate: float = 0.15  # mlm: share of the non-special tokens selected (80% mask, 10% random, 10% kept)
+
+
+@dataclass
 class ResilienceConfig:
     """Guards of a long run (engine.training.guards)."""
 
@@ -160,6 +170,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
 
     def to_dict(self) -> dict[str, Any]:

@@ -46,7 +46,8 @@ RESUME_LOCKED = {
     "model": None,  # every key but the free ones below
     "optim": None,
     "data": ("path", "valid_path", "tokenizer", "bpe_vocab"),
-    "train": ("global_batch", "seed"),
+    "train": ("global_batch", "seed", "objective"),
+    "objective": None,
 }
 RESUME_FREE_KEYS = ("model.kernels", "model.recompute", "optim.impl")  # implementation choices, same math
 

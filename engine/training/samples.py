@@ -112,18 +112,28 @@ class SequenceLayout:
     reset_positions: bool = False
     cp: int = 1
     cp_rank: int = 0
+    objective: Any = None  # an engine.objectives SampleObjective other than clm: inputs and labels come from it
 
     @classmethod
     def from_config(cls, cfg: Config, tokenizer: Any, cp_rank: int) -> SequenceLayout:
-        d = cfg.data
+        from engine.objectives.sample_objective import SampleObjective
+
+        d, o = cfg.data, cfg.objective
         if (d.document_mask or d.reset_positions) and tokenizer.special_ids.get("eod") is None:
             raise ConfigError("data.document_mask / reset_positions split documents at EOD: the tokenizer has none")
         eod = tokenizer.eod_id if d.document_mask or d.reset_positions else None
-        return cls(eod, d.document_mask, d.reset_positions, cfg.parallel.cp, cp_rank)
+        objective = None
+        if cfg.train.objective != "clm":
+            try:
+                objective = SampleObjective(cfg.train.objective, cfg.train.seed, tokenizer, o.fim_rate,
+                                            o.fim_spm_rate, o.mlm_mask_rate)  # fmt: skip
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        return cls(eod, d.document_mask, d.reset_positions, cfg.parallel.cp, cp_rank, objective)
 
     @property
     def plain(self) -> bool:
-        return not (self.document_mask or self.reset_positions or self.cp > 1)
+        return not (self.document_mask or self.reset_positions or self.cp > 1 or self.objective is not None)
 
 
 def documents(inputs: torch.Tensor, eod_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,17 +148,23 @@ def documents(inputs: torch.Tensor, eod_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceLayout | None = None) -> tuple:
-    """(inputs, labels) of shape (len(indices), seq_len): labels are the inputs shifted by one token. With a
-    `layout` that is not plain, (inputs, labels, model keyword arguments): `positions` and/or `segment_ids`, every
-    tensor cut to this rank's context-parallel chunks."""
+    """(inputs, labels) of shape (len(indices), seq_len): labels are the inputs shifted by one token, or what the
+    layout's objective makes of each sample. With a `layout` that is not plain, (inputs, labels, model keyword
+    arguments): `positions` and/or `segment_ids` and the objective's (mlm: `causal=False`), every tensor cut to this
+    rank's context-parallel chunks."""
     from engine.parallel.context import shard_sequence
 
-    tokens = torch.from_numpy(np.stack([np.asarray(ds[k]["tokens"], dtype=np.int64) for k in indices]))
-    tokens = tokens.to(device, non_blocking=True)
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    if layout is not None and layout.objective is not None:  # inputs and labels per sample, from the objective
+        pairs = [layout.objective(ds[k]["tokens"], k) for k in indices]
+        x = torch.from_numpy(np.stack([a for a, _ in pairs])).to(device, non_blocking=True)
+        y = torch.from_numpy(np.stack([b for _, b in pairs])).to(device, non_blocking=True)
+    else:
+        tokens = torch.from_numpy(np.stack([np.asarray(ds[k]["tokens"], dtype=np.int64) for k in indices]))
+        tokens = tokens.to(device, non_blocking=True)
+        x, y = tokens[:, :-1], tokens[:, 1:]
     if layout is None or layout.plain:
         return x, y
-    extra = {}
+    extra = dict(layout.objective.model_kwargs) if layout.objective is not None else {}
     if layout.document_mask or layout.reset_positions:
         segment_ids, positions = documents(x, layout.eod_id)
         if layout.document_mask:
@@ -157,7 +173,7 @@ def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceL
             extra["positions"] = positions
     if layout.cp > 1:
         extra.setdefault("positions", torch.arange(x.shape[1], device=device).expand_as(x))
-    cut = lambda t: shard_sequence(t, layout.cp, layout.cp_rank)  # noqa: E731
+    cut = lambda t: shard_sequence(t, layout.cp, layout.cp_rank) if torch.is_tensor(t) else t  # noqa: E731
     return cut(x), cut(y), {k: cut(v) for k, v in extra.items()}
 
 

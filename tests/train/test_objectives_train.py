@@ -1,0 +1,138 @@
+"""`--train.objective clm|fim|mlm` through the trainer: the batches each objective makes, training with falling loss
+on the embedded corpus through the CLI, the same losses at tp 2 as in one process, and one-line refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.data.tokenizer import ByteTokenizer
+from engine.metrics import read_metrics
+from engine.model.head import IGNORE_INDEX
+from engine.objectives.fim import fim_restore
+from engine.train import main, train
+from engine.training.samples import SequenceLayout, collate
+from tests.distributed import run_distributed
+from tests.train.conftest import tiny_args
+
+
+class _Docs:
+    """A stand-in dataset: sample k is three short documents of text, each ending in EOD, packed and cut to 48 + 1
+    tokens (the third one cut short, as a packed window's last document is)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def texts(self, k):
+        return [f"def f{k}(x):\n    return x + {k}", f"# note {k} é", f"value_{k} = {k * 7}"]
+
+    def __getitem__(self, k):
+        ids = [i for t in self.texts(k) for i in (*self.tok.encode(t), self.tok.eod_id)]
+        return {"tokens": np.array(ids[:49], dtype=np.int64)}
+
+
+def _layout(objective, **kw):
+    cfg = load_config(["--train.objective", objective, *[x for k, v in kw.items() for x in (f"--{k}", str(v))]])
+    return SequenceLayout.from_config(cfg, ByteTokenizer(), 0)
+
+
+def test_fim_batches_restore_their_documents():
+    tok, ds = ByteTokenizer(), _Docs(ByteTokenizer())
+    layout = _layout("fim", **{"objective.fim_rate": 1.0})
+    x, y, kwargs = collate(ds, [3, 4], torch.device("cpu"), layout)
+    assert kwargs == {} and x.shape == y.shape
+    for row, k in enumerate((3, 4)):
+        ids = torch.cat([x[row, :1], y[row]]).tolist()  # the transformed sample, whole
+        ids = [i if i != IGNORE_INDEX else tok.fim_pad_id for i in ids]
+        docs, cur = [], []
+        for i in ids:
+            if i == tok.eod_id:
+                docs.append(fim_restore(cur, tok.fim_prefix_id, tok.fim_middle_id, tok.fim_suffix_id, tok.decode))
+                cur = []
+            elif i != tok.fim_pad_id:
+                cur.append(i)
+        # Every whole document transformed (rate 1) and restorable; the sentinels push the last one past the end.
+        assert len(docs) == 2 and docs == ds.texts(k)[:2]
+        assert tok.fim_prefix_id in ids
+    # The same sample index gives the same transform, whatever batch it is in.
+    x2, y2, _ = collate(ds, [4], torch.device("cpu"), layout)
+    assert torch.equal(x2[0], x[1]) and torch.equal(y2[0], y[1])
+
+
+def test_fim_padding_is_never_a_label(monkeypatch):
+    """A sample that came out shorter (BPE pieces re-encoded) is padded with fim_pad: those positions carry no loss."""
+    from engine.objectives import sample_objective
+
+    tok = ByteTokenizer()
+    shortened = lambda tokens, *a: np.concatenate([tokens[:-3], [tok.fim_pad_id] * 3])  # noqa: E731
+    monkeypatch.setattr(sample_objective, "fim_packed", shortened)
+    x, y = _layout("fim").objective(np.arange(10), 7)
+    assert x.tolist() == [0, 1, 2, 3, 4, 5, 6, tok.fim_pad_id, tok.fim_pad_id]
+    assert y.tolist() == [1, 2, 3, 4, 5, 6, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_mlm_batches_are_bidirectional_with_labels_at_the_masked_positions():
+    tok, ds = ByteTokenizer(), _Docs(ByteTokenizer())
+    x, y, kwargs = collate(ds, list(range(40)), torch.device("cpu"), _layout("mlm"))
+    assert kwargs == {"causal": False}
+    selected = y != IGNORE_INDEX
+    original = torch.stack([torch.from_numpy(ds[k]["tokens"][:-1]) for k in range(40)])
+    assert torch.equal(y[selected], original[selected])  # labels: the original tokens where selected
+    assert torch.equal(x[~selected], original[~selected])  # elsewhere the inputs are unchanged
+    eligible = original != tok.eod_id
+    rate = selected.sum().item() / eligible.sum().item()
+    assert abs(rate - 0.15) < 0.01 and not selected[~eligible].any()
+    assert (x[selected] == tok.mask_id).float().mean().item() == pytest.approx(0.8, abs=0.06)
+
+
+@pytest.mark.parametrize("objective", ["fim", "mlm"])
+def test_each_objective_trains_on_the_embedded_corpus_through_the_cli(tmp_path, objective, capsys):
+    args = tiny_args(tmp_path / objective, "embedded", "", train__objective=objective, train__steps=50,
+                     optim__decay_steps=50, eval__every=25, checkpoint__every=0)  # fmt: skip
+    args[args.index("--data.valid_path") + 1] = ""
+    assert main(args) == 0, capsys.readouterr().err
+    recs = read_metrics(tmp_path / objective / "metrics.jsonl")
+    vals = {r["step"]: r["val_loss"] for r in recs if r.get("val_loss") is not None}
+    losses = [r["loss"] for r in recs if r.get("loss") is not None]
+    assert sorted(vals) == [0, 25, 50] and vals[50] < vals[0] - 1.0, vals
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0
+
+
+def _tp_worker(rank, world, root, data):
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    out = {}
+    for objective in ("fim", "mlm"):
+        cfg = load_config(tiny_args(Path(root) / f"tp2_{objective}", *data, train__objective=objective,
+                                    parallel__tp=2, eval__every=0, checkpoint__every=0))  # fmt: skip
+        out[objective] = train(cfg).losses
+        dist.barrier()
+    return out
+
+
+@pytest.mark.distributed
+def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
+    got = run_distributed(_tp_worker, 2, str(tmp_path), tiny_data, timeout=180)
+    for objective in ("fim", "mlm"):
+        one = train(load_config(tiny_args(tmp_path / f"one_{objective}", *tiny_data, train__objective=objective,
+                                          eval__every=0, checkpoint__every=0))).losses  # fmt: skip
+        for rank in (0, 1):
+            assert sorted(got[rank][objective]) == sorted(one)
+            for s, v in one.items():
+                assert got[rank][objective][s] == pytest.approx(v, rel=1e-5, abs=0), (objective, s)
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(train__objective="span"), "train.objective must be one of clm|fim|mlm"),
+        (dict(train__objective="fim", objective__fim_rate=1.5), "objective.fim_rate 1.5 is outside [0, 1]"),
+        (dict(train__objective="mlm", parallel__pp=2), "train.objective mlm (a bidirectional encoder) with"),
+    ],
+)
+def test_bad_objectives_are_one_line_errors(tmp_path, tiny_data, capsys, kw, needle):
+    assert main(tiny_args(tmp_path / "run", *tiny_data, **kw)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
