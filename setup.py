@@ -28,7 +28,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "safetensors"],  # safetensors: reads back the consolidate CLI's output
+        # safetensors: reads back the consolidate CLI's output; scipy: the independent scaling-law fit in the tests
+        "test": ["pytest>=7", "ruff>=0.5", "safetensors", "scipy"],
         # Optional speed-ups; the engine detects them at run time and never requires them.
         "cuda": ["flash-attn", "nvidia-ml-py"],
         "tensorboard": ["tensorboard"],
