@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "fit": ("engine.scaling.fitting", "fit a loss law (Chinchilla Approaches 2 and 3) to a table of runs"),
+    "fit": ("engine.scaling.fit_cli", "fit a loss law (Chinchilla Approaches 2 and 3) to a table of runs"),
     "plan": ("engine.scaling.planner", "compute-optimal model and data sizes for a FLOP budget or a cluster"),
 }
 

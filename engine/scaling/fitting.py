@@ -1,4 +1,4 @@
-"""Fit a loss law to your own table of runs: Chinchilla's Approach 3 (parametric) and Approach 2 (IsoFLOP profiles).
+"""Fit a loss law to your own table of runs: Chinchilla's Approach 3 (parametric).
 
 Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models" (arXiv 2203.15556), section 3 and App. D.2.
 
@@ -26,36 +26,21 @@ from the full-data estimate, as Besiroglu et al. do, rather than from the whole 
 are one batched L-BFGS). Standard errors are the replicates' standard deviations (ddof = 1); the intervals are
 percentiles, by default 10th-90th, the convention of the Chinchilla paper's Table 2.
 
-The frontier under C = 6 N D (paper eq. 4): N_opt(C) = G (C/6)^a, D_opt(C) = G^-1 (C/6)^b with
-G = (alpha A / (beta B))^(1/(alpha+beta)), a = beta / (alpha+beta), b = alpha / (alpha+beta).
-
-Approach 2: runs are grouped into FLOP bands, a parabola of loss against ln N is fitted per band (least squares),
-its vertex gives N_opt(C) (D_opt = C / 6 N_opt), and log N_opt = log k + a log C is fitted by least squares (b
-likewise; with D_opt = C / 6 N_opt, b = 1 - a). Binning:
-  - exact budgets: when every distinct C (values within 0.1% of each other count as one) has at least 3 runs,
-    each distinct C is a band (an IsoFLOP sweep);
-  - otherwise log-spaced bands: `bands_per_decade` bands per decade (default 4), centred on log10 C = k / 4, so
-    bands are a factor 10^(1/4) = 1.78 wide and a sweep at 1e19, 3e19 (= 10^19.48), 6e19 (= 10^19.78), ... lands
-    near band centres. A band's C is the geometric mean of its runs' C; the spread of C inside a band is ignored
-    by the parabola.
-A band is skipped (with the reason kept in `Approach2Fit.skipped`) when it has fewer than 3 distinct N, the
-parabola opens downwards, or its vertex lies outside the band's sampled N range.
-
-Nothing here needs scipy; matplotlib is imported only by `--plot`.
+The fitted law and its frontier under C = 6 N D (paper eq. 4: N_opt = G (C/6)^a) are `laws.ParametricLaw`'s:
+`Approach3Fit.law`, to which its G, a, b, `optimal` and `predict` delegate. Approach 2 is in `isoflop`, reading a
+runs table in `runs_table`, the `fit` command in `fit_cli`. Nothing here needs scipy.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import itertools
-import json
 import math
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+
+from engine.scaling.laws import ParametricLaw
+from engine.scaling.runs_table import FitError
 
 HUBER_DELTA = 1e-3
 PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
@@ -67,114 +52,6 @@ PAPER_GRID = {
     "alpha": np.arange(0.0, 2.01, 0.5),
     "beta": np.arange(0.0, 2.01, 0.5),
 }
-COLUMN_GUESSES = {
-    "params": ("N", "params", "n_params", "parameters", "Model Size"),
-    "tokens": ("D", "tokens", "n_tokens", "Training Tokens"),
-    "flops": ("C", "flops", "FLOPs", "Training FLOP"),
-    "loss": ("L", "loss", "final_loss", "val_loss"),
-}
-
-
-class FitError(ValueError):
-    """A user error (a bad table, too few runs): the message is one line, meant for stderr."""
-
-
-# ------------------------------------------------------------------------------------------------ the runs table
-
-
-@dataclass(frozen=True)
-class Runs:
-    """One row per training run: parameters N, tokens D, training FLOPs C (= 6 N D when not given), final loss L."""
-
-    N: np.ndarray
-    D: np.ndarray
-    C: np.ndarray
-    L: np.ndarray
-    source: str = ""
-    columns: dict = field(default_factory=dict)  # role -> header name used
-
-    def __len__(self) -> int:
-        return len(self.L)
-
-
-def _pick_column(header: list[str], role: str, given: str | None, path: str) -> str | None:
-    if given is not None:
-        if given not in header:
-            raise FitError(f"{path}: no column {given!r} (columns: {', '.join(header)})")
-        return given
-    lowered = {h.strip().lower(): h for h in header}
-    for guess in COLUMN_GUESSES[role]:
-        if guess.lower() in lowered:
-            return lowered[guess.lower()]
-    return None
-
-
-def read_runs(
-    path: str | Path,
-    params_column: str | None = None,
-    tokens_column: str | None = None,
-    flops_column: str | None = None,
-    loss_column: str | None = None,
-) -> Runs:
-    """Reads a CSV with a header. Columns named by the arguments, else guessed from `COLUMN_GUESSES` (the first of
-    each role's names found, case-insensitive). D comes from the tokens column, else D = C / (6 N) from the FLOPs
-    column; C likewise from D. Raises FitError (one line) for a missing file or column, a non-numeric, non-finite or
-    non-positive value (with its line number), or fewer than 5 runs."""
-    path = str(path)
-    if tokens_column is not None and flops_column is not None:
-        raise FitError("give a tokens column or a FLOPs column, not both")
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-    except FileNotFoundError:
-        raise FitError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FitError(f"{path}: cannot read: {exc}") from None
-    if not rows:
-        raise FitError(f"{path}: empty file")
-    header = [h.strip() for h in rows[0]]
-    n_col = _pick_column(header, "params", params_column, path)
-    l_col = _pick_column(header, "loss", loss_column, path)
-    d_col = _pick_column(header, "tokens", tokens_column, path) if flops_column is None else None
-    c_col = _pick_column(header, "flops", flops_column, path) if tokens_column is None else None
-    for role, col, flag in (("parameter", n_col, "--params-column"), ("loss", l_col, "--loss-column")):
-        if col is None:
-            raise FitError(f"{path}: no {role} column found; name it with {flag} (columns: {', '.join(header)})")
-    if d_col is None and c_col is None:
-        raise FitError(
-            f"{path}: no tokens or FLOPs column found; name one with --tokens-column or --flops-column "
-            f"(columns: {', '.join(header)})"
-        )
-    use = {"params": n_col, "loss": l_col}
-    use["tokens" if d_col is not None else "flops"] = d_col if d_col is not None else c_col
-    index = {role: header.index(col) for role, col in use.items()}
-    values: dict[str, list[float]] = {role: [] for role in use}
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue  # blank line
-        for role, i in index.items():
-            cell = row[i].strip() if i < len(row) else ""
-            try:
-                v = float(cell)
-            except ValueError:
-                raise FitError(f"{path} line {line_no}: column {use[role]!r} value {cell!r} is not a number") from None
-            if not math.isfinite(v) or v <= 0:
-                raise FitError(f"{path} line {line_no}: column {use[role]!r} value {cell!r} must be positive")
-            values[role].append(v)
-    N = np.asarray(values["params"], dtype=np.float64)
-    L = np.asarray(values["loss"], dtype=np.float64)
-    if len(L) < 5:
-        raise FitError(f"{path}: {len(L)} runs; a fit needs at least 5")
-    if "tokens" in values:
-        D = np.asarray(values["tokens"], dtype=np.float64)
-        C = 6.0 * N * D
-    else:
-        C = np.asarray(values["flops"], dtype=np.float64)
-        D = C / (6.0 * N)
-    return Runs(N=N, D=D, C=C, L=L, source=path, columns=use)
-
-
-# ------------------------------------------------------------------------------------------------ Approach 3
 
 
 def _to_internal(E: float, A: float, B: float, alpha: float, beta: float) -> np.ndarray:
@@ -334,27 +211,31 @@ class Approach3Fit:
     grid: str = "fast"
 
     @property
+    def law(self) -> ParametricLaw:
+        """The fitted constants as a `laws.ParametricLaw` (named "approach3-fit"), which owns the frontier."""
+        return ParametricLaw("approach3-fit", E=self.E, A=self.A, B=self.B, alpha=self.alpha, beta=self.beta)
+
+    @property
     def a(self) -> float:
         """N_opt ∝ C^a."""
-        return self.beta / (self.alpha + self.beta)
+        return self.law.a
 
     @property
     def b(self) -> float:
         """D_opt ∝ C^b."""
-        return self.alpha / (self.alpha + self.beta)
+        return self.law.b
 
     @property
     def G(self) -> float:
-        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        return self.law.G
 
     def predict(self, N, D):
-        N, D = np.asarray(N, dtype=np.float64), np.asarray(D, dtype=np.float64)
-        return self.E + self.A / N**self.alpha + self.B / D**self.beta
+        return self.law.loss(np.asarray(N, dtype=np.float64), np.asarray(D, dtype=np.float64))
 
     def optimal(self, C):
-        """(N_opt, D_opt) for FLOP budget(s) C under C = 6 N D."""
+        """(N_opt, D_opt) for FLOP budget(s) C under C = 6 N D (D_opt = C / 6 N_opt, so the budget holds exactly)."""
         C = np.asarray(C, dtype=np.float64)
-        n = self.G * (C / 6.0) ** self.a
+        n = self.law.n_opt(C)
         return n, C / (6.0 * n)
 
     def to_dict(self) -> dict:
@@ -477,287 +358,3 @@ def fit_approach3(
         n_bootstrap=bootstrap,
         grid="starts" if starts is not None else grid,
     )
-
-
-# ------------------------------------------------------------------------------------------------ Approach 2
-
-
-def flop_bands(C, bands_per_decade: float = 4.0) -> tuple[np.ndarray, str]:
-    """Band label per run (an integer; equal labels = same band) and the binning used ("exact" or "log").
-
-    Exact budgets when every distinct C (within 0.1%) has at least 3 runs; otherwise bands of width
-    1/bands_per_decade in log10 C centred on multiples of that width."""
-    C = np.asarray(C, dtype=np.float64)
-    order = np.argsort(C, kind="stable")
-    sc = C[order]
-    labels = np.empty(len(C), dtype=np.int64)
-    labels[order] = np.cumsum(np.r_[True, sc[1:] > sc[:-1] * 1.001]) - 1
-    if np.bincount(labels).min() >= 3:
-        return labels, "exact"
-    return np.round(np.log10(C) * bands_per_decade).astype(np.int64), "log"
-
-
-@dataclass(frozen=True)
-class IsoFLOPBand:
-    C: float  # geometric mean of the band's runs' FLOPs
-    n_runs: int
-    N_opt: float
-    D_opt: float
-    L_min: float  # the parabola's value at its vertex
-    parabola: tuple  # (c2, c1, c0): L = c2 (ln N)^2 + c1 ln N + c0
-    N_range: tuple  # (min N, max N) sampled in the band
-
-
-@dataclass(frozen=True)
-class Approach2Fit:
-    """N_opt = k_N C^a and D_opt = k_D C^b fitted to the IsoFLOP parabolas' minima (least squares in log space)."""
-
-    a: float
-    b: float
-    a_se: float
-    b_se: float
-    k_N: float
-    k_D: float
-    bands: list
-    skipped: list  # (C, n_runs, reason)
-    binning: str
-
-    def optimal(self, C):
-        C = np.asarray(C, dtype=np.float64)
-        return self.k_N * C**self.a, self.k_D * C**self.b
-
-    def to_dict(self) -> dict:
-        return {
-            "a": self.a,
-            "b": self.b,
-            "a_se": self.a_se,
-            "b_se": self.b_se,
-            "k_N": self.k_N,
-            "k_D": self.k_D,
-            "binning": self.binning,
-            "bands": [
-                {"C": bd.C, "n_runs": bd.n_runs, "N_opt": bd.N_opt, "D_opt": bd.D_opt, "L_min": bd.L_min}
-                for bd in self.bands
-            ],
-            "skipped": [{"C": c, "n_runs": n, "reason": r} for c, n, r in self.skipped],
-        }
-
-
-def _loglog_fit(x, y) -> tuple[float, float, float]:
-    """Least squares log y = c + s log x: (slope, exp(c), standard error of the slope; nan with 2 points)."""
-    lx, ly = np.log(x), np.log(y)
-    A = np.stack([lx, np.ones_like(lx)], axis=1)
-    coef, *_ = np.linalg.lstsq(A, ly, rcond=None)
-    n = len(lx)
-    if n > 2:
-        resid = ly - A @ coef
-        s2 = float(resid @ resid) / (n - 2)
-        se = math.sqrt(s2 / float(((lx - lx.mean()) ** 2).sum()))
-    else:
-        se = float("nan")
-    return float(coef[0]), float(math.exp(coef[1])), se
-
-
-def fit_approach2(N, C, L, *, bands_per_decade: float = 4.0) -> Approach2Fit:
-    """Chinchilla Approach 2 on runs (N, C, L); see the module docstring for the binning and the skip rules."""
-    N, C, L = (np.asarray(x, dtype=np.float64).ravel() for x in (N, C, L))
-    labels, binning = flop_bands(C, bands_per_decade)
-    bands, skipped = [], []
-    for lab in np.unique(labels):
-        sel = labels == lab
-        n_b, c_b = int(sel.sum()), float(np.exp(np.log(C[sel]).mean()))
-        lnN = np.log(N[sel])
-        if len(np.unique(np.round(lnN, 9))) < 3:
-            skipped.append((c_b, n_b, "fewer than 3 distinct model sizes"))
-            continue
-        c2, c1, c0 = np.polyfit(lnN, L[sel], 2)
-        if c2 <= 0:
-            skipped.append((c_b, n_b, "parabola opens downwards (no minimum)"))
-            continue
-        v = -c1 / (2 * c2)
-        if not lnN.min() <= v <= lnN.max():
-            skipped.append((c_b, n_b, "minimum outside the sampled model sizes"))
-            continue
-        n_opt = float(math.exp(v))
-        bands.append(
-            IsoFLOPBand(
-                C=c_b,
-                n_runs=n_b,
-                N_opt=n_opt,
-                D_opt=c_b / (6.0 * n_opt),
-                L_min=float(c0 - c1 * c1 / (4 * c2)),
-                parabola=(float(c2), float(c1), float(c0)),
-                N_range=(float(N[sel].min()), float(N[sel].max())),
-            )
-        )
-    if len(bands) < 2:
-        reasons = "; ".join(f"C={c:.3g} ({n} runs): {r}" for c, n, r in skipped) or "no bands"
-        raise FitError(f"Approach 2 needs at least 2 FLOP bands with a usable parabola, got {len(bands)} ({reasons})")
-    cs = np.array([bd.C for bd in bands])
-    a, k_n, a_se = _loglog_fit(cs, np.array([bd.N_opt for bd in bands]))
-    b, k_d, b_se = _loglog_fit(cs, np.array([bd.D_opt for bd in bands]))
-    return Approach2Fit(a=a, b=b, a_se=a_se, b_se=b_se, k_N=k_n, k_D=k_d, bands=bands, skipped=skipped, binning=binning)
-
-
-# ------------------------------------------------------------------------------------------------ plot and CLI
-
-
-def plot_fit(
-    runs: Runs, fit3: Approach3Fit | None, fit2: Approach2Fit | None, out: str | Path, bands_per_decade: float = 4.0
-) -> None:
-    """Loss against N per FLOP band (points), the Approach-3 law along each band's IsoFLOP line and its frontier
-    N_opt(C), and the Approach-2 parabolas' minima. Needs matplotlib (FitError if absent)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise FitError("--plot needs matplotlib (pip install matplotlib)") from None
-    labels, _ = flop_bands(runs.C, bands_per_decade)
-    uniq = np.unique(labels)
-    cmap = plt.get_cmap("viridis")
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for i, lab in enumerate(uniq):
-        sel = labels == lab
-        colour = cmap(i / max(len(uniq) - 1, 1))
-        c_b = float(np.exp(np.log(runs.C[sel]).mean()))
-        ax.scatter(runs.N[sel], runs.L[sel], s=12, color=colour, label=f"C ≈ {c_b:.2g}")
-        if fit3 is not None:
-            ns = np.geomspace(runs.N[sel].min(), runs.N[sel].max(), 100)
-            ax.plot(ns, fit3.predict(ns, c_b / (6.0 * ns)), color=colour, lw=1)
-    if fit3 is not None:
-        cs = np.geomspace(runs.C.min(), runs.C.max(), 100)
-        n_opt, d_opt = fit3.optimal(cs)
-        ax.plot(n_opt, fit3.predict(n_opt, d_opt), "k--", lw=1.5, label="Approach 3 frontier")
-    if fit2 is not None:
-        ax.scatter(
-            [bd.N_opt for bd in fit2.bands],
-            [bd.L_min for bd in fit2.bands],
-            marker="x",
-            s=60,
-            color="red",
-            zorder=3,
-            label="Approach 2 minima",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        fig.savefig(out, dpi=120)
-    except OSError as exc:
-        raise FitError(f"cannot write {out}: {exc}") from None
-    finally:
-        plt.close(fig)
-
-
-def _format_text(fit3: Approach3Fit | None, fit2: Approach2Fit | None, runs: Runs) -> str:
-    lines = [f"{len(runs)} runs from {runs.source} (columns: {runs.columns})"]
-    if fit3 is not None:
-        lines.append(
-            f"Approach 3: L(N, D) = E + A/N^alpha + B/D^beta  (Huber delta {HUBER_DELTA:g} on log loss, "
-            f"L-BFGS from {fit3.n_starts} starts, grid {fit3.grid!r}"
-            + (f", {fit3.n_dropped} highest-loss runs dropped" if fit3.n_dropped else "")
-            + ")"
-        )
-        for k in PARAM_NAMES + ("a", "b"):
-            v = getattr(fit3, k)
-            extra = ""
-            if k in fit3.se:
-                lo, hi = fit3.ci[k]
-                extra = f"  se {fit3.se[k]:.4g}  {100 * fit3.ci_level:.0f}% CI [{lo:.4g}, {hi:.4g}]"
-            lines.append(f"  {k:<6} {v:.4g}{extra}")
-        if fit3.n_bootstrap:
-            lines.append(f"  ({fit3.n_bootstrap} bootstrap refits)")
-    if fit2 is not None:
-        lines.append(f"Approach 2: {len(fit2.bands)} FLOP bands ({fit2.binning} binning)")
-        lines.append(f"  a {fit2.a:.4g} (se {fit2.a_se:.2g})   b {fit2.b:.4g} (se {fit2.b_se:.2g})")
-        for bd in fit2.bands:
-            lines.append(
-                f"  C {bd.C:.3g}: {bd.n_runs} runs, N_opt {bd.N_opt:.3g}, D_opt {bd.D_opt:.3g}, L_min {bd.L_min:.4g}"
-            )
-        for c, n, reason in fit2.skipped:
-            lines.append(f"  C {c:.3g}: {n} runs, skipped: {reason}")
-    return "\n".join(lines)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        raise FitError(message)
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m engine.scaling fit",
-        description="Fit Chinchilla Approaches 2 and 3 to a CSV of runs (one row per run, with a header).",
-    )
-    p.add_argument("runs", help="CSV file of runs")
-    p.add_argument("--params-column", help="column of parameter counts N (default: guessed, e.g. N, params)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--tokens-column", help="column of training tokens D (default: guessed, e.g. D, tokens)")
-    g.add_argument("--flops-column", help="column of training FLOPs C; then D = C / (6 N)")
-    p.add_argument("--loss-column", help="column of final losses (default: guessed, e.g. L, loss)")
-    p.add_argument("--approach", choices=("2", "3", "both"), default="both")
-    p.add_argument("--bootstrap", type=int, default=100, metavar="K", help="bootstrap refits for Approach 3 (0: none)")
-    p.add_argument("--grid", choices=("fast", "paper"), default="fast", help="Approach-3 initialisation grid")
-    p.add_argument(
-        "--drop-highest-loss",
-        type=int,
-        default=0,
-        metavar="K",
-        help="leave out the K highest-loss runs from Approach 3 (Besiroglu et al. drop 5)",
-    )
-    p.add_argument("--bands-per-decade", type=float, default=4.0, help="Approach-2 FLOP bands per decade")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--json", action="store_true", help="print the fit as JSON")
-    p.add_argument("--plot", metavar="OUT.png", help="draw loss vs N per FLOP band with the fitted frontier")
-    return p
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    """`python -m engine.scaling fit RUNS.csv ...`: 0 on success, 2 on a user error (one line on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _build_parser()
-    if any(a in ("-h", "--help") for a in argv):
-        parser.print_help()
-        return 0
-    try:
-        args = parser.parse_args(argv)
-        if args.bootstrap < 0:
-            raise FitError("--bootstrap must be >= 0")
-        if args.bands_per_decade <= 0:
-            raise FitError("--bands-per-decade must be positive")
-        runs = read_runs(args.runs, args.params_column, args.tokens_column, args.flops_column, args.loss_column)
-        if not 0 <= args.drop_highest_loss <= len(runs) - 5:
-            raise FitError(f"--drop-highest-loss must be between 0 and {len(runs) - 5} for {len(runs)} runs")
-        fit3 = fit2 = None
-        if args.approach in ("3", "both"):
-            fit3 = fit_approach3(
-                runs.N,
-                runs.D,
-                runs.L,
-                grid=args.grid,
-                bootstrap=args.bootstrap,
-                seed=args.seed,
-                drop_highest_loss=args.drop_highest_loss,
-            )
-        if args.approach in ("2", "both"):
-            fit2 = fit_approach2(runs.N, runs.C, runs.L, bands_per_decade=args.bands_per_decade)
-        if args.plot:
-            plot_fit(runs, fit3, fit2, args.plot, args.bands_per_decade)
-    except FitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        out: dict = fit3.to_dict() if fit3 is not None else {}
-        out["n_runs_in_table"] = len(runs)
-        if fit2 is not None:
-            out["approach2"] = fit2.to_dict()
-        print(json.dumps(out, allow_nan=True))
-    else:
-        print(_format_text(fit3, fit2, runs))
-        if args.plot:
-            print(f"wrote {args.plot}")
-    return 0

@@ -1,5 +1,6 @@
-"""engine.scaling.fitting: Chinchilla Approaches 2 and 3 on synthetic data with known constants, on the Chinchilla
-Figure 4 points (data/scaling/chinchilla_fig4_points.csv) against an independent fit, and the `fit` CLI.
+"""engine.scaling.fitting and .isoflop: Chinchilla Approaches 3 and 2 on synthetic data with known constants, on the
+Chinchilla Figure 4 points (data/scaling/chinchilla_fig4_points.csv) against an independent fit, and the `fit` CLI
+(engine.scaling.fit_cli).
 
 "Independent fit" of the Figure 4 points: the same estimator (sum of Huber(delta = 1e-3) of log-space residuals in
 the LSE parameterisation, the Chinchilla paper's Approach 3), but computed by different code: the objective is
@@ -28,16 +29,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.scaling.fitting import (
-    PAPER_GRID,
-    FitError,
-    cli_main,
-    fit_approach2,
-    fit_approach3,
-    flop_bands,
-    huber_objective,
-    read_runs,
-)
+from engine.scaling.fit_cli import cli_main
+from engine.scaling.fitting import PAPER_GRID, fit_approach3, huber_objective
+from engine.scaling.isoflop import fit_approach2, flop_bands
+from engine.scaling.runs_table import FitError, read_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 FIG4 = ROOT / "data" / "scaling" / "chinchilla_fig4_points.csv"
