@@ -1,6 +1,6 @@
 """`python -m engine.scaling fit|plan|layout ...`: scaling-law fits, the compute planner and the layout planner.
 
-Each subcommand lives with its code (`fitting.cli_main`, `planner.cli_main`) and returns an exit status; user errors
+Each subcommand lives with its code (`fit_cli.cli_main`, `planner.cli_main`) and returns an exit status; user errors
 are one line on stderr.
 """
 
