@@ -35,6 +35,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class TokenizerIds(torch.nn.Module):
+    """The model with its logits cut to the tokenizer's ids: the model's vocabulary may be larger (padded to a multiple
+    of 64, or model.vocab_size), and an id the tokenizer lacks could be sampled but not decoded."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int) -> None:
+        super().__init__()
+        self.model, self.vocab_size, self.cfg = model, vocab_size, model.cfg
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)[..., : self.vocab_size]
+
+
 def load_model(checkpoint: str, device: str = "cpu") -> tuple[torch.nn.Module, object, Config]:
     """(model in eval mode, tokenizer, config) from a checkpoint path."""
     from engine.checkpoint.state import load_named_parameters
@@ -70,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=args.device)
     out = generate(
-        model,
+        TokenizerIds(model, tokenizer.vocab_size),
         prompt,
         args.max_new,
         temperature=args.temperature,

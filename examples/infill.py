@@ -21,22 +21,10 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # imported from elsewh
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from generate import load_model
+from generate import TokenizerIds, load_model
 
 from engine.checkpoint.checkpointer import CheckpointError
 from engine.config import ConfigError
-
-
-class _TokenizerIds(torch.nn.Module):
-    """The model with its logits cut to the tokenizer's ids: the model's vocabulary may be larger (padded to a multiple
-    of 64, or model.vocab_size), and an id the tokenizer lacks could be sampled but not decoded."""
-
-    def __init__(self, model: torch.nn.Module, vocab_size: int) -> None:
-        super().__init__()
-        self.model, self.vocab_size, self.cfg = model, vocab_size, model.cfg
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens)[..., : self.vocab_size]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -78,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     ids = torch.tensor([prompt], dtype=torch.long, device=args.device)
-    model = _TokenizerIds(model, tok.vocab_size)
+    model = TokenizerIds(model, tok.vocab_size)
     out = generate(model, ids, min(args.max_new, room), temperature=args.temperature, top_k=args.top_k or None,
                    eos_id=eod, generator=gen)[0, len(prompt) :].tolist()  # fmt: skip
     middle = tok.decode(out[: out.index(eod)] if eod in out else out)
