@@ -50,11 +50,9 @@ def test_context_parallel_trains_like_one_process_and_resumes_exactly(tmp_path, 
 
 
 CP_4RANKS = {
-    "cp4 ring": ("plain", dict(parallel__cp=4)),
     "cp4 ring docs": ("docs", dict(parallel__cp=4, **DOCS)),
     "cp2 x tp2 sp": ("plain", dict(parallel__cp=2, parallel__tp=2, parallel__sp="true")),
     "cp2 x tp2 docs": ("docs", dict(parallel__cp=2, parallel__tp=2, **DOCS)),
-    "cp2 x dp2 docs": ("docs", dict(parallel__cp=2, **DOCS)),
     "cp2 x dp2 zero1": ("plain", dict(parallel__cp=2, parallel__zero1="true")),
     "cp2 x dp_shard2 docs": ("docs", dict(parallel__cp=2, parallel__dp_shard=2, **DOCS)),
     "cp2 x pp2 docs": ("docs", dict(parallel__cp=2, parallel__pp=2, train__micro_batch=2, **DOCS)),
