@@ -253,18 +253,25 @@ def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def file_problem(path: Path, info: dict[str, Any]) -> str | None:
+    """What is wrong with one checkpoint file against its manifest entry (size and sha256), in one line, or None."""
+    try:
+        if not path.is_file():
+            return f"checkpoint file {path} is missing"
+        if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            return f"checkpoint file {path} is corrupt (sha256 mismatch with {MANIFEST})"
+    except OSError as e:
+        return f"checkpoint file {path} is unreadable: {e.strerror or type(e).__name__}"
+    return None
+
+
 def verify_checkpoint(ckpt_dir: str | Path, files: list[str] | None = None) -> dict[str, Any]:
     """Checks every file the manifest lists (or only `files`) against its sha256; returns the manifest."""
     ckpt_dir = Path(ckpt_dir)
     manifest = read_manifest(ckpt_dir)
     for name, info in manifest["files"].items():
-        if files is not None and name not in files:
-            continue
-        path = ckpt_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing")
-        if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
-            raise CheckpointError(f"checkpoint file {path} is corrupt (sha256 mismatch with {MANIFEST})")
+        if (files is None or name in files) and (problem := file_problem(ckpt_dir / name, info)) is not None:
+            raise CheckpointError(problem)
     return manifest
 
 

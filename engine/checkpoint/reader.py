@@ -22,10 +22,9 @@ from typing import Any
 import torch
 
 from engine.checkpoint.checkpointer import (
-    MANIFEST,
     CheckpointError,
+    file_problem,
     read_manifest,
-    sha256_file,
     tiling_problem,
     verify_checkpoint,
 )
@@ -170,16 +169,8 @@ def verify_share(ckpt_dir: str | Path, rank: int = 0, world: int = 1) -> str | N
     except CheckpointError as e:
         return str(e)
     for i, (name, info) in enumerate(sorted(manifest["files"].items())):
-        if i % world != rank:
-            continue
-        path = ckpt_dir / name
-        try:
-            if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
-                return f"checkpoint file {path} is corrupt (sha256 mismatch with {MANIFEST})"
-        except FileNotFoundError:
-            return f"checkpoint file {path} is missing"
-        except OSError as e:
-            return f"checkpoint file {path} is unreadable: {e.strerror or type(e).__name__}"
+        if i % world == rank and (problem := file_problem(ckpt_dir / name, info)) is not None:
+            return problem
     return None
 
 
