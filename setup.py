@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         # safetensors: reads back the consolidate CLI's output; scipy: the independent scaling-law fit in the tests
-        "test": ["pytest>=7", "ruff>=0.5", "safetensors", "scipy"],
+        "test": ["pytest>=7", "ruff>=0.5", "safetensors", "scipy", "transformers>=5,<5.25"],  # 5.25 needs hub `kernels`
         # Optional speed-ups; the engine detects them at run time and never requires them.
         "cuda": ["flash-attn", "nvidia-ml-py"],
         "tensorboard": ["tensorboard"],
