@@ -1,0 +1,58 @@
+"""Curate raw documents: `python -m engine.data.curate --input FILES --output DIR [--steps a,b | --pipeline P.toml]`.
+
+Runs quality filters, dedup and PII redaction (engine/data/curation, docs/curation.md) over JSON-lines, parquet or
+text files, one output file per input in DIR, plus DIR/report.json. Running the same command again after a crash
+resumes: finished files of finished stages are not redone. Bad input prints one line and exits with status 2.
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from engine.data.curation.executor import WorkerDied
+from engine.data.curation.pipeline import FINEWEB_STEPS, Pipeline
+from engine.data.curation.runner import OUTPUT_FORMATS, curate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.data.curate", description=__doc__.split("\n")[0])
+    p.add_argument("--input", nargs="+", required=True, help="input files or quoted globs, in order")
+    p.add_argument("--output", required=True, help="output directory (resumed if it holds the same run)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--pipeline", help="pipeline TOML file: [[steps]] tables with name and parameters")
+    group.add_argument("--steps", help=f"comma-separated step names (default: {','.join(FINEWEB_STEPS)})")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for the per-file stages")
+    p.add_argument("--text-key", default=None, help="document key holding the text (default: text)")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="jsonl.gz")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.pipeline:
+            pipeline = Pipeline.from_toml(args.pipeline, args.text_key)
+        else:
+            names = args.steps.split(",") if args.steps is not None else FINEWEB_STEPS
+            pipeline = Pipeline.from_names(names, args.text_key or "text")
+        report = curate(args.input, args.output, pipeline, args.workers, args.output_format, args.progress)
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except WorkerDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.output}: {report['documents_out']}/{report['documents_in']} documents kept, "
+        f"{report['bytes_out']}/{report['bytes_in']} bytes, {report['malformed_lines']} malformed lines skipped, "
+        f"{report['seconds']:.2f} s (report.json)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

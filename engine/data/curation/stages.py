@@ -1,0 +1,224 @@
+"""The three stages of a curation run, each a pure function of files in the run's work directory.
+
+1. `process_shard` (per input file): reads the documents, runs the document steps in order, computes each dedup
+   step's keys on the text as it reaches that step, and writes the documents that no document step removed, the
+   keys, and per-document bookkeeping (line, where it was removed and why, its size after each step).
+2. `cluster_all` (once): for each dedup step in order, clusters the keys of the documents still present at that step
+   over the whole corpus and records which documents it removes and which document each duplicates.
+3. `write_shard` (per input file): writes the documents that survived both, in input order.
+
+Every stage writes its files under temporary names renamed into place and then a marker (also renamed into place),
+so a shard with a marker is complete and one without is redone from scratch: killing a run at any point and running it
+again gives the same output as an uninterrupted run.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.data._files import atomic_write, remove_stale_temps
+from engine.data.curation.documents import document_writer, read_documents
+from engine.data.curation.pipeline import Pipeline
+from engine.data.curation.steps import DedupStep
+
+SAMPLES_PER_REASON = 3
+SAMPLE_CHARS = 300
+KEY_BATCH_DOCS = 256  # dedup keys are computed this many documents at a time (bounds memory)
+NOT_REMOVED = -1
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run keeps its files: outputs and report.json in `output`, stage files under `output/.curation`."""
+
+    output: str
+
+    @property
+    def work(self) -> str:
+        return os.path.join(self.output, ".curation")
+
+    def manifest(self) -> str:
+        return os.path.join(self.work, "manifest.json")
+
+    def processed(self, shard: int, what: str) -> str:
+        """what: 'npz' (bookkeeping and keys), 'docs' (surviving documents) or 'done' (the marker, with metadata)."""
+        name = {"npz": f"{shard:05d}.npz", "docs": f"{shard:05d}.docs.jsonl.gz", "done": f"{shard:05d}.done"}[what]
+        return os.path.join(self.work, "process", name)
+
+    def clusters(self, what: str) -> str:
+        return os.path.join(self.work, "dedup.npz" if what == "npz" else "dedup.done")
+
+    def written(self, shard: int) -> str:
+        return os.path.join(self.work, "write", f"{shard:05d}.done")
+
+    def report(self) -> str:
+        return os.path.join(self.output, "report.json")
+
+
+def output_name(shard: int, path: str, output_format: str) -> str:
+    """`00003_name.jsonl.gz` for input shard 3 `.../name.jsonl`: input order and provenance in the name."""
+    stem = os.path.basename(path)
+    for suffix in (".gz", ".jsonl", ".json", ".ndjson", ".parquet", ".txt"):
+        stem = stem.removesuffix(suffix)
+    return f"{shard:05d}_{stem}.{output_format}"
+
+
+def write_marker(path: str, meta: dict[str, Any]) -> None:
+    """The marker that says a shard's stage is complete: JSON metadata, written atomically (tmp + rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_write(path, "w") as f:
+        json.dump(meta, f)
+
+
+def read_marker(path: str) -> dict[str, Any] | None:
+    """A marker's metadata, or None when the stage has not completed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _sample(step: int, reason: str, idx: int, line: int, doc: dict, text: str) -> dict[str, Any]:
+    sample = {"step": step, "reason": reason, "index": idx, "line": line, "id": doc.get("id")}
+    return {**sample, "text": text[:SAMPLE_CHARS]}
+
+
+def process_shard(shard: int, path: str, pipeline: Pipeline, paths: RunPaths) -> dict[str, Any]:
+    """Stage 1 for one input file; returns (and writes as the marker) its metadata."""
+    steps = pipeline.steps
+    dedup_at = [j for j, s in enumerate(steps) if isinstance(s, DedupStep)]
+    lines: list[int] = []
+    removed_at: list[int] = []
+    reason_code: list[int] = []
+    sizes: list[list[int]] = []  # bytes before step 0, after step 0, ...; -1 once removed
+    changed: list[list[bool]] = []
+    reasons: list[str] = []
+    samples: list[dict[str, Any]] = []
+    per_reason: dict[tuple[int, str], int] = {}
+    pending: dict[int, list[str]] = {j: [] for j in dedup_at}
+    key_rows: dict[int, list[np.ndarray]] = {j: [] for j in dedup_at}
+    key_idx: dict[int, list[int]] = {j: [] for j in dedup_at}
+    kept: list[int] = []
+    bad_lines: list[str] = []
+
+    def flush_keys(force: bool) -> None:
+        for j in dedup_at:
+            if pending[j] and (force or len(pending[j]) >= KEY_BATCH_DOCS):
+                key_rows[j].append(steps[j].keys(pending[j]))
+                pending[j] = []
+
+    os.makedirs(os.path.dirname(paths.processed(shard, "docs")), exist_ok=True)
+    for what in ("npz", "docs", "done"):
+        remove_stale_temps(paths.processed(shard, what))  # left by a run killed while writing this shard
+    with document_writer(paths.processed(shard, "docs"), compresslevel=1) as write:
+        for idx, (line, doc) in enumerate(read_documents(path, pipeline.text_key, bad_lines)):
+            text = doc[pipeline.text_key]
+            size = [len(text.encode("utf-8"))] + [-1] * len(steps)
+            change = [False] * len(steps)
+            where, code = NOT_REMOVED, -1
+            for j, step in enumerate(steps):
+                if isinstance(step, DedupStep):
+                    pending[j].append(text)
+                    key_idx[j].append(idx)
+                    size[j + 1] = size[j]
+                    continue
+                new_text, reason = step.process(text)
+                if reason is not None:
+                    where = j
+                    if reason not in reasons:
+                        reasons.append(reason)
+                    code = reasons.index(reason)
+                    if per_reason.get((j, reason), 0) < SAMPLES_PER_REASON:
+                        per_reason[(j, reason)] = per_reason.get((j, reason), 0) + 1
+                        samples.append(_sample(j, reason, idx, line, doc, text))
+                    break
+                change[j] = new_text != text
+                text = new_text
+                size[j + 1] = len(text.encode("utf-8")) if change[j] else size[j]
+            lines.append(line)
+            removed_at.append(where)
+            reason_code.append(code)
+            sizes.append(size)
+            changed.append(change)
+            if where == NOT_REMOVED:
+                kept.append(idx)
+                write({**doc, pipeline.text_key: text})
+            flush_keys(force=False)
+        flush_keys(force=True)
+    n = len(lines)
+    arrays = {
+        "lines": np.asarray(lines, dtype=np.int64),
+        "removed_at": np.asarray(removed_at, dtype=np.int32),
+        "reason_code": np.asarray(reason_code, dtype=np.int32),
+        "sizes": np.asarray(sizes, dtype=np.int64).reshape(n, len(steps) + 1),
+        "changed": np.asarray(changed, dtype=bool).reshape(n, len(steps)),
+        "kept": np.asarray(kept, dtype=np.int64),
+    }
+    for j in dedup_at:
+        width = steps[j].keys([]).shape[1] if not key_rows[j] else key_rows[j][0].shape[1]
+        arrays[f"keys_{j}"] = np.concatenate(key_rows[j]) if key_rows[j] else np.zeros((0, width), np.uint64)
+        arrays[f"key_idx_{j}"] = np.asarray(key_idx[j], dtype=np.int64)
+    with atomic_write(paths.processed(shard, "npz"), "wb") as f:
+        np.savez(f, **arrays)
+    meta = {"path": path, "documents": n, "reasons": reasons, "samples": samples, "bad_lines": bad_lines}
+    write_marker(paths.processed(shard, "done"), meta)
+    return meta
+
+
+def load_processed(paths: RunPaths, shard: int) -> dict[str, np.ndarray]:
+    with np.load(paths.processed(shard, "npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def cluster_all(pipeline: Pipeline, paths: RunPaths, n_shards: int) -> None:
+    """Stage 2: `dedup_at[g]` (the dedup step that removed document g, -1 if none) and `duplicate_of[g]` (the corpus
+    index of the document it duplicates) over corpus indices g (shards in input order, then line order)."""
+    shards = [load_processed(paths, i) for i in range(n_shards)]
+    counts = [len(s["lines"]) for s in shards]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    total = int(offsets[-1])
+    dedup_at = np.full(total, NOT_REMOVED, dtype=np.int32)
+    duplicate_of = np.full(total, -1, dtype=np.int64)
+    for j, step in enumerate(pipeline.steps):
+        if not isinstance(step, DedupStep):
+            continue
+        # keys exist for every document that reached step j in stage 1; those an earlier dedup removed drop out
+        idx = np.concatenate([offsets[i] + s[f"key_idx_{j}"] for i, s in enumerate(shards)]).astype(np.int64)
+        keys = np.concatenate([s[f"keys_{j}"] for s in shards])
+        present = dedup_at[idx] == NOT_REMOVED
+        idx, keys = idx[present], keys[present]
+        first = step.cluster(keys)
+        dup = np.flatnonzero(first != np.arange(len(idx)))
+        dedup_at[idx[dup]] = j
+        duplicate_of[idx[dup]] = idx[first[dup]]
+    with atomic_write(paths.clusters("npz"), "wb") as f:
+        np.savez(f, offsets=offsets, dedup_at=dedup_at, duplicate_of=duplicate_of)
+    write_marker(paths.clusters("done"), {"documents": total})
+
+
+def load_clusters(paths: RunPaths) -> dict[str, np.ndarray]:
+    with np.load(paths.clusters("npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def write_shard(shard: int, pipeline: Pipeline, paths: RunPaths, out_path: str) -> dict[str, Any]:
+    """Stage 3 for one input file: its documents that no step removed, in input order, to `out_path`."""
+    clusters = load_clusters(paths)
+    start = int(clusters["offsets"][shard])
+    kept = load_processed(paths, shard)["kept"]
+    survives = clusters["dedup_at"][start + kept] == NOT_REMOVED
+    remove_stale_temps(out_path)
+    out_docs = 0
+    docs = read_documents(paths.processed(shard, "docs"), pipeline.text_key)
+    with document_writer(out_path) as write:
+        for (_, doc), keep in zip(docs, survives.tolist()):
+            if keep:
+                write(doc)
+                out_docs += 1
+    meta = {"output": out_path, "documents": out_docs}
+    write_marker(paths.written(shard), meta)
+    return meta
