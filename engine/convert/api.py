@@ -69,13 +69,11 @@ def from_hf(path: str | Path, vocab_size: int | None = None) -> tuple[GPT, Model
 
 
 def plain_state(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The state dict of a plain (unsharded) GPT by canonical names, checked against `cfg`'s shapes."""
+    """The state dict of a plain (unsharded) GPT by canonical names."""
     if any(hasattr(p, "device_mesh") for p in model.parameters()):
         raise ConvertError("to_hf takes a plain GPT; convert a sharded run through its checkpoint "
                            "(python -m engine.convert to-hf RUN_DIR HF_DIR)")  # fmt: skip
-    state = {canonical_name(n): t.detach().cpu() for n, t in model.state_dict().items()}
-    _check_shapes(state, cfg, "the model")
-    return state
+    return {canonical_name(n): t.detach().cpu() for n, t in model.state_dict().items()}
 
 
 def to_hf(model: nn.Module, model_config: ModelConfig, path: str | Path, *, vocab_size: int | None = None,
@@ -94,6 +92,7 @@ def export_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: str 
     are copied along."""
     if vocab_size is not None and not 0 < vocab_size <= cfg.vocab_size:
         raise ConvertError(f"vocab_size {vocab_size} must be in 1..{cfg.vocab_size} (the model's vocabulary)")
+    _check_shapes(state, cfg, "the model")
     config = hf_config_from_model(cfg, vocab_size, base)
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")

@@ -127,3 +127,52 @@ def test_llama_refusals_name_the_key(tmp_path):
     cfg = ModelConfig(arch="llama", n_layers=1, d_model=32, n_heads=4, vocab_size=100, window=8)
     with pytest.raises(ConvertError, match="sliding-window"):
         to_hf(GPT(cfg, seed=0), cfg, tmp_path)
+
+
+def _small_tokenizer(path: Path) -> int:
+    """A 280-id byte-level BPE tokenizer.json with only <|endoftext|> among our reserved names; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator([Path(__file__).read_text()] * 4, trainer)
+    tok.save(str(path))
+    return tok.get_vocab_size()
+
+
+def test_a_tokenizer_needing_reserved_ids_pads_the_vocab_and_to_hf_slices_it_back(tmp_path, tiny_data):
+    """HF_DIR's tokenizer.json lacks our reserved roles: from-hf pads the vocabulary with zero rows (the trainer
+    adds those ids), the trainer runs on it, and to-hf gives back the Hugging Face vocabulary and tokenizer."""
+    from engine.config import load_config
+    from engine.convert.run_dir import read_checkpoint
+    from engine.data.tokenizer import load_tokenizer_json
+    from engine.train import main as train_main
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    vocab = _small_tokenizer(hf / "tokenizer.json")
+    cfg = ModelConfig(**{**vars(CFG), "vocab_size": vocab})
+    to_hf(GPT(cfg, seed=6), cfg, hf)
+    needed = load_tokenizer_json(str(hf / "tokenizer.json")).vocab_size
+    assert needed > vocab
+    run = tmp_path / "run"
+    flags = ["--data.path", tiny_data[0], "--eval.every", "0", "--train.global_batch", "4", "--train.steps", "1",
+             "--run.progress", "false", "--run.tensorboard", "false"]  # fmt: skip
+    assert main(["from-hf", str(hf), str(run), *flags]) == 0
+    saved = load_config(["--config", str(run / "config.toml")])
+    assert saved.model.vocab_size == needed and saved.data.tokenizer == str((run / "hf" / "tokenizer.json").resolve())
+    assert train_main(["--config", str(run / "config.toml")]) == 0
+    state, _, ckpt = read_checkpoint(run)
+    assert ckpt.name == "step_00000001" and state["tok_emb.weight"].shape[0] == needed
+    assert main(["to-hf", str(run), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == vocab
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    exported, _ = from_hf(tmp_path / "out")
+    trained, _ = from_hf(tmp_path / "out", vocab_size=needed)  # zero rows again: the checkpoint's, less its own
+    trained.tok_emb.weight.data.copy_(state["tok_emb.weight"])
+    tokens = torch.arange(32).view(2, 16) * 7 % vocab
+    with torch.no_grad():
+        assert torch.equal(exported(tokens), trained(tokens)[..., :vocab])
