@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint.checkpointer import CheckpointError, complete_checkpoints
-from engine.config import ConfigError, load_config, load_toml
+from engine.config import ConfigError, load_config
 from engine.convert.api import export_state, hf_model_config, model_from_state
 from engine.convert.hf_config import ConvertError
 from engine.convert.hf_files import INDEX, WEIGHTS, copy_tokenizer, read_config, read_weights
-from engine.convert.run_dir import HF_SUBDIR, hf_source, merge_model, model_overrides, read_checkpoint, write_run_dir
+from engine.convert.run_dir import HF_SUBDIR, hf_source, merge_model, read_checkpoint, user_keys, write_run_dir
 from engine.convert.weights import hf_to_ours
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,11 +46,11 @@ def _from_hf(args: argparse.Namespace, rest: list[str]) -> str:
     if complete_checkpoints(run_dir / "checkpoints"):
         raise ConvertError(f"{run_dir} already holds checkpoints; convert into a new run directory")
     cfg = load_config(rest)
-    config_file = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"), None)
-    overridden = model_overrides(rest, load_toml(config_file) if config_file else None)
+    keys = user_keys(rest)
+    overridden = {k.removeprefix("model.") for k in keys if k.startswith("model.")}
     tokenizer_json = hf_dir / "tokenizer.json"
     note = ""
-    if tokenizer_json.is_file() and not any(a.split("=")[0] == "--data.tokenizer" for a in rest):
+    if tokenizer_json.is_file() and "data.tokenizer" not in keys:
         from engine.data.tokenizer import load_tokenizer_json
 
         needed = load_tokenizer_json(str(tokenizer_json)).vocab_size  # with our reserved ids added

@@ -15,7 +15,6 @@ consolidate` does, with the run's model config from the checkpoint's config.toml
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +27,7 @@ from engine.checkpoint.checkpointer import (
 )
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.training_state import save_training_state
-from engine.config import Config, ModelConfig, load_config
+from engine.config import Config, ModelConfig, load_config, load_toml
 from engine.convert.hf_config import ConvertError
 from engine.model.gpt import resolve
 from engine.optim.build import build_optimizer
@@ -93,10 +92,18 @@ def hf_source(ckpt: Path) -> Path | None:
     return None
 
 
-def model_overrides(argv: list[str], toml: dict[str, Any] | None) -> set[str]:
-    """The model keys a user set through flags (`--model.KEY`) or a config file's [model] table."""
-    keys = {a[len("--model.") :].split("=", 1)[0] for a in argv if a.startswith("--model.")}
-    return keys | set((toml or {}).get("model", {}))
+def user_keys(argv: list[str]) -> set[str]:
+    """The dotted config keys a user set, by `--section.key` flags or in the tables of a `--config` file."""
+    keys, config_files = set(), []
+    for i, arg in enumerate(argv):
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name == "config":
+            config_files.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+        elif "." in name:
+            keys.add(name)
+    for f in config_files:
+        keys |= {f"{t}.{k}" for t, table in load_toml(f).items() if isinstance(table, dict) for k in table}
+    return keys
 
 
 def merge_model(hf_cfg: ModelConfig, user: ModelConfig, overridden: set[str], source: str) -> ModelConfig:

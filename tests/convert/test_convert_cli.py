@@ -77,6 +77,38 @@ def test_a_tp2_checkpoint_exports_the_tp1_one(hf_dir, tmp_path):
                                    rtol=0, atol=0)  # fmt: skip
 
 
+def test_sharded_bf16_input_config_file_and_a_bf16_export(hf_dir, tmp_path, capsys):
+    """Shards listed by model.safetensors.index.json, stored in bf16, come in as fp32 (the same values); a --config
+    file's [model] shape is refused like a flag; to-hf --dtype bf16 writes bf16."""
+    from safetensors.torch import save_file
+
+    tensors = read_weights(hf_dir)
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    weight_map = {n: f for f, part in shards.items() for n in part}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for f, part in shards.items():
+        save_file({n: tensors[n].to(torch.bfloat16) for n in part}, str(sharded / f))
+    model, _ = from_hf(sharded)
+    ref, _ = from_hf(hf_dir)
+    for (name, t), r in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert t.dtype == torch.float32 and torch.equal(t, r.to(torch.bfloat16).float()), name
+    toml = tmp_path / "shape.toml"
+    toml.write_text("[model]\nn_layers = 3\n")
+    assert main(["from-hf", str(sharded), str(tmp_path / "run"), f"--config={toml}"]) == 2
+    assert "model.n_layers comes from" in capsys.readouterr().err
+    assert main(["from-hf", str(sharded), str(tmp_path / "run"), "--data.tokenizer", "byte"]) == 0
+    assert main(["to-hf", str(tmp_path / "run"), str(tmp_path / "out"), "--dtype", "bf16"]) == 0
+    written = read_weights(tmp_path / "out")
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, tensors[n].to(torch.bfloat16)) for n, t in written.items())
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ConvertError, match=r"listed in model.safetensors.index.json\) is missing"):
+        from_hf(sharded)
+
+
 def _error(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -16,11 +16,14 @@ transformers = pytest.importorskip("transformers")
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "llama_tied", "gpt2"])
 def hf_model(request, tmp_path_factory):
+    """(arch, tied, directory, transformers model): Llama untied (and tied, as Llama 3.2 1B), GPT-2 tied."""
     path = tmp_path_factory.mktemp(request.param)
-    model = save_llama(path) if request.param == "llama" else save_gpt2(path)
-    return request.param, path, model
+    if request.param == "gpt2":
+        return "gpt2", True, path, save_gpt2(path)
+    tied = request.param == "llama_tied"
+    return "llama", tied, path, save_llama(path, tie_word_embeddings=tied)
 
 
 def _tokens(seq: int = 24) -> torch.Tensor:
@@ -28,10 +31,10 @@ def _tokens(seq: int = 24) -> torch.Tensor:
 
 
 def test_from_hf_gives_transformers_logits(hf_model):
-    arch, path, hf = hf_model
+    arch, tied, path, hf = hf_model
     model, cfg = from_hf(path)
-    assert (cfg.arch, cfg.vocab_size) == (arch, VOCAB)
-    assert cfg.tie_embeddings == (arch == "gpt2") and cfg.n_kv_heads == (2 if arch == "llama" else 4)
+    assert (cfg.arch, cfg.vocab_size, cfg.tie_embeddings) == (arch, VOCAB, tied)
+    assert cfg.n_kv_heads == (2 if arch == "llama" else 4)
     tokens = _tokens()
     with torch.no_grad():
         ours, theirs = model(tokens), hf(tokens).logits
@@ -41,12 +44,12 @@ def test_from_hf_gives_transformers_logits(hf_model):
 
 
 def test_to_hf_loads_in_transformers_with_the_same_logits(hf_model, tmp_path):
-    arch, path, hf = hf_model
+    arch, tied, path, hf = hf_model
     model, cfg = from_hf(path)
     to_hf(model, cfg, tmp_path)
     cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.GPT2LMHeadModel
     back = cls.from_pretrained(tmp_path).eval()
-    assert back.config.tie_word_embeddings == (arch == "gpt2")
+    assert back.config.tie_word_embeddings == tied
     if arch == "llama":
         assert back.config.rope_parameters["rope_theta"] == 500000.0 and back.config.num_key_value_heads == 2
     tokens = _tokens()
