@@ -70,9 +70,11 @@ def test_fineweb_short_lines(short, expected):
 @pytest.mark.parametrize("dup,expected", [(10, None), (11, "char_dup_ratio")])
 def test_fineweb_duplicated_line_chars(dup, expected):
     line = "d" * dup
-    filler = "u" * (1000 - 2 * dup)
-    text = f"{filler}\n{line}\n{line}"  # 1000 characters outside newlines; dup/1000 vs the 0.01 threshold
-    assert fw_only(char_duplicates_ratio=0.01).process(text)[1] == expected
+    lines, rest = divmod(1000 - 2 * dup, 5)
+    filler = [f"{i:03d}uu" for i in range(lines)] + ["v" * rest] * bool(rest)
+    text = "\n".join([*filler, line, line])  # 1000 characters outside the newlines, which do not count
+    assert len(text.replace("\n", "")) == 1000 and text.count("\n") > 190
+    assert fw_only(char_duplicates_ratio=0.01).process(text)[1] == expected  # dup / 1000 vs 0.01
 
 
 def test_fineweb_char_duplicates_can_be_set_to_the_papers_value():

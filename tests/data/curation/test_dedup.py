@@ -32,6 +32,8 @@ def test_union_find_roots_are_the_first_member():
     # chain 5-3, 3-1 and a separate pair 4-2: clusters {1,3,5} and {2,4}
     roots = first_of_components(6, np.array([5, 3, 4]), np.array([3, 1, 2]))
     assert roots.tolist() == [0, 1, 2, 1, 2, 1]
+    roots = first_of_components(6, np.array([1, 3, 2]), np.array([3, 5, 4]))  # edges from the smaller side
+    assert roots.tolist() == [0, 1, 2, 1, 2, 1]
 
 
 def test_universal_hash_is_exact():
@@ -55,6 +57,8 @@ def test_signature_matches_a_scalar_minhash():
 
 def test_normalisation_and_short_documents():
     assert normalized_words("Café, CAFE 2024!") == ["cafe", "cafe", "0"]
+    assert shingle_hashes(list("abcde"), 5) != shingle_hashes(list("edcba"), 5)  # a shingle is ordered
+    assert len(shingle_hashes(list("abcdeabcde"), 5)) == 5  # distinct shingles only
     step = MinHashDedup()
     keys = step.keys(["too short", "also too short", "five words are just enough"])
     assert (keys[:2] == NO_SIGNATURE).all() and (keys[2] != NO_SIGNATURE).all()
@@ -77,6 +81,11 @@ def planted_pair(rng: random.Random, n_words: int, changed: int) -> tuple[str, s
     return " ".join(words[:n_words]), " ".join(words[: n_words - changed] + words[n_words:])
 
 
+def within(observed: float, p: float, n: int, sigmas: float = 4.0) -> bool:
+    """`observed` (a fraction of n Bernoulli(p) trials) is within `sigmas` binomial standard deviations of p."""
+    return abs(observed - p) <= sigmas * np.sqrt(p * (1 - p) / n) + 1 / n
+
+
 @pytest.mark.parametrize("changed", [12, 22, 31])  # Jaccard 0.885, 0.802, 0.732 for 204 words
 def test_minhash_removes_planted_pairs_at_the_s_curve_rate(changed):
     rng = random.Random(changed)
@@ -84,13 +93,19 @@ def test_minhash_removes_planted_pairs_at_the_s_curve_rate(changed):
     jaccard = (n_words - changed - 4) / (n_words + changed - 4)
     texts = [t for _ in range(pairs) for t in planted_pair(rng, n_words, changed)]
     step = MinHashDedup()
-    first = step.cluster(step.keys(texts))
+    keys = step.keys(texts)
+    # each hash agrees with probability s, all 8 rows of a band with probability s^8
+    agree = keys[0::2] == keys[1::2]
+    assert within(agree.mean(), jaccard, agree.size)
+    bands = agree.reshape(pairs, 14, 8).all(axis=2)
+    assert within(bands.mean(), jaccard**8, bands.size)
+    first = step.cluster(keys)
     assert (first[0::2] == np.arange(0, 2 * pairs, 2)).all()  # the first of a pair is always kept
     removed = first[1::2] == np.arange(0, 2 * pairs, 2)  # the second is removed as a copy of its own first
     assert ((first[1::2] == np.arange(1, 2 * pairs, 2)) | removed).all()  # and never matched to another pair
+    assert (removed == bands.any(axis=1)).all()  # removed exactly when a band collides
     p = float(lsh_match_probability(jaccard, 14, 8))
-    tolerance = 4 * np.sqrt(p * (1 - p) / pairs) + 1 / pairs
-    assert abs(removed.mean() - p) < tolerance, (jaccard, removed.mean(), p)
+    assert within(removed.mean(), p, pairs), (jaccard, removed.mean(), p)
 
 
 def test_s_curve_values():

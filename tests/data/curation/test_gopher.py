@@ -3,7 +3,12 @@ Each rule is checked alone (the others switched off) on text built to hit the th
 
 import pytest
 
-from engine.data.curation.gopher import GopherQualityFilter, GopherRepetitionFilter
+from engine.data.curation.gopher import (
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    duplicated_ngram_chars,
+    top_ngram_chars,
+)
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"]
 
@@ -163,3 +168,13 @@ def test_default_repetition_keeps_prose_and_removes_a_repeated_page():
     assert reason(GopherRepetitionFilter(), prose) is None
     assert reason(GopherRepetitionFilter(), "\n".join([unique_line(0)] * 5)) == "dup_line_frac"
     assert reason(GopherRepetitionFilter(), "") == "empty"
+
+
+def test_ngram_character_counts():
+    words = "ab cd ef gh ij kl ab cd ef gh ij kl".split()
+    # the repeat starting at the 7th word is counted once (10 chars) and the scan jumps past it; the n-gram starting
+    # at 'kl' (a repeat too, had the scan moved one word) is not reached
+    assert duplicated_ngram_chars(words, 5) == 10
+    assert duplicated_ngram_chars("ab cd ab cd ab cd".split(), 2) == 8  # 'abcd' twice after its first occurrence
+    assert top_ngram_chars("ab cd ab cd ef".split(), 2) == len("ab cd") * 2
+    assert top_ngram_chars(["one"], 2) == 0
