@@ -23,6 +23,7 @@ from engine.convert.hf_files import read_config, read_weights, write_model
 from engine.convert.weights import hf_to_ours, ours_to_hf
 from engine.model.gpt import GPT, resolve
 from engine.model.init import canonical_name, materialize_
+from engine.parallel.sharding import sharding_of
 
 
 def hf_model_config(hf_dir: str | Path, vocab_size: int | None = None) -> tuple[ModelConfig, dict[str, Any]]:
@@ -70,7 +71,7 @@ def from_hf(path: str | Path, vocab_size: int | None = None) -> tuple[GPT, Model
 
 def plain_state(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The state dict of a plain (unsharded) GPT by canonical names."""
-    if any(hasattr(p, "device_mesh") for p in model.parameters()):
+    if sharding_of(model).tp_group is not None or any(hasattr(p, "device_mesh") for p in model.parameters()):
         raise ConvertError("to_hf takes a plain GPT; convert a sharded run through its checkpoint "
                            "(python -m engine.convert to-hf RUN_DIR HF_DIR)")  # fmt: skip
     return {canonical_name(n): t.detach().cpu() for n, t in model.state_dict().items()}

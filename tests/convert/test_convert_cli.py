@@ -28,7 +28,8 @@ def hf_dir(tmp_path_factory) -> Path:
 
 def _reshard_worker(rank, world, run_dir):
     """Loads step 0 (saved by one process) into a tp 2 model and saves it as step 1 at tp 2, with the trainer's
-    own restore and save: each rank writes its slices."""
+    own restore and save: each rank writes its slices. Returns (the embedding was sliced, to_hf refused the
+    module)."""
     from engine.checkpoint.reader import CheckpointReader
     from engine.checkpoint.training_state import restore_training_state, save_training_state
     from engine.config import load_config
@@ -52,8 +53,13 @@ def _reshard_worker(rank, world, run_dir):
     meta = {"consumed_samples": 0, "layout": layout, "config": cfg.to_dict()}
     save_training_state(Path(run_dir) / "checkpoints", 1, meta=meta, toml=cfg.to_toml(), keep=0,
                         tp_rank=dims.rank_in("tp"), dp_rank=0, **common)  # fmt: skip
+    try:  # a tp module is no plain GPT: its checkpoint is the way out
+        to_hf(chunk, cfg.model, Path(run_dir) / f"refused{rank}")
+        refused = False
+    except ConvertError as e:
+        refused = "convert a sharded run through its checkpoint" in str(e)
     dims.destroy()
-    return sliced
+    return sliced, refused
 
 
 @pytest.mark.distributed
@@ -61,7 +67,7 @@ def _reshard_worker(rank, world, run_dir):
 def test_a_tp2_checkpoint_exports_the_tp1_one(hf_dir, tmp_path):
     run = tmp_path / "run"
     assert main(["from-hf", str(hf_dir), str(run), "--data.tokenizer", "byte"]) == 0
-    assert run_distributed(_reshard_worker, 2, str(run), timeout=120) == [True, True]  # each rank held a slice
+    assert run_distributed(_reshard_worker, 2, str(run), timeout=120) == [(True, True)] * 2  # each held a slice
     manifest = json.loads((run / "checkpoints" / "step_00000001" / "manifest.json").read_text())
     assert len(manifest["tensors"]["tok_emb.weight"]["shards"]) == 2
     assert manifest["layout"]["tp"] == 2
