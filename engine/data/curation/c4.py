@@ -45,7 +45,7 @@ class C4QualityFilter(DocumentStep):
             line = raw.strip()
             words = line.split()
             # the rules in datatrove's order: a page rule sees only lines that passed the line rules before it
-            if self.max_word_length != -1 and any(len(w) > self.max_word_length for w in words):
+            if self.max_word_length != -1 and max(map(len, words), default=0) > self.max_word_length:
                 continue
             if self.remove_citations:
                 line = CITATION_RE.sub("", line)

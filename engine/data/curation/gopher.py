@@ -6,8 +6,9 @@ beyond the threshold (datatrove's comparisons), so a document exactly at a thres
 """
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from engine.data.curation.steps import DocumentStep, register_step
 from engine.data.curation.words import is_symbol_token, split_words
@@ -30,27 +31,65 @@ def duplicates(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def top_ngram_chars(words: list[str], n: int) -> int:
-    """Characters covered by the most frequent word n-gram: len(' '.join(ngram)) x its count."""
-    grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
-    if not grams:
+class WordGrams:
+    """Word n-grams of one text as integer ids (equal ids: equal n-grams) and the character length of every n-gram
+    from prefix sums of word lengths; replaces string joins in the scans below. The ids of n-grams are built from
+    those of (n-1)-grams and the next word, one 1-D np.unique per n."""
+
+    def __init__(self, words: list[str]):
+        vocab: dict[str, int] = {}
+        self.word_ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), np.int64, count=len(words))
+        self.vocab_size = max(len(vocab), 1)
+        self.chars = np.concatenate([[0], np.cumsum([len(w) for w in words])]).astype(np.int64)
+        self._ids = {1: self.word_ids}
+
+    def __len__(self) -> int:
+        return len(self.word_ids)
+
+    def ids(self, n: int) -> np.ndarray:
+        """The id of the n-gram at each position, ids dense from 0."""
+        if n not in self._ids:
+            previous = self.ids(n - 1)[:-1]  # dense ids below len(words), so the key below fits in int64
+            key = previous * self.vocab_size + self.word_ids[n - 1 :]
+            self._ids[n] = np.unique(key, return_inverse=True)[1].reshape(-1)
+        return self._ids[n]
+
+    def joined_length(self, start: int, n: int) -> int:
+        """Characters of words[start:start+n] joined without separators."""
+        return int(self.chars[start + n] - self.chars[start])
+
+
+def top_ngram_chars(words: list[str] | WordGrams, n: int) -> int:
+    """Characters covered by the most frequent word n-gram: len(' '.join(ngram)) x its count; among equally frequent
+    n-grams the one that occurs first (Counter.most_common's choice in datatrove)."""
+    grams = words if isinstance(words, WordGrams) else WordGrams(words)
+    if len(grams) < n:
         return 0
-    gram, count = grams.most_common(1)[0]
-    return len(gram) * count
+    ids = grams.ids(n)
+    counts = np.bincount(ids)
+    start = int(np.flatnonzero(counts[ids] == counts.max())[0])
+    return (grams.joined_length(start, n) + n - 1) * int(counts.max())
 
 
-def duplicated_ngram_chars(words: list[str], n: int) -> int:
+def duplicated_ngram_chars(words: list[str] | WordGrams, n: int) -> int:
     """Characters in word n-grams that repeat an earlier n-gram, scanning left to right and jumping past a repeat so
-    overlapping repeats are not counted twice (datatrove's `find_all_duplicate`; n-grams joined without spaces)."""
-    seen: set[str] = set()
+    overlapping repeats are not counted twice (datatrove's `find_all_duplicate`; an n-gram's characters counted
+    without spaces). An n-gram jumped over is not recorded as seen."""
+    grams = words if isinstance(words, WordGrams) else WordGrams(words)
+    if len(grams) < n:
+        return 0
+    ids = grams.ids(n)
+    if np.bincount(ids).max() < 2:
+        return 0  # no n-gram occurs twice: nothing to scan for (most prose)
+    seen: set[int] = set()
     chars = i = 0
-    while i < len(words) - n + 1:
-        gram = "".join(words[i : i + n])
-        if gram in seen:
-            chars += len(gram)
+    ids = ids.tolist()
+    while i < len(ids):
+        if ids[i] in seen:
+            chars += grams.joined_length(i, n)
             i += n
         else:
-            seen.add(gram)
+            seen.add(ids[i])
             i += 1
     return chars
 
@@ -90,7 +129,7 @@ class GopherRepetitionFilter(DocumentStep):
             return text, "dup_line_frac"
         if self.dup_line_char_frac is not None and dup_chars / len(text) > self.dup_line_char_frac:
             return text, "dup_line_char_frac"
-        words = split_words(text)
+        words = WordGrams(split_words(text))
         for n, frac in sorted(self.top_n_grams.items()):
             if top_ngram_chars(words, n) / len(text) > frac:
                 return text, f"top_{n}_gram"
@@ -146,7 +185,7 @@ class GopherQualityFilter(DocumentStep):
         ellipses = sum(s.rstrip().endswith(("...", "…")) for s in lines)
         if self.max_ellipsis_lines_ratio is not None and ellipses / len(lines) > self.max_ellipsis_lines_ratio:
             return text, "gopher_too_many_end_ellipsis"
-        alpha = sum(any(c.isalpha() for c in w) for w in words)
+        alpha = sum(w.isalpha() or any(c.isalpha() for c in w) for w in words)  # isalpha(): the common case, fast
         if self.min_alpha_words_ratio is not None and alpha / len(words) < self.min_alpha_words_ratio:
             return text, "gopher_below_alpha_threshold"
         if self.min_stop_words is not None and len(set(self.stop_words) & set(words)) < self.min_stop_words:

@@ -10,8 +10,7 @@ import re
 
 WORD_RE = re.compile(r"\w+(?:['’\-]\w+)*|[^\w\s]")
 SENTENCE_END_RE = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
-PARAGRAPH_SPLIT_RE = re.compile(r"\n{2,}")
-LINE_SPLIT_RE = re.compile(r"\n+")
+HAS_LETTER_OR_DIGIT_RE = re.compile(r"[^\W_]")
 
 # Characters that end a sentence: datatrove's TERMINAL_PUNCTUATION restricted to the common scripts (Latin, CJK full
 # width, Devanagari, Arabic, Ethiopic, Armenian, Myanmar), which is what FineWeb's line-punctuation rule looks at.
@@ -27,7 +26,7 @@ def split_words(text: str) -> list[str]:
 
 def is_symbol_token(token: str) -> bool:
     """True for a token with no letter or digit (punctuation, symbols): Gopher counts words without these."""
-    return not any(ch.isalnum() for ch in token)
+    return HAS_LETTER_OR_DIGIT_RE.search(token) is None
 
 
 def split_sentences(text: str) -> list[str]:

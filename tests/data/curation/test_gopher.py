@@ -1,6 +1,9 @@
 """Gopher quality and repetition rules at their thresholds (kept) and just past them (removed, with the reason).
 Each rule is checked alone (the others switched off) on text built to hit the threshold exactly."""
 
+import random
+from collections import Counter
+
 import pytest
 
 from engine.data.curation.gopher import (
@@ -178,3 +181,32 @@ def test_ngram_character_counts():
     assert duplicated_ngram_chars("ab cd ab cd ab cd".split(), 2) == 8  # 'abcd' twice after its first occurrence
     assert top_ngram_chars("ab cd ab cd ef".split(), 2) == len("ab cd") * 2
     assert top_ngram_chars(["one"], 2) == 0
+    assert top_ngram_chars("aaaa b c d".split(), 2) == len("aaaa b")  # a tie goes to the first n-gram
+    assert duplicated_ngram_chars("a b c d e f a b c d".split(), 5) == 0
+
+
+def test_ngram_counts_match_string_reference():
+    """The integer-id n-gram scans equal datatrove's string-based definitions on random repetitive word lists."""
+
+    def top_reference(ws, n):
+        grams = Counter(" ".join(ws[i : i + n]) for i in range(len(ws) - n + 1))
+        return len(grams.most_common(1)[0][0]) * grams.most_common(1)[0][1] if grams else 0
+
+    def duplicated_reference(ws, n):
+        seen, chars, i = set(), 0, 0
+        while i < len(ws) - n + 1:
+            if tuple(ws[i : i + n]) in seen:
+                chars, i = chars + len("".join(ws[i : i + n])), i + n
+            else:
+                seen.add(tuple(ws[i : i + n]))
+                i += 1
+        return chars
+
+    rng = random.Random(0)
+    for _ in range(300):
+        vocab = ["".join(rng.choices("abc", k=rng.randint(1, 4))) for _ in range(rng.randint(1, 6))]
+        ws = rng.choices(vocab, k=rng.randint(0, 40))
+        assert [top_ngram_chars(ws, n) for n in (2, 3, 4)] == [top_reference(ws, n) for n in (2, 3, 4)]
+        assert [duplicated_ngram_chars(ws, n) for n in range(5, 11)] == [
+            duplicated_reference(ws, n) for n in range(5, 11)
+        ]

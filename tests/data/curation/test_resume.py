@@ -10,6 +10,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+from engine.data.curation.executor import WorkerDied
 from engine.data.curation.pipeline import Pipeline
 from engine.data.curation.runner import curate
 from engine.data.curation.steps import DocumentStep, make_step
@@ -103,3 +106,12 @@ def test_a_stage_without_its_marker_is_redone_and_one_with_it_is_not(tmp_path):
     assert (tmp_path / "seen.log").read_text() == ""  # the per-file stage was complete: nothing re-filtered
     assert contents(out) == before and (work / "write" / "00000.done").stat().st_mtime_ns == kept_mtime
     assert json.load(open(out / "report.json"))["documents_out"] == report["documents_out"] == 4
+
+
+def test_a_dead_pool_worker_stops_the_run_and_a_rerun_finishes_it(tmp_path):
+    files = corpus(tmp_path)
+    with pytest.raises(WorkerDied, match="a worker process died; finished files are kept, run again to resume"):
+        curate(files, str(tmp_path / "out"), pipeline(tmp_path), workers=2, progress=False)
+    assert not (tmp_path / "out" / ".curation" / "process" / "00002.done").exists()
+    report = curate(files, str(tmp_path / "out"), pipeline(tmp_path), workers=2, progress=False)
+    assert report["documents_out"] == 4 and len(contents(tmp_path / "out")) == 4
