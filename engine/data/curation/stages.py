@@ -87,6 +87,37 @@ def _sample(step: int, reason: str, idx: int, line: int, doc: dict, text: str) -
     return {**sample, "text": text[:SAMPLE_CHARS]}
 
 
+@dataclass
+class DocumentTrace:
+    """What the steps did to one document in stage 1."""
+
+    text: str  # as the last step it reached left it
+    removed_at: int  # the document step that removed it, or NOT_REMOVED
+    reason: str | None
+    sizes: list[int]  # UTF-8 bytes before step 0, after step 0, ...; -1 after its removal
+    changed: list[bool]  # per step: did the step change the text
+    dedup_texts: dict[int, str]  # the text as it reached each dedup step
+
+
+def trace_document(steps: list, text: str) -> DocumentTrace:
+    """Runs the document steps on `text` in order up to the first that removes it, noting the text at dedup steps."""
+    sizes = [len(text.encode("utf-8"))] + [-1] * len(steps)
+    changed = [False] * len(steps)
+    dedup_texts = {}
+    for j, step in enumerate(steps):
+        if isinstance(step, DedupStep):
+            dedup_texts[j] = text
+            sizes[j + 1] = sizes[j]
+            continue
+        new_text, reason = step.process(text)
+        if reason is not None:
+            return DocumentTrace(text, j, reason, sizes, changed, dedup_texts)
+        changed[j] = new_text != text
+        text = new_text
+        sizes[j + 1] = len(text.encode("utf-8")) if changed[j] else sizes[j]
+    return DocumentTrace(text, NOT_REMOVED, None, sizes, changed, dedup_texts)
+
+
 def process_shard(shard: int, path: str, pipeline: Pipeline, paths: RunPaths) -> dict[str, Any]:
     """Stage 1 for one input file; returns (and writes as the marker) its metadata."""
     steps = pipeline.steps
@@ -94,21 +125,20 @@ def process_shard(shard: int, path: str, pipeline: Pipeline, paths: RunPaths) ->
     lines: list[int] = []
     removed_at: list[int] = []
     reason_code: list[int] = []
-    sizes: list[list[int]] = []  # bytes before step 0, after step 0, ...; -1 once removed
+    sizes: list[list[int]] = []
     changed: list[list[bool]] = []
-    reasons: list[str] = []
+    reasons: list[str] = []  # reason names, in order of first use; documents record an index
     samples: list[dict[str, Any]] = []
-    per_reason: dict[tuple[int, str], int] = {}
-    pending: dict[int, list[str]] = {j: [] for j in dedup_at}
-    key_rows: dict[int, list[np.ndarray]] = {j: [] for j in dedup_at}
+    sampled: dict[tuple[int, str], int] = {}
+    pending: dict[int, list[str]] = {j: [] for j in dedup_at}  # texts whose keys are not computed yet
+    keys: dict[int, list[np.ndarray]] = {j: [] for j in dedup_at}
     key_idx: dict[int, list[int]] = {j: [] for j in dedup_at}
-    kept: list[int] = []
     bad_lines: list[str] = []
 
-    def flush_keys(force: bool) -> None:
+    def compute_keys(at_least: int) -> None:
         for j in dedup_at:
-            if pending[j] and (force or len(pending[j]) >= KEY_BATCH_DOCS):
-                key_rows[j].append(steps[j].keys(pending[j]))
+            if pending[j] and len(pending[j]) >= at_least:
+                keys[j].append(steps[j].keys(pending[j]))
                 pending[j] = []
 
     os.makedirs(os.path.dirname(paths.processed(shard, "docs")), exist_ok=True)
@@ -116,39 +146,26 @@ def process_shard(shard: int, path: str, pipeline: Pipeline, paths: RunPaths) ->
         remove_stale_temps(paths.processed(shard, what))  # left by a run killed while writing this shard
     with document_writer(paths.processed(shard, "docs"), compresslevel=1) as write:
         for idx, (line, doc) in enumerate(read_documents(path, pipeline.text_key, bad_lines)):
-            text = doc[pipeline.text_key]
-            size = [len(text.encode("utf-8"))] + [-1] * len(steps)
-            change = [False] * len(steps)
-            where, code = NOT_REMOVED, -1
-            for j, step in enumerate(steps):
-                if isinstance(step, DedupStep):
-                    pending[j].append(text)
-                    key_idx[j].append(idx)
-                    size[j + 1] = size[j]
-                    continue
-                new_text, reason = step.process(text)
-                if reason is not None:
-                    where = j
-                    if reason not in reasons:
-                        reasons.append(reason)
-                    code = reasons.index(reason)
-                    if per_reason.get((j, reason), 0) < SAMPLES_PER_REASON:
-                        per_reason[(j, reason)] = per_reason.get((j, reason), 0) + 1
-                        samples.append(_sample(j, reason, idx, line, doc, text))
-                    break
-                change[j] = new_text != text
-                text = new_text
-                size[j + 1] = len(text.encode("utf-8")) if change[j] else size[j]
-            lines.append(line)
-            removed_at.append(where)
-            reason_code.append(code)
-            sizes.append(size)
-            changed.append(change)
-            if where == NOT_REMOVED:
-                kept.append(idx)
-                write({**doc, pipeline.text_key: text})
-            flush_keys(force=False)
-        flush_keys(force=True)
+            trace = trace_document(steps, doc[pipeline.text_key])
+            for j, text in trace.dedup_texts.items():
+                pending[j].append(text)
+                key_idx[j].append(idx)
+            if trace.reason is None:
+                write({**doc, pipeline.text_key: trace.text})
+            else:
+                if trace.reason not in reasons:
+                    reasons.append(trace.reason)
+                slot = (trace.removed_at, trace.reason)
+                if sampled.get(slot, 0) < SAMPLES_PER_REASON:
+                    sampled[slot] = sampled.get(slot, 0) + 1
+                    samples.append(_sample(*slot, idx, line, doc, trace.text))
+            lines.append(line)  # the trace's small fields only: its text is not kept in memory
+            removed_at.append(trace.removed_at)
+            reason_code.append(-1 if trace.reason is None else reasons.index(trace.reason))
+            sizes.append(trace.sizes)
+            changed.append(trace.changed)
+            compute_keys(at_least=KEY_BATCH_DOCS)
+        compute_keys(at_least=1)
     n = len(lines)
     arrays = {
         "lines": np.asarray(lines, dtype=np.int64),
@@ -156,11 +173,10 @@ def process_shard(shard: int, path: str, pipeline: Pipeline, paths: RunPaths) ->
         "reason_code": np.asarray(reason_code, dtype=np.int32),
         "sizes": np.asarray(sizes, dtype=np.int64).reshape(n, len(steps) + 1),
         "changed": np.asarray(changed, dtype=bool).reshape(n, len(steps)),
-        "kept": np.asarray(kept, dtype=np.int64),
+        "kept": np.flatnonzero(np.asarray(removed_at) == NOT_REMOVED).astype(np.int64),
     }
     for j in dedup_at:
-        width = steps[j].keys([]).shape[1] if not key_rows[j] else key_rows[j][0].shape[1]
-        arrays[f"keys_{j}"] = np.concatenate(key_rows[j]) if key_rows[j] else np.zeros((0, width), np.uint64)
+        arrays[f"keys_{j}"] = np.concatenate(keys[j]) if keys[j] else steps[j].keys([])
         arrays[f"key_idx_{j}"] = np.asarray(key_idx[j], dtype=np.int64)
     with atomic_write(paths.processed(shard, "npz"), "wb") as f:
         np.savez(f, **arrays)
