@@ -111,7 +111,8 @@ def document_writer(path: str, compresslevel: int = 6) -> Iterator:
         out = io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
 
         def write(doc: dict) -> None:
-            out.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            # default=str: values JSON has no type for (a parquet timestamp, bytes) are written as their str()
+            out.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
 
         yield write
         out.flush()
