@@ -1,5 +1,6 @@
 """End to end: `curate` over files, the report, the process pool, TOML pipelines, and the CLI's bad-input lines."""
 
+import datetime
 import glob
 import gzip
 import json
@@ -8,6 +9,7 @@ import os
 import pytest
 
 from engine.data.curate import main
+from engine.data.curation.documents import document_writer
 from engine.data.curation.pipeline import Pipeline
 from engine.data.curation.runner import curate
 from engine.data.curation.steps import CurationError
@@ -178,3 +180,10 @@ def test_malformed_lines_are_skipped_named_and_counted(tmp_path, capsys):
     assert report["malformed_lines"] == 2 and report["documents_out"] == 2
     assert [d["text"] for d in outputs(tmp_path / "o")] == ["one", "two"]
     assert os.path.exists(tmp_path / "o" / ".curation" / "manifest.json")
+
+
+def test_writer_gzip_round_trip_and_values_json_lacks(tmp_path):
+    with document_writer(str(tmp_path / "w.jsonl.gz")) as write:
+        write({"text": "é", "when": datetime.date(2020, 1, 2), "n": [1]})
+    assert read_jsonl(tmp_path / "w.jsonl.gz") == [{"text": "é", "when": "2020-01-02", "n": [1]}]
+    assert not list(tmp_path.glob(".*tmp*"))  # renamed into place
