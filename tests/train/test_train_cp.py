@@ -1,6 +1,6 @@
 """The training loop under context parallelism (`--parallel.cp`, ring and all-to-all), composed with tp (+sp), dp
 (+ZeRO-1), FSDP2 and pipeline parallelism, with and without document masking, through the user's entry point
-(examples/pretrain_gpt.py) for 10 steps: the one-process losses, gradient norms and validation losses to 1e-5
+(examples/pretrain_gpt.py) for 6 steps: the one-process losses, gradient norms and validation losses to 1e-5
 (metrics.jsonl), and a bit-identical resume at cp 2. The document data packs several short documents (each ending in
 EOD) into every sample."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
-from tests.train.test_train_pp import _check, _run
+from tests.train.test_train_pp import HALF, _check, _run
 
 DOCS = dict(data__document_mask="true", data__reset_positions="true")
 
@@ -32,8 +32,8 @@ CP2 = {  # label: (one-process reference, flags)
 def _cp2_worker(rank, world, root, data):
     root = Path(root)
     out = {k: (ref, _run(root / f"r{i}", data, **kw)) for i, (k, (ref, kw)) in enumerate(CP2.items())}
-    # Stop at step 5, resume to 10: bit-identical to the straight run of the same layout.
-    _run(root / "split", data, parallel__cp=2, train__steps=5, **DOCS)
+    # Stop at step HALF, resume to STEPS: bit-identical to the straight run of the same layout.
+    _run(root / "split", data, parallel__cp=2, train__steps=HALF, **DOCS)
     out["resumed"] = _run(root / "split", data, parallel__cp=2, **DOCS)
     return out
 

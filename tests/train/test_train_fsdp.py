@@ -1,11 +1,11 @@
 """FSDP2 (`--parallel.dp_shard N`, torch's fully_shard per layer and at the root) and HSDP (dp_replicate x
-dp_shard) through the example's entry for 10 steps: the one-process losses and gradient norms to 1e-5, a
+dp_shard) through the example's entry for 6 steps: the one-process losses and gradient norms to 1e-5, a
 bit-identical resume, and a sharded checkpoint (whole tensors in the manifest's global view) resumed by one process."""
 
 import pytest
 
 from tests.distributed import run_distributed
-from tests.train.test_train_pp import STEPS, _check, _close, _refs, _run
+from tests.train.test_train_pp import HALF, _check, _close, _refs, _run
 
 
 def _shard2_worker(rank, world, root, data):
@@ -17,9 +17,9 @@ def _shard2_worker(rank, world, root, data):
         "dp_shard 2 accumulation": ("llama4", _run(root / "b", data, parallel__dp_shard=2, train__micro_batch=2)),
         "dp_shard 2 gpt2 tied": ("gpt2", _run(root / "c", data, parallel__dp_shard=2, model__arch="gpt2")),
     }
-    _run(root / "split", data, parallel__dp_shard=2, train__steps=5)  # stop at step 5, resume to 10
+    _run(root / "split", data, parallel__dp_shard=2, train__steps=HALF)  # stop at step HALF, resume to STEPS
     out["resumed"] = _run(root / "split", data, parallel__dp_shard=2)
-    _run(root / "other", data, parallel__dp_shard=2, train__steps=5)  # resumed by one process after the spawn
+    _run(root / "other", data, parallel__dp_shard=2, train__steps=HALF)  # resumed by one process after the spawn
     return out
 
 
@@ -37,7 +37,8 @@ def test_fsdp2_trains_like_one_process_and_resumes(tmp_path, tiny_data):
 def _hsdp_worker(rank, world, root, data):
     from pathlib import Path
 
-    return {"dp 2 x dp_shard 2 (HSDP)": ("llama4", _run(Path(root) / "a", data, parallel__dp_shard=2))}
+    return {"dp 2 x dp_shard 2 (HSDP)": ("llama4", _run(Path(root) / "a", data, parallel__dp_shard=2,
+                                                                  train__micro_batch=2))}
 
 
 @pytest.mark.distributed
@@ -94,7 +95,7 @@ def _tp_worker(rank, world, root, data):
         "dp_shard 2 x tp 2": ("llama4", _run(root / "a", data, **kw)),
         "dp_shard 2 x tp 2 + sp": ("llama4", _run(root / "b", data, **kw, parallel__sp="true")),
     }
-    _run(root / "split", data, train__steps=5, **kw)  # stop at step 5, resume to 10
+    _run(root / "split", data, train__steps=HALF, **kw)  # stop at step HALF, resume to STEPS
     out["resumed"] = _run(root / "split", data, **kw)
     return out
 
@@ -111,7 +112,7 @@ def test_fsdp2_with_tensor_parallelism(tmp_path, tiny_data):
         resumed, straight = r.pop("resumed"), r["dp_shard 2 x tp 2"][1]
         assert resumed[0] == straight[0]
     _check(results, _refs(tmp_path, tiny_data, ("llama4",)))
-    manifest = json.loads((tmp_path / "split/checkpoints/step_00000005/manifest.json").read_text())
+    manifest = json.loads((tmp_path / f"split/checkpoints/step_{HALF:08d}/manifest.json").read_text())
     q = manifest["tensors"]["layers.0.attn.q_proj.weight"]
     assert q["shape"] == [32, 32] and [(s["file"], s["offsets"], s["shape"]) for s in q["shards"]] == [
         ("model_r00000.pt", [0, 0], [8, 32]),  # tp rank 0, dp_shard rank 0 (ranks: dp_shard x tp, tp fastest)
@@ -129,7 +130,7 @@ def _pp_worker(rank, world, root, data):
     return {
         "dp_shard 2 x pp 2 1f1b": ("llama4", _run(root / "a", data, **kw, train__micro_batch=2)),
         "dp_shard 2 x pp 2 interleaved": ("llama4", _run(root / "b", data, **kw, parallel__pp_schedule="interleaved",
-                                                         parallel__virtual_stages=2)),  # fmt: skip
+                                                         parallel__virtual_stages=2, train__micro_batch=2)),
         "dp_shard 2 x pp 2 gpt2 tied": ("gpt2", _run(root / "c", data, **kw, model__arch="gpt2")),
     }
 
@@ -145,7 +146,10 @@ def test_fsdp2_with_pipeline_parallelism(tmp_path, tiny_data):
 def _bf16_worker(rank, world, root, data):
     from pathlib import Path
 
-    return _run(Path(root) / "a", data, parallel__dp_shard=2, train__param_dtype="bf16")
+    return _run(Path(root) / "a", data, parallel__dp_shard=2, train__param_dtype="bf16", **BF16_STEPS)
+
+
+BF16_STEPS = dict(train__steps=10, optim__decay_steps=10, train__micro_batch=1)  # bf16 rounding shows after 10 steps
 
 
 @pytest.mark.distributed
@@ -153,8 +157,8 @@ def test_fsdp2_mixed_precision_with_bf16_parameters(tmp_path, tiny_data):
     """train.param_dtype bf16 under FSDP2: its mixed-precision policy (bf16 compute parameters from fp32 shards,
     fp32 gradient reduction) against one process with bf16 parameters and fp32 masters (ZeRO-1's), to 1e-3."""
     got = run_distributed(_bf16_worker, 2, str(tmp_path), tiny_data, timeout=300)[0]
-    ref = _run(tmp_path / "one", tiny_data, train__param_dtype="bf16")
+    ref = _run(tmp_path / "one", tiny_data, train__param_dtype="bf16", **BF16_STEPS)
     _close(got[0], ref[0], "dp_shard 2 with bf16 parameters", rtol=1e-3)
-    fp32 = _run(tmp_path / "fp32", tiny_data)  # bf16 rounding shows: nearer the bf16 run than the fp32 one
-    near = sum(abs(got[0][s] - ref[0][s]) for s in range(1, STEPS + 1))
-    assert near < 0.5 * sum(abs(got[0][s] - fp32[0][s]) for s in range(1, STEPS + 1))
+    fp32 = _run(tmp_path / "fp32", tiny_data, **BF16_STEPS)  # bf16 rounding shows: nearer the bf16 run
+    near = sum(abs(got[0][s] - ref[0][s]) for s in range(1, 11))
+    assert near < 0.5 * sum(abs(got[0][s] - fp32[0][s]) for s in range(1, 11))

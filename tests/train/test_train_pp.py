@@ -1,5 +1,5 @@
 """The training loop under pipeline parallelism (`--parallel.pp`), composed with dp and tp, run through the user's
-entry point (examples/pretrain_gpt.py) for 10 steps: the one-process losses and gradient norms to 1e-5 (metrics.jsonl,
+entry point (examples/pretrain_gpt.py) for 6 steps: the one-process losses and gradient norms to 1e-5 (metrics.jsonl,
 what a user reads), validation losses too, every rank's losses the same, and a bit-identical resume under pp 2.
 
 Micro-batch counts 1, 4 and 8 come from a global batch of 8 at train.micro_batch 8, 2 and 1. The full matrix (every
@@ -18,9 +18,11 @@ from tests.distributed import free_port, run_distributed
 from tests.train.conftest import tiny_args
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 10
-BASE = dict(model__n_layers=4, train__steps=STEPS, optim__decay_steps=STEPS, eval__every=5, eval__batches=1,
-            checkpoint__every=5, train__global_batch=8, train__micro_batch=1, optim__clip=0.5)  # fmt: skip
+STEPS, HALF = 6, 3  # runs stop at HALF and resume to STEPS; evaluations and checkpoints every HALF steps
+# Two micro-batches per step by default: accumulation stays covered, and the per-micro-batch collectives (the cost of
+# a tp/cp run on 2 cores) stay few. Tests of schedules set their micro-batch counts explicitly.
+BASE = dict(model__n_layers=4, train__steps=STEPS, optim__decay_steps=STEPS, eval__every=HALF, eval__batches=1,
+            checkpoint__every=HALF, train__global_batch=8, train__micro_batch=4, optim__clip=0.5)  # fmt: skip
 MICRO = {1: 8, 4: 2, 8: 1}  # micro-batches per step -> train.micro_batch
 
 
@@ -71,7 +73,7 @@ def _check(results, refs, n_metrics=3):
 PP2 = {  # label: (one-process reference, flags)
     "pp2 1f1b m4": ("llama4", dict(train__micro_batch=MICRO[4])),
     "pp2 gpipe m1": ("llama4", dict(parallel__pp_schedule="gpipe", train__micro_batch=MICRO[1])),
-    "pp2 zb m8": ("llama4", dict(parallel__pp_schedule="zb")),
+    "pp2 zb m8": ("llama4", dict(parallel__pp_schedule="zb", train__micro_batch=MICRO[8])),
     "pp2 interleaved m4": (
         "llama4",
         dict(parallel__pp_schedule="interleaved", parallel__virtual_stages=2, train__micro_batch=MICRO[4]),
@@ -83,8 +85,8 @@ PP2 = {  # label: (one-process reference, flags)
 def _pp2_worker(rank, world, root, data):
     root = Path(root)
     out = {k: (ref, _run(root / f"r{i}", data, parallel__pp=2, **kw)) for i, (k, (ref, kw)) in enumerate(PP2.items())}
-    # Stop at step 5, resume to 10: bit-identical to the straight run of the same layout ("pp2 1f1b m4").
-    _run(root / "split", data, parallel__pp=2, train__micro_batch=MICRO[4], train__steps=5)
+    # Stop at step HALF, resume to STEPS: bit-identical to the straight run of the same layout ("pp2 1f1b m4").
+    _run(root / "split", data, parallel__pp=2, train__micro_batch=MICRO[4], train__steps=HALF)
     out["resumed"] = _run(root / "split", data, parallel__pp=2, train__micro_batch=MICRO[4])
     return out
 
@@ -106,7 +108,8 @@ def test_pipeline_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_dat
 
 
 PP2_4RANKS = {
-    "pp2 x dp2 interleaved": dict(parallel__pp=2, parallel__virtual_stages=2, parallel__pp_schedule="interleaved"),
+    "pp2 x dp2 interleaved": dict(parallel__pp=2, parallel__virtual_stages=2, parallel__pp_schedule="interleaved",
+                                   train__micro_batch=2),
     "pp2 x tp2": dict(parallel__pp=2, parallel__tp=2),
     "pp2 x tp2 sp": dict(parallel__pp=2, parallel__tp=2, parallel__sp="true"),
 }

@@ -1,4 +1,4 @@
-"""ZeRO-1 (`--parallel.zero1 true`) through the example's entry for 10 steps: the one-process losses and gradient norms
+"""ZeRO-1 (`--parallel.zero1 true`) through the example's entry for 6 steps: the one-process losses and gradient norms
 to 1e-5 at dp 2 and dp 4 (with gradient accumulation), composed with tp and pp, a bit-identical resume; the overlap
 of the bucketed reduce-scatter with backward; and each rank's bytes against the closed form."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.train.test_train_pp import _check, _close, _refs, _run
+from tests.train.test_train_pp import HALF, _check, _close, _refs, _run
 
 TINY_BUCKET = 0.002  # MiB: several buckets even in the tiny model, so overlap and bucket edges are exercised
 
@@ -53,9 +53,9 @@ def _dp2_worker(rank, world, root, data):
     )
     out["dp2 zero1, gathers done at their wait"] = ("llama4", _run(root / "w", data, **kw))
     dp._all_gather = real
-    _run(root / "split", data, train__steps=5, **kw)  # stop at step 5, resume to 10
+    _run(root / "split", data, train__steps=HALF, **kw)  # stop at step HALF, resume to STEPS
     out["resumed"] = _run(root / "split", data, **kw)
-    _run(root / "other_dp", data, train__steps=5, **kw)  # resumed by one process after the spawn
+    _run(root / "other_dp", data, train__steps=HALF, **kw)  # resumed by one process after the spawn
     return out
 
 
@@ -76,7 +76,7 @@ ZERO1_4RANKS = {
     "dp4 zero1 accumulation": dict(train__micro_batch=1),  # 2 micro-batches per rank
     "dp2 x tp2 sp zero1": dict(parallel__tp=2, parallel__sp="true"),
     "dp2 x pp2 zero1 interleaved": dict(
-        parallel__pp=2, parallel__virtual_stages=2, parallel__pp_schedule="interleaved"
+        parallel__pp=2, parallel__virtual_stages=2, parallel__pp_schedule="interleaved", train__micro_batch=2
     ),
     "dp2 x pp2 zero1 zb": dict(parallel__pp=2, parallel__pp_schedule="zb", train__micro_batch=1),
 }
@@ -87,7 +87,7 @@ def _dp4_worker(rank, world, root, data):
 
     kw = dict(parallel__zero1="true", parallel__bucket_mb=TINY_BUCKET)
     out = {k: ("llama4", _run(Path(root) / f"r{i}", data, **kw, **v)) for i, (k, v) in enumerate(ZERO1_4RANKS.items())}
-    out["dp4 (DDP)"] = ("llama4", _run(Path(root) / "ddp", data))
+    out["dp4 (DDP)"] = ("llama4", _run(Path(root) / "ddp", data, train__micro_batch=2))
     return out
 
 
@@ -175,7 +175,7 @@ def _four_d_worker(rank, world, root, data):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_dp_tp_pp_on_eight_processes(tmp_path, tiny_data):
-    """dp 2 x tp 2 x pp 2 (8 ranks), plain, with ZeRO-1 and with FSDP2, equals one process to 1e-5 for 10 steps."""
+    """dp 2 x tp 2 x pp 2 (8 ranks), plain, with ZeRO-1 and with FSDP2, equals one process to 1e-5 for 6 steps."""
     results = run_distributed(_four_d_worker, 8, str(tmp_path), tiny_data, timeout=600)
     _check(results, _refs(tmp_path, tiny_data, ("llama4",)))
 
@@ -186,7 +186,7 @@ def _bf16_worker(rank, world, root, data):
     root = Path(root)
     kw = dict(parallel__zero1="true", parallel__bucket_mb=TINY_BUCKET, train__param_dtype="bf16")
     out = {"dp2 zero1 bf16 params": _run(root / "a", data, **kw)}
-    _run(root / "split", data, train__steps=5, **kw)  # stop at step 5, resume to 10: the fp32 masters come back
+    _run(root / "split", data, train__steps=HALF, **kw)  # stop at HALF, resume to STEPS: the fp32 masters return
     out["resumed"] = _run(root / "split", data, **kw)
     return out
 
@@ -256,7 +256,7 @@ def _bf16_4rank_worker(rank, world, root, data):
 def test_bf16_parameters_with_tp_and_pp(tmp_path, tiny_data):
     """bf16 parameters whose fp32 gradients are summed over tp (sequence-parallel norms) and over the tied embedding's
     two pipeline stages, with zero-bubble's deferred weight gradients folded in: one process with bf16 parameters
-    to 1e-3 (observed: within 7e-5 over the 10 steps)."""
+    to 1e-3 (observed: within 7e-5 over 10 steps)."""
     results = run_distributed(_bf16_4rank_worker, 4, str(tmp_path), tiny_data, timeout=300)
     ref = _run(tmp_path / "one", tiny_data, train__param_dtype="bf16")
     for r in results:
