@@ -1,4 +1,5 @@
-"""Installs the packages `engine` and `kernels` and builds the C++ data helpers (`engine.data._helpers`)."""
+"""Installs the packages `engine` and `kernels` and builds the C++ data helpers (`engine.data._helpers`,
+`engine.data.curation._suffix_array`)."""
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
@@ -9,7 +10,14 @@ ext_modules = [
         ["csrc/helpers.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3"],
-    )
+    ),
+    # suffix array + LCP for exact-substring dedup (engine/data/curation/suffix_array.py has a NumPy fallback)
+    Pybind11Extension(
+        "engine.data.curation._suffix_array",
+        ["csrc/suffix_array.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

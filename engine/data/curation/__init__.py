@@ -1,5 +1,6 @@
-"""Data curation: quality filters (Gopher, C4, FineWeb), exact and MinHash near-duplicate dedup, PII redaction, run
-as resumable stages over input files (`python -m engine.data.curate`). Names load on first use."""
+"""Data curation: quality filters (Gopher, C4, FineWeb), exact, MinHash near-duplicate and suffix-array substring
+dedup, PII redaction, run as resumable stages over input files (`python -m engine.data.curate`). Names load on first
+use."""
 
 from engine._lazy import lazy_exports
 
@@ -22,6 +23,7 @@ _EXPORTS = {
     "PIIRedactor": "engine.data.curation.pii",
     "ExactDedup": "engine.data.curation.exact_dedup",
     "MinHashDedup": "engine.data.curation.minhash",
+    "SubstringDedup": "engine.data.curation.substring_dedup",
     "lsh_match_probability": "engine.data.curation.minhash",
 }
 __all__ = sorted(_EXPORTS)

@@ -28,7 +28,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # the step modules register their steps on import
-from engine.data.curation import c4, exact_dedup, fineweb, gopher, minhash, pii  # noqa: F401
+from engine.data.curation import c4, exact_dedup, fineweb, gopher, minhash, pii, substring_dedup  # noqa: F401
 from engine.data.curation.steps import CurationError, DedupStep, DocumentStep, Step, make_step
 
 # FineWeb's order (Penedo et al. 2024): quality filters, then MinHash dedup, then PII redaction
@@ -48,6 +48,9 @@ class Pipeline:
         for step in self.steps:
             if not isinstance(step, DocumentStep | DedupStep):
                 raise CurationError(f"{step!r} is not a DocumentStep or DedupStep")
+        for step in self.steps[:-1]:
+            if getattr(step, "cuts_spans", False):  # it cuts the final text in stage 3 (substring_dedup.py)
+                raise CurationError(f"step {step.name!r} cuts spans from the final text: it must be the last step")
         if not isinstance(self.text_key, str) or not self.text_key:
             raise CurationError(f"text_key must be a non-empty string, got {self.text_key!r}")
 

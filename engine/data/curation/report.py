@@ -41,6 +41,10 @@ def build_report(pipeline: Pipeline, paths: RunPaths, inputs: list[str], seconds
     final = np.where(final == NOT_REMOVED, n_steps, final)  # n_steps: survived every step
     sizes = np.concatenate([s["sizes"] for s in shards]).reshape(-1, n_steps + 1)
     changed = np.concatenate([s["changed"] for s in shards]).reshape(-1, n_steps)
+    if "cut_doc" in clusters and len(clusters["cut_doc"]):  # substring dedup (always the last step) cut these bytes
+        cut = np.bincount(clusters["cut_doc"], clusters["cut_end"] - clusters["cut_start"], minlength=len(sizes))
+        sizes[:, n_steps] -= cut.astype(np.int64)
+        changed[:, n_steps - 1] |= cut > 0
     reason_names = np.concatenate(
         [np.asarray(m["reasons"] + [""], dtype=object)[s["reason_code"]] for s, m in zip(shards, metas)]
     ) if shards else np.zeros(0, dtype=object)  # fmt: skip

@@ -23,6 +23,7 @@ from engine.data._files import atomic_write, remove_stale_temps
 from engine.data.curation.documents import document_writer, read_documents
 from engine.data.curation.pipeline import Pipeline
 from engine.data.curation.steps import DedupStep
+from engine.data.curation.substring_dedup import apply_cuts
 
 SAMPLES_PER_REASON = 3
 SAMPLE_CHARS = 300
@@ -133,12 +134,15 @@ def process_shard(shard: int, path: str, pipeline: Pipeline, paths: RunPaths) ->
     pending: dict[int, list[str]] = {j: [] for j in dedup_at}  # texts whose keys are not computed yet
     keys: dict[int, list[np.ndarray]] = {j: [] for j in dedup_at}
     key_idx: dict[int, list[int]] = {j: [] for j in dedup_at}
+    span_bytes: dict[int, list[np.ndarray]] = {j: [] for j in dedup_at if _cuts_spans(steps[j])}  # texts, for stage 2
     bad_lines: list[str] = []
 
     def compute_keys(at_least: int) -> None:
         for j in dedup_at:
             if pending[j] and len(pending[j]) >= at_least:
                 keys[j].append(steps[j].keys(pending[j]))
+                if j in span_bytes:
+                    span_bytes[j].append(steps[j].text_bytes(pending[j]))
                 pending[j] = []
 
     os.makedirs(os.path.dirname(paths.processed(shard, "docs")), exist_ok=True)
@@ -178,11 +182,18 @@ def process_shard(shard: int, path: str, pipeline: Pipeline, paths: RunPaths) ->
     for j in dedup_at:
         arrays[f"keys_{j}"] = np.concatenate(keys[j]) if keys[j] else steps[j].keys([])
         arrays[f"key_idx_{j}"] = np.asarray(key_idx[j], dtype=np.int64)
+        if j in span_bytes:
+            arrays[f"text_{j}"] = np.concatenate(span_bytes[j]) if span_bytes[j] else np.zeros(0, dtype=np.uint8)
     with atomic_write(paths.processed(shard, "npz"), "wb") as f:
         np.savez(f, **arrays)
     meta = {"path": path, "documents": n, "reasons": reasons, "samples": samples, "bad_lines": bad_lines}
     write_marker(paths.processed(shard, "done"), meta)
     return meta
+
+
+def _cuts_spans(step) -> bool:
+    """A dedup step that cuts byte ranges out of documents (substring_dedup) rather than clustering documents."""
+    return getattr(step, "cuts_spans", False)
 
 
 def load_processed(paths: RunPaths, shard: int) -> dict[str, np.ndarray]:
@@ -199,6 +210,7 @@ def cluster_all(pipeline: Pipeline, paths: RunPaths, n_shards: int) -> None:
     total = int(offsets[-1])
     dedup_at = np.full(total, NOT_REMOVED, dtype=np.int32)
     duplicate_of = np.full(total, -1, dtype=np.int64)
+    spans = {key: np.zeros(0, dtype=np.int64) for key in ("cut_doc", "cut_start", "cut_end")}  # substring dedup's
     for j, step in enumerate(pipeline.steps):
         if not isinstance(step, DedupStep):
             continue
@@ -206,13 +218,22 @@ def cluster_all(pipeline: Pipeline, paths: RunPaths, n_shards: int) -> None:
         idx = np.concatenate([offsets[i] + s[f"key_idx_{j}"] for i, s in enumerate(shards)]).astype(np.int64)
         keys = np.concatenate([s[f"keys_{j}"] for s in shards])
         present = dedup_at[idx] == NOT_REMOVED
+        if _cuts_spans(step):  # substring dedup: byte ranges to cut, and the documents left empty
+            lengths = keys[:, 0].astype(np.int64)
+            data = np.concatenate([s[f"text_{j}"] for s in shards])[np.repeat(present, lengths)]
+            idx = idx[present]
+            cuts = step.find_cuts(data, lengths[present])
+            spans = {"cut_doc": idx[cuts.doc], "cut_start": cuts.start, "cut_end": cuts.end}
+            dedup_at[idx[cuts.emptied]] = j
+            duplicate_of[idx[cuts.emptied]] = np.where(cuts.emptied_source >= 0, idx[cuts.emptied_source], -1)
+            continue
         idx, keys = idx[present], keys[present]
         first = step.cluster(keys)
         dup = np.flatnonzero(first != np.arange(len(idx)))
         dedup_at[idx[dup]] = j
         duplicate_of[idx[dup]] = idx[first[dup]]
     with atomic_write(paths.clusters("npz"), "wb") as f:
-        np.savez(f, offsets=offsets, dedup_at=dedup_at, duplicate_of=duplicate_of)
+        np.savez(f, offsets=offsets, dedup_at=dedup_at, duplicate_of=duplicate_of, **spans)
     write_marker(paths.clusters("done"), {"documents": total})
 
 
@@ -221,18 +242,32 @@ def load_clusters(paths: RunPaths) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def _cuts_of(clusters: dict[str, np.ndarray], lo: int, hi: int) -> dict[int, list[tuple[int, int]]]:
+    """Corpus index -> sorted byte ranges that substring dedup cuts, for the documents lo..hi-1."""
+    doc = clusters.get("cut_doc", np.zeros(0, dtype=np.int64))
+    sel = np.flatnonzero((doc >= lo) & (doc < hi))
+    out: dict[int, list[tuple[int, int]]] = {}
+    for g, a, b in zip(doc[sel].tolist(), clusters["cut_start"][sel].tolist(), clusters["cut_end"][sel].tolist()):
+        out.setdefault(g, []).append((a, b))
+    return out
+
+
 def write_shard(shard: int, pipeline: Pipeline, paths: RunPaths, out_path: str) -> dict[str, Any]:
     """Stage 3 for one input file: its documents that no step removed, in input order, to `out_path`."""
     clusters = load_clusters(paths)
     start = int(clusters["offsets"][shard])
-    kept = load_processed(paths, shard)["kept"]
+    processed = load_processed(paths, shard)
+    kept = processed["kept"]
     survives = clusters["dedup_at"][start + kept] == NOT_REMOVED
     remove_stale_temps(out_path)
     out_docs = 0
     docs = read_documents(paths.processed(shard, "docs"), pipeline.text_key)
+    cuts = _cuts_of(clusters, start, start + len(processed["lines"]))
     with document_writer(out_path) as write:
-        for (_, doc), keep in zip(docs, survives.tolist()):
+        for (_, doc), keep, g in zip(docs, survives.tolist(), (start + kept).tolist()):
             if keep:
+                if g in cuts:  # substring dedup, the last step: cut its byte ranges from the final text
+                    doc = {**doc, pipeline.text_key: apply_cuts(doc[pipeline.text_key], cuts[g])}
                 write(doc)
                 out_docs += 1
     meta = {"output": out_path, "documents": out_docs}
