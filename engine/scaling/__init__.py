@@ -1,4 +1,4 @@
-"""Back-of-the-envelope scaling arithmetic (per-rank memory), pure Python: importing it starts nothing.
+"""Scaling arithmetic: FLOPs, laws and their fits, the compute and layout planners; importing it starts nothing.
 
 Names load on first use.
 """
@@ -35,6 +35,10 @@ _EXPORTS = {
     "plan_config": "engine.scaling.planner",
     "budget_flops": "engine.scaling.planner",
     "model_config_near": "engine.scaling.planner",
+    "Layout": "engine.scaling.layout",
+    "estimate_layout": "engine.scaling.layout",
+    "plan_layouts": "engine.scaling.layout",
+    "rank_params": "engine.scaling.layout",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "fit": ("engine.scaling.fit_cli", "fit a loss law (Chinchilla Approaches 2 and 3) to a table of runs"),
     "plan": ("engine.scaling.planner", "compute-optimal model and data sizes for a FLOP budget or a cluster"),
+    "layout": ("engine.scaling.layout", "the fastest tp x pp x cp x dp layouts of a model on a cluster that fit"),
 }
 
 

@@ -69,9 +69,9 @@ def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_b
         in_flight_microbatches=in_flight,
     )  # fmt: skip
     # ZeRO-1: this rank's shard of the optimizer state (engine.optim.distributed), up to each bucket's padding;
-    # FSDP2: its shard of parameters, gradients and state over dp_shard (up to each tensor's padding)
+    # FSDP2: its shard of parameters, gradients and state over dp_shard x cp (up to each tensor's padding)
     # bf16 parameters: 2 bytes each, fp32 gradients, fp32 master weights with the optimizer state (2 + 4 + 12 / dp)
-    held = -(-n // dims.dp_shard)
+    held = -(-n // (dims.dp_shard * dims.cp)) if dims.dp_shard > 1 else n  # FSDP2 shards over dp_shard x cp
     n_state = -(-n // (dims.dp * dims.cp)) if cfg.parallel.zero1 else held  # ZeRO-1 shards over dp x cp
     bf16 = cfg.train.param_dtype == "bf16" and dims.dp_shard == 1  # FSDP2 keeps fp32 shards, which are the masters
     opt = optimizer_state_bytes(n_state, cfg.optim.name, master_weights=bf16)

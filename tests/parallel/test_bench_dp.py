@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from engine.scaling.layout import dp_wire_bytes
+
 TINY = ["--dp", "2", "--steps", "2", "--warmup", "1", "--layers", "2", "--d-model", "32", "--heads", "4",
         "--vocab", "64", "--seq", "8", "--micro-batch", "2", "--bucket-mb", "0.004"]  # fmt: skip
 
@@ -48,6 +50,16 @@ def test_bench_dp_rows_bytes_and_state(tmp_path, capsys):
     for name in ("torch-zero", "torch-zero-bucket"):
         states = rows[name]["state_bytes_per_rank"]
         assert sum(states) == 8 * p and max(states) < 8 * p, name  # whole parameters, each on one rank
+    # the layout planner's closed forms (engine.scaling.layout.dp_wire_bytes), fp32 parameters, 2 micro-batches:
+    # DDP's all-reduce (+ the scalars), ZeRO-1's reduce-scatter + all-gather (+ bucket padding), and FSDP2's two
+    # all-gathers per micro-batch of every layer, one of the root (embedding and norm: 64 x 32 + 32), and its
+    # reduce-scatter, exactly
+    wire = {name: sum(r["wire_bytes"][op] for op in ("all_reduce", "reduce_scatter", "all_gather")) for name, r in
+            rows.items()}  # fmt: skip
+    assert dp_wire_bytes(p, 2, "ddp", 2, 4, 4) <= wire["ddp"] < dp_wire_bytes(p, 2, "ddp", 2, 4, 4) + 64
+    assert dp_wire_bytes(p, 2, "zero1", 2, 4, 4) <= wire["zero1"] < dp_wire_bytes(p, 2, "zero1", 2, 4, 4) + 64
+    assert wire["fsdp2"] - rows["fsdp2"]["wire_bytes"]["all_reduce"] == dp_wire_bytes(p, 2, "fsdp", 2, 4, 4,
+                                                                                       root_params=64 * 32 + 32)
     fsdp = rows["fsdp2"]  # parameters gathered for forward and backward, gradients reduce-scattered, 1/dp of state
     assert fsdp["payload_bytes"]["reduce_scatter"] >= 4 * p and fsdp["payload_bytes"]["all_gather"] >= 2 * 4 * p
     assert sum(fsdp["state_bytes_per_rank"]) == 8 * p and max(fsdp["state_bytes_per_rank"]) < 8 * p

@@ -16,6 +16,7 @@ from engine.parallel.context import (
     zigzag_positions,
 )
 from engine.parallel.state import LayoutError
+from engine.scaling.layout import cp_wire_bytes
 from tests.distributed import run_distributed
 
 
@@ -113,6 +114,8 @@ def test_ring_communication_matches_closed_form(world, docs):
         assert sorted(bwd) == sorted(expect)
         sent = sum(n for op, n in fwd + bwd if op == "send")
         assert sent == 2 * rotations * sum(per_step) + world * 2 * kv_bytes
+        # the layout planner's per-layer figure (engine.scaling.layout.cp_wire_bytes), K and V together
+        assert sent == cp_wire_bytes(2 * kv_bytes, world) + (2 * rotations * seg_bytes if docs else 0)
 
 
 def test_cpu_flash_blocks_match_the_references():
