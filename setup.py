@@ -41,6 +41,8 @@ setup(
         # Optional speed-ups; the engine detects them at run time and never requires them.
         "cuda": ["flash-attn", "nvidia-ml-py"],
         "tensorboard": ["tensorboard"],
+        # benchmarks/bench_curation.py's reference: datatrove 0.10 hashes str with xxhash, which 4.x refuses
+        "bench": ["datatrove", "nltk", "xxhash<4"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
