@@ -29,6 +29,7 @@ import numpy as np
 
 from engine.data.corpus import documents
 from engine.data.curation.pipeline import Pipeline
+from engine.data.curation.suffix_array import cpp_available
 from engine.data.curation.union_find import first_of_components
 from engine.data.curation.words import SENTENCE_END_RE
 
@@ -229,6 +230,23 @@ def run_minhash(texts: list[str], planted: list[tuple[int, int]], tokenizer) -> 
     return row
 
 
+def run_substring_dedup(texts: list[str]) -> dict[str, Any]:
+    """Ours only (datatrove's exact-substring dedup runs Lee et al.'s external Rust tool): stage 2's suffix-array pass
+    over the whole input, C++ and NumPy."""
+    step = Pipeline.from_names(["substring_dedup"]).steps[0]
+    data, lengths = step.text_bytes(texts), step.keys(texts)[:, 0]
+    row: dict[str, Any] = {"stage": "substring_dedup", "docs": len(texts), "bytes": len(data)}
+    for impl in ("cpp", "numpy") if cpp_available() else ("numpy",):
+        step.impl = impl
+        cuts, seconds = timed(step.find_cuts, data, lengths)
+        row[f"{impl}_docs_per_s"] = len(texts) / seconds
+        row[f"{impl}_mb_per_s"] = len(data) / seconds / 1e6
+    row["ours_docs_per_s"] = row.get("cpp_docs_per_s", row["numpy_docs_per_s"])
+    row["bytes_cut_fraction"] = int((cuts.end - cuts.start).sum()) / max(1, len(data))
+    row["documents_emptied"] = len(cuts.emptied)
+    return row
+
+
 def datatrove_available() -> bool:
     try:
         import datatrove.pipeline.filters  # noqa: F401
@@ -266,7 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         logger.remove()
     tokenizer = datatrove_tokenizer() if use_datatrove else None
     texts, planted = make_corpus(args.docs, args.dup_fraction, args.edit_rate, args.seed)
-    rows = [run_minhash(texts, planted, tokenizer)] + run_filters(texts, tokenizer)
+    rows = [run_minhash(texts, planted, tokenizer)] + run_filters(texts, tokenizer) + [run_substring_dedup(texts)]
     meta = {"cpus_available": len(os.sched_getaffinity(0)), "processes": 1, "datatrove": use_datatrove}
     rows = [{**row, **meta} for row in rows]
     print_table(rows)

@@ -29,10 +29,18 @@ def test_benchmark_runs_on_a_tiny_input(tmp_path, capsys):
     rows = main(["--docs", "40", "--json", str(out)])
     assert "minhash_dedup" in capsys.readouterr().out
     assert json.loads(out.read_text()) == rows
-    assert [r["stage"] for r in rows] == ["minhash_dedup", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
+    assert [r["stage"] for r in rows] == [
+        "minhash_dedup",
+        "gopher_repetition",
+        "gopher_quality",
+        "c4",
+        "fineweb",
+        "substring_dedup",
+    ]
     assert rows[0]["ours_planted_recall"] == 1.0  # 4 planted copies with 0.5% of their words changed
     assert all(r["ours_docs_per_s"] > 0 for r in rows)
+    assert rows[-1]["bytes_cut_fraction"] > 0.05  # the 4 planted copies repeat ~1/10 of the bytes
     if datatrove_available():
         assert rows[0]["datatrove_planted_recall"] == 1.0
-        assert all(r["speed_ratio"] > 0 for r in rows)
-        assert all(r["decision_agreement"] >= 0.8 for r in rows[1:])
+        assert all(r["speed_ratio"] > 0 for r in rows[:-1])
+        assert all(r["decision_agreement"] >= 0.8 for r in rows[1:-1])
