@@ -45,6 +45,9 @@ step gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider "${workers[@]}" -m gpu
 step kernels 230 "$py" -m benchmarks.kernels --csv "$out/kernels.csv"
 step tp_block 45 "$py" -m benchmarks.bench_tp --gpu
 step fp8 150 "$py" -m benchmarks.bench_fp8 --json "$out/fp8.json"
+# ~40 s estimated: two 0.7B-parameter Llama models with a 128k vocabulary (built on the GPU), 6 steps of 8192 tokens
+# each, plus compiling our kernels; needs transformers in the image (else one line and rc 2).
+step hf_kernels 120 "$py" -m benchmarks.bench_hf_kernels --json "$out/hf_kernels.json"
 # ~35 s estimated: CUDA start, 1 GB state, 2 repeats x (3 saves + 4 loads) at ~1 GB/s of disk, ~25 training steps of
 # ~0.17 s (batch 16384, see the bench's docstring) around one async save; its table (stall % of a step) is the log tail.
 step checkpoint 60 "$py" -m benchmarks.bench_checkpoint --device cuda --size-gb 1 --repeats 2 \
