@@ -90,6 +90,9 @@ def test_parity_with_unpatched_model(arch, launches):
     assert ours.state_dict().keys() == ref.state_dict().keys()
     ids, labels = _batch()
     _check_parity(ours, ref, launches, input_ids=ids, labels=labels)
+    # Two forwards of ours, none of the unpatched copy (its attention keeps transformers' rotary function).
+    assert launches == {"rms_norm": 10, "rope": 8, "swiglu": 4, "loss": 1}
+    assert apply_kernels(ours, backend="triton") == dict.fromkeys(done, 0)  # a second call finds nothing left
 
 
 def test_qwen2_per_row_positions_and_num_items_in_batch(launches):
