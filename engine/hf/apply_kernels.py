@@ -38,6 +38,7 @@ class UnsupportedModelError(ValueError):
 
 
 def supported_classes() -> list[str]:
+    """The model class names apply_kernels accepts (named in its refusal)."""
     return [f"{prefix}{suffix}" for _, prefix in ARCHITECTURES.values() for suffix in ("ForCausalLM", "Model")]
 
 
