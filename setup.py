@@ -36,8 +36,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        # safetensors: reads back the consolidate CLI's output; scipy: the independent scaling-law fit in the tests
-        "test": ["pytest>=7", "ruff>=0.5", "safetensors", "scipy", "transformers>=5,<5.25"],  # 5.25 needs hub `kernels`
+        # safetensors: reads back the consolidate CLI's output; scipy: the independent scaling-law fit in the tests;
+        # matplotlib: the loss curve of examples/lab_tiny_lm.py
+        "test": ["pytest>=7", "ruff>=0.5", "safetensors", "scipy", "matplotlib",
+                 "transformers>=5,<5.25"],  # 5.25 needs hub `kernels`
         # Optional speed-ups; the engine detects them at run time and never requires them.
         "cuda": ["flash-attn", "nvidia-ml-py"],
         "tensorboard": ["tensorboard"],
