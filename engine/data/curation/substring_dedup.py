@@ -37,7 +37,7 @@ class Cuts:
 @dataclass
 class SubstringDedup(DedupStep):
     """Suffix-array exact-substring dedup over UTF-8 bytes. `memory_budget_mb` bounds the suffix-array work memory
-    (about 36 bytes per input byte); larger inputs are split into chunks of whole documents in corpus order and a
+    (32 bytes per input byte); larger inputs are split into chunks of whole documents in corpus order and a
     repeat whose two occurrences fall in different chunks is not found."""
 
     name = "substring_dedup"

@@ -62,6 +62,19 @@ def test_later_repeats_match_a_brute_force(impl):
 
 
 @NO_CPP
+def test_cpp_suffix_array_sorts_the_suffixes():
+    from engine.data.curation import _suffix_array
+
+    rng = np.random.default_rng(2)
+    for k in range(150):  # SA-IS from 40 symbols (shorter strings use prefix doubling); periodic strings recurse deep
+        sym = rng.integers(0, 1 + k % 4, size=rng.integers(1, 200)).astype(np.int32)
+        if k % 3 == 0:
+            sym = np.tile(sym[: max(1, len(sym) // 7)], 8)[: len(sym)]
+        expected = sorted(range(len(sym)), key=lambda i: sym[i:].tolist())
+        assert _suffix_array.suffix_array(sym, int(sym.max()) + 1).tolist() == expected
+
+
+@NO_CPP
 def test_cpp_and_numpy_agree_on_random_corpora():
     rng = np.random.default_rng(1)
     for alphabet in (2, 4, 256):
