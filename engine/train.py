@@ -53,10 +53,11 @@ class _Run:
         from engine.checkpoint.async_saver import AsyncSaver
         from engine.checkpoint.training_state import restore_training_state
         from engine.data._files import cache_root
-        from engine.model.gpt import GPT, flops_per_token, resolve
+        from engine.model.gpt import flops_per_token, resolve
+        from engine.model.mtp import build_gpt
         from engine.optim.distributed import build_training_optimizer
         from engine.parallel.dims import ParallelDims
-        from engine.parallel.parallelize import check_tensor_parallel, parallelize_gpt
+        from engine.parallel.parallelize import check_mtp_layout, check_tensor_parallel, parallelize_gpt
         from engine.parallel.rng import rng_tracker_of
         from engine.parallel.sharding import ShardingRegistry, sharding_of
         from engine.parallel.state import init_process_group
@@ -73,6 +74,8 @@ class _Run:
         if p.sp and not self.sp:
             self.notes.append("parallel.sp is ignored with parallel.tp 1 (sequence parallelism shards over tp ranks)")
         check_tensor_parallel(resolve(cfg.model, tokenizer_vocab=1), self.tp, self.sp)  # before groups and data
+        if cfg.train.objective == "mtp":
+            check_mtp_layout(p.pp, p.cp, self.sp)
         self.owns_default_group = not dist.is_initialized()
         if self.owns_default_group:
             timeout = timedelta(seconds=cfg.resilience.pg_timeout)
@@ -110,7 +113,7 @@ class _Run:
             resume.check_fresh_start(cfg, self.rcfg, self.run_dir)
 
         with torch.device("meta"):
-            model = GPT(model_cfg)
+            model = build_gpt(model_cfg, cfg)  # GPT, or with multi-token prediction modules (train.objective mtp)
         wrapped = parallelize_gpt(model, dims, self.rcfg, device=self.device)  # this rank's chunks
         self.chunks = [getattr(c, "module", c) for c in wrapped]  # without DDP's wrapper
         self.sharding = ShardingRegistry.merge([sharding_of(c) for c in self.chunks])

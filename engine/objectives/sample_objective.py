@@ -7,8 +7,10 @@ batches of a step do not depend on the layout (contract 1) and a resumed run see
           prediction; the padding a shortened sample ends with is not a label
     mlm   masked LM (mlm.py) over t[:-1]: labels at the selected positions only, and the model runs bidirectionally
           (`causal=False`, the model keyword this objective adds)
+    mtp   multi-token prediction (engine/model/mtp.py): next-token samples; the model's extra modules take their
+          targets from the labels shifted k positions
 
-Span corruption, UL2, prefix LM and multi-token prediction need model variants and are not objectives of the trainer
+Span corruption, UL2 and prefix LM need model variants and are not objectives of the trainer
 yet; `span_corruption.py` holds the T5 transform they will use.
 """
 
@@ -22,7 +24,7 @@ import numpy as np
 from engine.objectives.fim import fim_packed
 from engine.objectives.mlm import IGNORE_INDEX, mask_tokens
 
-OBJECTIVES = ("clm", "fim", "mlm")
+OBJECTIVES = ("clm", "fim", "mlm", "mtp")
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class SampleObjective:
 
     def __call__(self, tokens: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.asarray(tokens, dtype=np.int64)
-        if self.name == "clm":
+        if self.name in ("clm", "mtp"):  # mtp: next-token samples; its extra targets are the labels shifted
             return tokens[:-1], tokens[1:]
         rng = np.random.default_rng([self.seed, index])
         tok = self.tokenizer

@@ -74,6 +74,23 @@ TP_PLAN: dict[str, str] = {
     "output": "vocab_output",
     "output.norm": "sequence_norm",
 }
+# Multi-token prediction modules (engine.model.mtp, train.objective mtp): each depth's block is split as the trunk's
+# blocks; its two norms and 2d -> d projection stay replicated (they see the whole hidden states and embeddings, as
+# sequence parallelism is refused for them: `check_mtp_layout`).
+TP_PLAN.update(
+    {"mtp.*.block." + k[len("layers.*.") :]: v for k, v in list(TP_PLAN.items()) if k.startswith("layers.*.")}
+)
+
+
+def check_mtp_layout(pp: int, cp: int, sequence_parallel: bool) -> None:
+    """One-line ConfigError for the layouts a model with multi-token prediction modules cannot run in: module k
+    shifts the whole sequence by k tokens (which pipeline stages, context-parallel chunks and sequence-parallel shards
+    each hold only part of)."""
+    for enabled, what in ((pp > 1, "parallel.pp > 1"), (cp > 1, "parallel.cp > 1"), (sequence_parallel, "parallel.sp")):
+        if enabled:
+            raise ConfigError(
+                f"train.objective mtp with {what} is not supported yet: use tp (without sp), dp or dp_shard"
+            )
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> None:
@@ -320,6 +337,8 @@ def parallelize_gpt(
         raise ConfigError("parallel.dp_shard (FSDP2) with the zb schedule is not implemented yet (deferred weight "
                           "gradients land after FSDP2 has resharded the weights); use 1f1b, gpipe or interleaved")
     sp = cfg.parallel.sp and dims.tp_enabled
+    if getattr(model, "mtp", None) is not None:
+        check_mtp_layout(dims.pp, dims.cp, sp)
     on_meta = any(p.is_meta for p in model.parameters())
     chunks = pipeline_split(model, dims, cfg)
     for chunk in chunks:

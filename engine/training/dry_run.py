@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from engine.config import Config, ConfigError
-from engine.model.gpt import GPT, count_params, resolve
+from engine.model.gpt import count_params, resolve
+from engine.model.mtp import build_gpt
 from engine.parallel.dims import ParallelDims
 from engine.parallel.parallelize import check_tensor_parallel, parallelize_gpt
 from engine.parallel.state import LayoutError
@@ -52,7 +53,7 @@ class DryRunReport:
 
 def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_batches: int) -> RankMemory:
     with torch.device("meta"):
-        model = GPT(model_cfg)
+        model = build_gpt(model_cfg, cfg)  # with multi-token prediction modules under train.objective mtp
     chunks = parallelize_gpt(model, dims, cfg, device="meta")  # this rank's pipeline stages (one without pp)
     n = sum(p.numel() for p in torch.nn.ModuleList(chunks).parameters())  # each shared tensor once
     sp = cfg.parallel.sp and dims.tp_enabled

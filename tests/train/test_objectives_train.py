@@ -85,7 +85,7 @@ def test_mlm_batches_are_bidirectional_with_labels_at_the_masked_positions():
     assert (x[selected] == tok.mask_id).float().mean().item() == pytest.approx(0.8, abs=0.06)
 
 
-@pytest.mark.parametrize("objective", ["fim", "mlm"])
+@pytest.mark.parametrize("objective", ["fim", "mlm", "mtp"])
 def test_each_objective_trains_on_the_embedded_corpus_through_the_cli(tmp_path, objective, capsys):
     args = tiny_args(tmp_path / objective, "embedded", "", train__objective=objective, train__steps=50,
                      optim__decay_steps=50, eval__every=25, checkpoint__every=0)  # fmt: skip
@@ -104,7 +104,7 @@ def _tp_worker(rank, world, root, data):
     import torch.distributed as dist
 
     out = {}
-    for objective in ("fim", "mlm"):
+    for objective in ("fim", "mlm", "mtp"):
         cfg = load_config(tiny_args(Path(root) / f"tp2_{objective}", *data, train__objective=objective,
                                     parallel__tp=2, eval__every=0, checkpoint__every=0))  # fmt: skip
         out[objective] = train(cfg).losses
@@ -115,7 +115,7 @@ def _tp_worker(rank, world, root, data):
 @pytest.mark.distributed
 def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
     got = run_distributed(_tp_worker, 2, str(tmp_path), tiny_data, timeout=180)
-    for objective in ("fim", "mlm"):
+    for objective in ("fim", "mlm", "mtp"):
         one = train(load_config(tiny_args(tmp_path / f"one_{objective}", *tiny_data, train__objective=objective,
                                           eval__every=0, checkpoint__every=0))).losses  # fmt: skip
         for rank in (0, 1):
@@ -130,9 +130,26 @@ def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
         (dict(train__objective="span"), "train.objective must be one of clm|fim|mlm"),
         (dict(train__objective="fim", objective__fim_rate=1.5), "objective.fim_rate 1.5 is outside [0, 1]"),
         (dict(train__objective="mlm", parallel__pp=2), "train.objective mlm (a bidirectional encoder) with"),
+        (dict(train__objective="mtp", parallel__pp=2), "train.objective mtp with parallel.pp > 1 is not supported"),
+        (dict(train__objective="mtp", parallel__cp=2), "train.objective mtp with parallel.cp > 1 is not supported"),
+        (dict(train__objective="mtp", parallel__tp=2, parallel__sp="true"), "train.objective mtp with parallel.sp is"),
+        (dict(train__objective="mtp", objective__mtp_depth=0), "objective.mtp_depth must be a positive integer, got 0"),
+        (dict(train__objective="mtp", objective__mtp_lambda=-1), "objective.mtp_lambda must be >= 0, got -1.0"),
     ],
 )
 def test_bad_objectives_are_one_line_errors(tmp_path, tiny_data, capsys, kw, needle):
     assert main(tiny_args(tmp_path / "run", *tiny_data, **kw)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_mtp_modules_are_checkpointed_and_resumed(tmp_path, tiny_data):
+    """A run stopped at step 3 and resumed gives the straight run's losses: the MTP modules (and their optimizer
+    state) come back from the checkpoint, not from a fresh initialisation."""
+    kw = dict(train__objective="mtp", objective__mtp_depth=2, eval__every=0, checkpoint__every=3)
+    straight = train(load_config(tiny_args(tmp_path / "straight", *tiny_data, **kw))).losses
+    train(load_config(tiny_args(tmp_path / "resumed", *tiny_data, train__steps=3, **kw)))
+    resumed = train(load_config(tiny_args(tmp_path / "resumed", *tiny_data, **kw))).losses
+    assert sorted(resumed) == [4, 5, 6]
+    for s in (4, 5, 6):
+        assert resumed[s] == pytest.approx(straight[s], rel=1e-6), s

@@ -1,0 +1,122 @@
+"""Multi-token prediction (`--train.objective mtp`): a GPT with D extra modules that predict tokens further ahead.
+
+Sequential modules (DeepSeek-V3 technical report, arXiv 2412.19437, sec. 2.2): module k = 1..D at position i takes
+the previous depth's hidden state h^{k-1}_i (h^0: the main model's last layer, before the output head's norm) and the
+shared embedding of token t_{i+k}, RMS-normalises both, concatenates them and projects 2d -> d (M_k, eq. 21), runs
+one transformer block (the engine's `Block`, eq. 22) and predicts t_{i+k+1} through the shared output head (eq. 23).
+The training loss is L_main + (lambda / D) * sum_k L_k (eqs. 24-25). DeepSeek-V3 averages each L_k over the T
+positions of the sequence (not T - k); here every term is a sum of per-token losses that the trainer divides by the
+main objective's loss-bearing tokens of the global batch, which is that normalisation. Positions whose target lies
+past the sequence end carry no loss.
+
+The model stays plain (no parallelism inside): `engine.parallel.parallelize` converts the modules' blocks with the
+same tensor-parallel plan as the trunk's and refuses the layouts they do not support (pipeline and context
+parallelism, sequence parallelism). In eval mode, or without targets, the forward is the main model's alone, so a
+validation loss is the next-token loss, comparable with a clm run's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.config import Config, ConfigError, ModelConfig
+from engine.model.gpt import GPT, Block
+from engine.model.head import IGNORE_INDEX
+from engine.model.layers import Norm
+
+
+class MTPModule(nn.Module):
+    """One sequential MTP depth: RMSNorm(h) and RMSNorm(emb) concatenated, projected 2d -> d, one transformer block.
+    `cfg` must be resolved."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hidden_norm = Norm(cfg.d_model, "rms", cfg.norm_eps, cfg.kernels)
+        self.embed_norm = Norm(cfg.d_model, "rms", cfg.norm_eps, cfg.kernels)
+        self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos, sin, mask, causal, **attention_kw) -> torch.Tensor:
+        x = self.proj(torch.cat([self.hidden_norm(h), self.embed_norm(emb)], dim=-1))
+        return self.block(x, cos, sin, mask, causal, **attention_kw)
+
+
+def shift_left(t: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """`t` (b, s) moved k positions left, the last k positions set to `fill`: position i holds t[i + k]."""
+    out = torch.full_like(t, fill)
+    if k < t.shape[1]:
+        out[:, : t.shape[1] - k] = t[:, k:]
+    return out
+
+
+class MultiTokenGPT(GPT):
+    """A GPT with `depth` sequential MTP modules (`self.mtp`, named `mtp.<k-1>.*` in the state dict) sharing its token
+    embedding and output head; `weight` is lambda. The main model's parameters, names and initialisation are those of
+    GPT(cfg) with the same seed: a checkpoint's main model loads into a plain GPT."""
+
+    def __init__(self, cfg: ModelConfig, depth: int = 1, weight: float = 0.3, seed: int | None = None):
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ConfigError(f"objective.mtp_depth must be a positive integer, got {depth!r}")
+        if not 0.0 <= weight:
+            raise ConfigError(f"objective.mtp_lambda must be >= 0, got {weight!r}")
+        self._mtp_depth = depth  # read by _build, which GPT.__init__ calls
+        super().__init__(cfg, seed)
+        self.mtp_weight = float(weight)
+
+    def _build(self, cfg: ModelConfig) -> None:
+        super()._build(cfg)
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(self._mtp_depth))
+
+    @property
+    def mtp_depth(self) -> int:
+        return len(self.mtp)
+
+    def mtp_hidden_states(
+        self, h: torch.Tensor, tokens: torch.Tensor, mask=None, causal: bool = True, **attention_kw
+    ) -> list[torch.Tensor]:
+        """h^1..h^D (each (b, s, d), before the output head's norm) from the main model's h^0 = `h` and its input
+        `tokens` (b, s): depth k at position i sees the embedding of t_{i+k} (positions past the end get token 0,
+        whose predictions carry no loss and, attention being causal, reach no earlier position)."""
+        out = []
+        for k, module in enumerate(self.mtp, start=1):
+            emb = self.tok_emb(shift_left(tokens, k, 0))
+            h = module(h, emb, self.rope_cos, self.rope_sin, mask, causal, **attention_kw)
+            out.append(h)
+        return out
+
+    def mtp_loss_sums(
+        self, tokens: torch.Tensor, targets: torch.Tensor, mask=None, causal: bool = True, **attention_kw
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the main loss, [L_1 .. L_D]) as sums of per-token cross-entropies: L_k of depth k's prediction of
+        t_{i+k+1} = targets[i + k] (positions with i + k past the end, or an ignored target, carry none)."""
+        h = self.hidden_states(tokens, mask, causal, **attention_kw)
+        main = self.output(h, targets, "sum")
+        depths = self.mtp_hidden_states(h, tokens, mask, causal, **attention_kw)
+        return main, [self.output(hk, shift_left(targets, k, IGNORE_INDEX), "sum") for k, hk in enumerate(depths, 1)]
+
+    @torch.no_grad()
+    def all_logits(self, tokens: torch.Tensor, mask=None, causal: bool = True, **attention_kw) -> list[torch.Tensor]:
+        """[main logits, depth 1 .. D logits], each (b, s, vocab): at position i, entry k predicts t_{i+k+1}."""
+        h = self.hidden_states(tokens, mask, causal, **attention_kw)
+        return [self.output(x) for x in (h, *self.mtp_hidden_states(h, tokens, mask, causal, **attention_kw))]
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                causal: bool = True, reduction: str = "mean", **attention_kw) -> torch.Tensor:  # fmt: skip
+        """As GPT.forward; in train mode with targets, the MTP objective L_main + (lambda / D) sum_k L_k, each term a
+        sum of per-token losses ("sum"), or that sum over the main loss's tokens ("mean")."""
+        if targets is None or not self.training:
+            return super().forward(tokens, targets, mask, causal, reduction, **attention_kw)
+        main, depths = self.mtp_loss_sums(tokens, targets, mask, causal, **attention_kw)
+        total = main + self.mtp_weight / len(depths) * torch.stack(depths).sum()
+        if reduction == "sum":
+            return total
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def build_gpt(model_cfg: ModelConfig, cfg: Config) -> GPT:
+    """The model a run trains: a MultiTokenGPT under `--train.objective mtp` (with [objective] mtp_depth and
+    mtp_lambda), else GPT."""
+    if cfg.train.objective != "mtp":
+        return GPT(model_cfg)
+    return MultiTokenGPT(model_cfg, cfg.objective.mtp_depth, cfg.objective.mtp_lambda)
