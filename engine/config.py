@@ -78,8 +78,8 @@ class TrainConfig:
     fp8_margin: int = 0  # delayed scaling: 2^margin headroom on the history's amax
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # CPU intra-op threads per process; 0: OMP_NUM_THREADS if set, else cores / processes / 2
-    objective: Literal["clm", "fim", "mlm", "mtp"] = "clm"  # engine/objectives: next-token, fill-in-the-middle,
-    # masked LM, multi-token prediction
+    objective: Literal["clm", "fim", "mlm", "mtp", "prefix"] = "clm"  # engine/objectives: next-token,
+    # fill-in-the-middle, masked LM, multi-token prediction, prefix LM
     max_skipped_steps: int = 5  # consecutive steps with a non-finite gradient norm (skipped) before the run stops
     dry_run: bool = False  # build on the meta device for the layout, print parameter and memory counts, exit
 
@@ -143,6 +143,8 @@ class ObjectiveConfig:
     mlm_mask_rate: float = 0.15  # mlm: share of the non-special tokens selected (80% mask, 10% random, 10% kept)
     mtp_depth: int = 1  # mtp: sequential prediction modules, module k predicting token i+k+1 (DeepSeek-V3 sec. 2.2)
     mtp_lambda: float = 0.3  # mtp: weight of the modules' mean loss beside the next-token loss
+    prefix_min_frac: float = 0.0  # prefix: each sample's prefix length is uniform in [min_frac, max_frac] x seq_len
+    prefix_max_frac: float = 1.0
 
 
 @dataclass

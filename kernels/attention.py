@@ -782,6 +782,7 @@ def flash_attention(
     *,
     segment_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     window: int | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention softmax(scale * q k^T) v, FlashAttention-2 in Triton; differentiable in q, k, v (and lse).
 
@@ -791,6 +792,8 @@ def flash_attention(
     causal, |i + seq_k - seq_q - j| < window otherwise). `segment_ids`: an integer tensor (batch, seq) for
     self-attention, or a pair (seg_q (batch, seq_q), seg_k (batch, seq_k)); query i sees key j only when their ids
     are equal (packed documents; ids need not be sorted, though sorted ones let whole blocks be skipped).
+    `prefix_lengths` (batch,) integers, with `causal` only (prefix LM, Raffel et al. 2020 sec. 3.2.1): keys
+    j < prefix_lengths[b] are visible to every query of row b too, so the prefix attends bidirectionally.
     `softmax_scale` defaults to 1/sqrt(head_dim). Returns out (q's shape and dtype), or (out, lse) with lse
     (batch, heads_q, seq_q) fp32, the natural-log normaliser of each row (-inf for a row that sees no key).
     ``backend`` = "auto" runs the kernel on CUDA tensors (on CPU too under ``TRITON_INTERPRET=1``) and
@@ -802,25 +805,58 @@ def flash_attention(
     _check(fn, q, k, v, triton_path)
     seg_q, seg_k, names = _split_segment_ids(fn, segment_ids, q.shape[1], k.shape[1])
     window, seg_q, seg_k = _mask_args(fn, q, k, window, seg_q, seg_k, names)
+    prefix = _check_prefix(fn, q, bool(causal), window, prefix_lengths)
     if not triton_path:
         segs = None if seg_q is None else (seg_q, seg_k)
         return flash_attention_reference(
-            q, k, v, bool(causal), softmax_scale, return_lse, segment_ids=segs, window=window
+            q, k, v, bool(causal), softmax_scale, return_lse, segment_ids=segs, window=window, prefix_lengths=prefix
         )
+    if prefix is not None:
+        raise ValueError(f"{fn}: prefix_lengths is not supported by the Triton kernel yet; use backend='torch'")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, lse = FlashAttentionFunction.apply(q, k, v, bool(causal), scale, window, seg_q, seg_k)
     return (out, lse) if return_lse else out
 
 
+def _check_prefix(fn: str, q: torch.Tensor, causal: bool, window: int | None, prefix_lengths) -> torch.Tensor | None:
+    """Validated `prefix_lengths` (batch,) integer tensor on q's device (one-line ValueErrors), as contiguous int32
+    clamped to [0, 2^31 - 1] (a length past seq_k acts as seq_k); None for None. A prefix only widens a causal mask and
+    is not combined with a sliding window (the window's band would cut the prefix)."""
+    if prefix_lengths is None:
+        return None
+    if not causal:
+        raise ValueError(f"{fn}: prefix_lengths needs causal=True (without causal every key is already visible)")
+    if window is not None:
+        raise ValueError(f"{fn}: prefix_lengths with a sliding window is not supported")
+    t = prefix_lengths
+    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{fn}: prefix_lengths must be an integer tensor (batch,), got {_short(t)}")
+    if tuple(t.shape) != (q.shape[0],):
+        raise ValueError(f"{fn}: prefix_lengths must have shape (batch,) = ({q.shape[0]},), got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{fn}: prefix_lengths is on {t.device} but q is on {q.device}")
+    return t.clamp(0, 2**31 - 1).to(torch.int32).contiguous()
+
+
 def _allowed(
-    sq: int, sk: int, causal: bool, window: int | None, seg_q: torch.Tensor | None, seg_k: torch.Tensor | None, device
+    sq: int,
+    sk: int,
+    causal: bool,
+    window: int | None,
+    seg_q: torch.Tensor | None,
+    seg_k: torch.Tensor | None,
+    device,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """The mask of scores each query row sees, broadcastable to (batch, heads, seq_q, seq_k); None: all of them."""
+    """The mask of scores each query row sees, broadcastable to (batch, heads, seq_q, seq_k); None: all of them.
+    `prefix` (batch,): keys j < prefix[b] are visible to every query of row b as well (prefix LM)."""
     pos = torch.arange(sq, device=device)[:, None] + (sk - sq)  # query i's position among the keys
     j = torch.arange(sk, device=device)[None, :]
     allowed = None
     if causal:
         allowed = j <= pos  # == torch.ones(sq, sk).tril(sk - sq)
+        if prefix is not None:
+            allowed = allowed | (j < prefix.to(device)[:, None, None])  # (batch, sq, sk)
     if window is not None:
         near = (j > pos - window) if causal else ((pos - j).abs() < window)
         allowed = near if allowed is None else allowed & near
@@ -837,14 +873,16 @@ def attention_mask(
     causal: bool,
     segment_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     window: int | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The boolean mask (True: may attend), broadcastable to (batch, heads, seq_q, seq_k), of `flash_attention`'s
-    causal / window / segment-id semantics for q (batch, seq_q, ...) and k (batch, seq_k, ...); None when nothing is
-    masked. The arguments are checked as `flash_attention` checks them (one-line ValueErrors naming `fn`)."""
+    causal / window / segment-id / prefix semantics for q (batch, seq_q, ...) and k (batch, seq_k, ...); None when
+    nothing is masked. The arguments are checked as `flash_attention` checks them (one-line ValueErrors naming `fn`)."""
     sq, sk = q.shape[1], k.shape[1]
     seg_q, seg_k, names = _split_segment_ids(fn, segment_ids, sq, sk)
     window, seg_q, seg_k = _mask_args(fn, q, k, window, seg_q, seg_k, names)
-    return _allowed(sq, sk, causal, window, seg_q, seg_k, q.device)
+    prefix = _check_prefix(fn, q, causal, window, prefix_lengths)
+    return _allowed(sq, sk, causal, window, seg_q, seg_k, q.device, prefix)
 
 
 def flash_attention_reference(
@@ -858,14 +896,15 @@ def flash_attention_reference(
     *,
     segment_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     window: int | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch attention with `flash_attention`'s semantics (GQA, bottom-right causal alignment, sliding
-    window, segment ids, rows without keys giving 0 and lse -inf with zero gradients). Computes in fp32 (fp64 for
-    fp64 inputs; in the inputs' own dtype with `upcast=False`, the same-dtype reference of the 2x rule) with the full
-    score matrix; returns out in q's dtype, lse in fp32 (fp64)."""
+    window, segment ids, prefix lengths, rows without keys giving 0 and lse -inf with zero gradients). Computes in
+    fp32 (fp64 for fp64 inputs; in the inputs' own dtype with `upcast=False`, the same-dtype reference of the 2x rule)
+    with the full score matrix; returns out in q's dtype, lse in fp32 (fp64)."""
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    allowed = attention_mask("flash_attention_reference", q, k, causal, segment_ids, window)
+    allowed = attention_mask("flash_attention_reference", q, k, causal, segment_ids, window, prefix_lengths)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32 if upcast else q.dtype
     qf = q.to(work).transpose(1, 2)  # (b, h, s, d)

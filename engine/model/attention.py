@@ -1,4 +1,4 @@
-"""Causal self-attention with rotary (llama) or no (gpt2) position encoding and grouped-query heads.
+"""Causal (or prefix-LM) self-attention with rotary (llama) or no (gpt2) position encoding and grouped-query heads.
 
 q/k/v/o are separate nn.Linear projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`); the softmax core is its own
 parameter-free module (`core`), so a parallelizer can recompute it alone (selective recomputation, Korthikanti et al.
@@ -26,12 +26,12 @@ class AttentionCore(nn.Module):
         self.dropout, self.backend, self.window = dropout, backend, window
         self.rng_context: RNGContext = contextlib.nullcontext
 
-    def forward(self, q, k, v, mask=None, causal: bool = True, segment_ids=None):
+    def forward(self, q, k, v, mask=None, causal: bool = True, segment_ids=None, prefix_lengths=None):
         dropout_p = self.dropout if self.training else 0.0
         with self.rng_context() if dropout_p > 0 else contextlib.nullcontext():
             return ops.attention(
                 q, k, v, causal=causal, mask=mask, dropout_p=dropout_p, backend=self.backend, segment_ids=segment_ids,
-                window=self.window,
+                window=self.window, prefix_lengths=prefix_lengths,
             )
 
 
@@ -59,9 +59,11 @@ class Attention(nn.Module):
         causal: bool = True,
         positions: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`positions` (b, s): each token's rotary position (default 0..s-1); `segment_ids` (b, s): the document of
-        each token, attention staying within one (packed sequences)."""
+        each token, attention staying within one (packed sequences); `prefix_lengths` (b,): each row's prefix, seen
+        by every query (prefix LM)."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
@@ -71,5 +73,7 @@ class Attention(nn.Module):
                 cos, sin = cos[:s], sin[:s]
             q = ops.apply_rope(q, cos, sin, backend=self.backend, positions=positions)
             k = ops.apply_rope(k, cos, sin, backend=self.backend, positions=positions)
-        y = self.core(q, k, v, mask, causal, segment_ids)
+        # Passed only when set: a replaced core (context parallelism's) takes no prefix.
+        extra = {} if prefix_lengths is None else {"prefix_lengths": prefix_lengths}
+        y = self.core(q, k, v, mask, causal, segment_ids, **extra)
         return self.resid_dropout(self.o_proj(y.reshape(b, s, -1)))

@@ -139,8 +139,9 @@ class Block(nn.Module):
         self.mlp_norm = Norm(cfg.d_model, kind, cfg.norm_eps, cfg.kernels)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos=None, sin=None, mask=None, causal=True, positions=None, segment_ids=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal, positions, segment_ids)
+    def forward(self, x, cos=None, sin=None, mask=None, causal=True, positions=None, segment_ids=None,
+                prefix_lengths=None):  # fmt: skip
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal, positions, segment_ids, prefix_lengths)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -231,11 +232,13 @@ class GPT(nn.Module):
         causal: bool = True,
         positions: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The residual stream after the last layer held here (before the final norm), (b, s, d) for token ids
         (b, s); a chunk without `tok_emb` takes hidden states (b, s, d) as `tokens`. `positions` (b, s): each token's
         position (default 0..s-1; per-document positions, or a context-parallel rank's chunks); `segment_ids`
-        (b, s): each token's document, attention staying inside it."""
+        (b, s): each token's document, attention staying inside it; `prefix_lengths` (b,): each row's prefix, which
+        every query sees (prefix LM)."""
         s = tokens.shape[1]
         if s > self.cfg.seq_len:
             raise ValueError(f"sequence length {s} exceeds model.seq_len {self.cfg.seq_len}")
@@ -249,7 +252,7 @@ class GPT(nn.Module):
         # input is a sequence shard, as a later pipeline stage's is under sequence parallelism).
         cos, sin = self.rope_cos, self.rope_sin
         for layer in self.layers.values():
-            x = layer(x, cos, sin, mask, causal, positions, segment_ids)
+            x = layer(x, cos, sin, mask, causal, positions, segment_ids, prefix_lengths)
         return x
 
     def forward(
@@ -261,8 +264,9 @@ class GPT(nn.Module):
         reduction: str = "mean",
         positions: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.hidden_states(tokens, mask, causal, positions, segment_ids)
+        h = self.hidden_states(tokens, mask, causal, positions, segment_ids, prefix_lengths)
         if self.output is None:
             return h
         return self.output(h, targets, reduction)

@@ -243,16 +243,18 @@ def attention(
     backend: str = "auto",
     segment_ids: torch.Tensor | None = None,
     window: int | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention on (batch, seq, heads, head_dim) tensors; k/v may have fewer heads (GQA).
 
     `mask` (optional, broadcastable to (batch, heads, seq_q, seq_k)): bool (True = may attend) or additive float;
     with `causal` it is combined with the causal mask. `segment_ids` (batch, seq) ints (self-attention): a query sees
     only keys of its own segment (documents packed in one row). `window`: sliding window, key j visible to query i
-    iff i - window < j <= i (causal) or |i - j| < window, bottom-right aligned as the causal mask. Returns
-    (batch, seq_q, heads_q, head_dim).
+    iff i - window < j <= i (causal) or |i - j| < window, bottom-right aligned as the causal mask.
+    `prefix_lengths` (batch,) ints, with `causal` (prefix LM): keys j < prefix_lengths[b] are visible to every query
+    of row b as well, the prefix attending bidirectionally. Returns (batch, seq_q, heads_q, head_dim).
     """
-    plain = segment_ids is None and window is None
+    plain = segment_ids is None and window is None and prefix_lengths is None
     if (
         backend == "auto"
         and plain
@@ -271,6 +273,7 @@ def attention(
         and select(backend, q) == "triton"
         and _has_kernel("flash_attention")
         and q.shape[-1] <= 256
+        and prefix_lengths is None
     ):
         return _kernel("flash_attention")(q, k, v, causal=causal, segment_ids=segment_ids, window=window)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -279,7 +282,7 @@ def attention(
     allowed = None
     if not plain:  # the kernel module's mask (its semantics and checks); importing it imports triton, if installed
         allowed = importlib.import_module("kernels.attention").attention_mask("attention", q, k, causal, segment_ids,
-                                                                              window)
+                                                                              window, prefix_lengths)
     if allowed is not None:  # folded into one boolean mask (True = may attend) for SDPA, causal triangle included
         allowed = allowed.reshape(-1, 1, sq, sk)  # 4-D (batch or 1, 1, sq, sk): a 3-D one changes the output layout
         if mask is None:
@@ -288,6 +291,7 @@ def attention(
             mask = mask & allowed
         else:
             mask = mask.masked_fill(~allowed, float("-inf"))
+        causal = False  # already in `allowed` (widened by a prefix, so the triangle must not be ANDed again)
     if causal and (mask is not None or sq != sk):
         # SDPA's is_causal is top-left aligned; ours (and flash-attn's) is bottom-right: an explicit mask
         tri = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)

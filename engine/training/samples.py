@@ -126,7 +126,8 @@ class SequenceLayout:
         if cfg.train.objective != "clm":
             try:
                 objective = SampleObjective(cfg.train.objective, cfg.train.seed, tokenizer, o.fim_rate,
-                                            o.fim_spm_rate, o.mlm_mask_rate)  # fmt: skip
+                                            o.fim_spm_rate, o.mlm_mask_rate, o.prefix_min_frac,
+                                            o.prefix_max_frac)  # fmt: skip
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         return cls(eod, d.document_mask, d.reset_positions, cfg.parallel.cp, cp_rank, objective)
@@ -150,8 +151,8 @@ def documents(inputs: torch.Tensor, eod_id: int) -> tuple[torch.Tensor, torch.Te
 def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceLayout | None = None) -> tuple:
     """(inputs, labels) of shape (len(indices), seq_len): labels are the inputs shifted by one token, or what the
     layout's objective makes of each sample. With a `layout` that is not plain, (inputs, labels, model keyword
-    arguments): `positions` and/or `segment_ids` and the objective's (mlm: `causal=False`), every tensor cut to this
-    rank's context-parallel chunks."""
+    arguments): `positions` and/or `segment_ids` and the objective's (mlm: `causal=False`; prefix: `prefix_lengths`
+    (b,)), every (b, s) tensor cut to this rank's context-parallel chunks."""
     from engine.parallel.context import shard_sequence
 
     if layout is not None and layout.objective is not None:  # inputs and labels per sample, from the objective
@@ -164,7 +165,11 @@ def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceL
         x, y = tokens[:, :-1], tokens[:, 1:]
     if layout is None or layout.plain:
         return x, y
-    extra = dict(layout.objective.model_kwargs) if layout.objective is not None else {}
+    extra = {}
+    if layout.objective is not None:  # the objective's keywords: fixed ones, then per-row tensors (prefix lengths)
+        extra = dict(layout.objective.model_kwargs)
+        for key, value in layout.objective.batch_kwargs(indices, x.shape[1]).items():
+            extra[key] = torch.from_numpy(value).to(device, non_blocking=True)
     if layout.document_mask or layout.reset_positions:
         segment_ids, positions = documents(x, layout.eod_id)
         if layout.document_mask:
@@ -173,7 +178,7 @@ def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceL
             extra["positions"] = positions
     if layout.cp > 1:
         extra.setdefault("positions", torch.arange(x.shape[1], device=device).expand_as(x))
-    cut = lambda t: shard_sequence(t, layout.cp, layout.cp_rank) if torch.is_tensor(t) else t  # noqa: E731
+    cut = lambda t: shard_sequence(t, layout.cp, layout.cp_rank) if torch.is_tensor(t) and t.dim() == 2 else t  # noqa: E731
     return cut(x), cut(y), {k: cut(v) for k, v in extra.items()}
 
 

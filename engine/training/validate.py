@@ -54,8 +54,9 @@ def check_config(cfg: Config) -> None:
             check_context_parallel(cfg.model.seq_len, p.cp, p.cp_impl, cfg.model.n_heads // p.tp)
         except ValueError as e:
             raise TrainError(str(e)) from None
-    if cfg.train.objective == "mlm" and (p.pp > 1 or p.cp > 1):
-        raise TrainError("train.objective mlm (a bidirectional encoder) with parallel.pp or parallel.cp > 1 is not "
+    if cfg.train.objective in ("mlm", "prefix") and (p.pp > 1 or p.cp > 1):
+        what = "a bidirectional encoder" if cfg.train.objective == "mlm" else "a bidirectional prefix"
+        raise TrainError(f"train.objective {cfg.train.objective} ({what}) with parallel.pp or parallel.cp > 1 is not "
                          "supported yet: use tp, dp or dp_shard")  # fmt: skip
     if p.cp > 1 and cfg.model.window:
         raise TrainError("model.window (sliding-window attention) with parallel.cp > 1 is not supported yet")

@@ -1,5 +1,6 @@
-"""`--train.objective clm|fim|mlm` through the trainer: the batches each objective makes, training with falling loss
-on the embedded corpus through the CLI, the same losses at tp 2 as in one process, and one-line refusals."""
+"""`--train.objective fim|mlm|mtp|prefix` through the trainer: the batches each objective makes, training with
+falling loss on the embedded corpus through the CLI, the same losses at tp 2 as in one process, and one-line
+refusals."""
 
 import numpy as np
 import pytest
@@ -85,7 +86,21 @@ def test_mlm_batches_are_bidirectional_with_labels_at_the_masked_positions():
     assert (x[selected] == tok.mask_id).float().mean().item() == pytest.approx(0.8, abs=0.06)
 
 
-@pytest.mark.parametrize("objective", ["fim", "mlm", "mtp"])
+def test_prefix_batches_carry_each_rows_prefix_and_labels_after_it():
+    ds = _Docs(ByteTokenizer())
+    layout = _layout("prefix", **{"objective.prefix_min_frac": 0.25, "objective.prefix_max_frac": 0.75})
+    x, y, kwargs = collate(ds, [3, 4, 5], torch.device("cpu"), layout)
+    assert sorted(kwargs) == ["prefix_lengths"] and kwargs["prefix_lengths"].shape == (3,)
+    for row, k in enumerate((3, 4, 5)):
+        p = int(kwargs["prefix_lengths"][row])
+        tokens = torch.from_numpy(ds[k]["tokens"])
+        assert 12 <= p <= 36 and torch.equal(x[row], tokens[:-1])
+        assert (y[row, : p - 1] == IGNORE_INDEX).all() and torch.equal(y[row, p - 1 :], tokens[p:])
+    x2, y2, kw2 = collate(ds, [5], torch.device("cpu"), layout)  # per sample, whatever the batch
+    assert torch.equal(y2[0], y[2]) and kw2["prefix_lengths"].tolist() == [kwargs["prefix_lengths"][2]]
+
+
+@pytest.mark.parametrize("objective", ["fim", "mlm", "mtp", "prefix"])
 def test_each_objective_trains_on_the_embedded_corpus_through_the_cli(tmp_path, objective, capsys):
     args = tiny_args(tmp_path / objective, "embedded", "", train__objective=objective, train__steps=50,
                      optim__decay_steps=50, eval__every=25, checkpoint__every=0)  # fmt: skip
@@ -104,7 +119,7 @@ def _tp_worker(rank, world, root, data):
     import torch.distributed as dist
 
     out = {}
-    for objective in ("fim", "mlm", "mtp"):
+    for objective in ("fim", "mlm", "mtp", "prefix"):
         cfg = load_config(tiny_args(Path(root) / f"tp2_{objective}", *data, train__objective=objective,
                                     parallel__tp=2, eval__every=0, checkpoint__every=0))  # fmt: skip
         out[objective] = train(cfg).losses
@@ -115,7 +130,7 @@ def _tp_worker(rank, world, root, data):
 @pytest.mark.distributed
 def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
     got = run_distributed(_tp_worker, 2, str(tmp_path), tiny_data, timeout=180)
-    for objective in ("fim", "mlm", "mtp"):
+    for objective in ("fim", "mlm", "mtp", "prefix"):
         one = train(load_config(tiny_args(tmp_path / f"one_{objective}", *tiny_data, train__objective=objective,
                                           eval__every=0, checkpoint__every=0))).losses  # fmt: skip
         for rank in (0, 1):
@@ -127,9 +142,11 @@ def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
 @pytest.mark.parametrize(
     "kw, needle",
     [
-        (dict(train__objective="span"), "train.objective must be one of clm|fim|mlm"),
+        (dict(train__objective="span"), "train.objective must be one of clm|fim|mlm|mtp|prefix"),
         (dict(train__objective="fim", objective__fim_rate=1.5), "objective.fim_rate 1.5 is outside [0, 1]"),
         (dict(train__objective="mlm", parallel__pp=2), "train.objective mlm (a bidirectional encoder) with"),
+        (dict(train__objective="prefix", parallel__cp=2), "train.objective prefix (a bidirectional prefix) with"),
+        (dict(train__objective="prefix", objective__prefix_max_frac=1.5), "objective.prefix_max_frac 1.5 is outside"),
         (dict(train__objective="mtp", parallel__pp=2), "train.objective mtp with parallel.pp > 1 is not supported"),
         (dict(train__objective="mtp", parallel__cp=2), "train.objective mtp with parallel.cp > 1 is not supported"),
         (dict(train__objective="mtp", parallel__tp=2, parallel__sp="true"), "train.objective mtp with parallel.sp is"),
