@@ -184,6 +184,8 @@ def write_report(run_dir: Path, cfg, source: str, result, records: list[dict], p
     curve = ("![loss curve](loss_curve.png)" if png else
              "matplotlib is not installed, so no loss curve was drawn (pip install matplotlib).")  # fmt: skip
     fence = "~~~~"  # the sample may hold backticks
+    stopped = (f"- stopped early (SIGTERM) at step {result.end_step} of {cfg.train.steps}: the perplexity below is "
+               f"from the last validation, at step {final['step']}\n" if result.preempted else "")  # fmt: skip
     text = f"""# Lab: a tiny LM
 
 - data: {source}; tokenizer {cfg.data.tokenizer} ({m.vocab_size} ids after padding)
@@ -192,7 +194,7 @@ def write_report(run_dir: Path, cfg, source: str, result, records: list[dict], p
 - training: {result.end_step} steps x {cfg.train.global_batch} sequences x {m.seq_len} tokens = {tokens:,} tokens, \
 lr {cfg.optim.lr} ({cfg.optim.schedule}, warmup {cfg.optim.warmup}), {result.wall_s:.1f} s wall \
 ({result.tokens_per_s:,.0f} tokens/s, {torch.get_num_threads()} threads)
-- validation perplexity: **{figures["val_ppl"]:.6f}** (loss {final["val_loss"]:.6f} nats per token, step \
+{stopped}- validation perplexity: **{figures["val_ppl"]:.6f}** (loss {final["val_loss"]:.6f} nats per token, step \
 {final["step"]}, {cfg.eval.batches} batches x {cfg.train.global_batch} held-out sequences); per token of this \
 tokenizer, so not comparable with word-level WikiText perplexities
 
