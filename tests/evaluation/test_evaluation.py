@@ -25,7 +25,7 @@ def _write_task(path, items) -> str:
     return str(path)
 
 
-def test_perplexity_is_the_trainers_validation_loss(trained_run, capsys):
+def test_perplexity_is_the_trainers_validation_loss(trained_run, tiny_data, capsys):
     run_dir, result = trained_run
     logged = {r["step"]: r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r}
     out = _run_json(capsys, run_dir)
@@ -34,9 +34,10 @@ def test_perplexity_is_the_trainers_validation_loss(trained_run, capsys):
     assert v["perplexity"] == pytest.approx(math.exp(logged[6]), rel=1e-5, abs=0)
     assert v["loss"] == pytest.approx(result.val_losses[6], rel=1e-6, abs=0)
     assert v["samples"] == 2 * 4 and v["tokens"] == 8 * 32
-    # Other held-out data and more batches give another number, on the trained (not the initial) model.
-    other = _run_json(capsys, run_dir, "--data", str(run_dir.parent.parent / "x"), "--no-perplexity")
-    assert "validation" not in other
+    # Other data and more batches give other numbers, of the trained (not the initial) model.
+    on_train = _run_json(capsys, run_dir, "--data", tiny_data[0])["validation"]
+    assert on_train["data"] == tiny_data[0] and on_train["loss"] not in (v["loss"], logged[6])
+    assert "validation" not in _run_json(capsys, run_dir, "--no-perplexity")
     more = _run_json(capsys, run_dir, "--batches", 3)["validation"]
     assert more["samples"] == 12 and more["loss"] != v["loss"] and more["loss"] < logged[0]
 
@@ -49,6 +50,7 @@ class ConstantLogits(nn.Module):
         self.logits, self.cfg = logits, type("Cfg", (), {"seq_len": seq_len})()
 
     def forward(self, tokens):
+        assert tokens.shape[1] <= self.cfg.seq_len, "a window longer than the model's"
         return self.logits.expand(*tokens.shape, -1).clone()
 
 
@@ -77,6 +79,18 @@ def test_acc_norm_divides_by_the_choice_characters():
     lv = math.log(tok.vocab_size)
     assert res.loglikelihoods[0] == pytest.approx([-3 * lv, -7 * lv])
     assert (res.acc, res.acc_norm) == (0.0, 1.0)
+
+
+def test_long_requests_keep_their_last_seq_len_tokens():
+    tok = ByteTokenizer()
+    logits = torch.zeros(tok.vocab_size)
+    logits[ord("z")] = 5.0
+    model = ConstantLogits(logits, seq_len=8)
+    lp = torch.log_softmax(logits, -1)
+    res = score_task(model, tok, [Item("x" * 50, ("zz", "yz"), 0, 1)])  # 53 tokens cut to the last 9
+    assert res.loglikelihoods[0] == pytest.approx([float(lp[32] + 2 * lp[122]), float(lp[32] + lp[121] + lp[122])])
+    with pytest.raises(ValueError, match="longer than the model's seq_len 8"):
+        score_task(model, tok, [Item("x", ("z" * 8, "y"), 0, 1)])
 
 
 def test_loglikelihood_by_hand(trained_run):
@@ -147,3 +161,11 @@ def test_read_task_keeps_line_numbers(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('\n{"context": "a", "choices": ["b", "c"], "answer": 1}\n')
     assert read_task(path) == [Item("a", ("b", "c"), 1, 2)]
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_within_bf16(trained_run, capsys):
+    """On CUDA the run's precision is bf16 autocast (as the trainer's evaluation there): close to fp32 on CPU."""
+    cpu = _run_json(capsys, trained_run[0], "--device", "cpu")["validation"]["loss"]
+    cuda = _run_json(capsys, trained_run[0], "--device", "cuda")["validation"]["loss"]
+    assert cuda == pytest.approx(cpu, rel=2e-2)
