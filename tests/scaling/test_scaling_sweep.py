@@ -16,8 +16,9 @@ def _sweep():
     return module.main
 
 
-def test_sweep_rows_fit_and_resume(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ENGINE_CACHE", str(tmp_path / "cache"))
+def test_sweep_rows_fit_and_resume(tmp_path, tmp_path_factory, monkeypatch):
+    # the session's shared cache (as tests/convert and tests/evaluation use): the embedded corpus is built once
+    monkeypatch.setenv("ENGINE_CACHE", str(tmp_path_factory.getbasetemp() / "engine_cache"))
     out = tmp_path / "sweep"
     args = ["--budgets", "3e9", "--shapes", "16x1,24x1,32x1,48x1,64x1", "--out", str(out), "--bootstrap", "0"]
     assert _sweep()(args) == 0
