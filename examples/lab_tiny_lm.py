@@ -112,12 +112,14 @@ def articles(files: list[Path], max_chars: float = math.inf) -> list[str]:
 def prepare_wikitext(path: str, out_dir: Path, tokenizer: str, max_chars: float) -> dict[str, str]:
     """Tokenises the local WikiText into out_dir/{train,valid}.bin/.idx; returns the data.* flags."""
     train_files, valid_files = wikitext_files(path)
+    splits = {}
+    for split, files, cap in (("train", train_files, max_chars), ("valid", valid_files, math.inf)):
+        splits[split] = articles(files, cap)
+        if not any(d.strip() for d in splits[split]):
+            raise LabError(f"--wikitext: the {split} files {', '.join(map(str, files))} hold no text")
     tok = load_tokenizer(tokenizer)  # the tokenizer the trainer loads for the same data.tokenizer
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split, files, cap in (("train", train_files, max_chars), ("valid", valid_files, math.inf)):
-        docs = articles(files, cap)
-        if not any(d.strip() for d in docs):
-            raise LabError(f"--wikitext: the {split} files {', '.join(map(str, files))} hold no text")
+    for split, docs in splits.items():
         tokenize_to_dataset(docs, tok, str(out_dir / split))
     return {"data.path": str(out_dir / "train"), "data.valid_path": str(out_dir / "valid")}
 

@@ -67,7 +67,8 @@ def test_smoke_run_writes_the_report_and_the_curve(tmp_path, monkeypatch):
     ("empty", r"holds neither wiki.train.raw \+ wiki.valid.raw nor train-\*.parquet"),
     ("steps", "--steps must be >= 1, got 0"),
 ])  # fmt: skip
-def test_bad_input_is_one_line(case, expected, tmp_path, capsys):
+def test_bad_input_is_one_line(case, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ENGINE_CACHE", str(tmp_path / "cache"))
     path = tmp_path / ("nope" if case == "missing" else "wikitext")
     if case != "missing":
         path.mkdir()
@@ -76,3 +77,30 @@ def test_bad_input_is_one_line(case, expected, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(expected, err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_articles_split_at_titles_and_stop_past_the_cap(tmp_path):
+    wiki = _wikitext(tmp_path / "wikitext")
+    lab = _lab()
+    train, valid = lab.wikitext_files(str(wiki))
+    docs = lab.articles(train)
+    assert [d.splitlines()[0] for d in docs] == [f" = Article {a} = " for a in range(5)]
+    assert all(" = = Section = = \n" in d for d in docs)  # sections stay inside their article
+    assert lab.articles(train, max_chars=len(docs[0]) + 1) == docs[:2]  # the article that passes the cap is kept
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ENGINE_CACHE", str(tmp_path / "cache"))
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("pyarrow is installed")
+    wiki = tmp_path / "wikitext"
+    wiki.mkdir()
+    for name in ("train-00000-of-00001.parquet", "validation-00000-of-00001.parquet"):
+        (wiki / name).write_bytes(b"PAR1")
+    assert _lab().main(["--tiny", "--wikitext", str(wiki), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs pyarrow" in err, err
