@@ -143,6 +143,7 @@ class ObjectiveConfig:
     mlm_mask_rate: float = 0.15  # mlm: share of the non-special tokens selected (80% mask, 10% random, 10% kept)
     mtp_depth: int = 1  # mtp: sequential prediction modules, module k predicting token i+k+1 (DeepSeek-V3 sec. 2.2)
     mtp_lambda: float = 0.3  # mtp: weight of the modules' mean loss beside the next-token loss
+    mtp_kind: Literal["sequential", "parallel"] = "sequential"  # mtp: DeepSeek-V3's chain or Gloeckle's heads
     prefix_min_frac: float = 0.0  # prefix: each sample's prefix length is uniform in [min_frac, max_frac] x seq_len
     prefix_max_frac: float = 1.0
 

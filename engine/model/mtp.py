@@ -9,6 +9,14 @@ positions of the sequence (not T - k); here every term is a sum of per-token los
 main objective's loss-bearing tokens of the global batch, which is that normalisation. Positions whose target lies
 past the sequence end carry no loss.
 
+Parallel heads (`[objective] mtp_kind = "parallel"`; Gloeckle et al. 2024, "Better & Faster Large Language Models via
+Multi-token Prediction", arXiv 2404.19737, sec. 2): head k = 1..D is one transformer block on the shared trunk's
+output h^0 (not on the previous head's), predicting t_{i+k+1} through the shared output head; the main model's head
+is their next-token head. The same loss form applies (lambda = D gives the paper's unweighted sum). Their
+memory-saving backward (sec. 2, Fig. 2) is `per_head_backward`: each head's forward and backward in turn on a
+detached copy of h^0 whose gradient accumulates, then one backward through the trunk, so only one head's logits are
+alive at a time.
+
 The model stays plain (no parallelism inside): `engine.parallel.parallelize` converts the modules' blocks with the
 same tensor-parallel plan as the trunk's and refuses the layouts they do not support (pipeline and context
 parallelism, sequence parallelism). In eval mode, or without targets, the forward is the main model's alone, so a
@@ -17,6 +25,9 @@ validation loss is the next-token loss, comparable with a clm run's.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import nn
 
@@ -24,6 +35,8 @@ from engine.config import Config, ConfigError, ModelConfig
 from engine.model.gpt import GPT, Block
 from engine.model.head import IGNORE_INDEX
 from engine.model.layers import Norm
+
+MTP_KINDS = ("sequential", "parallel")
 
 
 class MTPModule(nn.Module):
@@ -42,6 +55,18 @@ class MTPModule(nn.Module):
         return self.block(x, cos, sin, mask, causal, **attention_kw)
 
 
+class ParallelHead(nn.Module):
+    """One parallel prediction head (Gloeckle et al. 2024): a transformer block on the trunk's hidden states. The block
+    sits under `block`, as an MTPModule's, so both kinds share one tensor-parallel plan entry."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.block = Block(cfg)
+
+    def forward(self, h: torch.Tensor, cos, sin, mask, causal, **attention_kw) -> torch.Tensor:
+        return self.block(h, cos, sin, mask, causal, **attention_kw)
+
+
 def shift_left(t: torch.Tensor, k: int, fill: int) -> torch.Tensor:
     """`t` (b, s) moved k positions left, the last k positions set to `fill`: position i holds t[i + k]."""
     out = torch.full_like(t, fill)
@@ -51,22 +76,27 @@ def shift_left(t: torch.Tensor, k: int, fill: int) -> torch.Tensor:
 
 
 class MultiTokenGPT(GPT):
-    """A GPT with `depth` sequential MTP modules (`self.mtp`, named `mtp.<k-1>.*` in the state dict) sharing its token
+    """A GPT with `depth` MTP modules of `kind` (`self.mtp`, named `mtp.<k-1>.*` in the state dict) sharing its token
     embedding and output head; `weight` is lambda. The main model's parameters, names and initialisation are those of
     GPT(cfg) with the same seed: a checkpoint's main model loads into a plain GPT."""
 
-    def __init__(self, cfg: ModelConfig, depth: int = 1, weight: float = 0.3, seed: int | None = None):
+    def __init__(
+        self, cfg: ModelConfig, depth: int = 1, weight: float = 0.3, kind: str = "sequential", seed: int | None = None
+    ):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ConfigError(f"objective.mtp_depth must be a positive integer, got {depth!r}")
         if not 0.0 <= weight:
             raise ConfigError(f"objective.mtp_lambda must be >= 0, got {weight!r}")
-        self._mtp_depth = depth  # read by _build, which GPT.__init__ calls
+        if kind not in MTP_KINDS:
+            raise ConfigError(f"objective.mtp_kind must be one of {'|'.join(MTP_KINDS)}, got {kind!r}")
+        self._mtp_depth, self.mtp_kind = depth, kind  # read by _build, which GPT.__init__ calls
         super().__init__(cfg, seed)
         self.mtp_weight = float(weight)
 
     def _build(self, cfg: ModelConfig) -> None:
         super()._build(cfg)
-        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(self._mtp_depth))
+        module = MTPModule if self.mtp_kind == "sequential" else ParallelHead
+        self.mtp = nn.ModuleList(module(cfg) for _ in range(self._mtp_depth))
 
     @property
     def mtp_depth(self) -> int:
@@ -76,14 +106,27 @@ class MultiTokenGPT(GPT):
         self, h: torch.Tensor, tokens: torch.Tensor, mask=None, causal: bool = True, **attention_kw
     ) -> list[torch.Tensor]:
         """h^1..h^D (each (b, s, d), before the output head's norm) from the main model's h^0 = `h` and its input
-        `tokens` (b, s): depth k at position i sees the embedding of t_{i+k} (positions past the end get token 0,
-        whose predictions carry no loss and, attention being causal, reach no earlier position)."""
-        out = []
-        for k, module in enumerate(self.mtp, start=1):
-            emb = self.tok_emb(shift_left(tokens, k, 0))
-            h = module(h, emb, self.rope_cos, self.rope_sin, mask, causal, **attention_kw)
-            out.append(h)
+        `tokens` (b, s). Sequential: depth k at position i sees h^{k-1} and the embedding of t_{i+k} (positions past
+        the end get token 0, whose predictions carry no loss and, attention being causal, reach no earlier position).
+        Parallel: head k sees h^0 alone."""
+        out, x = [], h
+        for head in self.depth_heads(h, tokens, mask, causal, **attention_kw):
+            x = head(h if self.mtp_kind == "parallel" else x)
+            out.append(x)
         return out
+
+    def depth_heads(
+        self, h: torch.Tensor, tokens: torch.Tensor, mask=None, causal: bool = True, **attention_kw
+    ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """Depth k's hidden states as a function of its input hidden states, k = 1..D in turn: h^{k-1} for the
+        sequential kind (each function is called on the previous one's output), h^0 for the parallel one."""
+        rope = (self.rope_cos, self.rope_sin)
+        for k, module in enumerate(self.mtp, start=1):
+            if self.mtp_kind == "parallel":
+                yield lambda x, m=module: m(x, *rope, mask, causal, **attention_kw)
+            else:
+                emb = self.tok_emb(shift_left(tokens, k, 0))
+                yield lambda x, m=module, e=emb: m(x, e, *rope, mask, causal, **attention_kw)
 
     def mtp_loss_sums(
         self, tokens: torch.Tensor, targets: torch.Tensor, mask=None, causal: bool = True, **attention_kw
@@ -115,8 +158,43 @@ class MultiTokenGPT(GPT):
 
 
 def build_gpt(model_cfg: ModelConfig, cfg: Config) -> GPT:
-    """The model a run trains: a MultiTokenGPT under `--train.objective mtp` (with [objective] mtp_depth and
-    mtp_lambda), else GPT."""
+    """The model a run trains: a MultiTokenGPT under `--train.objective mtp` (with [objective] mtp_depth, mtp_lambda
+    and mtp_kind), else GPT."""
     if cfg.train.objective != "mtp":
         return GPT(model_cfg)
-    return MultiTokenGPT(model_cfg, cfg.objective.mtp_depth, cfg.objective.mtp_lambda)
+    o = cfg.objective
+    return MultiTokenGPT(model_cfg, o.mtp_depth, o.mtp_lambda, o.mtp_kind)
+
+
+def per_head_backward(
+    model: MultiTokenGPT,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    backward: Callable[[torch.Tensor], None],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    mask: torch.Tensor | None = None,
+    causal: bool = True,
+    **attention_kw,
+) -> torch.Tensor:
+    """Gloeckle et al. 2024's memory-saving backward for parallel heads: the trunk's forward once; then for the main
+    head and each MTP head in turn, its forward and `backward(term)` (the trainer's normalisation and loss scaling of
+    one loss term, a sum of per-token losses) on a detached copy of the trunk's output, whose gradient accumulates;
+    then one backward through the trunk. Only one head's graph (its logits) is alive at a time; the parameters'
+    gradients are those of backpropagating the whole MTP loss at once. Returns the loss's sum, detached."""
+    if model.mtp_kind != "parallel":
+        raise ValueError("per_head_backward needs parallel heads (objective.mtp_kind parallel)")
+    with autocast():
+        h = model.hidden_states(tokens, mask, causal, **attention_kw)
+    trunk = h.detach().requires_grad_()
+    heads = model.depth_heads(trunk, tokens, mask, causal, **attention_kw)
+    w = model.mtp_weight / model.mtp_depth
+    terms = [(1.0, lambda x: x, targets)]
+    terms += [(w, head, shift_left(targets, k, IGNORE_INDEX)) for k, head in enumerate(heads, start=1)]
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    for weight, head, target in terms:
+        with autocast():
+            loss = weight * model.output(head(trunk), target, "sum")
+        backward(loss)
+        total += loss.detach().double()
+    h.backward(trunk.grad)
+    return total

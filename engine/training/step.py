@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.model.head import IGNORE_INDEX
+from engine.model.mtp import per_head_backward
 from engine.optim.clip import clip_grad_norm
 from engine.parallel.data_parallel import grad_buffers_of
 from engine.parallel.grads import finish_tp_grads, norm_parameters
@@ -85,6 +86,10 @@ class TrainStep:
         self.buffers = grad_buffers_of(inner)  # ZeRO-1: this rank clips and steps its shards of the gradients
         if self.buffers is not None:
             self.params, self.norm_params, self.mp_group = zero1_update_args(optimizer, self.params, self.norm_params)
+        # Parallel MTP heads backpropagate one at a time (engine.model.mtp.per_head_backward) where gradients may arrive
+        # in several backward passes: not through DDP, FSDP2 or ZeRO-1's hooks, which expect one (all at once there).
+        self.per_head = getattr(inner, "mtp_kind", None) == "parallel" and model is inner and not self.fsdp
+        self.per_head = self.per_head and self.buffers is None
 
     def count_tokens(self, batches: Sequence[Batch]) -> torch.Tensor:
         return count_tokens(batches, self.dp_group)
@@ -103,14 +108,25 @@ class TrainStep:
                 self.model.set_requires_gradient_sync(last)
             quiet = not last and self.dp_group is not None and self.buffers is None and not self.fsdp
             with self.model.no_sync() if quiet else contextlib.nullcontext():
-                with self.autocast():
-                    loss_sum = self.model(x, y, reduction="sum", **kwargs)
-                loss = loss_sum / denom * self.loss_factor
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                if self.per_head:
+                    loss_sum = per_head_backward(self.inner, x, y, self._backward(denom), self.autocast, **kwargs)
+                else:
+                    with self.autocast():
+                        loss_sum = self.model(x, y, reduction="sum", **kwargs)
+                    self._backward(denom)(loss_sum)
             total += loss_sum.detach().double()
         if self.buffers is not None:
             self.buffers.finish()
         return total
+
+    def _backward(self, denom: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        """Backward of a sum of per-token losses divided by N (with FSDP2's factor and the fp16 loss scale)."""
+
+        def backward(loss_sum: torch.Tensor) -> None:
+            loss = loss_sum / denom * self.loss_factor
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+        return backward
 
     def __call__(self, batches: Sequence[Batch]) -> StepResult:
         n_tokens = self.count_tokens(batches)

@@ -1,5 +1,6 @@
 """Multi-token prediction modules (engine.model.mtp): the loss is the weighted sum of the shifted cross-entropies it
-stands for, depth k sees tokens up to i + k only, the main model is GPT's, and bad depths and weights are refused."""
+stands for (sequential modules and parallel heads), depth k sees tokens up to i + k only (a parallel head up to i),
+the main model is GPT's, and bad depths, weights and kinds are refused."""
 
 import pytest
 import torch
@@ -20,11 +21,11 @@ def _batch(seed=0):
     return x, y
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_mtp_loss_is_the_weighted_sum_of_the_shifted_cross_entropies(arch):
+@pytest.mark.parametrize("arch, kind", [("llama", "sequential"), ("gpt2", "sequential"), ("llama", "parallel")])
+def test_mtp_loss_is_the_weighted_sum_of_the_shifted_cross_entropies(arch, kind):
     torch.manual_seed(0)
     cfg = ModelConfig(**{**CFG.__dict__, "arch": arch})
-    model = MultiTokenGPT(cfg, depth=3, weight=0.3, seed=1)
+    model = MultiTokenGPT(cfg, depth=3, weight=0.3, kind=kind, seed=1)
     x, y = _batch()
     logits = model.all_logits(x)
     assert len(logits) == 4 and all(t.shape == (2, 16, 64) for t in logits)
@@ -44,15 +45,18 @@ def test_mtp_loss_is_the_weighted_sum_of_the_shifted_cross_entropies(arch):
     assert model(x, y, reduction="sum").item() == pytest.approx(main.item(), rel=1e-5)
 
 
-def test_depth_k_sees_the_tokens_up_to_i_plus_k_only():
-    model = MultiTokenGPT(CFG, depth=2, seed=1)
+@pytest.mark.parametrize("kind", ["sequential", "parallel"])
+def test_depth_k_sees_the_tokens_up_to_i_plus_k_only(kind):
+    """Sequential depth k reads t_{i+k} at position i; a parallel head only the trunk's view, t_0..t_i."""
+    model = MultiTokenGPT(CFG, depth=2, kind=kind, seed=1)
     x, _ = _batch()
     x2 = x.clone()
     x2[:, 10] = (x2[:, 10] + 1) % 64
     a, b = model.all_logits(x), model.all_logits(x2)
-    for k in range(3):  # main, depth 1, depth 2: position i reads tokens up to i + k
-        assert torch.equal(a[k][:, : 10 - k], b[k][:, : 10 - k]), k
-        assert not torch.allclose(a[k][:, 10 - k], b[k][:, 10 - k]), k
+    for k in range(3):  # main, depth 1, depth 2
+        reach = k if kind == "sequential" else 0
+        assert torch.equal(a[k][:, : 10 - reach], b[k][:, : 10 - reach]), k
+        assert not torch.allclose(a[k][:, 10 - reach], b[k][:, 10 - reach]), k
 
 
 def test_the_main_model_is_gpts_with_the_same_seed():
@@ -72,6 +76,7 @@ def test_the_main_model_is_gpts_with_the_same_seed():
         (dict(depth=1.5), "objective.mtp_depth must be a positive integer, got 1.5"),
         (dict(weight=-0.1), "objective.mtp_lambda must be >= 0, got -0.1"),
         (dict(weight=float("nan")), "objective.mtp_lambda must be >= 0, got nan"),
+        (dict(kind="tree"), "objective.mtp_kind must be one of sequential|parallel, got 'tree'"),
     ],
 )
 def test_bad_depths_and_weights_are_one_line_errors(kw, needle):

@@ -160,10 +160,12 @@ def test_bad_objectives_are_one_line_errors(tmp_path, tiny_data, capsys, kw, nee
     assert len(err) == 1 and needle in err[0], err
 
 
-def test_mtp_modules_are_checkpointed_and_resumed(tmp_path, tiny_data):
+@pytest.mark.parametrize("kind", ["sequential", "parallel"])
+def test_mtp_modules_are_checkpointed_and_resumed(tmp_path, tiny_data, kind):
     """A run stopped at step 3 and resumed gives the straight run's losses: the MTP modules (and their optimizer
     state) come back from the checkpoint, not from a fresh initialisation."""
-    kw = dict(train__objective="mtp", objective__mtp_depth=2, eval__every=0, checkpoint__every=3)
+    kw = dict(train__objective="mtp", objective__mtp_depth=2, objective__mtp_kind=kind, eval__every=0,
+              checkpoint__every=3)  # fmt: skip
     straight = train(load_config(tiny_args(tmp_path / "straight", *tiny_data, **kw))).losses
     train(load_config(tiny_args(tmp_path / "resumed", *tiny_data, train__steps=3, **kw)))
     resumed = train(load_config(tiny_args(tmp_path / "resumed", *tiny_data, **kw))).losses
