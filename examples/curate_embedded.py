@@ -1,0 +1,195 @@
+"""Curate, tokenise, mix and train: `python examples/curate_embedded.py [--temperature 2] [--steps 20]`.
+
+The embedded corpus (engine/data/corpus.py: Python's standard library as code, its help topics as prose) is written
+as one JSON-lines file per domain, curated per domain (engine.data.curation), tokenised into indexed datasets
+(engine.data.preprocess), mixed by temperature sampling into a `--data.path` blend (engine.data.curation.mixing), and
+a tiny GPT trains on that blend through the engine's trainer. The printed summary gives, per domain, documents
+in and out (and what removed them), tokens, the blend weight and the share of the training samples drawn from it.
+
+Steps per domain. Both domains get `exact_dedup`, `minhash_dedup` and `pii` (e-mail/IP redaction): near-duplicate
+removal and PII redaction are what code corpora apply too (The Stack, Kocetkov et al. 2022, §3; StarCoder, Li et al.
+2023, §4). Prose also gets `gopher_repetition`. Code gets no web-prose heuristics: measured on 300 of these files,
+Gopher's quality rules remove 94% (symbols make the alphabetic-word ratio fail), C4's 70% (curly brackets),
+FineWeb's 94% (lines without terminal punctuation), and even Gopher's repetition rules 42% (code repeats its n-grams
+by nature). `gopher_quality`, `c4` and `fineweb` are left off the prose too: the help topics are full of code samples
+(`gopher_quality` removes 67 of 73 for their ratio of alphabetic words).
+
+The validation set is the corpus's held-out split (both domains, one prefix, not curated): the trainer evaluates one
+dataset. `--max-docs` caps each domain's training documents for smoke runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from engine.config import ConfigError, load_config
+from engine.data.corpus import Document, documents
+from engine.data.curation import Pipeline, curate
+from engine.data.curation.mixing import mix
+from engine.data.preprocess import preprocess
+from engine.data.tokenizer import load_tokenizer
+from engine.train import TrainError, train
+from engine.training.samples import SampleStream
+
+DOMAIN_STEPS = {
+    "code": ["exact_dedup", "minhash_dedup", "pii"],
+    "prose": ["exact_dedup", "minhash_dedup", "gopher_repetition", "pii"],
+}
+TINY_MODEL = {"arch": "llama", "n_layers": 2, "d_model": 32, "n_heads": 2, "seq_len": 32}
+GLOBAL_BATCH = 4
+
+
+class ExampleError(ValueError):
+    """Bad input to the example (an existing run directory, a bad count); printed as one line."""
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", default="runs/curate_embedded", help="a new directory (default runs/curate_embedded)")
+    p.add_argument("--temperature", type=float, default=2.0, help="mixing temperature T: p ∝ n^(1/T) (default 2)")
+    p.add_argument("--steps", type=int, default=20, help="training steps of the tiny model (default 20)")
+    p.add_argument("--max-docs", type=int, help="at most this many training documents per domain (smoke runs)")
+    p.add_argument("--tokenizer", default="byte", choices=("byte", "bpe"), help="default byte: no BPE training")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: every core)")
+    p.add_argument("--seed", type=int, default=1234)
+    return p.parse_args(argv)
+
+
+def domain_of(doc: Document) -> str:
+    """The document's domain, "code" or "prose": the first component of its name in the corpus."""
+    return doc.name.split("/", 1)[0]
+
+
+def write_jsonl(docs: list[Document], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps({"id": d.name, "text": d.text}) + "\n")
+
+
+def write_domains(raw: Path, max_docs: int | None) -> dict[str, Path]:
+    """raw/<domain>.jsonl for the training split (at most max_docs per domain) and raw/valid.jsonl."""
+    train_docs = documents("train")
+    files = {}
+    for domain in DOMAIN_STEPS:
+        docs = [d for d in train_docs if domain_of(d) == domain][:max_docs]
+        if not docs:
+            raise ExampleError(f"the embedded corpus has no {domain} documents on this Python installation")
+        files[domain] = raw / f"{domain}.jsonl"
+        write_jsonl(docs, files[domain])
+    write_jsonl(documents("valid"), raw / "valid.jsonl")
+    return files
+
+
+def curate_domains(files: dict[str, Path], out: Path) -> dict[str, dict]:
+    """Each domain through its own pipeline into out/<domain>/; returns the curation reports."""
+    reports = {}
+    for domain, path in files.items():
+        pipeline = Pipeline.from_names(DOMAIN_STEPS[domain])
+        reports[domain] = curate([str(path)], str(out / domain), pipeline, output_format="jsonl", progress=False)
+    return reports
+
+
+def tokenize(reports: dict[str, dict], raw: Path, data: Path, tokenizer: str) -> dict[str, str]:
+    """data/<domain>.bin/.idx from each curated output and data/valid from the held-out split; returns the prefixes."""
+    prefixes = {}
+    for domain, report in reports.items():
+        prefixes[domain] = str(data / domain)
+        preprocess(report["outputs"], prefixes[domain], tokenizer, progress=False)
+    prefixes["valid"] = str(data / "valid")
+    preprocess([str(raw / "valid.jsonl")], prefixes["valid"], tokenizer, progress=False)
+    return prefixes
+
+
+def sample_shares(blend: str, samples: int, seq_len: int, seed: int, vocab_size: int) -> list[float]:
+    """The fraction of the first `samples` training samples drawn from each blend component, as the trainer's
+    sample stream draws them."""
+    stream = SampleStream(blend, seq_len, seed, vocab_size)
+    counts = [0] * len(stream.blend)
+    for k in range(samples):
+        counts[int(stream[k]["dataset_id"])] += 1
+    return [c / samples for c in counts]
+
+
+def train_flags(args: argparse.Namespace, blend: str, valid: str) -> list[str]:
+    flags = {f"model.{k}": v for k, v in TINY_MODEL.items()}
+    flags.update({
+        "train.steps": args.steps, "train.global_batch": GLOBAL_BATCH, "train.seed": args.seed,
+        "train.threads": args.threads, "train.device": "auto", "optim.lr": 3e-3,
+        "optim.warmup": max(1, args.steps // 10), "eval.every": args.steps, "eval.batches": 2,
+        "checkpoint.every": 0, "data.tokenizer": args.tokenizer, "data.path": blend, "data.valid_path": valid,
+        "run.dir": str(Path(args.run_dir) / "train"), "run.progress": "false", "run.tensorboard": "false",
+    })  # fmt: skip
+    return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Writes, curates, tokenises, mixes and trains; returns the summary's figures."""
+    run_dir = Path(args.run_dir)
+    if args.steps < 1:
+        raise ExampleError(f"--steps must be >= 1, got {args.steps}")
+    if not args.temperature > 0:
+        raise ExampleError(f"--temperature must be > 0 (1: proportional, inf: uniform), got {args.temperature}")
+    if args.max_docs is not None and args.max_docs < 1:
+        raise ExampleError(f"--max-docs must be >= 1, got {args.max_docs}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ExampleError(f"{run_dir} is not empty; give a new --run-dir")
+    t0 = time.perf_counter()
+    files = write_domains(run_dir / "raw", args.max_docs)
+    reports = curate_domains(files, run_dir / "curated")
+    prefixes = tokenize(reports, run_dir / "raw", run_dir / "data", args.tokenizer)
+    domains = {d: prefixes[d] for d in DOMAIN_STEPS}
+    blend, weights, tokens = mix(domains, args.temperature)
+    vocab = load_tokenizer(args.tokenizer).vocab_size
+    shares = sample_shares(blend, args.steps * GLOBAL_BATCH, TINY_MODEL["seq_len"], args.seed, vocab)
+    result = train(load_config(train_flags(args, blend, prefixes["valid"])))
+    return {
+        "blend": blend,
+        "reports": reports,
+        "tokens": tokens,
+        "weights": weights,
+        "shares": dict(zip(domains, shares)),
+        "train_loss": result.losses[max(result.losses)],
+        "val_loss": result.val_losses[max(result.val_losses)],
+        "steps": result.end_step,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def summary(figures: dict, temperature: float) -> str:
+    """The report summary: one line per domain, the blend, and the training run's losses."""
+    lines = []
+    for domain, report in figures["reports"].items():
+        removed = ", ".join(f"{s['name']} {s['documents_in'] - s['documents_out']}" for s in report["steps"])
+        redacted = sum(s["documents_changed"] for s in report["steps"] if s["name"] == "pii")
+        lines.append(
+            f"{domain}: {report['documents_out']}/{report['documents_in']} documents kept (removed: {removed}; "
+            f"PII redacted in {redacted}), "
+            f"{figures['tokens'][domain]:,} tokens, weight {figures['weights'][domain]:.3f} at T={temperature:g}, "
+            f"{figures['shares'][domain]:.3f} of the training samples"
+        )
+    lines.append(f"--data.path {figures['blend']}")
+    lines.append(
+        f"trained {figures['steps']} steps: loss {figures['train_loss']:.3f}, validation loss "
+        f"{figures['val_loss']:.3f} ({figures['seconds']:.0f} s in all)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        print(summary(run(args), args.temperature))
+        return 0
+    except (ExampleError, ConfigError, TrainError, OSError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
