@@ -7,12 +7,12 @@ a tiny GPT trains on that blend through the engine's trainer. The printed summar
 in and out (and what removed them), tokens, the blend weight and the share of the training samples drawn from it.
 
 Steps per domain. Both domains get `exact_dedup`, `minhash_dedup` and `pii` (e-mail/IP redaction): near-duplicate
-removal and PII redaction are what code corpora apply too (The Stack, Kocetkov et al. 2022, §3; StarCoder, Li et al.
-2023, §4). Prose also gets `gopher_repetition`. Code gets no web-prose heuristics: measured on 300 of these files,
-Gopher's quality rules remove 94% (symbols make the alphabetic-word ratio fail), C4's 70% (curly brackets),
-FineWeb's 94% (lines without terminal punctuation), and even Gopher's repetition rules 42% (code repeats its n-grams
-by nature). `gopher_quality`, `c4` and `fineweb` are left off the prose too: the help topics are full of code samples
-(`gopher_quality` removes 67 of 73 for their ratio of alphabetic words).
+removal and PII redaction are what code corpora apply too (The Stack, Kocetkov et al. 2022, near-dedup; StarCoder,
+Li et al. 2023, near-dedup and PII). Prose also gets `gopher_repetition`. Code gets no web-prose heuristics:
+measured on 300 of these files, Gopher's quality rules remove all (276 for too few alphabetic words), C4's 70%
+(curly brackets), FineWeb's 94% (lines without terminal punctuation), and even Gopher's repetition rules 42% (code
+repeats its n-grams by nature). `gopher_quality`, `c4` and `fineweb` are left off the prose too: the help topics are
+full of code samples (`gopher_quality` removes 72 of 73, 67 for too few alphabetic words).
 
 The validation set is the corpus's held-out split (both domains, one prefix, not curated): the trainer evaluates one
 dataset. `--max-docs` caps each domain's training documents for smoke runs.

@@ -78,7 +78,7 @@ def shift_left(t: torch.Tensor, k: int, fill: int) -> torch.Tensor:
 class MultiTokenGPT(GPT):
     """A GPT with `depth` MTP modules of `kind` (`self.mtp`, named `mtp.<k-1>.*` in the state dict) sharing its token
     embedding and output head; `weight` is lambda. The main model's parameters, names and initialisation are those of
-    GPT(cfg) with the same seed: a checkpoint's main model loads into a plain GPT."""
+    GPT(cfg) with the same seed: a checkpoint's tensors without the `mtp.` ones are a plain GPT's."""
 
     def __init__(
         self, cfg: ModelConfig, depth: int = 1, weight: float = 0.3, kind: str = "sequential", seed: int | None = None

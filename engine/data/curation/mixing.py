@@ -3,7 +3,7 @@
 Temperature sampling draws domain i with probability p_i ∝ n_i^(1/T), n_i its size (tokens, or documents). T = 1 is
 proportional to size, T -> inf is uniform, and 1 < T < inf up-samples small domains. This is the multilingual
 recipe: Lample & Conneau 2019 (XLM, §3.1, q_i = p_i^α / Σ_j p_j^α with α = 0.5), Conneau et al. 2020 (XLM-R,
-α = 0.3), Xue et al. 2021 (mT5, §2.2, α = 0.3) and Arivazhagan et al. 2019 (T = 5), where α = 1/T. Normalising the
+α = 0.3), Xue et al. 2021 (mT5, α = 0.3) and Arivazhagan et al. 2019 (T = 5), where α = 1/T. Normalising the
 n_i to fractions first changes nothing: the common factor cancels. Fixed weights are normalised to sum 1.
 
 `python -m engine.data.curate mix --domain NAME=PREFIX ... [--temperature T | --weights NAME=W,...]` reads each
