@@ -169,3 +169,14 @@ def test_cuda_matches_cpu_within_bf16(trained_run, capsys):
     cpu = _run_json(capsys, trained_run[0], "--device", "cpu")["validation"]["loss"]
     cuda = _run_json(capsys, trained_run[0], "--device", "cuda")["validation"]["loss"]
     assert cuda == pytest.approx(cpu, rel=2e-2)
+
+
+def test_a_run_without_held_out_data_needs_data(trained_run):
+    from engine.evaluation.perplexity import validation_perplexity
+
+    run = load_run(trained_run[0])
+    run.cfg.data.valid_path = ""
+    with pytest.raises(ValueError, match="the run has no data.valid_path; give held-out data with --data PREFIX"):
+        validation_perplexity(run)
+    with pytest.raises(ValueError, match="--batches must be >= 1, got 0"):
+        validation_perplexity(run, batches=0)
