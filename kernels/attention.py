@@ -11,9 +11,12 @@ Masks, keyword-only, ANDed with `causal`: `window=w` (a sliding window on the sa
 causal, query i sees keys i + off - w < j <= i + off, where off = seq_k - seq_q; without, |i + off - j| < w; a
 window covering both sequences is no window) and `segment_ids` (packed documents: one integer tensor (batch, seq) for
 self-attention, or a pair (seg_q (batch, seq_q), seg_k (batch, seq_k)); query i sees key j only when
-seg_q[b, i] == seg_k[b, j]; any integer values, in any order). `flash_attention_forward` / `flash_attention_backward`
-(no autograd, what ring attention calls per block) take the same as `window`, `seg_q`, `seg_k`, and have plain-PyTorch
-twins `flash_attention_forward_reference` / `flash_attention_backward_reference` with the same semantics.
+seg_q[b, i] == seg_k[b, j]; any integer values, in any order). `prefix_lengths` (batch,) integers, with causal
+only (prefix LM): keys j < prefix_lengths[b] are visible to every query of row b as well (ORed with the causal mask,
+then ANDed with the segment mask; not combined with a window). `flash_attention_forward` / `flash_attention_backward`
+(no autograd, what ring attention calls per block) take the same as `window`, `seg_q`, `seg_k`, `prefix_lengths`,
+and have plain-PyTorch twins `flash_attention_forward_reference` / `flash_attention_backward_reference` with the
+same semantics.
 
 Forward: one program per (block of BLOCK_M queries, batch x query head) streams the kv blocks with an online
 softmax in fp32 (exp2, the scale folded with log2(e)); only the output and the lse are written. Causal attention with
@@ -67,7 +70,9 @@ _LN2 = tl.constexpr(LN2)
 # Masks. Query row i sits at key position p = i + seq_k - seq_q (bottom-right alignment) and sees the keys j with
 #   begin(p) <= j < end(p):  begin = p - window + 1 with a window, else 0;
 #                            end = p + 1 if causal, p + window with a (non-causal) window, else seq_k,
-# and, with segment ids, only the keys of its own segment. begin and end grow with i, which is what lets each program
+# and, with segment ids, only the keys of its own segment. A prefix length P (causal only) raises end to max(p + 1, P)
+# (and lowers the first row that sees key j < P to 0), so the bounds stay monotone and the block skipping holds.
+# begin and end grow with i, which is what lets each program
 # visit only the blocks some row can see (the rest are skipped, never loaded) and run the blocks that every row sees
 # whole without the mask arithmetic. Segment ids are arbitrary, so their blocks are skipped at run time instead, when
 # the (min, max) of the block's query ids and key ids do not overlap (sorted ids of packed documents: every
@@ -81,8 +86,8 @@ def _clamp(x, lo, hi):
 
 @triton.jit
 def _kv_range(
-    start_m, seq_q, seq_k, window,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    start_m, seq_q, seq_k, window, prefix,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The kv blocks of the query block at start_m as (lo, full_lo, full_hi, hi): the blocks starting in [lo, full_lo)
     and [full_hi, hi) need the mask, every row sees every key of those in [full_lo, full_hi), and no row sees a key
@@ -95,6 +100,9 @@ def _kv_range(
     if CAUSAL:
         end0 = p0 + 1
         end1 = p1 + 1
+        if PREFIX:  # every row also sees the keys below the prefix length
+            end0 = tl.maximum(end0, prefix)
+            end1 = tl.maximum(end1, prefix)
     elif WINDOW:
         end0 = p0 + window
         end1 = p1 + window
@@ -120,19 +128,23 @@ def _kv_range(
 
 @triton.jit
 def _q_range(
-    start_n, seq_q, seq_k, window,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    start_n, seq_q, seq_k, window, prefix,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The inverse of _kv_range for the kv block at start_n: its query blocks as (lo, full_lo, full_hi, hi) (masked,
     whole, masked; no row outside [lo, hi) sees a key of the block; hi is a row bound, the others multiples of
     BLOCK_M). Key j is seen by the rows [first(j), stop(j)), with t = j - (seq_k - seq_q): first = t if causal,
-    t - window + 1 with a window, else 0; stop = t + window with a window, else seq_q."""
+    t - window + 1 with a window, else 0 (and 0 for a key below the prefix length); stop = t + window with a window,
+    else seq_q."""
     off = seq_k - seq_q
     t0 = start_n - off
     t1 = tl.minimum(start_n + BLOCK_N, seq_k) - 1 - off  # keys past seq_k only reach dK/dV rows that are not stored
     if CAUSAL:
         first0 = t0
         first1 = t1
+        if PREFIX:  # a key below the prefix length is seen from row 0 on
+            first0 = tl.where(start_n < prefix, 0, t0)
+            first1 = tl.where(t1 + off < prefix, 0, t1)
     elif WINDOW:
         first0 = t0 - window + 1
         first1 = t1 - window + 1
@@ -153,6 +165,15 @@ def _q_range(
     full_stop = _clamp(stop0, 0, seq_q)
     n_hi = tl.maximum(tl.where(full_stop == seq_q, tl.cdiv(seq_q, BLOCK_M), full_stop // BLOCK_M), n_lo)
     return lo, n_lo * BLOCK_M, n_hi * BLOCK_M, hi
+
+
+@triton.jit
+def _row_prefix(PREFIX_LEN, b, PREFIX: tl.constexpr):
+    """Batch row b's prefix length (0, never read, without PREFIX)."""
+    prefix = 0
+    if PREFIX:
+        prefix = tl.load(PREFIX_LEN + b)
+    return prefix
 
 
 @triton.jit
@@ -181,13 +202,18 @@ def _kv_tile(
 
 
 @triton.jit
-def _keys_seen(offs_m, offs_n, seq_k, off, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _keys_seen(
+    offs_m, offs_n, seq_k, off, window, prefix, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PREFIX: tl.constexpr
+):  # fmt: skip
     """(rows, keys) mask of the positions each row sees: keys below seq_k, within [begin(p), end(p)) (see above)."""
     p = offs_m[:, None] + off
     j = offs_n[None, :]
     valid = j < seq_k
     if CAUSAL:
-        valid = valid & (j <= p)
+        if PREFIX:
+            valid = valid & ((j <= p) | (j < prefix))
+        else:
+            valid = valid & (j <= p)
     if WINDOW:
         valid = valid & (j > p - window)
         if not CAUSAL:
@@ -198,9 +224,9 @@ def _keys_seen(offs_m, offs_n, seq_k, off, window, CAUSAL: tl.constexpr, WINDOW:
 @triton.jit
 def _fwd_inner(
     acc, m_i, l_i, q, ids_q, qmin, qmax, k_base, v_base, seg_k, stride_ks, stride_vs, offs_m, offs_d, lo, hi, seq_k,
-    off, window, qk_scale,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    off, window, prefix, qk_scale,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PREFIX: tl.constexpr, HAS_SEG: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the kv blocks [lo, hi): the updated (acc, m_i, l_i), m_i in log2 units. MASK: the
     positional mask; the segment mask applies to every block visited when HAS_SEG."""
@@ -214,7 +240,8 @@ def _fwd_inner(
             k, v = _kv_tile(k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, seq_k, MASK, HEAD_DIM, DOT)
             s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
             if MASK:
-                s = tl.where(_keys_seen(offs_m, offs_n, seq_k, off, window, CAUSAL, WINDOW), s, float("-inf"))
+                seen = _keys_seen(offs_m, offs_n, seq_k, off, window, prefix, CAUSAL, WINDOW, PREFIX)
+                s = tl.where(seen, s, float("-inf"))
             if HAS_SEG:
                 s = tl.where(ids_q[:, None] == ids_k[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -241,11 +268,11 @@ def _query_tile(n_heads, seq_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, B
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, LSE, SEG_Q, SEG_K,
+    Q, K, V, Out, LSE, SEG_Q, SEG_K, PREFIX_LEN,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_sqb, stride_skb,
     n_heads, group, seq_q, seq_k, window, qk_scale,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PREFIX: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
@@ -264,19 +291,25 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     off = seq_k - seq_q
-    lo, full_lo, full_hi, hi = _kv_range(start_m, seq_q, seq_k, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    prefix = _row_prefix(PREFIX_LEN, b, PREFIX)
+    lo, full_lo, full_hi, hi = _kv_range(
+        start_m, seq_q, seq_k, window, prefix, CAUSAL, WINDOW, PREFIX, BLOCK_M, BLOCK_N
+    )  # fmt: skip
     if WINDOW:  # without a window every row sees from key 0: lo == full_lo
         acc, m_i, l_i = _fwd_inner(
             acc, m_i, l_i, q, ids_q, qmin, qmax, k_base, v_base, seg_k, stride_ks, stride_vs, offs_m, offs_d, lo,
-            full_lo, seq_k, off, window, qk_scale, True, CAUSAL, WINDOW, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC, ACC,
+            full_lo, seq_k, off, window, prefix, qk_scale, True,
+            CAUSAL, WINDOW, PREFIX, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC, ACC,
         )  # fmt: skip
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, ids_q, qmin, qmax, k_base, v_base, seg_k, stride_ks, stride_vs, offs_m, offs_d, full_lo,
-        full_hi, seq_k, off, window, qk_scale, False, CAUSAL, WINDOW, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC, ACC,
+        full_hi, seq_k, off, window, prefix, qk_scale, False,
+        CAUSAL, WINDOW, PREFIX, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC, ACC,
     )  # fmt: skip
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, ids_q, qmin, qmax, k_base, v_base, seg_k, stride_ks, stride_vs, offs_m, offs_d, full_hi,
-        hi, seq_k, off, window, qk_scale, True, CAUSAL, WINDOW, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC, ACC,
+        hi, seq_k, off, window, prefix, qk_scale, True,
+        CAUSAL, WINDOW, PREFIX, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC, ACC,
     )  # fmt: skip
     empty = l_i == 0.0  # a row that sees no key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -323,9 +356,9 @@ def _row_stats(LSE, DELTA, offs_m, seq_q):
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, ids_k, kmin, kmax, q_base, do_base, seg_q, LSE, DELTA, stride_qs, stride_dos, offs_n, offs_d, lo, hi,
-    seq_q, seq_k, off, window, qk_scale,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    seq_q, seq_k, off, window, prefix, qk_scale,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PREFIX: tl.constexpr, HAS_SEG: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one kv block accumulated over the query blocks [lo, hi) of one query head (MASK: the positional
     mask; the segment mask applies to every block visited when HAS_SEG)."""
@@ -344,7 +377,7 @@ def _dkdv_inner(
             s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
             p = tl.exp2(s - lse2[:, None])
             if MASK:
-                p = tl.where(_keys_seen(offs_m, offs_n, seq_k, off, window, CAUSAL, WINDOW), p, 0.0)
+                p = tl.where(_keys_seen(offs_m, offs_n, seq_k, off, window, prefix, CAUSAL, WINDOW, PREFIX), p, 0.0)
             if HAS_SEG:
                 p = tl.where(ids_q[:, None] == ids_k[None, :], p, 0.0)
             dv += tl.dot(tl.trans(p.to(DOT)), do, input_precision=PREC, out_dtype=ACC)
@@ -356,12 +389,12 @@ def _dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SEG_Q, SEG_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, SEG_Q, SEG_K, PREFIX_LEN,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_sqb, stride_skb,
     n_heads, group, seq_q, seq_k, window, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PREFIX: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
@@ -387,9 +420,12 @@ def _attn_bwd_dkdv_kernel(
     if HAS_SEG:
         ids_k, kmin, kmax = _seg_ids(SEG_K + b * stride_skb, offs_n, start_n, seq_k)
     off = seq_k - seq_q
+    prefix = _row_prefix(PREFIX_LEN, b, PREFIX)
     # Query rows [lo, full_lo) (the causal band, or the window's leading edge) and [full_hi, hi) (the window's
     # trailing edge) see part of this kv block, rows [full_lo, full_hi) all of it; no other row sees any of it.
-    lo, full_lo, full_hi, hi = _q_range(start_n, seq_q, seq_k, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _q_range(
+        start_n, seq_q, seq_k, window, prefix, CAUSAL, WINDOW, PREFIX, BLOCK_M, BLOCK_N
+    )  # fmt: skip
     for g in range(group):
         h = hk * group + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -398,19 +434,19 @@ def _attn_bwd_dkdv_kernel(
         if CAUSAL or WINDOW:  # otherwise lo == full_lo
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, ids_k, kmin, kmax, q_base, do_base, seg_q, LSE + row0, DELTA + row0, stride_qs,
-                stride_dos, offs_n, offs_d, lo, full_lo, seq_q, seq_k, off, window, qk_scale,
-                True, CAUSAL, WINDOW, HAS_SEG, HEAD_DIM, BLOCK_M, DOT, PREC, ACC,
+                stride_dos, offs_n, offs_d, lo, full_lo, seq_q, seq_k, off, window, prefix, qk_scale,
+                True, CAUSAL, WINDOW, PREFIX, HAS_SEG, HEAD_DIM, BLOCK_M, DOT, PREC, ACC,
             )  # fmt: skip
         dk, dv = _dkdv_inner(
             dk, dv, k, v, ids_k, kmin, kmax, q_base, do_base, seg_q, LSE + row0, DELTA + row0, stride_qs,
-            stride_dos, offs_n, offs_d, full_lo, full_hi, seq_q, seq_k, off, window, qk_scale,
-            False, CAUSAL, WINDOW, HAS_SEG, HEAD_DIM, BLOCK_M, DOT, PREC, ACC,
+            stride_dos, offs_n, offs_d, full_lo, full_hi, seq_q, seq_k, off, window, prefix, qk_scale,
+            False, CAUSAL, WINDOW, PREFIX, HAS_SEG, HEAD_DIM, BLOCK_M, DOT, PREC, ACC,
         )  # fmt: skip
         if WINDOW:  # otherwise [full_hi, hi) is empty: every row past the band sees the whole block
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, ids_k, kmin, kmax, q_base, do_base, seg_q, LSE + row0, DELTA + row0, stride_qs,
-                stride_dos, offs_n, offs_d, full_hi, hi, seq_q, seq_k, off, window, qk_scale,
-                True, CAUSAL, WINDOW, HAS_SEG, HEAD_DIM, BLOCK_M, DOT, PREC, ACC,
+                stride_dos, offs_n, offs_d, full_hi, hi, seq_q, seq_k, off, window, prefix, qk_scale,
+                True, CAUSAL, WINDOW, PREFIX, HAS_SEG, HEAD_DIM, BLOCK_M, DOT, PREC, ACC,
             )  # fmt: skip
     dk *= sm_scale
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + rows * stride_dks + offs_d[None, :]
@@ -422,9 +458,9 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_inner(
     dq, q, do, lse2, delta, ids_q, qmin, qmax, k_base, v_base, seg_k, stride_ks, stride_vs, offs_m, offs_d, lo, hi,
-    seq_k, off, window, qk_scale,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    seq_k, off, window, prefix, qk_scale,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PREFIX: tl.constexpr, HAS_SEG: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block accumulated over the kv blocks [lo, hi) (masks as in _fwd_inner)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -438,7 +474,7 @@ def _dq_inner(
             s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
             p = tl.exp2(s - lse2[:, None])
             if MASK:
-                p = tl.where(_keys_seen(offs_m, offs_n, seq_k, off, window, CAUSAL, WINDOW), p, 0.0)
+                p = tl.where(_keys_seen(offs_m, offs_n, seq_k, off, window, prefix, CAUSAL, WINDOW, PREFIX), p, 0.0)
             if HAS_SEG:
                 p = tl.where(ids_q[:, None] == ids_k[None, :], p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
@@ -449,11 +485,11 @@ def _dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, SEG_Q, SEG_K,
+    Q, K, V, DO, LSE, DELTA, DQ, SEG_Q, SEG_K, PREFIX_LEN,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_sqb, stride_skb,
     n_heads, group, seq_q, seq_k, window, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PREFIX: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
@@ -473,21 +509,27 @@ def _attn_bwd_dq_kernel(
         ids_q, qmin, qmax = _seg_ids(SEG_Q + b * stride_sqb, offs_m, start_m, seq_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     off = seq_k - seq_q
-    lo, full_lo, full_hi, hi = _kv_range(start_m, seq_q, seq_k, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    prefix = _row_prefix(PREFIX_LEN, b, PREFIX)
+    lo, full_lo, full_hi, hi = _kv_range(
+        start_m, seq_q, seq_k, window, prefix, CAUSAL, WINDOW, PREFIX, BLOCK_M, BLOCK_N
+    )  # fmt: skip
     if WINDOW:  # without a window lo == full_lo
         dq = _dq_inner(
             dq, q, do, lse2, delta, ids_q, qmin, qmax, k_base, v_base, seg_k, stride_ks, stride_vs, offs_m, offs_d,
-            lo, full_lo, seq_k, off, window, qk_scale, True, CAUSAL, WINDOW, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC,
+            lo, full_lo, seq_k, off, window, prefix, qk_scale, True,
+            CAUSAL, WINDOW, PREFIX, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC,
             ACC,
         )  # fmt: skip
     dq = _dq_inner(
         dq, q, do, lse2, delta, ids_q, qmin, qmax, k_base, v_base, seg_k, stride_ks, stride_vs, offs_m, offs_d,
-        full_lo, full_hi, seq_k, off, window, qk_scale, False, CAUSAL, WINDOW, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC,
+        full_lo, full_hi, seq_k, off, window, prefix, qk_scale, False,
+        CAUSAL, WINDOW, PREFIX, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC,
         ACC,
     )  # fmt: skip
     dq = _dq_inner(
         dq, q, do, lse2, delta, ids_q, qmin, qmax, k_base, v_base, seg_k, stride_ks, stride_vs, offs_m, offs_d,
-        full_hi, hi, seq_k, off, window, qk_scale, True, CAUSAL, WINDOW, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC, ACC,
+        full_hi, hi, seq_k, off, window, prefix, qk_scale, True,
+        CAUSAL, WINDOW, PREFIX, HAS_SEG, HEAD_DIM, BLOCK_N, DOT, PREC, ACC,
     )  # fmt: skip
     dq *= sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqs + offs_d[None, :]
@@ -636,11 +678,14 @@ def flash_attention_forward(
     window: int | None = None,
     seg_q: torch.Tensor | None = None,
     seg_k: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) for q, k, v whose last dim has stride 1 (no autograd). lse is fp32 (fp64 for fp64 inputs).
 
-    `window` and the segment ids (batch, seq_q) and (batch, seq_k) as in `flash_attention`."""
-    window, seg_q, seg_k = _mask_args("flash_attention_forward", q, k, window, seg_q, seg_k)
+    `window`, the segment ids (batch, seq_q) and (batch, seq_k) and `prefix_lengths` as in `flash_attention`."""
+    fn = "flash_attention_forward"
+    window, seg_q, seg_k = _mask_args(fn, q, k, window, seg_q, seg_k)
+    prefix = _check_prefix(fn, q, causal, window, prefix_lengths)
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     out = torch.empty((b, sq, hq, d), dtype=q.dtype, device=q.device)
@@ -652,9 +697,10 @@ def flash_attention_forward(
     DOT, PREC, ACC = _dot_args(q.dtype)
     SEG_Q, SEG_K, stride_sqb, stride_skb, has_seg = _seg_launch_args(seg_q, seg_k, lse)
     _attn_fwd_kernel[(triton.cdiv(sq, bm), b * hq)](
-        q, k, v, out, lse, SEG_Q, SEG_K, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out), stride_sqb, stride_skb,
-        hq, hq // hk, sq, sk, window or 0, softmax_scale * LOG2E,
-        CAUSAL=causal, WINDOW=window is not None, HAS_SEG=has_seg, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+        q, k, v, out, lse, SEG_Q, SEG_K, lse if prefix is None else prefix, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out),
+        stride_sqb, stride_skb, hq, hq // hk, sq, sk, window or 0, softmax_scale * LOG2E,
+        CAUSAL=causal, WINDOW=window is not None, PREFIX=prefix is not None, HAS_SEG=has_seg,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=block_d(d), DOT=DOT, PREC=PREC, ACC=ACC, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
@@ -673,14 +719,16 @@ def flash_attention_backward(
     window: int | None = None,
     seg_q: torch.Tensor | None = None,
     seg_k: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) given the gradients of out and of lse (either may be None: zero) and the forward's out and lse.
 
     `lse` may be any lse consistent with `out` (ring attention passes the merged, final one): P = exp(S - lse).
-    The masks (`causal`, `window`, segment ids) must be the forward's.
+    The masks (`causal`, `window`, segment ids, prefix lengths) must be the forward's.
     """
     fn = "flash_attention_backward"
     window, seg_q, seg_k = _mask_args(fn, q, k, window, seg_q, seg_k)
+    prefix = _check_prefix(fn, q, causal, window, prefix_lengths)
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     _check_lse(fn, lse, dlse, (b, hq, sq))
@@ -707,17 +755,19 @@ def flash_attention_backward(
     )  # fmt: skip
     scales = (softmax_scale * LOG2E, softmax_scale)
     SEG_Q, SEG_K, stride_sqb, stride_skb, has_seg = _seg_launch_args(seg_q, seg_k, lse)
-    masks = dict(CAUSAL=causal, WINDOW=window is not None, HAS_SEG=has_seg)
+    masks = dict(CAUSAL=causal, WINDOW=window is not None, PREFIX=prefix is not None, HAS_SEG=has_seg)
+    PREFIX_LEN = lse if prefix is None else prefix  # never read without a prefix
     bm, bn, warps, stages = cfg["dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(sk, bn), b * hk)](
-        q, k, v, dout, lse, delta, dk, dv, SEG_Q, SEG_K, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(dout), *_bsh(dk),
+        q, k, v, dout, lse, delta, dk, dv, SEG_Q, SEG_K, PREFIX_LEN, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(dout),
+        *_bsh(dk),
         *_bsh(dv), stride_sqb, stride_skb, hq, hq // hk, sq, sk, window or 0, *scales,
         **masks, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=DOT, PREC=PREC, ACC=ACC,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     bm, bn, warps, stages = cfg["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(sq, bm), b * hq)](
-        q, k, v, dout, lse, delta, dq, SEG_Q, SEG_K, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(dout), *_bsh(dq),
+        q, k, v, dout, lse, delta, dq, SEG_Q, SEG_K, PREFIX_LEN, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(dout), *_bsh(dq),
         stride_sqb, stride_skb, hq, hq // hk, sq, sk, window or 0, *scales,
         **masks, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=DOT, PREC=PREC, ACC=ACC,
         num_warps=warps, num_stages=stages,
@@ -730,11 +780,11 @@ class FlashAttentionFunction(torch.autograd.Function):
     block."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, window=None, seg_q=None, seg_k=None):
+    def forward(ctx, q, k, v, causal, softmax_scale, window=None, seg_q=None, seg_k=None, prefix=None):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        out, lse = flash_attention_forward(q, k, v, causal, softmax_scale, window, seg_q, seg_k)
+        out, lse = flash_attention_forward(q, k, v, causal, softmax_scale, window, seg_q, seg_k, prefix)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.window, ctx.segs = causal, softmax_scale, window, (seg_q, seg_k)
+        ctx.causal, ctx.softmax_scale, ctx.window, ctx.segs = causal, softmax_scale, window, (seg_q, seg_k, prefix)
         ctx.set_materialize_grads(False)  # an unused lse (or out) gets None, not a tensor of zeros
         return out, lse
 
@@ -743,11 +793,11 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None and dlse is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         dq, dk, dv = flash_attention_backward(
             dout, dlse, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.window, *ctx.segs
         )
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _check(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_triton: bool = True) -> None:
@@ -811,10 +861,8 @@ def flash_attention(
         return flash_attention_reference(
             q, k, v, bool(causal), softmax_scale, return_lse, segment_ids=segs, window=window, prefix_lengths=prefix
         )
-    if prefix is not None:
-        raise ValueError(f"{fn}: prefix_lengths is not supported by the Triton kernel yet; use backend='torch'")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse = FlashAttentionFunction.apply(q, k, v, bool(causal), scale, window, seg_q, seg_k)
+    out, lse = FlashAttentionFunction.apply(q, k, v, bool(causal), scale, window, seg_q, seg_k, prefix)
     return (out, lse) if return_lse else out
 
 
@@ -935,12 +983,15 @@ def flash_attention_forward_reference(
     window: int | None = None,
     seg_q: torch.Tensor | None = None,
     seg_k: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`flash_attention_forward` in plain PyTorch: (out in q's dtype, lse in fp32; fp64 for fp64), no autograd."""
     window, seg_q, seg_k = _mask_args("flash_attention_forward_reference", q, k, window, seg_q, seg_k)
     segs = None if seg_q is None else (seg_q, seg_k)
     with torch.no_grad():
-        return flash_attention_reference(q, k, v, causal, softmax_scale, True, segment_ids=segs, window=window)
+        return flash_attention_reference(
+            q, k, v, causal, softmax_scale, True, segment_ids=segs, window=window, prefix_lengths=prefix_lengths
+        )
 
 
 def flash_attention_backward_reference(
@@ -956,6 +1007,7 @@ def flash_attention_backward_reference(
     window: int | None = None,
     seg_q: torch.Tensor | None = None,
     seg_k: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`flash_attention_backward` in plain PyTorch: FA2's backward from the given (possibly merged) lse, in fp32
     (fp64 for fp64) with the full score matrix; (dq, dk, dv) in the inputs' dtypes.
@@ -965,6 +1017,7 @@ def flash_attention_backward_reference(
     of each kv head summed (GQA)."""
     fn = "flash_attention_backward_reference"
     window, seg_q, seg_k = _mask_args(fn, q, k, window, seg_q, seg_k)
+    prefix = _check_prefix(fn, q, causal, window, prefix_lengths)
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     _check_lse(fn, lse, dlse, (b, hq, sq))
@@ -977,7 +1030,7 @@ def flash_attention_backward_reference(
     live = lse != float("-inf")
     p = torch.exp((qf @ kf.transpose(-1, -2)) * softmax_scale - torch.where(live, lse, 0.0)[..., None])
     keep = live[..., None]
-    allowed = _allowed(sq, sk, causal, window, seg_q, seg_k, q.device)
+    allowed = _allowed(sq, sk, causal, window, seg_q, seg_k, q.device, prefix)
     if allowed is not None:
         keep = keep & allowed
     p = torch.where(keep, p, 0.0)

@@ -273,9 +273,10 @@ def attention(
         and select(backend, q) == "triton"
         and _has_kernel("flash_attention")
         and q.shape[-1] <= 256
-        and prefix_lengths is None
     ):
-        return _kernel("flash_attention")(q, k, v, causal=causal, segment_ids=segment_ids, window=window)
+        return _kernel("flash_attention")(
+            q, k, v, causal=causal, segment_ids=segment_ids, window=window, prefix_lengths=prefix_lengths
+        )
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = qh.shape[1] != kh.shape[1]
     sq, sk = q.shape[1], k.shape[1]

@@ -510,25 +510,27 @@ def aot_cases():
             cfg = launch_config(d, dtype, torch.device("cuda"))
             common = dict(HEAD_DIM=d, BLOCK_D=block_d(d), DOT=dot, PREC=prec, ACC=tl.float32)
             types = dict(Q=ptr, K=ptr, V=ptr, Out=ptr, DO=ptr, DK=ptr, DV=ptr, DQ=ptr, LSE="*fp32", DELTA="*fp32")
-            types.update(qk_scale="fp32", sm_scale="fp32", SEG_Q="*i32", SEG_K="*i32")
+            types.update(qk_scale="fp32", sm_scale="fp32", SEG_Q="*i32", SEG_K="*i32", PREFIX_LEN="*i32")
             for name, fn in (
                 ("fwd", A._attn_fwd_kernel),
                 ("dkdv", A._attn_bwd_dkdv_kernel),
                 ("dq", A._attn_bwd_dq_kernel),
             ):
                 bm, bn, warps, stages = cfg[name]
-                consts = dict(common, CAUSAL=True, WINDOW=False, HAS_SEG=False, BLOCK_M=bm, BLOCK_N=bn)
+                consts = dict(common, CAUSAL=True, WINDOW=False, PREFIX=False, HAS_SEG=False, BLOCK_M=bm, BLOCK_N=bn)
                 cases.append((f"{name} {ptr[1:]} d={d}", fn, types, consts, warps, stages))
                 if dtype == torch.bfloat16 and d == 128:  # the window and segment-id variants, non-causal for dK/dV
                     consts = dict(consts, CAUSAL=name == "fwd", WINDOW=True, HAS_SEG=True)
                     cases.append((f"{name} {ptr[1:]} d={d} window+segments", fn, types, consts, warps, stages))
+                    consts = dict(consts, CAUSAL=True, WINDOW=False, PREFIX=True)  # prefix LM: causal + prefix
+                    cases.append((f"{name} {ptr[1:]} d={d} prefix+segments", fn, types, consts, warps, stages))
             # backward's row statistics (with a gradient through lse), at the GPU's 64-row block
             consts = dict(HAS_DLSE=True, HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d(d), ACC=tl.float32)
             types_pre = dict(types, DLSE="*fp32")
             cases.append((f"preprocess {ptr[1:]} d={d}", A._attn_bwd_preprocess_kernel, types_pre, consts, 4, 1))
     bm, bn, warps, stages = launch_config(128, torch.bfloat16, torch.device("cuda"))["fwd"]
     consts = dict(HEAD_DIM=128, BLOCK_D=128, DOT=tl.bfloat16, PREC="tf32", ACC=tl.float32, BLOCK_M=bm, BLOCK_N=bn)
-    consts.update(CAUSAL=False, WINDOW=False, HAS_SEG=False)
+    consts.update(CAUSAL=False, WINDOW=False, PREFIX=False, HAS_SEG=False)
     cases.append(("fwd bf16 d=128 non-causal", A._attn_fwd_kernel, types, consts, warps, stages))
     return cases
 
@@ -609,3 +611,56 @@ def test_backward_bitwise_deterministic_on_gpu():
     first = run(flash_attention, q, k, v, go, causal=True)
     for _ in range(2):
         assert all(torch.equal(a, b) for a, b in zip(first, run(flash_attention, q, k, v, go, causal=True)))
+
+
+# (seq_q, seq_k, prefix lengths of the two rows): 0 and the whole sequence, inside the first 16-block and across the
+# second, and, with seq_q != seq_k, prefixes counted in keys (bottom-right causal alignment)
+PREFIX_CASES = [(37, 37, (0, 37)), (37, 37, (9, 20)), (29, 45, (5, 33))]
+
+
+@pytest.mark.parametrize("sq, sk, prefix", PREFIX_CASES)
+def test_prefix_lm_matches_fp64_reference(sq, sk, prefix):
+    """Prefix LM (causal, plus keys j < P for every query): the forward's kv range reaches P, the dK/dV kernel's
+    query range starts at row 0 for key blocks below P; out, lse and all gradients against the fp64 reference."""
+    q, k, v = make_qkv(2, sq, sk, 2, 1, 16, scale=1.5, seed=41)
+    _, errs = fp32_vs_fp64(q, k, v, causal=True, prefix_lengths=torch.tensor(prefix))
+    assert all(e <= 1e-5 for _, e in errs), errs
+
+
+def test_prefix_lm_with_segments_and_host_functions():
+    """The prefix ORed with the causal mask, then ANDed with packed documents; the no-autograd host functions (ring
+    attention's) take the same keyword and agree with their references."""
+    ids = packed_ids((10, 27), (30, 7))
+    q, k, v = make_qkv(2, 37, 37, 2, 2, 16, scale=1.5, seed=42)
+    prefix = torch.tensor([20, 33])
+    _, errs = fp32_vs_fp64(q, k, v, causal=True, segment_ids=ids, prefix_lengths=prefix)
+    assert all(e <= 1e-5 for _, e in errs), errs
+    from kernels.attention import (
+        flash_attention_backward,
+        flash_attention_backward_reference,
+        flash_attention_forward,
+        flash_attention_forward_reference,
+    )
+
+    args = (q.double(), k.double(), v.double(), True, 0.25, None, ids, ids, prefix)
+    out, lse = flash_attention_forward(*args)
+    ref_out, ref_lse = flash_attention_forward_reference(*args)
+    assert rel_err(out, ref_out) <= 1e-12 and rel_err(lse, ref_lse) <= 1e-12
+    go = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = flash_attention_backward(go, None, *args[:3], out, lse, *args[3:])
+    refs = flash_attention_backward_reference(go, None, *args[:3], out, lse, *args[3:])
+    assert all(rel_err(g_, r) <= 1e-12 for g_, r in zip(grads, refs))
+
+
+def test_prefix_lm_errors():
+    q, k, v = make_qkv(2, 8, 8, 2, 2, 16)
+    p = torch.tensor([3, 4])
+    for kw, needle in (
+        (dict(prefix_lengths=p), "flash_attention: prefix_lengths needs causal=True"),
+        (dict(causal=True, window=3, prefix_lengths=p), "prefix_lengths with a sliding window is not supported"),
+        (dict(causal=True, prefix_lengths=p[:1]), "prefix_lengths must have shape (batch,) = (2,), got (1,)"),
+        (dict(causal=True, prefix_lengths=p.float()), "prefix_lengths must be an integer tensor (batch,)"),
+    ):
+        with pytest.raises(ValueError) as e:
+            flash_attention(q, k, v, **kw)
+        assert needle in str(e.value) and "\n" not in str(e.value), (kw, str(e.value))

@@ -49,6 +49,21 @@ def test_torch_attention_with_a_prefix_is_the_reference():
     torch.testing.assert_close(got[1:], bidir, rtol=1e-5, atol=1e-6)
 
 
+def test_triton_attention_with_a_prefix_is_the_torch_path():
+    """ops.attention's Triton route (the interpreter on CPU) takes the prefix: output and gradients as torch's."""
+    g = torch.Generator().manual_seed(4)
+    leaves = [torch.randn(2, 20, h, 16, generator=g) for h in (2, 1, 1)]
+    prefix = torch.tensor([0, 18])
+    results = []
+    for backend in ("triton", "torch"):
+        q, k, v = (t.clone().requires_grad_() for t in leaves)
+        out = ops.attention(q, k, v, causal=True, backend=backend, prefix_lengths=prefix)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    for got, ref in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kw, needle",
     [
@@ -139,3 +154,4 @@ def test_bad_fractions_are_one_line_errors(kw, needle):
     with pytest.raises(ValueError) as e:
         SampleObjective("prefix", 0, ByteTokenizer(), **kw)
     assert needle in str(e.value)
+
