@@ -12,6 +12,7 @@ from engine.data.tokenizer import ByteTokenizer
 from engine.evaluation.__main__ import main
 from engine.evaluation.loading import load_run
 from engine.evaluation.multiple_choice import Item, few_shot_prefix, read_task, score_task
+from engine.evaluation.perplexity import validation_perplexity
 from engine.metrics import read_metrics
 
 
@@ -172,8 +173,6 @@ def test_cuda_matches_cpu_within_bf16(trained_run, capsys):
 
 
 def test_a_run_without_held_out_data_needs_data(trained_run):
-    from engine.evaluation.perplexity import validation_perplexity
-
     run = load_run(trained_run[0])
     run.cfg.data.valid_path = ""
     with pytest.raises(ValueError, match="the run has no data.valid_path; give held-out data with --data PREFIX"):
