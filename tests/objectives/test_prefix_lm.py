@@ -1,17 +1,23 @@
 """Prefix LM: the mask against its definition (alone and with segment ids), the model between its two ends (prefix 0
-is causal, prefix = seq is bidirectional) and its information flow, the labels, the seeded draw, bad input."""
+is causal, prefix = seq is bidirectional) and its information flow, the labels, the seeded draw, bad input, and the
+example recipe."""
+
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, load_config
 from engine.data.tokenizer import ByteTokenizer
 from engine.model import GPT, ops
 from engine.model.head import IGNORE_INDEX
 from engine.objectives.prefix_lm import draw_prefix_length, prefix_lm_example
 from engine.objectives.sample_objective import SampleObjective
 from kernels.attention import attention_mask, flash_attention_reference
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _qk(b=3, s=7, h=2, d=4, sk=None):
@@ -155,3 +161,18 @@ def test_bad_fractions_are_one_line_errors(kw, needle):
         SampleObjective("prefix", 0, ByteTokenizer(), **kw)
     assert needle in str(e.value)
 
+
+def test_example_recipe_picks_the_prefix_objective_and_its_run_dir(tmp_path, monkeypatch):
+    """examples/pretrain_prefix_lm.py: engine.train.main's argv with the objective, and runs/prefix_lm unless the
+    flags choose a run directory (the training itself: tests/train/test_objectives_train.py)."""
+    monkeypatch.setenv("ENGINE_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("_example_prefix_lm", EXAMPLES / "pretrain_prefix_lm.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    seen = []
+    recipe.train_main = seen.append  # the argv engine.train.main would get
+    recipe.main(["--data.tokenizer", "byte"])
+    recipe.main(["--data.tokenizer", "byte", "--run.dir", "elsewhere", "--objective.prefix_max_frac", "0.5"])
+    default, own = (load_config(argv) for argv in seen)
+    assert (default.train.objective, default.run.dir) == ("prefix", "runs/prefix_lm")
+    assert (own.train.objective, own.run.dir, own.objective.prefix_max_frac) == ("prefix", "elsewhere", 0.5)

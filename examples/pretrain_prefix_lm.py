@@ -1,0 +1,37 @@
+"""Prefix-LM pretraining: `torchrun --nproc-per-node N examples/pretrain_prefix_lm.py [--flags]`.
+
+Trains with `--train.objective prefix` (Raffel et al. 2020, sec. 3.2.1, the decoder-only "prefix LM"): each packed
+row gets a prefix length P drawn uniformly in [`--objective.prefix_min_frac`, `--objective.prefix_max_frac`] of its
+length (default the whole range [0, 1]); attention is bidirectional over the first P positions and causal after them,
+and the loss covers only the tokens after the prefix. The same model then generates left to right conditioned on a
+bidirectionally read prompt. With no flags: the tiny default model on the embedded corpus, into runs/prefix_lm unless
+`--run.dir` (or a --config) says otherwise; tp, dp and dp_shard apply, pp and cp are refused. Every flag is that of
+`python -m engine.train` (README.md, Configuration).
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    import engine  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import Config, ConfigError, load_config
+from engine.train import main as train_main
+
+RUN_DIR = "runs/prefix_lm"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """engine.train.main with the prefix objective, into RUN_DIR unless the flags choose a run directory."""
+    argv = ["--train.objective", "prefix", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        own_dir = load_config(argv).run.dir != Config().run.dir
+    except ConfigError:  # engine.train.main reports bad flags in one line
+        own_dir = True
+    return train_main(argv if own_dir else [*argv, "--run.dir", RUN_DIR])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
