@@ -14,18 +14,31 @@ measured on 300 of these files, Gopher's quality rules remove all (276 for too f
 repeats its n-grams by nature). `gopher_quality`, `c4` and `fineweb` are left off the prose too: the help topics are
 full of code samples (`gopher_quality` removes 72 of 73, 67 for too few alphabetic words).
 
-The validation set is the corpus's held-out split (both domains, one prefix, not curated): the trainer evaluates one
-dataset. `--max-docs` caps each domain's training documents for smoke runs.
+The validation set is the corpus's held-out split (not curated): the trainer evaluates it as one dataset, and the
+final checkpoint is then evaluated on each domain's part of it the same way (`domain_val_losses`), the per-domain
+losses that data-mixing methods such as DoReMi (Xie et al. 2023) steer by. `--max-docs` caps each domain's training
+documents for smoke runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+try:
+    import engine  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parent) not in sys.path:  # imported from elsewhere (tests): find generate.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from generate import load_model
 
 from engine.config import ConfigError, load_config
 from engine.data.corpus import Document, documents
@@ -34,7 +47,8 @@ from engine.data.curation.mixing import mix
 from engine.data.preprocess import preprocess
 from engine.data.tokenizer import load_tokenizer
 from engine.train import TrainError, train
-from engine.training.samples import SampleStream
+from engine.training.evaluate import evaluate
+from engine.training.samples import SampleStream, eval_dataset
 
 DOMAIN_STEPS = {
     "code": ["exact_dedup", "minhash_dedup", "pii"],
@@ -73,16 +87,18 @@ def write_jsonl(docs: list[Document], path: Path) -> None:
 
 
 def write_domains(raw: Path, max_docs: int | None) -> dict[str, Path]:
-    """raw/<domain>.jsonl for the training split (at most max_docs per domain) and raw/valid.jsonl."""
-    train_docs = documents("train")
+    """raw/<domain>.jsonl for the training split (at most max_docs per domain) and raw/valid_<domain>.jsonl for the
+    held-out split; returns the training files."""
+    train_docs, valid_docs = documents("train"), documents("valid")
     files = {}
     for domain in DOMAIN_STEPS:
         docs = [d for d in train_docs if domain_of(d) == domain][:max_docs]
-        if not docs:
+        valid = [d for d in valid_docs if domain_of(d) == domain]
+        if not docs or not valid:
             raise ExampleError(f"the embedded corpus has no {domain} documents on this Python installation")
         files[domain] = raw / f"{domain}.jsonl"
         write_jsonl(docs, files[domain])
-    write_jsonl(documents("valid"), raw / "valid.jsonl")
+        write_jsonl(valid, raw / f"valid_{domain}.jsonl")
     return files
 
 
@@ -96,13 +112,17 @@ def curate_domains(files: dict[str, Path], out: Path) -> dict[str, dict]:
 
 
 def tokenize(reports: dict[str, dict], raw: Path, data: Path, tokenizer: str) -> dict[str, str]:
-    """data/<domain>.bin/.idx from each curated output and data/valid from the held-out split; returns the prefixes."""
+    """data/<domain> from each curated output, data/valid_<domain> from each domain's held-out documents and
+    data/valid from all of them; returns the prefixes by those names."""
     prefixes = {}
     for domain, report in reports.items():
         prefixes[domain] = str(data / domain)
         preprocess(report["outputs"], prefixes[domain], tokenizer, progress=False)
+        prefixes[f"valid_{domain}"] = str(data / f"valid_{domain}")
+        preprocess([str(raw / f"valid_{domain}.jsonl")], prefixes[f"valid_{domain}"], tokenizer, progress=False)
     prefixes["valid"] = str(data / "valid")
-    preprocess([str(raw / "valid.jsonl")], prefixes["valid"], tokenizer, progress=False)
+    valid_files = [str(raw / f"valid_{domain}.jsonl") for domain in reports]
+    preprocess(valid_files, prefixes["valid"], tokenizer, progress=False)
     return prefixes
 
 
@@ -114,6 +134,19 @@ def sample_shares(blend: str, samples: int, seq_len: int, seed: int, vocab_size:
     for k in range(samples):
         counts[int(stream[k]["dataset_id"])] += 1
     return [c / samples for c in counts]
+
+
+def domain_val_losses(run_dir: Path, valid: dict[str, str]) -> dict[str, float]:
+    """The final checkpoint's validation loss on each prefix in `valid`, as the trainer's evaluation computes it
+    (engine.training.evaluate: eval.batches global batches of fixed samples, loss per token)."""
+    model, _, cfg = load_model(str(run_dir))
+    m, t = cfg.model, cfg.train
+    losses = {}
+    for name, prefix in valid.items():
+        ds = eval_dataset(prefix, cfg.eval.batches * t.global_batch, m.seq_len, t.seed, m.vocab_size)
+        args = (cfg.eval.batches, t.global_batch, t.global_batch, 0, 1, torch.device("cpu"), contextlib.nullcontext)
+        losses[name] = evaluate(model, ds, *args)
+    return losses
 
 
 def train_flags(args: argparse.Namespace, blend: str, valid: str) -> list[str]:
@@ -148,6 +181,7 @@ def run(args: argparse.Namespace) -> dict:
     vocab = load_tokenizer(args.tokenizer).vocab_size
     shares = sample_shares(blend, args.steps * GLOBAL_BATCH, TINY_MODEL["seq_len"], args.seed, vocab)
     result = train(load_config(train_flags(args, blend, prefixes["valid"])))
+    val_losses = domain_val_losses(run_dir / "train", {d: prefixes[f"valid_{d}"] for d in domains})
     return {
         "blend": blend,
         "reports": reports,
@@ -156,6 +190,7 @@ def run(args: argparse.Namespace) -> dict:
         "shares": dict(zip(domains, shares)),
         "train_loss": result.losses[max(result.losses)],
         "val_loss": result.val_losses[max(result.val_losses)],
+        "domain_val_losses": val_losses,
         "steps": result.end_step,
         "seconds": time.perf_counter() - t0,
     }
@@ -171,7 +206,8 @@ def summary(figures: dict, temperature: float) -> str:
             f"{domain}: {report['documents_out']}/{report['documents_in']} documents kept (removed: {removed}; "
             f"PII redacted in {redacted}), "
             f"{figures['tokens'][domain]:,} tokens, weight {figures['weights'][domain]:.3f} at T={temperature:g}, "
-            f"{figures['shares'][domain]:.3f} of the training samples"
+            f"{figures['shares'][domain]:.3f} of the training samples, validation loss "
+            f"{figures['domain_val_losses'][domain]:.3f}"
         )
     lines.append(f"--data.path {figures['blend']}")
     lines.append(
