@@ -6,6 +6,7 @@ computed in the per-file stage and the clustering runs once over all keys in the
 so their fields are their parameters (settable from TOML) and they pickle to worker processes.
 """
 
+import importlib
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -60,8 +61,14 @@ def register_step(cls: type[Step]) -> type[Step]:
     return cls
 
 
+BUILTIN_STEP_MODULES = ("c4", "exact_dedup", "fineweb", "gopher", "minhash", "pii", "substring_dedup")
+
+
 def make_step(name: str, params: dict[str, Any] | None = None) -> Step:
     """The step called `name` with `params` over its defaults; an unknown name or parameter is a CurationError."""
+    if name not in STEP_TYPES:  # the built-in steps register on import: a caller need not import them first
+        for module in BUILTIN_STEP_MODULES:
+            importlib.import_module(f"engine.data.curation.{module}")
     cls = STEP_TYPES.get(name)
     if cls is None:
         raise CurationError(f"unknown step {name!r}; known steps: {', '.join(sorted(STEP_TYPES))}")

@@ -120,3 +120,14 @@ def test_a_cluster_keeps_its_first_document():
     texts = [other, near[0], " ".join(base), near[1]]
     step = MinHashDedup()
     assert step.cluster(step.keys(texts)).tolist() == [0, 1, 1, 1]
+
+
+def test_make_step_finds_builtin_steps_without_the_pipeline_imported():
+    """The built-in steps register on import; `make_step` imports them itself (a fresh interpreter, where nothing
+    imported the pipeline module first)."""
+    import subprocess
+    import sys
+
+    code = "from engine.data.curation.steps import make_step; print(type(make_step('gopher_repetition')).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "GopherRepetitionFilter", out.stderr[-500:]
