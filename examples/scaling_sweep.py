@@ -1,7 +1,7 @@
 """An IsoFLOP sweep on a CPU: tiny GPTs trained by the engine on the embedded corpus at a few FLOP budgets, fitted
 with Chinchilla's Approaches 2 and 3 (Hoffmann et al. 2022, section 3.2 and 3.3).
 
-    python examples/scaling_sweep.py [--budgets 3e10,1e11,3e11] [--shapes 16x1,24x2,...] [--out runs/scaling_sweep]
+    python examples/scaling_sweep.py [--budgets 3e10,1e11,3e11] [--shapes 8x1,12x1,...] [--out runs/scaling_sweep]
 
 For every budget C and every model shape (d_model x n_layers, Llama-style, byte tokenizer so that the vocabulary
 does not dominate N), the run trains for D = C / 6N tokens (Chinchilla's C = 6ND; the engine's own count, with
@@ -80,7 +80,7 @@ def _done(table: Path) -> set[tuple[float, int, int]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budgets", default="3e10,1e11,3e11", help="FLOP budgets per run, comma-separated (<= 1e13)")
-    p.add_argument("--shapes", default="16x1,24x2,32x2,48x2,64x3,96x3", help="d_model x n_layers, comma-separated")
+    p.add_argument("--shapes", default="8x1,12x1,16x1,24x2,32x2,48x2,64x3,96x3", help="d_model x n_layers, comma-sep.")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", default="runs/scaling_sweep")
     p.add_argument("--bootstrap", type=int, default=50)
@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import matplotlib  # noqa: F401
 
-        fit_main([*fit_args, "--plot", str(out / "isoflop.png")])
+        usable = [k for k in ("3", "2") if "error" not in fits[f"approach{k}"]]
+        if usable:
+            approach = "both" if len(usable) == 2 else usable[0]
+            fit_main([*fit_args, "--approach", approach, "--plot", str(out / "isoflop.png")])
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
     return 0 if "error" not in fits["approach3"] else 1
