@@ -32,11 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--curriculum-start", type=int, default=5, help="first active dimension; 0: no curriculum")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-prompts", type=int, default=1000, help="fresh prompts the error curves average over")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's default")
     p.add_argument("--out", default="runs/icl/linear_regression")
     args = p.parse_args(argv)
-    if args.d < 1 or args.points < 2 or args.steps < 1:
-        print(f"error: need --d >= 1, --points >= 2, --steps >= 1 (got {args.d}, {args.points}, {args.steps})")
+    if args.d < 1 or args.points < 2 or args.steps < 1 or args.eval_prompts < 1:
+        print(f"error: need --d >= 1, --points >= 2, --steps >= 1, --eval-prompts >= 1 (got {args.d}, {args.points}, "
+              f"{args.steps}, {args.eval_prompts})")
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model, log = train_regression(run, log_every=max(1, args.steps // 20))
     seconds = time.perf_counter() - t0
-    curves = evaluate_regression(model, args.d, args.points)
+    curves = evaluate_regression(model, args.d, args.points, prompts=args.eval_prompts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"args": vars(args), "train_seconds": seconds, "curves": curves}
