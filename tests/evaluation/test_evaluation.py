@@ -179,3 +179,17 @@ def test_a_run_without_held_out_data_needs_data(trained_run):
         validation_perplexity(run)
     with pytest.raises(ValueError, match="--batches must be >= 1, got 0"):
         validation_perplexity(run, batches=0)
+
+
+def test_python_m_engine_evaluate_is_the_same_command(trained_run, tmp_path):
+    """`python -m engine.evaluate RUN_DIR` (the issue's name, next to engine.train) runs engine.evaluation's main."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    task = _write_task(tmp_path / "t.jsonl", [{"context": "import", "choices": [" json", " zzzz"], "answer": 0}] * 3)
+    cmd = [sys.executable, "-m", "engine.evaluate", str(trained_run[0]), "--tasks", task, "--no-perplexity", "--json"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["tasks"][task]["n"] == 3
