@@ -10,7 +10,7 @@ BPE's 4096 ids (already a multiple of 64: no padding): 10,688,768 parameters (9,
 through the engine's trainer (`engine.train.train`, the same config keys as `python -m engine.train`), then samples
 text from the final checkpoint (examples/generate.py) and writes RUN_DIR/report.md (validation perplexity, the
 exact parameter count, time, a sample) and RUN_DIR/loss_curve.png (when matplotlib is installed; the report says
-when it is not). The default budget (120 steps of 4 x 256 tokens, 122,880 tokens) is sized to run in under 10
+when it is not). The default budget (480 steps of 4 x 256 tokens, 491,520 tokens) is sized to run in under 10
 minutes on 2 CPU cores; `--tiny` (a 2-layer d_model 32 model) and `--steps N` make smoke runs.
 """
 
@@ -58,7 +58,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wikitext", help="local WikiText-103: raw text files or parquet (a folder or one file)")
     p.add_argument("--max-train-mb", type=float, default=32.0, help="WikiText training text read, in MB (default 32)")
     p.add_argument("--tokenizer", default="bpe", choices=("bpe", "byte"))
-    p.add_argument("--steps", type=int, help="optimizer steps (default 120; --tiny: 20)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 480; --tiny: 20)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer d_model 32 model on small batches: a smoke run")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: every core)")
     p.add_argument("--seed", type=int, default=1234)
@@ -126,7 +126,7 @@ def prepare_wikitext(path: str, out_dir: Path, tokenizer: str, max_chars: float)
 
 def train_flags(args: argparse.Namespace, data: dict[str, str]) -> list[str]:
     """The trainer's flags for this lab run."""
-    steps = args.steps if args.steps is not None else (20 if args.tiny else 120)
+    steps = args.steps if args.steps is not None else (20 if args.tiny else 480)
     model = TINY_MODEL if args.tiny else MODEL
     flags = {f"model.{k}": v for k, v in model.items()}
     flags.update({
