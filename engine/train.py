@@ -57,7 +57,7 @@ class _Run:
         from engine.model.mtp import build_gpt
         from engine.optim.distributed import build_training_optimizer
         from engine.parallel.dims import ParallelDims
-        from engine.parallel.parallelize import check_mtp_layout, check_tensor_parallel, parallelize_gpt
+        from engine.parallel.parallelize import check_tensor_parallel, parallelize_gpt
         from engine.parallel.rng import rng_tracker_of
         from engine.parallel.sharding import ShardingRegistry, sharding_of
         from engine.parallel.state import init_process_group
@@ -74,8 +74,6 @@ class _Run:
         if p.sp and not self.sp:
             self.notes.append("parallel.sp is ignored with parallel.tp 1 (sequence parallelism shards over tp ranks)")
         check_tensor_parallel(resolve(cfg.model, tokenizer_vocab=1), self.tp, self.sp)  # before groups and data
-        if cfg.train.objective == "mtp":
-            check_mtp_layout(p.pp, p.cp, self.sp)
         self.owns_default_group = not dist.is_initialized()
         if self.owns_default_group:
             timeout = timedelta(seconds=cfg.resilience.pg_timeout)

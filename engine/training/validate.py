@@ -58,6 +58,10 @@ def check_config(cfg: Config) -> None:
         what = "a bidirectional encoder" if cfg.train.objective == "mlm" else "a bidirectional prefix"
         raise TrainError(f"train.objective {cfg.train.objective} ({what}) with parallel.pp or parallel.cp > 1 is not "
                          "supported yet: use tp, dp or dp_shard")  # fmt: skip
+    if cfg.train.objective == "mtp":  # the MTP modules shift whole sequences (parallelize_gpt checks it too)
+        from engine.parallel.parallelize import check_mtp_layout
+
+        check_mtp_layout(p.pp, p.cp, p.sp and p.tp > 1)
     if p.cp > 1 and cfg.model.window:
         raise TrainError("model.window (sliding-window attention) with parallel.cp > 1 is not supported yet")
     if p.cp > 1 and cfg.model.dropout > 0:
