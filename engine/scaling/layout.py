@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
-from engine.config import Config, ConfigError, ModelConfig, load_toml
+from engine.config import ConfigError, ModelConfig, load_config
 from engine.model.gpt import count_params, flops_per_token, resolve
 from engine.scaling.flops import hardware_flops_per_token
 from engine.scaling.memory import estimate_activations, format_bytes
@@ -394,23 +394,17 @@ def _why_slower(e: Estimate, best: Estimate) -> str:
 
 
 def model_config_from(path: str) -> ModelConfig:
-    """The [model] table of a trainer TOML (any other tables are ignored), resolved; one-line errors."""
+    """The model of a trainer config file (its [model] table over the defaults, read by the trainer's own loader);
+    one-line errors. A vocabulary left to the tokenizer (0) is taken as 32000: no tokenizer is loaded here."""
     if not Path(path).is_file():
         raise LayoutError(f"--config {path}: no such file")
     try:
-        data = load_toml(path)
-    except (OSError, ValueError, ConfigError) as e:
+        model = load_config(["--config", str(path)]).model
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError
         raise LayoutError(f"--config {path}: {e}") from None
-    cfg = Config()
-    try:
-        from engine.config import _apply_mapping
-
-        _apply_mapping(cfg, {"model": data.get("model", {})}, str(path))
-    except ConfigError as e:
-        raise LayoutError(str(e)) from None
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = 32000  # a tokenizer's vocabulary is not known here; --vocab overrides
-    return cfg.model
+    if model.vocab_size == 0:
+        model.vocab_size = 32000
+    return model
 
 
 def _parser() -> argparse.ArgumentParser:
