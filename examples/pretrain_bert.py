@@ -15,18 +15,16 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import Config, ConfigError, load_config
+if str(Path(__file__).resolve().parent) not in sys.path:  # imported from elsewhere (tests): find the FIM recipe
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pretrain_fim_code import recipe_argv
+
 from engine.train import main as train_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = ["--train.objective", "mlm", *(sys.argv[1:] if argv is None else argv)]
-    try:
-        if load_config(argv).run.dir == Config().run.dir:
-            argv += ["--run.dir", "runs/bert"]
-    except ConfigError:
-        pass  # engine.train.main reports bad flags in one line
-    return train_main(argv)
+    return train_main(recipe_argv(list(sys.argv[1:] if argv is None else argv), "mlm", "runs/bert")[0])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,11 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import Config, ConfigError, load_config
+if str(Path(__file__).resolve().parent) not in sys.path:  # imported from elsewhere (tests): find the FIM recipe
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pretrain_fim_code import recipe_argv
+
 from engine.train import main as train_main
 
 RUN_DIR = "runs/prefix_lm"
@@ -25,12 +29,7 @@ RUN_DIR = "runs/prefix_lm"
 
 def main(argv: list[str] | None = None) -> int:
     """engine.train.main with the prefix objective, into RUN_DIR unless the flags choose a run directory."""
-    argv = ["--train.objective", "prefix", *(sys.argv[1:] if argv is None else argv)]
-    try:
-        own_dir = load_config(argv).run.dir != Config().run.dir
-    except ConfigError:  # engine.train.main reports bad flags in one line
-        own_dir = True
-    return train_main(argv if own_dir else [*argv, "--run.dir", RUN_DIR])
+    return train_main(recipe_argv(list(sys.argv[1:] if argv is None else argv), "prefix", RUN_DIR)[0])
 
 
 if __name__ == "__main__":
