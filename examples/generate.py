@@ -50,14 +50,14 @@ class TokenizerIds(torch.nn.Module):
 def load_model(checkpoint: str, device: str = "cpu") -> tuple[torch.nn.Module, object, Config]:
     """(model in eval mode, tokenizer, config) from a checkpoint path."""
     from engine.checkpoint.state import load_named_parameters
-    from engine.model.gpt import GPT
+    from engine.model.mtp import build_gpt
     from engine.training.samples import load_data_sources
 
     path = resolve_checkpoint_path(checkpoint)
     ck = load_checkpoint(path)
     cfg = load_config(["--config", str(path / "config.toml")])
     tokenizer = load_data_sources(cfg).tokenizer
-    model = GPT(cfg.model)
+    model = build_gpt(cfg.model, cfg)  # with its multi-token prediction modules when trained with them
     try:
         load_named_parameters(model, ck.tensors["model"])
     except KeyError as e:

@@ -21,12 +21,15 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
+if str(Path(__file__).resolve().parent) not in sys.path:  # imported from elsewhere (tests): find generate.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine.checkpoint.checkpointer import CheckpointError, resolve_checkpoint_path
-from engine.checkpoint.reader import load_checkpoint
-from engine.config import ConfigError, load_config
-from engine.model.mtp import MultiTokenGPT, build_gpt
+import torch
+from generate import load_model
+
+from engine.checkpoint.checkpointer import CheckpointError
+from engine.config import ConfigError
+from engine.model.mtp import MultiTokenGPT
 
 OPTIONS = (  # flag, type, default, help
     ("--checkpoint", str, "runs/mtp", "a run directory, checkpoints root or step directory"),
@@ -45,19 +48,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def load_mtp_model(checkpoint: str) -> tuple[MultiTokenGPT, object]:
     """(model with its MTP modules, in eval mode, on the CPU; tokenizer) from a `--train.objective mtp` checkpoint."""
-    from engine.checkpoint.state import load_named_parameters
-    from engine.training.samples import load_data_sources
-
-    path = resolve_checkpoint_path(checkpoint)
-    cfg = load_config(["--config", str(path / "config.toml")])
+    model, tokenizer, cfg = load_model(checkpoint)
     if cfg.train.objective != "mtp":
-        raise ConfigError(f"{path} was trained with train.objective {cfg.train.objective}, not mtp: nothing drafts")
-    model = build_gpt(cfg.model, cfg)
-    try:
-        load_named_parameters(model, load_checkpoint(path).tensors["model"])
-    except KeyError as e:
-        raise CheckpointError(f"{path}: {str(e).strip(chr(39))}") from None
-    return model.eval(), load_data_sources(cfg).tokenizer
+        raise ConfigError(f"{checkpoint} was trained with train.objective {cfg.train.objective}, not mtp: no drafts")
+    return model, tokenizer
 
 
 @torch.no_grad()
