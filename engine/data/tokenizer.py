@@ -1,8 +1,11 @@
 """Tokenizers: a pure byte tokenizer (zero setup), a byte-level BPE trained here with `tokenizers`, any tokenizer.json.
 
 Every tokenizer carries the same reserved special tokens from the start (end of document, pad, mask, begin of
-sequence, the four fill-in-the-middle sentinels of Bavarian et al. 2022, and spare ids), because later objectives
-(masked LM, FIM, span corruption) need ids that the data was tokenised around. Text is encoded literally: a string
+sequence, the four fill-in-the-middle sentinels of Bavarian et al. 2022, 8 spare ids, T5's 100 span-corruption
+sentinels `<extra_id_0>`..`<extra_id_99>` and UL2's three mode tokens [NLU] [NLG] [S2S]), because the objectives
+(masked LM, FIM, span corruption, UL2) need ids that the data was tokenised around. `SPECIALS_VERSION` names this
+set: it enters the cache keys of the trained BPE and of the byte tokenizer, so data tokenised under another set is
+rebuilt, never mixed. Text is encoded literally: a string
 such as "<|endoftext|>" inside a document encodes as ordinary text, never as the special id, so data cannot forge
 document boundaries and decode(encode(text)) == text for any text.
 """
@@ -20,7 +23,12 @@ if TYPE_CHECKING:  # imported lazily at run time: `tokenizers` is only needed fo
 
 ROLES = ("eod", "pad", "mask", "bos", "fim_prefix", "fim_middle", "fim_suffix", "fim_pad")
 N_RESERVED = 8
-# Our names for the roles, in id order; the spare `<|reserved_i|>` ids follow.
+N_SENTINELS = 100  # T5's extra ids (Raffel et al. 2020): one per corrupted span
+SENTINEL_TOKENS: tuple[str, ...] = tuple(f"<extra_id_{i}>" for i in range(N_SENTINELS))
+# UL2's paradigm tokens (Tay et al. 2022, sec. 3.1.2): R-, S- and X-denoising prepend these to the encoder input.
+MODE_TOKENS: tuple[str, ...] = ("[NLU]", "[S2S]", "[NLG]")
+SPECIALS_VERSION = 2  # 1: roles and spare ids only (16 tokens); 2: + sentinels and mode tokens (119)
+# Our names for the roles, in id order; the spare `<|reserved_i|>` ids, the sentinels and the mode tokens follow.
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
     "<|pad|>",
@@ -30,7 +38,8 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|fim_middle|>",
     "<|fim_suffix|>",
     "<|fim_pad|>",
-) + tuple(f"<|reserved_{i}|>" for i in range(N_RESERVED))
+) + tuple(f"<|reserved_{i}|>" for i in range(N_RESERVED)) + SENTINEL_TOKENS + MODE_TOKENS
+_RESERVED_TOKENS = SPECIAL_TOKENS[len(ROLES) : len(ROLES) + N_RESERVED]
 # Names other tokenizer.json files use for the same roles (GPT-2/NeoX, Llama 3, SentencePiece, BERT, StarCoder).
 ALIASES = {
     "eod": ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>"),
@@ -45,12 +54,20 @@ ALIASES = {
 
 
 class Tokenizer:
-    """Common interface. Subclasses set `name`, `vocab_size`, `special_ids` (role -> id) and `reserved_ids`."""
+    """Common interface. Subclasses set `name`, `vocab_size`, `special_ids` (role -> id), `reserved_ids` (the spare
+    ids), `sentinel_ids` (`<extra_id_0>`.. in order) and `mode_ids` (UL2's mode token -> id)."""
 
     name: str
     vocab_size: int
     special_ids: dict[str, int]
     reserved_ids: tuple[int, ...]
+    sentinel_ids: tuple[int, ...]
+    mode_ids: dict[str, int]
+
+    @property
+    def all_special_ids(self) -> tuple[int, ...]:
+        """Every reserved id: roles, spare ids, sentinels and mode tokens (never produced by encoding text)."""
+        return (*self.special_ids.values(), *self.reserved_ids, *self.sentinel_ids, *self.mode_ids.values())
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -80,13 +97,16 @@ class Tokenizer:
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes as ids 0..255, then the 16 special tokens at 256..271 (vocab 272)."""
+    """UTF-8 bytes as ids 0..255, then the 119 special tokens at 256..374 (vocab 375)."""
 
     def __init__(self) -> None:
         self.name = "byte"
         self.vocab_size = 256 + len(SPECIAL_TOKENS)
-        self.special_ids = {role: 256 + i for i, role in enumerate(ROLES)}
-        self.reserved_ids = tuple(range(256 + len(ROLES), self.vocab_size))
+        ids = {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.special_ids = {role: ids[name] for role, name in zip(ROLES, SPECIAL_TOKENS)}
+        self.reserved_ids = tuple(ids[name] for name in _RESERVED_TOKENS)
+        self.sentinel_ids = tuple(ids[name] for name in SENTINEL_TOKENS)
+        self.mode_ids = {name: ids[name] for name in MODE_TOKENS}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -108,12 +128,13 @@ class ByteTokenizer(Tokenizer):
 
     @property
     def fingerprint(self) -> str:
-        return "byte1"
+        return f"byte{SPECIALS_VERSION}"
 
 
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (any tokenizer.json). Roles missing from its vocabulary are added as special
-    tokens at the end, under our names, so every role has an id."""
+    tokens at the end, under our names, so every role has an id; so are the spare ids, sentinels and mode tokens it
+    lacks (a T5 tokenizer's own `<extra_id_i>` are its sentinels)."""
 
     def __init__(self, tok, name: str) -> None:
         self.name = name
@@ -133,7 +154,9 @@ class HFTokenizer(Tokenizer):
         self.special_ids = {
             role: found[role] if role in found else tok.token_to_id(ours) for role, ours in zip(ROLES, SPECIAL_TOKENS)
         }
-        self.reserved_ids = tuple(tok.token_to_id(t) for t in SPECIAL_TOKENS[len(ROLES) :])
+        self.reserved_ids = tuple(tok.token_to_id(t) for t in _RESERVED_TOKENS)
+        self.sentinel_ids = tuple(tok.token_to_id(t) for t in SENTINEL_TOKENS)
+        self.mode_ids = {t: tok.token_to_id(t) for t in MODE_TOKENS}
         # Special-token strings inside text encode as text (see the module docstring).
         tok.encode_special_tokens = True
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -187,7 +210,7 @@ class HFTokenizer(Tokenizer):
 
 def train_bpe(texts: Sequence[str], vocab_size: int = 4096, min_frequency: int = 2, name: str = "bpe") -> HFTokenizer:
     """Byte-level BPE (GPT-2 style: bytes mapped to printable symbols, GPT-2 pre-tokenisation regex) trained with
-    `tokenizers`. Special tokens take ids 0..15, the 256 byte symbols follow, then the merges. Deterministic."""
+    `tokenizers`. Special tokens take ids 0..118, the 256 byte symbols follow, then the merges. Deterministic."""
     from tokenizers import Tokenizer as _Tok
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -228,10 +251,12 @@ def load_tokenizer_json(path: str) -> HFTokenizer:
 
 
 def bpe_path(cache_dir: str | None = None, bpe_vocab: int = 4096) -> str:
-    """Where the BPE trained on the embedded corpus is cached (keyed by vocab size and corpus fingerprint)."""
+    """Where the BPE trained on the embedded corpus is cached (keyed by vocab size, the special-token set and the
+    corpus fingerprint)."""
     from engine.data.corpus import corpus_key
 
-    return os.path.join(cache_root(cache_dir), "tokenizers", f"bpe{bpe_vocab}-{corpus_key()}", "tokenizer.json")
+    key = f"bpe{bpe_vocab}-specials{SPECIALS_VERSION}-{corpus_key()}"
+    return os.path.join(cache_root(cache_dir), "tokenizers", key, "tokenizer.json")
 
 
 def load_tokenizer(spec: str | Tokenizer = "bpe", cache_dir: str | None = None, bpe_vocab: int = 4096) -> Tokenizer:

@@ -84,5 +84,5 @@ class SampleObjective:
             labels = out[1:].copy()
             labels[labels == pad] = IGNORE_INDEX
             return out[:-1], labels
-        special = [*tok.special_ids.values(), *getattr(tok, "reserved_ids", ())]
+        special = tok.all_special_ids
         return mask_tokens(tokens[:-1], rng, tok.mask_id, tok.vocab_size, special, mask_rate=self.mlm_mask_rate)

@@ -67,7 +67,7 @@ def test_trained_checkpoint_round_trips_exactly_and_keeps_parity(tmp_path, tiny_
     transformers' logits from the exported directory equal ours from the checkpoint."""
     from engine.train import main as train_main
 
-    save_llama(tmp_path / "hf", vocab_size=300)  # the byte tokenizer's 272 ids fit
+    save_llama(tmp_path / "hf", vocab_size=400)  # the byte tokenizer's 375 ids fit
     run = tmp_path / "run"
     train_prefix, valid_prefix = tiny_data
     flags = ["--data.path", train_prefix, "--data.valid_path", valid_prefix, "--data.tokenizer", "byte",

@@ -10,6 +10,7 @@ from engine.data import corpus
 from engine.data._files import file_lock
 from engine.data.embedded import prepare_embedded
 from engine.data.indexed_dataset import IndexedDataset
+from engine.data.tokenizer import ByteTokenizer
 
 
 def test_corpus_is_deterministic_and_split_by_document():
@@ -78,7 +79,7 @@ def test_concurrent_callers_wait_and_share_one_preparation(tmp_path):
     from engine.data.corpus import corpus_key
 
     cache = str(tmp_path)
-    directory = os.path.join(cache, "embedded", f"byte1-{corpus_key()}")
+    directory = os.path.join(cache, "embedded", f"{ByteTokenizer().fingerprint}-{corpus_key()}")
     with mp.get_context("spawn").Pool(2) as pool:
         with file_lock(directory + ".lock"):  # as if another job were preparing
             pending = [pool.apply_async(_prepare, (cache,)) for _ in range(2)]
@@ -89,5 +90,5 @@ def test_concurrent_callers_wait_and_share_one_preparation(tmp_path):
     # (a second build would fail to rename onto the finished directory, or record a different time).
     assert results[0] == results[1] and results[0][0] == directory
     assert sorted(os.listdir(os.path.dirname(directory))) == sorted(
-        [os.path.basename(directory), "byte1-" + corpus_key() + ".lock"]
+        [os.path.basename(directory), os.path.basename(directory) + ".lock"]
     )

@@ -25,9 +25,9 @@ from tests.train.conftest import tiny_args
 SHAPE = dict(model__d_model=64, model__n_heads=4, model__n_kv_heads=2, optim__clip=0.5)
 LAYOUT = dict(SHAPE, train__steps=10, optim__decay_steps=10, eval__every=5, eval__batches=1, checkpoint__every=10)
 RESUME = dict(SHAPE, model__dropout=0.1, train__steps=6, checkpoint__every=3, eval__every=0)
-# A vocabulary tp 2 does not divide (the byte tokenizer has 272 ids): 321 rows split 161 + 160, so tp rank 1's
+# A vocabulary tp 2 does not divide (the byte tokenizer has 375 ids): 385 rows split 193 + 192, so tp rank 1's
 # embedding (and output layer, and their optimizer state) holds one padding row, zero and never saved.
-ODD_VOCAB = dict(SHAPE, model__vocab_size=321, train__steps=4, optim__decay_steps=4, eval__every=0, checkpoint__every=2)
+ODD_VOCAB = dict(SHAPE, model__vocab_size=385, train__steps=4, optim__decay_steps=4, eval__every=0, checkpoint__every=2)
 
 
 def _cfg(run_dir, data, **kw):
@@ -92,13 +92,13 @@ def test_tp_with_a_vocabulary_tp_does_not_divide_trains_like_one_process_and_res
     for s in range(1, 5):
         assert straight[s] == pytest.approx(single.losses[s], rel=1e-5, abs=0), s
     assert start == 2 and [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
-    # Rank 1 wrote its 160 real rows (not the padding row) at row 161; assembled, the one-process tensors.
+    # Rank 1 wrote its 192 real rows (not the padding row) at row 193; assembled, the one-process tensors.
     ckpt = tmp_path / "tp2" / "checkpoints" / "step_00000004"
     tensors = json.loads((ckpt / "manifest.json").read_text())["tensors"]
     vocab = {
-        k: [(sh["offsets"], sh["shape"]) for sh in e["shards"]] for k, e in tensors.items() if e["shape"][:1] == [321]
+        k: [(sh["offsets"], sh["shape"]) for sh in e["shards"]] for k, e in tensors.items() if e["shape"][:1] == [385]
     }
-    assert vocab and all(v == [([0, 0], [161, 64]), ([161, 0], [160, 64])] for v in vocab.values()), vocab
+    assert vocab and all(v == [([0, 0], [193, 64]), ([193, 0], [192, 64])] for v in vocab.values()), vocab
     assert any(k.startswith("optim.") for k in vocab)
     sharded = load_checkpoint(ckpt).tensors
     full = load_checkpoint(tmp_path / "single" / "checkpoints" / "step_00000004").tensors
