@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from engine.metrics import MetricsLogger, memory_gb, model_flops_utilization, peak_flops
+from engine.training.evaluate import component_metrics
 from engine.training.validate import TrainError
 
 
@@ -105,7 +106,7 @@ def run_loop(run: Any) -> TrainResult:
             logger.write(f"step 0: val_loss {val:.4f}")
             logger.log({"step": 0, "loss": None, "lr": None, "grad_norm": None, "tokens": 0, "tokens_per_s": None,
                         "mfu": None, "mem_gb": memory_gb(run.device), "val_loss": val,
-                        "val_ppl": math.exp(min(val, 50.0))})  # fmt: skip
+                        "val_ppl": math.exp(min(val, 50.0)), **component_metrics(val)})  # fmt: skip
         timed_tokens, timed_s, first, consecutive_skips, stall = 0, 0.0, run.step + 1, 0, None
         while run.step < total:
             if run.device.type == "cuda":
@@ -155,6 +156,7 @@ def run_loop(run: Any) -> TrainResult:
                 with run.guards.phase("evaluation"):
                     val = result.val_losses[step] = rec["val_loss"] = run.evaluate()
                 rec["val_ppl"] = math.exp(min(val, 50.0))
+                rec.update(component_metrics(val))  # val_loss/<component> for a blend
             if consecutive_skips >= cfg.train.max_skipped_steps:
                 logger.log(rec)
                 raise TrainError(

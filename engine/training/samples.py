@@ -88,10 +88,12 @@ class SampleStream:
 def eval_dataset(
     path: str, num_samples: int, seq_len: int, seed: int, vocab_size: int, cache_dir: str | None = None
 ) -> Any:
-    """A fixed set of `num_samples` held-out samples (the same ones every eval, in every layout)."""
-    from engine.data.gpt_dataset import GPTDataset
+    """A fixed set of `num_samples` held-out samples (the same ones every eval, in every layout). `path` may be a
+    blend "w1 prefix1 w2 prefix2": its samples then come from each prefix in those proportions and the evaluation
+    also reports each component's loss (engine.training.evaluate)."""
+    from engine.data.blended_dataset import build_dataset
 
-    return GPTDataset(path, num_samples, seq_len, seed, cache_dir, split="valid", vocab_size=vocab_size)
+    return build_dataset(path, num_samples, seq_len, seed, cache_dir, split="valid", vocab_size=vocab_size)
 
 
 def micro_batches(consumed: int, global_batch: int, micro: int, dp_rank: int, dp: int) -> list[list[int]]:
