@@ -27,10 +27,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer shape. Zero means "derive it" where noted."""
+    """Transformer shape. Zero means "derive it" where noted."""
 
-    arch: Literal["llama", "gpt2"] = "llama"  # llama: RMSNorm/RoPE/SwiGLU/GQA; gpt2: LayerNorm/learned pos/GELU
-    n_layers: int = 4
+    arch: Literal["llama", "gpt2", "t5"] = "llama"  # llama: RMSNorm/RoPE/SwiGLU/GQA; gpt2: LayerNorm/learned pos/GELU;
+    # t5: an encoder-decoder of llama blocks (engine/model/encoder_decoder.py), for train.objective span|ul2
+    n_layers: int = 4  # t5: the encoder's layers
+    n_decoder_layers: int = 0  # t5: the decoder's layers; 0: n_layers
     d_model: int = 128
     n_heads: int = 4
     n_kv_heads: int = 0  # 0: same as n_heads (no grouped-query attention)

@@ -51,8 +51,8 @@ def resolve(cfg: ModelConfig, tokenizer_vocab: int | None = None) -> ModelConfig
     Raises ConfigError (one line, naming the key) for shapes the model cannot build.
     """
     c = dataclasses.replace(cfg)
-    if c.arch not in ("llama", "gpt2"):
-        raise ConfigError(f"model.arch must be llama or gpt2, got '{c.arch}'")
+    if c.arch not in ("llama", "gpt2", "t5"):
+        raise ConfigError(f"model.arch must be llama, gpt2 or t5, got '{c.arch}'")
     ops.check_backend(c.kernels)
     if c.recompute not in ("none", "full", "selective"):
         raise ConfigError(f"model.recompute must be none|full|selective, got '{c.recompute}'")
@@ -61,6 +61,14 @@ def resolve(cfg: ModelConfig, tokenizer_vocab: int | None = None) -> ModelConfig
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(c, key)}")
     if c.window < 0:
         raise ConfigError(f"model.window must be >= 0 (0: no sliding window), got {c.window}")
+    if c.n_decoder_layers < 0:
+        raise ConfigError(f"model.n_decoder_layers must be >= 0 (0: n_layers), got {c.n_decoder_layers}")
+    if c.arch == "t5":
+        c.n_decoder_layers = c.n_decoder_layers or c.n_layers
+        if c.window:
+            raise ConfigError("model.window (sliding-window attention) is not supported with model.arch t5")
+    elif c.n_decoder_layers:
+        raise ConfigError(f"model.n_decoder_layers applies to model.arch t5, not {c.arch}: leave it at 0")
     for key in ("n_kv_heads", "ffn_hidden", "vocab_size"):
         if getattr(c, key) < 0:
             raise ConfigError(f"model.{key} must be >= 0 (0 derives it), got {getattr(c, key)}")
@@ -71,10 +79,10 @@ def resolve(cfg: ModelConfig, tokenizer_vocab: int | None = None) -> ModelConfig
     if c.n_heads % c.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads ({c.n_kv_heads}) must divide model.n_heads ({c.n_heads})")
     head_dim = c.d_model // c.n_heads
-    if c.arch == "llama" and head_dim % 2:
+    if c.arch in ("llama", "t5") and head_dim % 2:
         raise ConfigError(f"rotary embeddings need an even head dim, got d_model/n_heads = {head_dim}")
     if c.ffn_hidden == 0:
-        c.ffn_hidden = 4 * c.d_model if c.arch == "gpt2" else -(-8 * c.d_model // (3 * 64)) * 64
+        c.ffn_hidden = 4 * c.d_model if c.arch == "gpt2" else -(-8 * c.d_model // (3 * 64)) * 64  # llama, t5
     if c.vocab_size == 0:
         if tokenizer_vocab is None:
             raise ConfigError("model.vocab_size is 0 and no tokenizer vocabulary was given to derive it from")
@@ -94,16 +102,19 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
 
     non_embedding=True counts the transformer layers and final norm only, leaving out the vocabulary matrices
     (token embedding and output projection, tied or not) and learned positions: Kaplan et al. 2020's N.
+    t5: the encoder's layers and final norm, and the decoder's layers (each with a cross-attention and its norm).
     """
     d, f, v, L = cfg.d_model, cfg.ffn_hidden, cfg.vocab_size, cfg.n_layers
     kv = cfg.n_kv_heads * (d // cfg.n_heads)
-    if cfg.arch == "llama":
+    if cfg.arch in ("llama", "t5"):
         layer = (2 * d * d + 2 * d * kv) + 3 * d * f + 2 * d
         final_norm = d
     else:
         layer = (2 * d * d + 2 * d * kv + 2 * d + 2 * kv) + (2 * d * f + f + d) + 4 * d
         final_norm = 2 * d
     n = L * layer + final_norm
+    if cfg.arch == "t5":  # the decoder: a cross-attention and its norm beside each layer; the encoder's final norm
+        n += cfg.n_decoder_layers * (layer + (2 * d * d + 2 * d * kv) + d) + d
     if non_embedding:
         return n
     n += v * d if cfg.tie_embeddings else 2 * v * d

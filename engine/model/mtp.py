@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from engine.config import Config, ConfigError, ModelConfig
+from engine.model.encoder_decoder import EncoderDecoder
 from engine.model.gpt import GPT, Block
 from engine.model.head import IGNORE_INDEX
 from engine.model.layers import Norm
@@ -158,8 +159,10 @@ class MultiTokenGPT(GPT):
 
 
 def build_gpt(model_cfg: ModelConfig, cfg: Config) -> GPT:
-    """The model a run trains: a MultiTokenGPT under `--train.objective mtp` (with [objective] mtp_depth, mtp_lambda
-    and mtp_kind), else GPT."""
+    """The model a run trains: the encoder-decoder under `--model.arch t5`, a MultiTokenGPT under
+    `--train.objective mtp` (with [objective] mtp_depth, mtp_lambda and mtp_kind), else GPT."""
+    if model_cfg.arch == "t5":
+        return EncoderDecoder(model_cfg)
     if cfg.train.objective != "mtp":
         return GPT(model_cfg)
     o = cfg.objective
