@@ -3,14 +3,15 @@
 Runs quality filters, dedup and PII redaction (engine/data/curation, docs/curation.md) over JSON-lines, parquet or
 text files, one output file per input in DIR, plus DIR/report.json. Running the same command again after a crash
 resumes: finished files of finished stages are not redone. Bad input prints one line and exits with status 2.
-`python -m engine.data.curate mix --domain NAME=PREFIX ...` prints a blend of indexed datasets (curation/mixing.py).
+`python -m engine.data.curate mix --domain NAME=PREFIX ...` prints a blend of indexed datasets (curation/mixing.py);
+`python -m engine.data.curate doremi ...` prints one with DoReMi weights from a small proxy model (curation/doremi.py).
 """
 
 import argparse
 import sys
 from collections.abc import Sequence
 
-from engine.data.curation import mixing
+from engine.data.curation import doremi, mixing
 from engine.data.curation.executor import WorkerDied
 from engine.data.curation.pipeline import FINEWEB_STEPS, Pipeline
 from engine.data.curation.runner import OUTPUT_FORMATS, curate
@@ -34,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mix"]:
         return mixing.main(argv[1:])
+    if argv[:1] == ["doremi"]:
+        return doremi.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.pipeline:

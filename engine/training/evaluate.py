@@ -53,10 +53,16 @@ def blend_components(ds: Any) -> tuple[np.ndarray | None, list[str]]:
     index, parts = getattr(ds, "dataset_index", None), getattr(ds, "datasets", None)
     if index is None or parts is None:
         return None, [""]
-    names = [os.path.basename(str(getattr(p, "prefix", f"component{i}"))) for i, p in enumerate(parts)]
+    return np.asarray(index), component_names([str(getattr(p, "prefix", f"component{i}")) for i, p in enumerate(parts)])
+
+
+def component_names(prefixes: list[str]) -> list[str]:
+    """The metric names of a blend's components: each prefix's basename, with its position appended to every name
+    when two basenames are the same."""
+    names = [os.path.basename(prefix) for prefix in prefixes]
     if len(set(names)) < len(names):
         names = [f"{name}_{i}" for i, name in enumerate(names)]
-    return np.asarray(index), names
+    return names
 
 
 def _result(total: torch.Tensor, names: list[str], blended: bool) -> ValidationLoss:
