@@ -80,8 +80,8 @@ class TrainConfig:
     fp8_margin: int = 0  # delayed scaling: 2^margin headroom on the history's amax
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # CPU intra-op threads per process; 0: OMP_NUM_THREADS if set, else cores / processes / 2
-    objective: Literal["clm", "fim", "mlm", "mtp", "prefix"] = "clm"  # engine/objectives: next-token,
-    # fill-in-the-middle, masked LM, multi-token prediction, prefix LM
+    objective: Literal["clm", "fim", "mlm", "mtp", "prefix", "span", "ul2"] = "clm"  # engine/objectives: next-token,
+    # fill-in-the-middle, masked LM, multi-token prediction, prefix LM; span corruption and UL2 (model.arch t5)
     max_skipped_steps: int = 5  # consecutive steps with a non-finite gradient norm (skipped) before the run stops
     dry_run: bool = False  # build on the meta device for the layout, print parameter and memory counts, exit
 
@@ -148,6 +148,11 @@ class ObjectiveConfig:
     mtp_kind: Literal["sequential", "parallel"] = "sequential"  # mtp: DeepSeek-V3's chain or Gloeckle's heads
     prefix_min_frac: float = 0.0  # prefix: each sample's prefix length is uniform in [min_frac, max_frac] x seq_len
     prefix_max_frac: float = 1.0
+    span_noise_density: float = 0.15  # span: share of the raw tokens corrupted (T5)
+    span_mean_length: float = 3.0  # span: mean length of a corrupted span (T5)
+    ul2_r_rate: float = 0.4  # ul2: share of samples from the R denoisers (mean span 3 and 8, density 0.15)
+    ul2_x_rate: float = 0.4  # ul2: X denoisers (mean span 3, 8 at density 0.5; 64 at 0.15 and 0.5)
+    ul2_s_rate: float = 0.2  # ul2: the S denoiser (the encoder reads a prefix, the decoder continues it)
 
 
 @dataclass

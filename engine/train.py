@@ -94,7 +94,8 @@ class _Run:
         self.flops_per_token = flops_per_token(model_cfg)
         # Index arrays under the engine cache (keyed by the data's checksum, seq_len, seed...).
         index_cache = os.path.join(cache_root(cfg.data.cache_dir or None), "indices")
-        seq, seed, vocab = model_cfg.seq_len, cfg.train.seed, model_cfg.vocab_size
+        # The samples hold seq_len + 1 tokens, or the longer window an encoder-decoder objective corrupts.
+        seq, seed, vocab = self.seq_layout.stream_seq_len(model_cfg.seq_len), cfg.train.seed, model_cfg.vocab_size
         self.train_ds = SampleStream(data.train_prefix, seq, seed, vocab, index_cache)
         self.valid_ds = None
         if cfg.eval.every > 0:

@@ -29,13 +29,34 @@ import dataclasses
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.config import Config, ConfigError, ModelConfig
 from engine.model import ops
 from engine.model.attention import Attention
 from engine.model.gpt import GPT, Block
 from engine.model.head import OutputHead
 from engine.model.layers import Dropout, Norm
 from engine.model.mlp import MLP
+from engine.objectives.sample_objective import ENCODER_DECODER_OBJECTIVES
+
+
+def check_encoder_decoder(cfg: Config) -> None:
+    """Refuses, in one line, an objective the arch cannot run (span and ul2 need the encoder-decoder; it trains only
+    with them) and the layouts and data options the encoder-decoder does not support yet."""
+    objective, arch, p = cfg.train.objective, cfg.model.arch, cfg.parallel
+    if objective in ENCODER_DECODER_OBJECTIVES and arch != "t5":
+        raise ConfigError(f"train.objective {objective} trains an encoder-decoder: use --model.arch t5 (or "
+                          f"--train.objective prefix for a decoder-only {arch} model)")  # fmt: skip
+    if arch != "t5":
+        return
+    if objective not in ENCODER_DECODER_OBJECTIVES:
+        raise ConfigError(f"model.arch t5 (an encoder-decoder) trains with train.objective span or ul2, not "
+                          f"{objective}: use --model.arch llama for {objective}")  # fmt: skip
+    for key, value in (("parallel.pp", p.pp), ("parallel.cp", p.cp), ("parallel.tp", p.tp)):
+        if value > 1:
+            raise ConfigError(f"model.arch t5 with {key} > 1 is not supported yet: use dp or dp_shard")
+    if cfg.data.document_mask or cfg.data.reset_positions:
+        raise ConfigError("model.arch t5 does not support data.document_mask or data.reset_positions: each sample "
+                          "is one denoising task")  # fmt: skip
 
 
 def block_config(cfg: ModelConfig) -> ModelConfig:

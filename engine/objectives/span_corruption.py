@@ -14,6 +14,8 @@ sentinel followed by the span it replaced:
   alternate non-noise, noise, ..., starting with non-noise, is equally likely. So the mask always ends in noise.
 - `t5_lengths` is T5's `random_spans_helper` bookkeeping: how many raw tokens to take so that the corrupted encoder
   input is exactly `inputs_length` long, with no padding (512 -> 568 raw tokens and 114 targets at the defaults).
+  `filled_lengths` is the same bookkeeping with the mask's clipped counts and without T5's density-0.5 adjustment,
+  so that the input is exactly `inputs_length` at every rate (what the trainer's objectives use).
 - `span_corrupt` builds the two sequences from any mask; `restore_spans` inverts it (tests and debugging).
 
 Outputs are int64, the engine's token dtype. The sentinels are ids the tokenizer reserves (T5's extra ids); the
@@ -38,20 +40,14 @@ def _counts(length: int, noise_density: float, mean_noise_span_length: float) ->
     return num_noise, int(round(num_noise / mean_noise_span_length))
 
 
-def t5_lengths(inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> tuple[int, int]:
-    """(raw tokens, targets length) such that corrupting that many raw tokens gives an encoder input of exactly
-    `inputs_length` tokens; both lengths include the EOS. T5's `random_spans_helper` with one sentinel per span on
-    each side: the largest raw length whose inputs (non-noise tokens + spans + EOS) fit in `inputs_length`.
-
-    The inputs length grows by 0 or 1 per raw token, so that largest raw length is found by bisection and gives
-    exactly `inputs_length`. As T5 does, at noise_density 0.5 a raw length whose targets would come out longer
-    than its inputs is shortened by one token and the targets length by one; the encoder input and the targets may
-    then each come out one token short of the two lengths (T5 pads them).
-    """
+def _fit(inputs_length: int, noise_density: float, mean_noise_span_length: float, counts) -> tuple[int, int, int]:
+    """(raw length, its inputs length, its targets length), both with EOS, for the largest raw length n >=
+    inputs_length - 1 whose inputs (non-noise tokens + spans + EOS, with `counts(n, ...)` -> (noise, spans)) fit in
+    `inputs_length`. The inputs length grows by 0 or 1 per raw token, so the bisection finds it."""
     _check_rates(noise_density, mean_noise_span_length)
 
     def lengths(n: int) -> tuple[int, int]:
-        noise, spans = _counts(n, noise_density, mean_noise_span_length)
+        noise, spans = counts(n, noise_density, mean_noise_span_length)
         return n - noise + spans + 1, noise + spans + 1
 
     lo = inputs_length - 1  # T5's loop starts here: its inputs length is at most inputs_length (spans <= noise)
@@ -62,8 +58,20 @@ def t5_lengths(inputs_length: int, noise_density: float = 0.15, mean_noise_span_
     while hi - lo > 1:  # invariant: lengths(lo) fits, lengths(hi) does not
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if lengths(mid)[0] <= inputs_length else (lo, mid)
-    raw_length = lo
-    inputs, targets = lengths(raw_length)
+    return (lo, *lengths(lo))
+
+
+def t5_lengths(inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> tuple[int, int]:
+    """(raw tokens, targets length) such that corrupting that many raw tokens gives an encoder input of exactly
+    `inputs_length` tokens; both lengths include the EOS. T5's `random_spans_helper` with one sentinel per span on
+    each side: the largest raw length whose inputs (non-noise tokens + spans + EOS) fit in `inputs_length`.
+
+    The inputs length grows by 0 or 1 per raw token, so that largest raw length is found by bisection and gives
+    exactly `inputs_length`. As T5 does, at noise_density 0.5 a raw length whose targets would come out longer
+    than its inputs is shortened by one token and the targets length by one; the encoder input and the targets may
+    then each come out one token short of the two lengths (T5 pads them).
+    """
+    raw_length, inputs, targets = _fit(inputs_length, noise_density, mean_noise_span_length, _counts)
     if noise_density == 0.5 and targets > inputs:  # T5's adjustment: targets no longer than inputs
         raw_length, targets = raw_length - 1, targets - 1
     noise, spans = _counts(raw_length, noise_density, mean_noise_span_length)
@@ -72,6 +80,28 @@ def t5_lengths(inputs_length: int, noise_density: float = 0.15, mean_noise_span_
             f"inputs_length {inputs_length} is too short for noise_density {noise_density} and "
             f"mean_noise_span_length {mean_noise_span_length}: {raw_length} raw tokens give {noise} noise tokens "
             f"in {spans} spans"
+        )
+    return raw_length, targets
+
+
+def mask_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of `random_spans_noise_mask(length, ...)`: T5's counts clipped as the mask clips
+    them (noise in [1, length - 1], spans in [1, non-noise tokens]). They depend on the length alone."""
+    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    return num_noise, min(max(int(round(num_noise / mean_noise_span_length)), 1), length - num_noise)
+
+
+def filled_lengths(inputs_length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(raw tokens, targets length incl. EOS) whose corrupted input (with EOS) is exactly `inputs_length` tokens
+    under the mask's own counts (`mask_counts`), so an encoder input never needs padding. Equal to `t5_lengths`
+    wherever T5's counts need no clipping and no density-0.5 adjustment (512 -> 568 raw tokens, 114 targets);
+    without that adjustment the targets may be one token longer than the inputs. Raises ValueError where no raw
+    length fills the input exactly (spans clipped to the non-noise tokens: densities near 1 with short spans)."""
+    raw_length, inputs, targets = _fit(inputs_length, noise_density, mean_noise_span_length, mask_counts)
+    if inputs != inputs_length:
+        raise ValueError(
+            f"no raw length corrupts to exactly {inputs_length} inputs at noise_density {noise_density} and "
+            f"mean_noise_span_length {mean_noise_span_length}"
         )
     return raw_length, targets
 
@@ -96,8 +126,7 @@ def random_spans_noise_mask(
     _check_rates(noise_density, mean_noise_span_length)
     if length < 2:
         raise ValueError(f"length must be >= 2 (one noise and one non-noise token), got {length}")
-    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
-    num_spans = min(max(int(round(num_noise / mean_noise_span_length)), 1), length - num_noise)
+    num_noise, num_spans = mask_counts(length, noise_density, mean_noise_span_length)
     noise_lengths = _random_segmentation(num_noise, num_spans, rng)
     nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, rng)
     interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)  # non-noise, noise, non-noise, ...

@@ -128,11 +128,17 @@ class SequenceLayout:
         if cfg.train.objective != "clm":
             try:
                 objective = SampleObjective(cfg.train.objective, cfg.train.seed, tokenizer, o.fim_rate,
-                                            o.fim_spm_rate, o.mlm_mask_rate, o.prefix_min_frac,
-                                            o.prefix_max_frac)  # fmt: skip
+                                            o.fim_spm_rate, o.mlm_mask_rate, o.prefix_min_frac, o.prefix_max_frac,
+                                            cfg.model.seq_len, o.span_noise_density, o.span_mean_length,
+                                            o.ul2_r_rate, o.ul2_x_rate, o.ul2_s_rate)  # fmt: skip
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         return cls(eod, d.document_mask, d.reset_positions, cfg.parallel.cp, cp_rank, objective)
+
+    def stream_seq_len(self, seq_len: int) -> int:
+        """The length the sample streams are built with (each sample holds it + 1 tokens): seq_len, or one less than
+        the window the objective reads (span and ul2 corrupt more raw tokens than the encoder takes)."""
+        return seq_len if self.objective is None else self.objective.window_length - 1
 
     @property
     def plain(self) -> bool:
@@ -154,13 +160,14 @@ def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceL
     """(inputs, labels) of shape (len(indices), seq_len): labels are the inputs shifted by one token, or what the
     layout's objective makes of each sample. With a `layout` that is not plain, (inputs, labels, model keyword
     arguments): `positions` and/or `segment_ids` and the objective's (mlm: `causal=False`; prefix: `prefix_lengths`
-    (b,)), every (b, s) tensor cut to this rank's context-parallel chunks."""
+    (b,); span, ul2: `decoder_inputs` (b, t), with labels (b, t) and inputs the encoder's), every (b, s) tensor cut
+    to this rank's context-parallel chunks."""
     from engine.parallel.context import shard_sequence
 
     if layout is not None and layout.objective is not None:  # inputs and labels per sample, from the objective
         pairs = [layout.objective(ds[k]["tokens"], k) for k in indices]
-        x = torch.from_numpy(np.stack([a for a, _ in pairs])).to(device, non_blocking=True)
-        y = torch.from_numpy(np.stack([b for _, b in pairs])).to(device, non_blocking=True)
+        x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device, non_blocking=True)
+        y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device, non_blocking=True)
     else:
         tokens = torch.from_numpy(np.stack([np.asarray(ds[k]["tokens"], dtype=np.int64) for k in indices]))
         tokens = tokens.to(device, non_blocking=True)
@@ -170,7 +177,10 @@ def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceL
     extra = {}
     if layout.objective is not None:  # the objective's keywords: fixed ones, then per-row tensors (prefix lengths)
         extra = dict(layout.objective.model_kwargs)
-        for key, value in layout.objective.batch_kwargs(indices, x.shape[1]).items():
+        rows = layout.objective.batch_kwargs(indices, x.shape[1])
+        if len(pairs[0]) > 2:  # per-sample keywords from the transform itself (span, ul2: `decoder_inputs`)
+            rows |= {key: np.stack([p[2][key] for p in pairs]) for key in pairs[0][2]}
+        for key, value in rows.items():
             extra[key] = torch.from_numpy(value).to(device, non_blocking=True)
     if layout.document_mask or layout.reset_positions:
         segment_ids, positions = documents(x, layout.eod_id)

@@ -58,6 +58,10 @@ def check_config(cfg: Config) -> None:
         what = "a bidirectional encoder" if cfg.train.objective == "mlm" else "a bidirectional prefix"
         raise TrainError(f"train.objective {cfg.train.objective} ({what}) with parallel.pp or parallel.cp > 1 is not "
                          "supported yet: use tp, dp or dp_shard")  # fmt: skip
+    if cfg.train.objective in ("span", "ul2") or cfg.model.arch == "t5":
+        from engine.model.encoder_decoder import check_encoder_decoder
+
+        check_encoder_decoder(cfg)
     if cfg.train.objective == "mtp":  # the MTP modules shift whole sequences (parallelize_gpt checks it too)
         from engine.parallel.parallelize import check_mtp_layout
 

@@ -1,6 +1,6 @@
-"""`--train.objective fim|mlm|mtp|prefix` through the trainer: the batches each objective makes, training with
-falling loss on the embedded corpus through the CLI, the same losses at tp 2 as in one process, and one-line
-refusals."""
+"""`--train.objective fim|mlm|mtp|prefix|span|ul2` through the trainer: the batches each objective makes, training
+with falling loss on the embedded corpus through the CLI (span and ul2 with `--model.arch t5`), the same losses at
+tp 2 as in one process, checkpoint resumption, and one-line refusals."""
 
 import numpy as np
 import pytest
@@ -100,10 +100,33 @@ def test_prefix_batches_carry_each_rows_prefix_and_labels_after_it():
     assert torch.equal(y2[0], y[2]) and kw2["prefix_lengths"].tolist() == [kwargs["prefix_lengths"][2]]
 
 
-@pytest.mark.parametrize("objective", ["fim", "mlm", "mtp", "prefix"])
+def test_span_batches_carry_the_decoder_inputs_and_rebuild_their_windows(tiny_data):
+    """Through collate: encoder inputs (b, seq_len), labels and `decoder_inputs` (b, targets length); each row's
+    targets, de-sentinelled into its encoder input, give back the sample's raw tokens."""
+    from engine.objectives.span_corruption import restore_spans
+    from engine.training.samples import SampleStream
+
+    tok = ByteTokenizer()
+    layout = _layout("span", **{"model.arch": "t5", "model.seq_len": 32})
+    stream = SampleStream(tiny_data[0], layout.stream_seq_len(32), 1234, tok.vocab_size)
+    x, y, kwargs = collate(stream, [0, 1, 2], torch.device("cpu"), layout)
+    dec = kwargs.pop("decoder_inputs")
+    assert kwargs == {} and x.shape == (3, 32) and y.shape == dec.shape == (3, layout.objective.mixture.decoder_length)
+    for row in range(3):
+        targets = y[row][y[row] != IGNORE_INDEX].numpy()
+        assert dec[row, 0] == tok.bos_id and torch.equal(dec[row, 1 : len(targets)], y[row, : len(targets) - 1])
+        text = restore_spans(x[row].numpy(), targets, tok.sentinel_ids, tok.eod_id)
+        assert (text == stream[row]["tokens"][: len(text)]).all() and len(text) == layout.stream_seq_len(32) + 1
+
+
+T5 = dict(model__arch="t5")
+
+
+@pytest.mark.parametrize("objective", ["fim", "mlm", "mtp", "prefix", "span", "ul2"])
 def test_each_objective_trains_on_the_embedded_corpus_through_the_cli(tmp_path, objective, capsys):
+    extra = dict(T5, optim__lr=6e-3) if objective in ("span", "ul2") else {}
     args = tiny_args(tmp_path / objective, "embedded", "", train__objective=objective, train__steps=50,
-                     optim__decay_steps=50, eval__every=25, checkpoint__every=0)  # fmt: skip
+                     optim__decay_steps=50, eval__every=25, checkpoint__every=0, **extra)  # fmt: skip
     args[args.index("--data.valid_path") + 1] = ""
     assert main(args) == 0, capsys.readouterr().err
     recs = read_metrics(tmp_path / objective / "metrics.jsonl")
@@ -142,7 +165,12 @@ def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
 @pytest.mark.parametrize(
     "kw, needle",
     [
-        (dict(train__objective="span"), "train.objective must be one of clm|fim|mlm|mtp|prefix"),
+        (dict(train__objective="t5"), "train.objective must be one of clm|fim|mlm|mtp|prefix|span|ul2"),
+        (dict(train__objective="span"), "train.objective span trains an encoder-decoder: use --model.arch t5 (or"),
+        (dict(T5, train__objective="clm"), "model.arch t5 (an encoder-decoder) trains with train.objective span or"),
+        (dict(T5, train__objective="ul2", objective__ul2_s_rate=-0.5), "objective.ul2_s_rate -0.5 is outside [0, 1]"),
+        (dict(T5, train__objective="span", parallel__tp=2), "model.arch t5 with parallel.tp > 1 is not supported"),
+        (dict(T5, train__objective="ul2", model__seq_len=1024), "more than the tokenizer's 100 sentinel ids"),
         (dict(train__objective="fim", objective__fim_rate=1.5), "objective.fim_rate 1.5 is outside [0, 1]"),
         (dict(train__objective="mlm", parallel__pp=2), "train.objective mlm (a bidirectional encoder) with"),
         (dict(train__objective="prefix", parallel__cp=2), "train.objective prefix (a bidirectional prefix) with"),
@@ -160,12 +188,20 @@ def test_bad_objectives_are_one_line_errors(tmp_path, tiny_data, capsys, kw, nee
     assert len(err) == 1 and needle in err[0], err
 
 
-@pytest.mark.parametrize("kind", ["sequential", "parallel"])
-def test_mtp_modules_are_checkpointed_and_resumed(tmp_path, tiny_data, kind):
-    """A run stopped at step 3 and resumed gives the straight run's losses: the MTP modules (and their optimizer
-    state) come back from the checkpoint, not from a fresh initialisation."""
-    kw = dict(train__objective="mtp", objective__mtp_depth=2, objective__mtp_kind=kind, eval__every=0,
-              checkpoint__every=3)  # fmt: skip
+RESUMABLE = {
+    "mtp_sequential": dict(train__objective="mtp", objective__mtp_depth=2, objective__mtp_kind="sequential"),
+    "mtp_parallel": dict(train__objective="mtp", objective__mtp_depth=2, objective__mtp_kind="parallel"),
+    "t5_span": dict(T5, train__objective="span"),
+    "t5_ul2": dict(T5, train__objective="ul2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUMABLE))
+def test_models_beyond_gpt_are_checkpointed_and_resumed(tmp_path, tiny_data, case):
+    """A run stopped at step 3 and resumed gives the straight run's losses: the MTP modules, or the t5 encoder and
+    decoder (and their optimizer state, and the denoising samples of each data position) come back from the
+    checkpoint, not from a fresh initialisation."""
+    kw = dict(RESUMABLE[case], eval__every=0, checkpoint__every=3)
     straight = train(load_config(tiny_args(tmp_path / "straight", *tiny_data, **kw))).losses
     train(load_config(tiny_args(tmp_path / "resumed", *tiny_data, train__steps=3, **kw)))
     resumed = train(load_config(tiny_args(tmp_path / "resumed", *tiny_data, **kw))).losses
