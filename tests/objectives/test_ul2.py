@@ -2,9 +2,13 @@
 fixed shapes, the de-sentinelled round trip, the decoder inputs, the denoiser rates, the length bookkeeping and bad
 input."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from engine.config import load_config
 from engine.data.tokenizer import ByteTokenizer
 from engine.objectives.mlm import IGNORE_INDEX
 from engine.objectives.sample_objective import SampleObjective
@@ -111,3 +115,21 @@ def test_bad_input_is_one_line(kw, needle):
     assert obj.window_length == t5_lengths(32)[0]
     with pytest.raises(ValueError, match=f"a denoising window needs {obj.window_length} tokens"):
         obj(_window(obj.window_length - 1), 0)
+
+
+def test_example_recipe_picks_t5_span_and_its_run_dir(tmp_path, monkeypatch):
+    """examples/pretrain_t5.py: engine.train.main's argv with the t5 model and span corruption (ul2 when the flags
+    say so), and runs/t5 unless the flags choose a run directory (its training: tests/train/test_objectives_train)."""
+    monkeypatch.setenv("ENGINE_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[2] / "examples" / "pretrain_t5.py"
+    spec = importlib.util.spec_from_file_location("_example_t5", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    seen = []
+    recipe.train_main = seen.append  # the argv engine.train.main would get
+    recipe.main(["--data.tokenizer", "byte"])
+    recipe.main(["--run.dir", "elsewhere", "--train.objective", "ul2", "--objective.ul2_s_rate", "0.5"])
+    default, own = (load_config(argv) for argv in seen)
+    assert (default.model.arch, default.train.objective, default.run.dir) == ("t5", "span", "runs/t5")
+    assert (own.model.arch, own.train.objective, own.run.dir) == ("t5", "ul2", "elsewhere")
+    assert own.objective.ul2_s_rate == 0.5
