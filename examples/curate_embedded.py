@@ -1,4 +1,4 @@
-"""Curate, tokenise, mix and train: `python examples/curate_embedded.py [--temperature 2] [--steps 20]`.
+"""Curate, tokenise, mix and train: `python examples/curate_embedded.py [--temperature 2] [--steps 20] [--doremi 5]`.
 
 The embedded corpus (engine/data/corpus.py: Python's standard library as code, its help topics as prose) is written
 as one JSON-lines file per domain, curated per domain (engine.data.curation), tokenised into indexed datasets
@@ -16,8 +16,10 @@ full of code samples (`gopher_quality` removes 72 of 73, 67 for too few alphabet
 
 The validation set is the corpus's held-out split (not curated): the trainer evaluates it as one dataset, and the
 final checkpoint is then evaluated on each domain's part of it the same way (`domain_val_losses`), the per-domain
-losses that data-mixing methods such as DoReMi (Xie et al. 2023) steer by. `--max-docs` caps each domain's training
-documents for smoke runs.
+losses that data-mixing methods such as DoReMi (Xie et al. 2023) steer by. `--doremi ROUNDS` trains on DoReMi weights
+instead (engine.data.curation.doremi: a reference and a proxy model of the same tiny shape, ROUNDS rounds of
+`--doremi-steps` steps starting from the temperature weights, validated on a uniform blend of the domains' held-out
+splits); the rounds go to DIR/doremi.json. `--max-docs` caps each domain's training documents for smoke runs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 try:
@@ -43,6 +46,7 @@ from generate import load_model
 from engine.config import ConfigError, load_config
 from engine.data.corpus import Document, documents
 from engine.data.curation import Pipeline, curate
+from engine.data.curation.doremi import DoReMiResult, run_doremi
 from engine.data.curation.mixing import mix
 from engine.data.preprocess import preprocess
 from engine.data.tokenizer import load_tokenizer
@@ -68,6 +72,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=2.0, help="mixing temperature T: p ∝ n^(1/T) (default 2)")
     p.add_argument("--steps", type=int, default=20, help="training steps of the tiny model (default 20)")
     p.add_argument("--max-docs", type=int, help="at most this many training documents per domain (smoke runs)")
+    doremi = "train on DoReMi weights from ROUNDS proxy rounds started at the temperature weights (default 0: off)"
+    p.add_argument("--doremi", type=int, default=0, metavar="ROUNDS", help=doremi)
+    p.add_argument("--doremi-steps", type=int, default=10, help="proxy steps per DoReMi round (default 10)")
     p.add_argument("--tokenizer", default="byte", choices=("byte", "bpe"), help="default byte: no BPE training")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: every core)")
     p.add_argument("--seed", type=int, default=1234)
@@ -149,16 +156,39 @@ def domain_val_losses(run_dir: Path, valid: dict[str, str]) -> dict[str, float]:
     return losses
 
 
-def train_flags(args: argparse.Namespace, blend: str, valid: str) -> list[str]:
+def model_flags(args: argparse.Namespace, steps: int) -> dict:
+    """The tiny model, batch and optimizer of every run here (the trained model, DoReMi's reference and proxy)."""
     flags = {f"model.{k}": v for k, v in TINY_MODEL.items()}
     flags.update({
-        "train.steps": args.steps, "train.global_batch": GLOBAL_BATCH, "train.seed": args.seed,
-        "train.threads": args.threads, "train.device": "auto", "optim.lr": 3e-3,
-        "optim.warmup": max(1, args.steps // 10), "eval.every": args.steps, "eval.batches": 2,
-        "checkpoint.every": 0, "data.tokenizer": args.tokenizer, "data.path": blend, "data.valid_path": valid,
-        "run.dir": str(Path(args.run_dir) / "train"), "run.progress": "false", "run.tensorboard": "false",
+        "train.global_batch": GLOBAL_BATCH, "train.seed": args.seed, "train.threads": args.threads,
+        "train.device": "auto", "optim.lr": 3e-3, "optim.warmup": max(1, steps // 10), "data.tokenizer": args.tokenizer,
+        "run.progress": "false", "run.tensorboard": "false",
     })  # fmt: skip
+    return flags
+
+
+def _argv(flags: dict) -> list[str]:
     return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
+
+
+def train_flags(args: argparse.Namespace, blend: str, valid: str) -> list[str]:
+    flags = model_flags(args, args.steps)
+    flags.update({
+        "train.steps": args.steps, "eval.every": args.steps, "eval.batches": 2, "checkpoint.every": 0,
+        "data.path": blend, "data.valid_path": valid, "run.dir": str(Path(args.run_dir) / "train"),
+    })  # fmt: skip
+    return _argv(flags)
+
+
+def doremi_weights(args: argparse.Namespace, prefixes: dict[str, str], baseline: dict[str, float]) -> DoReMiResult:
+    """DoReMi weights over the domains, from `baseline` (the temperature weights), each run in this process; the
+    record goes to RUN_DIR/doremi.json."""
+    domains = {d: (prefixes[d], prefixes[f"valid_{d}"]) for d in DOMAIN_STEPS}
+    flags = _argv({**model_flags(args, args.doremi * args.doremi_steps), "eval.batches": 4})
+    result = run_doremi(domains, flags, Path(args.run_dir) / "doremi", args.doremi, args.doremi_steps, baseline,
+                        trainer=lambda argv: train(load_config(argv)), log=lambda line: None)  # fmt: skip
+    (Path(args.run_dir) / "doremi.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
+    return result
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -168,6 +198,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ExampleError(f"--steps must be >= 1, got {args.steps}")
     if not args.temperature > 0:
         raise ExampleError(f"--temperature must be > 0 (1: proportional, inf: uniform), got {args.temperature}")
+    if args.doremi < 0 or args.doremi_steps < 1:
+        raise ExampleError(f"--doremi must be >= 0 and --doremi-steps >= 1, got {args.doremi} and {args.doremi_steps}")
     if args.max_docs is not None and args.max_docs < 1:
         raise ExampleError(f"--max-docs must be >= 1, got {args.max_docs}")
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -178,6 +210,11 @@ def run(args: argparse.Namespace) -> dict:
     prefixes = tokenize(reports, run_dir / "raw", run_dir / "data", args.tokenizer)
     domains = {d: prefixes[d] for d in DOMAIN_STEPS}
     blend, weights, tokens = mix(domains, args.temperature)
+    mixing = f"at T={args.temperature:g}"
+    temperature_weights, doremi = dict(weights), None
+    if args.doremi:
+        doremi = doremi_weights(args, prefixes, weights)
+        blend, weights, mixing = doremi.blend, doremi.weights, "by DoReMi"
     vocab = load_tokenizer(args.tokenizer).vocab_size
     shares = sample_shares(blend, args.steps * GLOBAL_BATCH, TINY_MODEL["seq_len"], args.seed, vocab)
     result = train(load_config(train_flags(args, blend, prefixes["valid"])))
@@ -187,6 +224,9 @@ def run(args: argparse.Namespace) -> dict:
         "reports": reports,
         "tokens": tokens,
         "weights": weights,
+        "mixing": mixing,
+        "temperature_weights": temperature_weights,
+        "doremi": doremi,
         "shares": dict(zip(domains, shares)),
         "train_loss": result.losses[max(result.losses)],
         "val_loss": result.val_losses[max(result.val_losses)],
@@ -205,10 +245,16 @@ def summary(figures: dict, temperature: float) -> str:
         lines.append(
             f"{domain}: {report['documents_out']}/{report['documents_in']} documents kept (removed: {removed}; "
             f"PII redacted in {redacted}), "
-            f"{figures['tokens'][domain]:,} tokens, weight {figures['weights'][domain]:.3f} at T={temperature:g}, "
+            f"{figures['tokens'][domain]:,} tokens, weight {figures['weights'][domain]:.3f} {figures['mixing']}, "
             f"{figures['shares'][domain]:.3f} of the training samples, validation loss "
             f"{figures['domain_val_losses'][domain]:.3f}"
         )
+    if figures["doremi"] is not None:
+        res = figures["doremi"]
+        start = ", ".join(f"{d} {w:.3f}" for d, w in figures["temperature_weights"].items())
+        ref = ", ".join(f"{d} {v:.3f}" for d, v in res.reference_losses.items())
+        lines.append(f"DoReMi: {len(res.rounds)} proxy rounds from the T={temperature:g} weights ({start}); reference "
+                     f"validation losses {ref}; {res.seconds:.0f} s")  # fmt: skip
     lines.append(f"--data.path {figures['blend']}")
     lines.append(
         f"trained {figures['steps']} steps: loss {figures['train_loss']:.3f}, validation loss "

@@ -14,10 +14,10 @@ Where this differs from Algorithm 1, and why: the paper updates α every step fr
 losses on the training batch (clipped per token) and reweights the proxy's loss by α. That needs per-token losses of
 a second (reference) model inside the training step and a domain-weighted loss in every step implementation (plain,
 tensor, pipeline and context parallel, fused cross-entropy kernels that only return sums): an invasive change. Here
-the trainer is used as it is: each round's blend resamples the data in proportion α (the paper's "resampling"
-alternative to reweighting), and λ comes from the validation loss the trainer reports per blend component
-(engine.training.evaluate), a per-domain mean over fixed held-out samples, clipped per domain. With enough rounds
-this follows the same multiplicative-weights dynamics at a coarser time step. Each run is `python -m engine.train`
+the trainer is used as it is: each round's blend resamples the data in proportion α where the paper reweights the
+loss, and λ comes from the validation loss the trainer reports per blend component
+(engine.training.evaluate), a per-domain mean over fixed held-out samples, clipped per domain. The update rule is the
+paper's; its time step (a round, not a step) and the losses it reads differ. Each run is `python -m engine.train`
 (or a launcher such as torchrun) in a child process, and the losses are read from the `val_loss/<component>` records
 of its metrics.jsonl, so the proxy may use any layout the trainer supports.
 
