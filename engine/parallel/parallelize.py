@@ -80,6 +80,30 @@ TP_PLAN: dict[str, str] = {
 TP_PLAN.update(
     {"mtp.*.block." + k[len("layers.*.") :]: v for k, v in list(TP_PLAN.items()) if k.startswith("layers.*.")}
 )
+# The t5 encoder-decoder (engine.model.encoder_decoder): its encoder's and decoder's blocks are split as the trunk's;
+# the decoder's cross-attention as a self-attention whose keys and values read the encoder's output: q, k, v column
+# parallel (this rank's heads), o row parallel, and both inputs entering the tp region (sequence parallelism is
+# refused for t5, so the encoder's final norm stays replicated).
+TP_PLAN.update(
+    {
+        stack + k[len("layers.*.") :]: v
+        for stack in ("encoder_layers.*.", "decoder_layers.*.")
+        for k, v in list(TP_PLAN.items())
+        if k.startswith("layers.*.")
+    }
+)
+TP_PLAN.update(
+    {
+        "decoder_layers.*.cross_norm": "sequence_norm",
+        "decoder_layers.*.cross_attn": "enter_region_cross",
+        "decoder_layers.*.cross_attn.q_proj": "column",
+        "decoder_layers.*.cross_attn.k_proj": "column_kv",
+        "decoder_layers.*.cross_attn.v_proj": "column_kv",
+        "decoder_layers.*.cross_attn.core": "split_heads_rng",
+        "decoder_layers.*.cross_attn.o_proj": "row",
+        "decoder_layers.*.cross_attn.resid_dropout": "sequence_dropout",
+    }
+)
 
 
 def check_mtp_layout(pp: int, cp: int, sequence_parallel: bool) -> None:
@@ -132,9 +156,12 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def _enter_region_hook(ctx: _TPContext) -> Callable:
-    def hook(module, args):  # the block side's input enters the tp region once (q, k, v / gate, up skip theirs)
-        return (enter_tp_region(args[0], ctx.group, ctx.sp), *args[1:])
+def _enter_region_hook(ctx: _TPContext, n_inputs: int = 1) -> Callable:
+    """The block side's first `n_inputs` inputs enter the tp region once (q, k, v / gate, up skip theirs); two for a
+    cross-attention (queries' and keys' and values' inputs)."""
+
+    def hook(module, args):
+        return (*(enter_tp_region(a, ctx.group, ctx.sp) for a in args[:n_inputs]), *args[n_inputs:])
 
     return hook
 
@@ -158,8 +185,8 @@ def _convert(model: nn.Module, name: str, module: nn.Module, style: str, ctx: _T
         tok_emb = getattr(model, "tok_emb", None)
         tied = tok_emb.weight if ctx.cfg.tie_embeddings and tok_emb is not None else None
         _set_child(model, name, VocabParallelOutputHead(module, ctx.group, ctx.sp, tied_weight=tied))
-    elif style == "enter_region":
-        module.register_forward_pre_hook(_enter_region_hook(ctx))
+    elif style in ("enter_region", "enter_region_cross"):
+        module.register_forward_pre_hook(_enter_region_hook(ctx, 2 if style == "enter_region_cross" else 1))
     elif style in ("split_heads_rng", "sequence_dropout"):
         # this rank's heads (or tokens) differ from the other tp ranks': its own dropout stream
         if ctx.tracker is not None:

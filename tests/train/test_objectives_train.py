@@ -136,14 +136,23 @@ def test_each_objective_trains_on_the_embedded_corpus_through_the_cli(tmp_path, 
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0
 
 
+TP_OBJECTIVES = ("fim", "mlm", "mtp", "prefix", "span", "ul2")
+
+
+def _objective_args(objective):
+    """The flags of an objective: span and ul2 train the t5 encoder-decoder (at tp 2: its cross-attention split by
+    heads as the self-attention, q/k/v column and o row parallel)."""
+    return dict(T5, train__objective=objective) if objective in ("span", "ul2") else dict(train__objective=objective)
+
+
 def _tp_worker(rank, world, root, data):
     from pathlib import Path
 
     import torch.distributed as dist
 
     out = {}
-    for objective in ("fim", "mlm", "mtp", "prefix"):
-        cfg = load_config(tiny_args(Path(root) / f"tp2_{objective}", *data, train__objective=objective,
+    for objective in TP_OBJECTIVES:
+        cfg = load_config(tiny_args(Path(root) / f"tp2_{objective}", *data, **_objective_args(objective),
                                     parallel__tp=2, eval__every=0, checkpoint__every=0))  # fmt: skip
         out[objective] = train(cfg).losses
         dist.barrier()
@@ -153,8 +162,8 @@ def _tp_worker(rank, world, root, data):
 @pytest.mark.distributed
 def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
     got = run_distributed(_tp_worker, 2, str(tmp_path), tiny_data, timeout=180)
-    for objective in ("fim", "mlm", "mtp", "prefix"):
-        one = train(load_config(tiny_args(tmp_path / f"one_{objective}", *tiny_data, train__objective=objective,
+    for objective in TP_OBJECTIVES:
+        one = train(load_config(tiny_args(tmp_path / f"one_{objective}", *tiny_data, **_objective_args(objective),
                                           eval__every=0, checkpoint__every=0))).losses  # fmt: skip
         for rank in (0, 1):
             assert sorted(got[rank][objective]) == sorted(one)
@@ -169,7 +178,8 @@ def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
         (dict(train__objective="span"), "train.objective span trains an encoder-decoder: use --model.arch t5 (or"),
         (dict(T5, train__objective="clm"), "model.arch t5 (an encoder-decoder) trains with train.objective span or"),
         (dict(T5, train__objective="ul2", objective__ul2_s_rate=-0.5), "objective.ul2_s_rate -0.5 is outside [0, 1]"),
-        (dict(T5, train__objective="span", parallel__tp=2), "model.arch t5 with parallel.tp > 1 is not supported"),
+        (dict(T5, train__objective="span", parallel__pp=2), "model.arch t5 with parallel.pp > 1 is not supported"),
+        (dict(T5, train__objective="ul2", parallel__tp=2, parallel__sp="true"), "model.arch t5 with parallel.sp is"),
         (dict(T5, train__objective="ul2", model__seq_len=1024), "more than the tokenizer's 100 sentinel ids"),
         (dict(train__objective="fim", objective__fim_rate=1.5), "objective.fim_rate 1.5 is outside [0, 1]"),
         (dict(train__objective="mlm", parallel__pp=2), "train.objective mlm (a bidirectional encoder) with"),
