@@ -24,8 +24,8 @@ from engine.training.samples import SequenceLayout, collate, micro_batches, mode
 class ValidationLoss(float):
     """The validation loss (a float: the token-weighted mean over every validation sample) with, for a blend, each
     component's: `components` {name: loss} and `component_tokens` {name: loss-bearing tokens}, in the blend's order
-    (a component with no token in the evaluated samples is left out). Names are the prefixes' basenames (with the
-    component's position appended when two basenames are the same); empty without a blend."""
+    (a component with no token in the evaluated samples is left out). Names are the prefixes' basenames
+    (`component_names`); empty without a blend."""
 
     components: dict[str, float]
     component_tokens: dict[str, int]
