@@ -2,8 +2,9 @@
 
 One JSON object per optimizer step (the command-line contract in README.md): `step`, `loss`, `lr`, `grad_norm`,
 `tokens`, `tokens_per_s`, `mfu` (null without a known peak, e.g. on CPU), `mem_gb`, plus `val_loss`/`val_ppl` on
-eval steps (and `val_loss/<component>` for each component of a blended validation set). Only rank 0 writes. On resume the file is appended to; records from a crashed run past the resumed step
-are dropped first so every step appears once.
+eval steps (and `val_loss/<component>` for each component of a blended validation set). Only rank 0 writes. On
+resume the file is appended to; records from a crashed run past the resumed step are dropped first so every step
+appears once.
 
 MFU (PaLM, Chowdhery et al. 2022, App. B) = achieved tokens/s x model FLOPs per token / (devices x peak FLOP/s),
 against the dense bf16 peak of the device from a small table.
