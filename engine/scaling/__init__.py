@@ -7,6 +7,8 @@ from engine._lazy import lazy_exports
 
 _EXPORTS = {
     "ActivationEstimate": "engine.scaling.memory",
+    "engine_activation_bytes": "engine.scaling.activations",
+    "rank_activation_bytes": "engine.scaling.activations",
     "activation_bytes_per_layer": "engine.scaling.memory",
     "estimate_activations": "engine.scaling.memory",
     "optimizer_state_bytes": "engine.scaling.memory",

@@ -8,9 +8,10 @@ For every layout that divides the model and the batch it estimates, per GPU:
 - **Memory**: parameters, gradients and optimizer state of the worst pipeline rank (`rank_params`: the layers
   split the way `engine.parallel.pipeline.stages` splits them, each tensor sharded over tp as engine/parallel/tensor.py
   shards it, then by FSDP2 or ZeRO-1 as `--train.dry_run` counts them: the tests check the counts equal), plus the
-  activations the schedule holds on the first stage (`engine.scaling.memory.estimate_activations`, Korthikanti et
-  al. 2022, with the in-flight micro-batches of the bounds engine/parallel/pipeline/schedules.py implements). Attention
-  is a flash kernel, so the s x s scores are never stored: "none" is counted as Korthikanti's "selective" row.
+  activations the schedule holds on the first stage (`engine.scaling.activations.rank_activation_bytes`: what this
+  engine's layers save for the backward pass with its Triton kernels, checked tensor by tensor against the model,
+  with the in-flight micro-batches of the bounds engine/parallel/pipeline/schedules.py implements; Korthikanti et al.
+  2022's formula for configs it does not cover). With fp32 weights, autocast's bf16 weight copies count too.
   Under FSDP each rank also holds one gathered layer in 16 bits, twice (the prefetch). A fraction of the device
   (`MEMORY_HEADROOM`) is kept for the CUDA context, NCCL buffers, temporaries and fragmentation.
 - **Compute**: the hardware FLOPs of a step (`hardware_flops_per_token`, recomputation included) over tp x cp x pp,
@@ -49,8 +50,9 @@ from pathlib import Path
 
 from engine.config import ConfigError, ModelConfig, load_config
 from engine.model.gpt import count_params, flops_per_token, resolve
+from engine.scaling.activations import rank_activation_bytes
 from engine.scaling.flops import hardware_flops_per_token
-from engine.scaling.memory import estimate_activations, format_bytes
+from engine.scaling.memory import format_bytes
 
 MATMUL_EFFICIENCY = 0.75  # large bf16 GEMMs reach ~70-80% of the dense peak on H100/A100 (cuBLAS)
 ATTENTION_EFFICIENCY = 0.5  # flash attention forward + backward: ~50% of peak (FlashAttention-2/3 papers)
@@ -260,11 +262,12 @@ def estimate_layout(cfg: ModelConfig, layout: Layout, global_batch: int, device:
     param_state = (2 if bf16 else 4) * held + 4 * held + state_bytes
     gathered = 2 * 2 * _layer_params_local(cfg, lt.tp) if lt.dp_shard > 1 else 0  # one layer + the prefetched one
     layers_rank0 = sum(c for i, c in enumerate(_stage_counts(cfg, lt)) if i % lt.pp == 0)
-    act = estimate_activations(
-        s // lt.cp, lt.micro_batch, h, cfg.n_heads, cfg.vocab_size, layers_rank0, tp=lt.tp, sp=lt.sp,
-        recompute="selective" if lt.recompute == "none" else lt.recompute, first_stage=True, last_stage=lt.pp == 1,
-        in_flight_microbatches=_in_flight(lt.schedule, lt.pp, lt.virtual_stages, m),
-    ).total_bytes  # fmt: skip
+    copies = param_dtype == "fp32" and lt.dp_shard == 1  # autocast's bf16 weight copies (fp32 weights)
+    act = rank_activation_bytes(
+        cfg_rc, lt.micro_batch, layers_rank0, lt.tp, lt.sp, lt.cp, lt.recompute, first_stage=True,
+        last_stage=lt.pp == 1, in_flight_microbatches=_in_flight(lt.schedule, lt.pp, lt.virtual_stages, m),
+        autocast_copies=copies,
+    )  # fmt: skip
     memory = param_state + gathered + act
     fits = memory <= device.memory_bytes * (1 - MEMORY_HEADROOM)
 
@@ -280,7 +283,8 @@ def estimate_layout(cfg: ModelConfig, layout: Layout, global_batch: int, device:
     split = lt.tp * lt.cp * lt.pp * replicas
     compute = ((hw - attn) / (device.peak_flops * MATMUL_EFFICIENCY) + attn / (device.peak_flops * ATTENTION_EFFICIENCY)
                ) / split  # fmt: skip
-    stored_per_layer = 34 * (s // lt.cp) * lt.micro_batch * h / (lt.tp if lt.sp else 1)  # Korthikanti's sbh(34)
+    stored_per_layer = rank_activation_bytes(cfg_rc, lt.micro_batch, 1, lt.tp, lt.sp, lt.cp, "none", False, False,
+                                             autocast_copies=False)  # fmt: skip
     compute += 3 * stored_per_layer * (L / lt.pp) * m / device.hbm_bytes_per_s
     bubble = bubble_fraction(lt.schedule, lt.pp, lt.virtual_stages, m)
     backward = compute * 2 / 3

@@ -5,8 +5,9 @@ Every rank of the first data-parallel replica is built in turn in this one proce
 process-group backend (collectives are no-ops, sizes and ranks are real), through the same `parallelize_gpt` the
 trainer uses. Nothing is allocated: the counts come from the local parameter shapes. Bytes per rank: parameters and
 gradients in fp32 (the master weights; 4 bytes each), the optimizer state (engine.scaling.optimizer_state_bytes), and
-an activation estimate for one micro-batch (engine.scaling.estimate_activations, Korthikanti et al. 2022's per-layer
-formula with its sequence-parallel and recomputation variants).
+the activations of the micro-batches the schedule holds: engine.scaling.activations' tally of what this engine's
+layers save for the backward pass on a GPU (checked tensor by tensor against the CPU model), with the bf16 weight
+copies autocast keeps, or Korthikanti et al. 2022's formula for configs that tally does not cover (dropout > 0).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from engine.model.mtp import build_gpt
 from engine.parallel.dims import ParallelDims
 from engine.parallel.parallelize import check_tensor_parallel, parallelize_gpt
 from engine.parallel.state import LayoutError
-from engine.scaling.memory import estimate_activations, format_bytes, optimizer_state_bytes
+from engine.scaling.activations import rank_activation_bytes
+from engine.scaling.memory import format_bytes, optimizer_state_bytes
 from engine.training.validate import batch_layout
 
 
@@ -63,11 +65,13 @@ def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_b
 
         peak = simulate(cfg.parallel.pp_schedule, dims.pp, len(chunks), micro_batches).peak_in_flight
         in_flight = peak[dims.rank_in("pp")] / len(chunks)
-    act = estimate_activations(  # under context parallelism a rank holds seq_len / cp of each sequence
-        model_cfg.seq_len // dims.cp, micro, model_cfg.d_model, model_cfg.n_heads, model_cfg.vocab_size,
-        sum(len(c.layers) for c in chunks), tp=dims.tp, sp=sp, recompute=model_cfg.recompute,
+    # the engine's own tally (engine.scaling.activations) where it covers the config, Korthikanti's otherwise;
+    # under context parallelism a rank holds seq_len / cp of each sequence
+    copies = cfg.train.dtype != "fp32" and cfg.train.param_dtype == "fp32" and dims.dp_shard == 1
+    act = rank_activation_bytes(
+        model_cfg, micro, sum(len(c.layers) for c in chunks), dims.tp, sp, dims.cp, model_cfg.recompute,
         first_stage=any(c.tok_emb is not None for c in chunks), last_stage=any(c.output is not None for c in chunks),
-        in_flight_microbatches=in_flight,
+        in_flight_microbatches=in_flight, autocast_copies=copies,
     )  # fmt: skip
     # ZeRO-1: this rank's shard of the optimizer state (engine.optim.distributed), up to each bucket's padding;
     # FSDP2: its shard of parameters, gradients and state over dp_shard x cp (up to each tensor's padding)
@@ -76,7 +80,7 @@ def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_b
     n_state = -(-n // (dims.dp * dims.cp)) if cfg.parallel.zero1 else held  # ZeRO-1 shards over dp x cp
     bf16 = cfg.train.param_dtype == "bf16" and dims.dp_shard == 1  # FSDP2 keeps fp32 shards, which are the masters
     opt = optimizer_state_bytes(n_state, cfg.optim.name, master_weights=bf16)
-    return RankMemory(dims.rank, held, (2 if bf16 else 4) * held, 4 * held, opt, act.total_bytes)
+    return RankMemory(dims.rank, held, (2 if bf16 else 4) * held, 4 * held, opt, act)
 
 
 def dry_run(cfg: Config, vocab_size: int | None = None, out: Callable[[str], None] = print) -> DryRunReport:

@@ -495,8 +495,8 @@ def test_segment_and_window_errors():
 
 def aot_cases():
     """(name, kernel, arg types, constexprs, num_warps, num_stages) of the GPU launch configs: bf16 at head_dim 64
-    and 128, fp32 at 128, the backward's preprocessing kernel, a non-causal forward, and each kernel with a window
-    and segment ids at bf16 head_dim 128 (each compile takes seconds)."""
+    and 128, fp32 at 128, the backward's preprocessing kernel, and each kernel with every mask on (window, prefix,
+    segment ids: the most registers) at bf16 head_dim 128 (each compile takes seconds)."""
     import triton.language as tl
 
     from kernels import attention as A
@@ -519,19 +519,13 @@ def aot_cases():
                 bm, bn, warps, stages = cfg[name]
                 consts = dict(common, CAUSAL=True, WINDOW=False, PREFIX=False, HAS_SEG=False, BLOCK_M=bm, BLOCK_N=bn)
                 cases.append((f"{name} {ptr[1:]} d={d}", fn, types, consts, warps, stages))
-                if dtype == torch.bfloat16 and d == 128:  # the window and segment-id variants, non-causal for dK/dV
-                    consts = dict(consts, CAUSAL=name == "fwd", WINDOW=True, HAS_SEG=True)
-                    cases.append((f"{name} {ptr[1:]} d={d} window+segments", fn, types, consts, warps, stages))
-                    consts = dict(consts, CAUSAL=True, WINDOW=False, PREFIX=True)  # prefix LM: causal + prefix
-                    cases.append((f"{name} {ptr[1:]} d={d} prefix+segments", fn, types, consts, warps, stages))
+                if dtype == torch.bfloat16 and d == 128:  # every mask at once: window, prefix and segment ids
+                    consts = dict(consts, WINDOW=True, PREFIX=True, HAS_SEG=True)
+                    cases.append((f"{name} {ptr[1:]} d={d} window+prefix+segments", fn, types, consts, warps, stages))
             # backward's row statistics (with a gradient through lse), at the GPU's 64-row block
             consts = dict(HAS_DLSE=True, HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d(d), ACC=tl.float32)
             types_pre = dict(types, DLSE="*fp32")
             cases.append((f"preprocess {ptr[1:]} d={d}", A._attn_bwd_preprocess_kernel, types_pre, consts, 4, 1))
-    bm, bn, warps, stages = launch_config(128, torch.bfloat16, torch.device("cuda"))["fwd"]
-    consts = dict(HEAD_DIM=128, BLOCK_D=128, DOT=tl.bfloat16, PREC="tf32", ACC=tl.float32, BLOCK_M=bm, BLOCK_N=bn)
-    consts.update(CAUSAL=False, WINDOW=False, PREFIX=False, HAS_SEG=False)
-    cases.append(("fwd bf16 d=128 non-causal", A._attn_fwd_kernel, types, consts, warps, stages))
     return cases
 
 

@@ -92,7 +92,7 @@ REFERENCES = [
 
 def test_published_layouts_fit_and_their_mfu_is_in_range():
     """Each published layout fits in 80 GB by the planner's count, and its predicted MFU is within 0.5x to 2x the
-    published one (measured 2026-12-07: 8B 1.75x, 70B 0.93x, 405B 1.24x and 1.11x: a roofline without kernel
+    published one (measured 2026-12-07: 8B 1.72x, 70B 0.94x, 405B 1.20x and 1.08x: a roofline without kernel
     launch, optimizer or data-loading overheads is optimistic where compute dominates); interleaving is predicted
     faster than 1F1B on the same 405B layout, as measured (1.28x published)."""
     mfus = []

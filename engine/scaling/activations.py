@@ -1,0 +1,187 @@
+"""The activations this engine's own model stores for the backward pass, tensor by tensor, in bytes.
+
+Why: `memory.estimate_activations` is Korthikanti et al. 2022's tally for their GPT block (16-bit residual stream,
+dropout masks, the s x s scores). This engine trains differently: fp32 weights under bf16 autocast (so the residual
+stream and every norm's input are fp32, and each linear saves its own bf16 cast of its input), flash attention
+(softmax statistics instead of scores), dropout 0 by default, a SwiGLU MLP for llama. Measured on CPU with
+`torch.autograd.graph.saved_tensors_hooks` (tests/scaling/test_activation_tally.py), the tally here equals what the
+model saves byte for byte, for both kernel backends, every recompute mode, and tp 2 with and without sequence
+parallelism. At a 7B-like shape (d_model 4096, 32 heads, seq 4096) an engine layer stores 1.18x Korthikanti's
+selective-recompute figure for gpt2, 1.24x for llama with the Triton kernels and 1.63x with the torch ones (whose
+RMSNorm keeps its fp32 normalised input and whose SwiGLU keeps silu(gate)).
+
+Notation: n = tokens of one micro-batch on the rank (micro_batch * seq_len / cp), h = d_model, a = heads, f =
+ffn_hidden, t = tp, r = t with sequence parallelism else 1 (what sp shards along the sequence), v = padded vocabulary,
+kvw = this rank's key/value width (n_kv_heads * head_dim / t, or the whole width where the kv heads are replicated
+because t does not divide them). Per layer, recompute "none":
+
+    norm inputs, fp32 residual        2 * 4nh / r
+    norm statistics, fp32             2 * n * (8 LayerNorm: mean, rstd | 4 RMSNorm: rstd; + 4h for the torch
+                                      RMSNorm, which keeps its normalised input) / r
+    linear input casts, bf16          (3 + 2 llama | 1 gpt2) * 2nh      each of q/k/v and the first MLP linears
+                                      casts the norm output itself and keeps its copy; at the full sequence even
+                                      with sp (the projections save the gathered input, not this rank's shard)
+    q, k, v as attention saves them   2n(h/t + 2 kvw)                   (llama: q and k after rotary embedding)
+    attention output                  2nh / t                           (also the output projection's input)
+    softmax statistics (lse), fp32    4na / t
+    MLP, bf16                         gpt2: 2 * 2nf/t (GELU input, down-projection input)
+                                      llama: 3 * 2nf/t with the Triton SwiGLU (gate, up, down input),
+                                             4 * 2nf/t with the torch one (which also keeps silu(gate))
+"selective" recomputation drops only the lse: the attention core's inputs and output stay alive anyway (the
+projections produced and consume them), so with flash attention it saves little. "full" keeps each layer's fp32 input,
+4nh / r. First stage: the token ids (int64, 8n, shared by the lookups) and, under tp, the vocab-parallel embedding's
+mask (1 byte a token). Last stage: the final norm's input and statistics (as above), then the torch path keeps the
+head's bf16 input cast (2nh), the fp32 log-softmax (4nv/t) and, under tp, the vocab-parallel loss's two masks (2n);
+the Triton path's fused linear cross-entropy computes the gradients in the forward pass and keeps them: d(input), 2nh,
+and d(weight), 4vh/t, which does not grow with the batch. Both keep the int64 targets (8n).
+
+Where it goes, and what would cut it: the per-linear casts are the largest term with sp (Llama 3 70B at tp 8 + sp,
+8192 tokens: 50 of 71 GiB over 80 layers). Casting the norm output once for the projections that read it would keep
+two copies a layer instead of five, but autograd then sums the q/k/v (gate/up) input gradients in bf16: tried, it moved
+a bf16 FSDP2 test's loss 0.5% off one process's by step 8. Fused q/k/v and gate/up linears sum inside one GEMM in fp32;
+saving the sequence shard and all-gathering it again in the backward pass (as Megatron does) divides what is left by t.
+
+Besides activations, autocast keeps a bf16 copy of the matmul weights for the backward pass (2 bytes a parameter);
+`autocast_weight_bytes` counts them for a rank's local parameters.
+
+Not covered: dropout > 0 (the torch attention then falls back to a path that stores the s x s probabilities; use
+Korthikanti's tally, which counts masks), the fp16/fp32 precisions (every "bf16" above becomes the compute dtype's
+width), and the t5 encoder-decoder. Small tensors that do not grow with n (rotary tables, scalars) are left out.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+from engine.config import ModelConfig
+from engine.scaling.memory import estimate_activations
+
+_RECOMPUTE = ("none", "selective", "full")
+_KERNELS = ("torch", "triton")
+
+
+def _check(cfg: ModelConfig, tp: int, recompute: str, kernels: str) -> None:
+    if cfg.arch not in ("gpt2", "llama"):
+        raise ValueError(f"the activation tally covers arch gpt2 and llama, not {cfg.arch!r}")
+    if cfg.dropout:
+        raise ValueError("the activation tally covers dropout 0 (use memory.estimate_activations for dropout)")
+    if recompute not in _RECOMPUTE:
+        raise ValueError(f"recompute must be one of {', '.join(_RECOMPUTE)}, got {recompute!r}")
+    if kernels not in _KERNELS:
+        raise ValueError(f"kernels must be torch or triton, got {kernels!r}")
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1 or cfg.n_heads % tp:
+        raise ValueError(f"tp must be a positive integer dividing n_heads {cfg.n_heads}, got {tp!r}")
+
+
+def _norm_stats(cfg: ModelConfig, kernels: str) -> int:
+    """Bytes a token of the norm's statistics take beyond its fp32 input."""
+    if cfg.arch == "gpt2":
+        return 8  # LayerNorm: mean and rstd
+    return 4 + (4 * cfg.d_model if kernels == "torch" else 0)  # RMSNorm: rstd (+ the normalised input in torch)
+
+
+def layer_terms(cfg: ModelConfig, tokens: int, tp: int = 1, sp: bool = False, recompute: str = "none",
+                kernels: str = "triton") -> dict[str, Fraction]:  # fmt: skip
+    """Bytes one transformer layer of the engine stores for one micro-batch of `tokens` tokens on one tp rank, by
+    term (module docstring). `cfg` resolved (n_kv_heads and ffn_hidden set)."""
+    _check(cfg, tp, recompute, kernels)
+    n, h, a, f, t = tokens, cfg.d_model, cfg.n_heads, cfg.ffn_hidden, tp
+    r = t if sp and t > 1 else 1
+    if recompute == "full":
+        return {"layer input, fp32": Fraction(4 * n * h, r)}
+    head_dim = h // a
+    kvw = Fraction(cfg.n_kv_heads * head_dim, t if cfg.n_kv_heads % t == 0 else 1)
+    llama = cfg.arch == "llama"
+    mlp_tensors = (4 if kernels == "torch" else 3) if llama else 2
+    terms = {
+        "norm inputs, fp32": Fraction(2 * 4 * n * h, r),
+        "norm statistics": Fraction(2 * n * _norm_stats(cfg, kernels), r),
+        "linear input casts, bf16": Fraction((3 + (2 if llama else 1)) * 2 * n * h),
+        "q, k, v": 2 * n * (Fraction(h, t) + 2 * kvw),
+        "attention output": Fraction(2 * n * h, t),
+        "softmax statistics": Fraction(4 * n * a, t),
+        "MLP": Fraction(mlp_tensors * 2 * n * f, t),
+    }
+    if recompute == "selective":
+        del terms["softmax statistics"]
+    return terms
+
+
+def embedding_bytes(tokens: int, tp: int = 1) -> int:
+    """The first stage's stored tensors for one micro-batch: the int64 token ids, and the vocab-parallel
+    embedding's out-of-shard mask (1 byte a token) under tp."""
+    return 8 * tokens + (tokens if tp > 1 else 0)
+
+
+def output_terms(cfg: ModelConfig, tokens: int, tp: int = 1, sp: bool = False, kernels: str = "triton"
+                 ) -> dict[str, Fraction]:  # fmt: skip
+    """The last stage's stored tensors for one micro-batch: final norm, output head and loss (module docstring);
+    `cfg.vocab_size` is the padded vocabulary."""
+    _check(cfg, tp, "none", kernels)
+    n, h, v, t = tokens, cfg.d_model, cfg.vocab_size, tp
+    r = t if sp and t > 1 else 1
+    terms = {
+        "final norm input, fp32": Fraction(4 * n * h, r),
+        "final norm statistics": Fraction(n * _norm_stats(cfg, kernels), r),
+    }
+    if kernels == "triton":
+        terms["fused loss: input gradient"] = Fraction(2 * n * h)
+        terms["fused loss: weight gradient, fp32"] = Fraction(4 * v * h, t)
+    else:
+        terms["head input cast, bf16"] = Fraction(2 * n * h)
+        terms["log-softmax, fp32"] = Fraction(4 * n * v, t)
+        if t > 1:
+            terms["vocab-parallel loss masks"] = Fraction(2 * n)
+    terms["targets, int64"] = Fraction(8 * n)
+    return terms
+
+
+def autocast_weight_bytes(cfg: ModelConfig, layers: int, tp: int = 1, recompute: str = "none",
+                          kernels: str = "triton", last_stage: bool = True) -> int:  # fmt: skip
+    """The bf16 copies of a rank's matmul weights that autocast makes in the forward pass and the backward pass
+    needs (fp32 weights): each layer's projections (none under full recomputation, which casts them again in the
+    backward) and, on the last stage, the output head (not with the Triton fused loss, which reads the fp32 weight)."""
+    _check(cfg, tp, recompute, kernels)
+    h, f, t = cfg.d_model, cfg.ffn_hidden, tp
+    kv_heads = cfg.n_kv_heads if cfg.n_kv_heads % t else cfg.n_kv_heads // t
+    per_layer = 2 * h * h // t + 2 * h * kv_heads * (h // cfg.n_heads) + (3 if cfg.arch == "llama" else 2) * h * f // t
+    n = 0 if recompute == "full" else per_layer * layers
+    if last_stage and kernels == "torch":
+        n += cfg.vocab_size * h // t
+    return 2 * n
+
+
+def engine_activation_bytes(cfg: ModelConfig, micro_batch: int, layers: int, tp: int = 1, sp: bool = False,
+                            cp: int = 1, recompute: str = "none", kernels: str = "triton", first_stage: bool = True,
+                            last_stage: bool = True, in_flight_microbatches: float = 1) -> int:  # fmt: skip
+    """One rank's stored activations at its peak: `layers` layers and the embedding for `in_flight_microbatches`
+    micro-batches, plus the output term for one (as `memory.estimate_activations` composes Korthikanti's)."""
+    tokens = micro_batch * cfg.seq_len // cp
+    layer = sum(layer_terms(cfg, tokens, tp, sp, recompute, kernels).values())
+    held = layer * layers + (embedding_bytes(tokens, tp) if first_stage else 0)
+    total = held * Fraction(in_flight_microbatches)
+    if last_stage:
+        total += sum(output_terms(cfg, tokens, tp, sp, kernels).values())
+    return math.ceil(total)
+
+
+def rank_activation_bytes(cfg: ModelConfig, micro_batch: int, layers: int, tp: int = 1, sp: bool = False,
+                          cp: int = 1, recompute: str = "none", first_stage: bool = True, last_stage: bool = True,
+                          in_flight_microbatches: float = 1, autocast_copies: bool = True) -> int:  # fmt: skip
+    """What the dry run and the layout planner count as a rank's activations on a GPU: this module's tally for the
+    kernels a GPU run uses (Triton unless `model.kernels` is torch) plus, with `autocast_copies` (fp32 weights under
+    autocast), the weights' bf16 copies; for configs the tally does not cover (dropout > 0, other archs),
+    Korthikanti et al.'s (memory.estimate_activations; selective with flash attention, whose scores are never
+    stored)."""
+    if cfg.dropout == 0 and cfg.arch in ("gpt2", "llama"):
+        kernels = "torch" if cfg.kernels == "torch" else "triton"
+        act = engine_activation_bytes(cfg, micro_batch, layers, tp, sp, cp, recompute, kernels, first_stage,
+                                      last_stage, in_flight_microbatches)  # fmt: skip
+        copies = autocast_weight_bytes(cfg, layers, tp, recompute, kernels, last_stage) if autocast_copies else 0
+        return act + copies
+    return estimate_activations(
+        cfg.seq_len // cp, micro_batch, cfg.d_model, cfg.n_heads, cfg.vocab_size, layers, tp=tp, sp=sp,
+        recompute=recompute, first_stage=first_stage, last_stage=last_stage,
+        in_flight_microbatches=in_flight_microbatches,
+    ).total_bytes  # fmt: skip
