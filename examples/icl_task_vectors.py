@@ -6,7 +6,8 @@ against regular ICL and the zero-shot baseline.
 
 Trains two models of the same shape: one on next-token prediction only (as Hendel et al.'s pretrained models), one
 with Yang et al. 2025's task-vector prompting loss at --tvp-layer (0: skip it). Writes results.json and, with
-matplotlib, task_vectors.png (accuracy vs patched layer, with each model's ICL and zero-shot accuracy as lines).
+matplotlib, task_vectors.png (accuracy vs patched layer, with each model's ICL and zero-shot accuracy as lines, and
+how often the plain model's patched run answers the dummy query's f(x') instead).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         curves[f"task vector ({name})"] = r["task_vector_by_layer"]
         curves[f"ICL, {args.demos} demos ({name})"] = [r["icl"]] * args.layers
         curves[f"zero-shot ({name})"] = [r["zero_shot"]] * args.layers
+    curves["patched answers f(x'), the dummy's (plain)"] = results["plain"]["dummy_answer_by_layer"]
     png = plot_curves(curves, out / "task_vectors.png", "patched layer L", "accuracy",
                       f"task vectors: {args.layers}-layer GPT, {len(tasks)} tasks, {args.items} items", xs=layers)
     print(f"{total:.0f} s in all; wrote {out / 'results.json'}" + (f" and {png}" if png else ""))

@@ -230,9 +230,10 @@ def evaluate_task_vectors(
     accuracy of regular ICL ("S, x ->"), of the zero-shot baseline ("x ->") and of the task vector by layer (theta
     from "S, x' ->" patched into "x ->"), with the fraction of those answers that are the dummy query's f(x')
     instead (theta carrying x', not only the task); per task too. `conflict_by_layer`: demonstrations of a task A
-    with query x and theta of another task B patched in: the fractions answering f_B(x) and f_A(x)."""
+    with query x and theta of another task B patched in: the fractions answering f_B(x) and f_A(x) (both count
+    where the two maps agree on x)."""
     n_tasks, n_items = tables.shape
-    longest = min(n_items - 2, (model.cfg.seq_len - 3) // 4)  # the items the prompts use; the model's context
+    longest = min(n_items - 2, (model.cfg.seq_len - 3) // 4)  # distinct items for S, x' and x; prompt <= seq_len
     if not 1 <= n_demos <= longest:
         raise ValueError(f"n_demos must be in [1, {longest}] for {n_items} items and seq_len {model.cfg.seq_len}, "
                          f"got {n_demos}")
