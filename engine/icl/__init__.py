@@ -5,5 +5,6 @@
   those prompts;
 - linear_attention: one linear self-attention layer vs one gradient-descent step (von Oswald et al. 2023);
 - induction: the ICL score over training on repeated random sequences (Olsson et al. 2022);
+- task_vectors: a task vector taken from demonstrations and patched into a bare query (Hendel et al. 2023);
 - plots: the optional matplotlib figures.
 """

@@ -37,9 +37,9 @@ and d(weight), 4vh/t, which does not grow with the batch. Both keep the int64 ta
 
 Where it goes, and what would cut it: the per-linear casts are the largest term with sp (Llama 3 70B at tp 8 + sp,
 8192 tokens: 50 of 71 GiB over 80 layers). Casting the norm output once for the projections that read it would keep
-two copies a layer instead of five, but autograd then sums the q/k/v (gate/up) input gradients in bf16: tried, it moved
-a bf16 FSDP2 test's loss 0.5% off one process's by step 8. Fused q/k/v and gate/up linears sum inside one GEMM in fp32;
-saving the sequence shard and all-gathering it again in the backward pass (as Megatron does) divides what is left by t.
+two copies a layer instead of five, but autograd would then sum the q/k/v (gate/up) input gradients in bf16, one
+more rounding; fused q/k/v and gate/up linears keep that sum inside one GEMM's fp32 accumulation. Saving the sequence
+shard and all-gathering it again in the backward pass (as Megatron does) divides what is left by t.
 
 Besides activations, autocast keeps a bf16 copy of the matmul weights for the backward pass (2 bytes a parameter);
 `autocast_weight_bytes` counts them for a rank's local parameters.

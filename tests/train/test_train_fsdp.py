@@ -149,7 +149,9 @@ def _bf16_worker(rank, world, root, data):
     return _run(Path(root) / "a", data, parallel__dp_shard=2, train__param_dtype="bf16", **BF16_STEPS)
 
 
-BF16_STEPS = dict(train__steps=10, optim__decay_steps=10, train__micro_batch=1)  # bf16 rounding shows after 10 steps
+# bf16 rounding shows after 10 steps; at the default lr (3e-3) the one-process bf16 run spikes near step 8 on the
+# 375-token vocabulary, and two runs' rounding differences blow up there
+BF16_STEPS = dict(train__steps=10, optim__decay_steps=10, train__micro_batch=1, optim__lr=1.5e-3)
 
 
 @pytest.mark.distributed
