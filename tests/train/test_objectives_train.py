@@ -182,7 +182,7 @@ def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
         (dict(T5, train__objective="ul2", parallel__tp=2, parallel__sp="true"), "model.arch t5 with parallel.sp is"),
         (dict(T5, train__objective="ul2", model__seq_len=1024), "more than the tokenizer's 100 sentinel ids"),
         (dict(train__objective="fim", objective__fim_rate=1.5), "objective.fim_rate 1.5 is outside [0, 1]"),
-        (dict(train__objective="mlm", parallel__pp=2), "train.objective mlm (a bidirectional encoder) with"),
+        (dict(train__objective="mlm", parallel__cp=2), "train.objective mlm (a bidirectional encoder) with parallel"),
         (dict(train__objective="prefix", parallel__cp=2), "train.objective prefix (a bidirectional prefix) with"),
         (dict(train__objective="prefix", objective__prefix_max_frac=1.5), "objective.prefix_max_frac 1.5 is outside"),
         (dict(train__objective="mtp", parallel__pp=2), "train.objective mtp with parallel.pp > 1 is not supported"),

@@ -88,7 +88,7 @@ class PipelineRunner:
                 continue
             c, i, s = a.chunk, a.micro, stage_of(a.chunk, self.rank, self.pp)
             if a.kind == "F":
-                x, y, *rest = batches[i]  # rest: the model's keyword arguments (positions, segment ids): every stage
+                x, y, *rest = batches[i]  # rest: the model's keywords (positions, segment ids, causal, prefix_lengths)
                 kw = rest[0] if rest else {}
                 inp = x if s == 0 else st.received.pop(("F", c, i)).requires_grad_()
                 with self.autocast():
