@@ -11,12 +11,14 @@ Method:
 2. Each transform runs over the first `--samples` samples, already read into memory, one sample at a time on one
    core, as the trainer's collate calls it (`SampleObjective(name, seed, tokenizer, ...)(tokens, index)`, on a
    generator seeded by (seed, index)): clm, fim at fim_rate 0.5 and 1.0 (spm_rate 0.5, context level), mlm (15%),
-   and T5 span corruption (span_corruption.py: `random_spans_noise_mask` + `span_corrupt`, density 0.15, mean span
-   3) on raw samples of `t5_lengths(seq_len)[0]` tokens (a stream of that length minus one, so a sample holds
-   exactly that many). Today's tokenizers reserve 8 spare ids, fewer than the spans of a long window, so span
-   corruption takes stand-in sentinel ids above the vocabulary (T5's extra ids sit at its top; the cost does not
-   depend on their values). Best of `--repeats`. For the trainer's objectives the whole `collate` (dataset read,
-   transform, stacking into tensors) is timed on micro-batches of 16 samples too.
+   mtp (next-token samples: the extra modules shift the labels in the model), prefix (prefix_lm.py, a prefix
+   length per sample), and the encoder-decoder's span (T5 span corruption, density 0.15, mean span 3) and ul2 (the
+   seven-denoiser mixture at rates 0.4/0.4/0.2) with the tokenizer's sentinel ids, on windows of the objective's
+   `window_length` raw tokens (a stream of that length minus one, as the trainer builds it). Where the full UL2
+   mixture is refused (at seq 1024 its X denoisers make more spans than the 100 sentinels) the row "ul2 R+S" times
+   it at objective.ul2_x_rate 0 (the R and S denoisers) and the row's `note` keeps the refusal. Best of
+   `--repeats`. The whole `collate` (dataset read, transform, the per-row keywords, stacking into tensors) is timed
+   on micro-batches of 16 samples too.
 3. Consumption, the samples/s a training step takes:
    - tiny: measured, `engine.train.train` on examples/configs/tiny.toml for `--trainer-steps` steps on this CPU
      (no eval, no checkpoints; the loop's tokens/s, the mean over the steps after the first) / seq_len. With
@@ -24,6 +26,8 @@ Method:
      2026-11-29: 6,426 tokens/s), and the output says so.
    - 125M: computed for one H100 from `engine.model.gpt.flops_per_token` of examples/configs/gpt2_125m.toml at an
      ASSUMED 40% MFU of 989 TFLOP/s (dense bf16 peak): tokens/s = 0.4 x 989e12 / FLOPs per token, / seq_len.
+   The consumption is the decoder-only GPT's of each config: mtp's extra modules and the t5 encoder-decoder (span,
+   ul2: encoder and decoder layers) make a step slower, so their margins are, if anything, larger than shown.
 4. Margin = transform samples/s (one core) / consumption. The loader runs in the training process of each rank, so
    its time adds to the step: a margin of m costs about 1/m of the step; "the loader must never be the bottleneck"
    wants m well above 1.
@@ -50,7 +54,6 @@ from engine.config import load_config
 from engine.data._files import cache_root
 from engine.model.gpt import flops_per_token
 from engine.objectives.sample_objective import SampleObjective
-from engine.objectives.span_corruption import random_spans_noise_mask, span_corrupt, t5_lengths
 from engine.training.samples import SampleStream, SequenceLayout, collate, load_data_sources
 
 SEED = 1234
@@ -59,8 +62,18 @@ ASSUMED_MFU = 0.40
 RESULTS_TINY_TOKENS_PER_S = 6426.0  # benchmarks/RESULTS.md, "Training loop vs a plain PyTorch loop", 2026-11-29
 CONFIGS = {"tiny": "examples/configs/tiny.toml", "gpt2_125m": "examples/configs/gpt2_125m.toml"}
 MICRO_BATCH = 16
-# name -> (train.objective, fim_rate); span is timed separately (not a trainer objective yet)
-TRANSFORMS = {"clm": ("clm", 0.5), "fim0.5": ("fim", 0.5), "fim1.0": ("fim", 1.0), "mlm": ("mlm", 0.5)}
+# name -> (train.objective, SampleObjective keywords)
+TRANSFORMS = {
+    "clm": ("clm", {}),
+    "fim0.5": ("fim", {"fim_rate": 0.5}),
+    "fim1.0": ("fim", {"fim_rate": 1.0}),
+    "mlm": ("mlm", {}),
+    "mtp": ("mtp", {}),
+    "prefix": ("prefix", {}),
+    "span": ("span", {}),
+    "ul2": ("ul2", {}),
+}
+UL2_WITHOUT_X = ("ul2 R+S", {"ul2_x_rate": 0.0})  # where the full mixture needs more sentinels than there are
 
 
 def _config(name: str, *flags: str):
@@ -121,12 +134,16 @@ def _collate(stream: SampleStream, batches: list[list[int]], layout: SequenceLay
         collate(stream, indices, torch.device("cpu"), layout)
 
 
-def _span(tokenizer, raw: list[np.ndarray]) -> None:
-    """T5 span corruption of each raw sample, on the per-sample generator the trainer's objectives use."""
-    sentinels = tokenizer.vocab_size + np.arange(len(raw[0]))  # stand-ins above the vocabulary (see the docstring)
-    for k, tokens in enumerate(raw):
-        mask = random_spans_noise_mask(len(tokens), 0.15, 3.0, np.random.default_rng([SEED, k]))
-        span_corrupt(tokens, mask, sentinels, tokenizer.eod_id)
+def _objective(name: str, objective: str, kwargs: dict, tok, seq: int) -> tuple[str, SampleObjective, str]:
+    """(row name, the trainer's objective, note): ul2's full mixture, or without the X denoisers where it is
+    refused at this sequence length (the note says why)."""
+    try:
+        return name, SampleObjective(objective, SEED, tok, seq_len=seq, **kwargs), ""
+    except ValueError as e:
+        if objective != "ul2":
+            raise
+        label, fallback = UL2_WITHOUT_X
+        return label, SampleObjective(objective, SEED, tok, seq_len=seq, **fallback), f"full mixture refused: {e}"
 
 
 def bench_tokenizer(tok_name: str, seq_lens: dict[str, int], n: int, repeats: int) -> list[dict]:
@@ -143,20 +160,19 @@ def bench_tokenizer(tok_name: str, seq_lens: dict[str, int], n: int, repeats: in
         read_s = _best(repeats, _read, stream, n)
         base = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "config": config, "seq_len": seq,
                 "samples": n, "tokenizer_prep_s": prep_s, "read_samples_per_s": n / read_s}  # fmt: skip
-        for name, (objective, fim_rate) in TRANSFORMS.items():
-            obj = SampleObjective(objective, SEED, tok, fim_rate=fim_rate)
-            s = _best(repeats, _transform, obj, samples)
+        batches = [list(range(i, min(i + MICRO_BATCH, n))) for i in range(0, n, MICRO_BATCH)]
+        for name, (objective, kwargs) in TRANSFORMS.items():
+            label, obj, note = _objective(name, objective, kwargs, tok, seq)
             layout = None if objective == "clm" else SequenceLayout(objective=obj)  # as from_config makes them
-            batches = [list(range(i, min(i + MICRO_BATCH, n))) for i in range(0, n, MICRO_BATCH)]
-            c = _best(repeats, _collate, stream, batches, layout)
-            rows.append({**base, "transform": name, "samples_per_s": n / s, "collate_samples_per_s": n / c})
-        raw_len = t5_lengths(seq)[0]
-        raw_stream = SampleStream(data.train_prefix, raw_len - 1, SEED, tok.vocab_size, index_cache)
-        raw = [np.asarray(raw_stream[k]["tokens"], dtype=np.int64) for k in range(n)]
-        assert len(raw[0]) == raw_len
-        s = _best(repeats, _span, tok, raw)
-        rows.append({**base, "transform": "span", "raw_len": raw_len, "samples_per_s": n / s,
-                     "collate_samples_per_s": None})  # fmt: skip
+            window = obj.window_length  # seq_len + 1, or the denoisers' window (span, ul2)
+            src = stream if window == seq + 1 else SampleStream(data.train_prefix, window - 1, SEED, tok.vocab_size,
+                                                                index_cache)  # fmt: skip
+            own = samples if src is stream else [np.asarray(src[k]["tokens"], dtype=np.int64) for k in range(n)]
+            assert len(own[0]) == window
+            s = _best(repeats, _transform, obj, own)
+            c = _best(repeats, _collate, src, batches, layout)
+            rows.append({**base, "transform": label, "raw_len": window, "samples_per_s": n / s,
+                         "collate_samples_per_s": n / c, "note": note})  # fmt: skip
     return rows
 
 
@@ -183,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         need = consumption[r["config"]]["samples_per_s"]
         r["consumption_samples_per_s"] = need
         r["margin"] = r["samples_per_s"] / need
-        r["collate_margin"] = r["collate_samples_per_s"] / need if r["collate_samples_per_s"] else None
+        r["collate_margin"] = r["collate_samples_per_s"] / need
 
     report = {"date": datetime.date.today().isoformat(), "device": f"CPU, {os.cpu_count()} cores",
               "python": platform.python_version(), "torch": torch.__version__, "smoke": args.smoke,
@@ -195,15 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     _table("consumption (samples/s a training step takes)", ["config", "seq_len", "tokens/s", "samples/s", "source"],
            [[c["config"], c["seq_len"], f"{c['tokens_per_s']:,.0f}", f"{c['samples_per_s']:,.1f}", c["source"]]
             for c in consumption.values()])  # fmt: skip
-    fmt = lambda x: "-" if x is None else f"{x:,.0f}"
+    fmt = lambda x: f"{x:,.0f}"
     _table(
         f"transforms, one core, best of {args.repeats} over {args.samples} samples (margin = samples/s / consumption)",
         ["tokenizer", "config", "seq_len", "transform", "samples/s", "tokens/s", "margin", "collate samples/s",
          "collate margin"],
         [[r["tokenizer"], r["config"], r["seq_len"], r["transform"], fmt(r["samples_per_s"]),
           fmt(r["samples_per_s"] * r["seq_len"]), f"{r['margin']:,.1f}x", fmt(r["collate_samples_per_s"]),
-          "-" if r["collate_margin"] is None else f"{r['collate_margin']:,.1f}x"] for r in rows],
+          f"{r['collate_margin']:,.1f}x"] for r in rows],
     )  # fmt: skip
+    for r in rows:
+        if r["note"]:
+            print(f"{r['tokenizer']} {r['config']} {r['transform']}: {r['note']}")
     return 0
 
 
