@@ -38,13 +38,20 @@ setup(
     extras_require={
         # safetensors: reads back the consolidate CLI's output; scipy: the independent scaling-law fit in the tests;
         # matplotlib: the loss curve of examples/lab_tiny_lm.py
+        # fasttext-wheel: the language_id step's tests (a 4 MB binary wheel; `fasttext` itself has no wheel for 3.11)
         "test": ["pytest>=7", "ruff>=0.5", "safetensors", "scipy", "matplotlib",
-                 "transformers>=5,<5.25"],  # 5.25 needs hub `kernels`
+                 "transformers>=5,<5.25",  # 5.25 needs hub `kernels`
+                 "fasttext-wheel==0.9.2"],
         # Optional speed-ups; the engine detects them at run time and never requires them.
         "cuda": ["flash-attn", "nvidia-ml-py"],
         "tensorboard": ["tensorboard"],
         # benchmarks/bench_curation.py's reference: datatrove 0.10 hashes str with xxhash, which 4.x refuses
         "bench": ["datatrove", "nltk", "xxhash<4"],
+        # curation's language_id step (a fastText model file you download yourself); engine/data/curation calls the
+        # binding's predict, so NumPy 2 works with this 0.9.2 wheel
+        "curation": ["fasttext-wheel==0.9.2"],
+        # curation on several machines: python -m engine.data.curate --executor ray
+        "ray": ["ray>=2.10"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

@@ -1,6 +1,6 @@
 """Data curation: quality filters (Gopher, C4, FineWeb), exact, MinHash near-duplicate and suffix-array substring
-dedup, PII redaction, run as resumable stages over input files (`python -m engine.data.curate`). Names load on first
-use."""
+dedup, PII redaction, language identification with a user-provided fastText model, run as resumable stages over input
+files on a local process pool or Ray (`python -m engine.data.curate`). Names load on first use."""
 
 from engine._lazy import lazy_exports
 
@@ -14,6 +14,7 @@ _EXPORTS = {
     "register_step": "engine.data.curation.steps",
     "make_step": "engine.data.curation.steps",
     "LocalExecutor": "engine.data.curation.executor",
+    "RayExecutor": "engine.data.curation.ray_executor",
     "read_documents": "engine.data.curation.documents",
     "document_writer": "engine.data.curation.documents",
     "GopherQualityFilter": "engine.data.curation.gopher",
@@ -21,6 +22,7 @@ _EXPORTS = {
     "C4QualityFilter": "engine.data.curation.c4",
     "FineWebQualityFilter": "engine.data.curation.fineweb",
     "PIIRedactor": "engine.data.curation.pii",
+    "LanguageID": "engine.data.curation.language_id",
     "ExactDedup": "engine.data.curation.exact_dedup",
     "MinHashDedup": "engine.data.curation.minhash",
     "SubstringDedup": "engine.data.curation.substring_dedup",

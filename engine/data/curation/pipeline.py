@@ -28,7 +28,16 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # the step modules register their steps on import
-from engine.data.curation import c4, exact_dedup, fineweb, gopher, minhash, pii, substring_dedup  # noqa: F401
+from engine.data.curation import (  # noqa: F401
+    c4,
+    exact_dedup,
+    fineweb,
+    gopher,
+    language_id,
+    minhash,
+    pii,
+    substring_dedup,
+)
 from engine.data.curation.steps import CurationError, DedupStep, DocumentStep, Step, make_step
 
 # FineWeb's order (Penedo et al. 2024): quality filters, then MinHash dedup, then PII redaction

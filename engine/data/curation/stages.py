@@ -22,13 +22,14 @@ import numpy as np
 from engine.data._files import atomic_write, remove_stale_temps
 from engine.data.curation.documents import document_writer, read_documents
 from engine.data.curation.pipeline import Pipeline
-from engine.data.curation.steps import DedupStep
+from engine.data.curation.steps import CurationError, DedupStep
 from engine.data.curation.substring_dedup import apply_cuts
 
 SAMPLES_PER_REASON = 3
 SAMPLE_CHARS = 300
 KEY_BATCH_DOCS = 256  # dedup keys are computed this many documents at a time (bounds memory)
 NOT_REMOVED = -1
+METADATA_KEY = "metadata"  # where a step's labels go (language ID's), as in datatrove's and FineWeb's documents
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,23 @@ def read_marker(path: str) -> dict[str, Any] | None:
         return None
 
 
-def _sample(step: int, reason: str, idx: int, line: int, doc: dict, text: str) -> dict[str, Any]:
+def _sample(step: int, reason: str, idx: int, line: int, doc: dict, trace: "DocumentTrace") -> dict[str, Any]:
     sample = {"step": step, "reason": reason, "index": idx, "line": line, "id": doc.get("id")}
-    return {**sample, "text": text[:SAMPLE_CHARS]}
+    labels = {METADATA_KEY: trace.labels} if trace.labels else {}  # e.g. the language that removed it
+    return {**sample, "text": trace.text[:SAMPLE_CHARS], **labels}
+
+
+def with_labels(doc: dict, labels: dict[str, Any], where: str) -> dict:
+    """`doc` with the steps' labels merged into its `metadata` dict (created if absent); other fields unchanged."""
+    if not labels:
+        return doc
+    metadata = doc.get(METADATA_KEY)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        kind = type(metadata).__name__
+        raise CurationError(f"{where}: {METADATA_KEY!r} is {kind}, not an object, so labels cannot be added to it")
+    return {**doc, METADATA_KEY: {**metadata, **labels}}
 
 
 @dataclass
@@ -98,6 +113,7 @@ class DocumentTrace:
     sizes: list[int]  # UTF-8 bytes before step 0, after step 0, ...; -1 after its removal
     changed: list[bool]  # per step: did the step change the text
     dedup_texts: dict[int, str]  # the text as it reached each dedup step
+    labels: dict[str, Any]  # what the steps it reached recorded for its metadata (DocumentStep.label)
 
 
 def trace_document(steps: list, text: str) -> DocumentTrace:
@@ -105,18 +121,20 @@ def trace_document(steps: list, text: str) -> DocumentTrace:
     sizes = [len(text.encode("utf-8"))] + [-1] * len(steps)
     changed = [False] * len(steps)
     dedup_texts = {}
+    labels: dict[str, Any] = {}
     for j, step in enumerate(steps):
         if isinstance(step, DedupStep):
             dedup_texts[j] = text
             sizes[j + 1] = sizes[j]
             continue
-        new_text, reason = step.process(text)
+        new_text, reason, step_labels = step.label(text)
+        labels.update(step_labels)
         if reason is not None:
-            return DocumentTrace(text, j, reason, sizes, changed, dedup_texts)
+            return DocumentTrace(text, j, reason, sizes, changed, dedup_texts, labels)
         changed[j] = new_text != text
         text = new_text
         sizes[j + 1] = len(text.encode("utf-8")) if changed[j] else sizes[j]
-    return DocumentTrace(text, NOT_REMOVED, None, sizes, changed, dedup_texts)
+    return DocumentTrace(text, NOT_REMOVED, None, sizes, changed, dedup_texts, labels)
 
 
 def process_shard(shard: int, path: str, pipeline: Pipeline, paths: RunPaths) -> dict[str, Any]:
@@ -155,14 +173,14 @@ def process_shard(shard: int, path: str, pipeline: Pipeline, paths: RunPaths) ->
                 pending[j].append(text)
                 key_idx[j].append(idx)
             if trace.reason is None:
-                write({**doc, pipeline.text_key: trace.text})
+                write(with_labels({**doc, pipeline.text_key: trace.text}, trace.labels, f"{path}:{line}"))
             else:
                 if trace.reason not in reasons:
                     reasons.append(trace.reason)
                 slot = (trace.removed_at, trace.reason)
                 if sampled.get(slot, 0) < SAMPLES_PER_REASON:
                     sampled[slot] = sampled.get(slot, 0) + 1
-                    samples.append(_sample(*slot, idx, line, doc, trace.text))
+                    samples.append(_sample(*slot, idx, line, doc, trace))
             lines.append(line)  # the trace's small fields only: its text is not kept in memory
             removed_at.append(trace.removed_at)
             reason_code.append(-1 if trace.reason is None else reasons.index(trace.reason))

@@ -32,6 +32,12 @@ class DocumentStep(Step):
     def process(self, text: str) -> tuple[str, str | None]:
         raise NotImplementedError
 
+    def label(self, text: str) -> tuple[str, str | None, dict[str, Any]]:
+        """`process`, plus fields the step records under the document's `metadata` key (language ID's language and
+        score, as datatrove does); most steps record none. The pipeline calls this one."""
+        text, reason = self.process(text)
+        return text, reason, {}
+
 
 @dataclass
 class DedupStep(Step):
@@ -61,7 +67,7 @@ def register_step(cls: type[Step]) -> type[Step]:
     return cls
 
 
-BUILTIN_STEP_MODULES = ("c4", "exact_dedup", "fineweb", "gopher", "minhash", "pii", "substring_dedup")
+BUILTIN_STEP_MODULES = ("c4", "exact_dedup", "fineweb", "gopher", "language_id", "minhash", "pii", "substring_dedup")
 
 
 def make_step(name: str, params: dict[str, Any] | None = None) -> Step:

@@ -123,7 +123,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     rc, err = cli(capsys, "--input", good, "--output", tmp_path / "o2", "--steps", "exact_dedup,fuzzy")
     assert rc == 2 and err == (
         "error: unknown step 'fuzzy'; known steps: "
-        "c4, exact_dedup, fineweb, gopher_quality, gopher_repetition, minhash_dedup, pii, substring_dedup"
+        "c4, exact_dedup, fineweb, gopher_quality, gopher_repetition, language_id, minhash_dedup, pii, substring_dedup"
     )
     write_jsonl(tmp_path / "k.jsonl", [{"text": "a"}, {"content": "b", "id": 2}])
     rc, err = cli(capsys, "--input", tmp_path / "k.jsonl", "--output", tmp_path / "o3", "--steps", "pii")
