@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.model.shared_cast import shared_autocast_inputs
 from kernels.glu import swiglu
 from kernels.norms import RMSNorm, rms_norm
 
@@ -56,7 +57,8 @@ class SwiGLUMLP(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+        xg, xu = shared_autocast_inputs(x, 2)  # one 16-bit copy of x kept for gate and up, not two
+        return self.down_proj(swiglu(self.gate_proj(xg), self.up_proj(xu), backend=self.backend))
 
     def extra_repr(self) -> str:
         return f"swiglu, backend={self.backend!r}"

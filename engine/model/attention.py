@@ -16,6 +16,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.model import ops
 from engine.model.layers import Dropout, RNGContext
+from engine.model.shared_cast import shared_autocast_inputs
 
 
 class AttentionCore(nn.Module):
@@ -65,9 +66,10 @@ class Attention(nn.Module):
         each token, attention staying within one (packed sequences); `prefix_lengths` (b,): each row's prefix, seen
         by every query (prefix LM)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        xq, xk, xv = shared_autocast_inputs(x, 3)  # one 16-bit copy of x kept for the three, not three
+        q = self.q_proj(xq).view(b, s, -1, self.head_dim)
+        k = self.k_proj(xk).view(b, s, -1, self.head_dim)
+        v = self.v_proj(xv).view(b, s, -1, self.head_dim)
         if self.rope:  # cos, sin: (>= s, head_dim / 2) rotary tables
             if positions is None:
                 cos, sin = cos[:s], sin[:s]

@@ -36,6 +36,7 @@ from engine.model.gpt import GPT, Block
 from engine.model.head import OutputHead
 from engine.model.layers import Dropout, Norm
 from engine.model.mlp import MLP
+from engine.model.shared_cast import shared_autocast_inputs
 from engine.objectives.sample_objective import ENCODER_DECODER_OBJECTIVES
 
 
@@ -73,8 +74,9 @@ class CrossAttention(Attention):
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim)
-        k = self.k_proj(memory).view(b, memory.shape[1], -1, self.head_dim)
-        v = self.v_proj(memory).view(b, memory.shape[1], -1, self.head_dim)
+        mk, mv = shared_autocast_inputs(memory, 2)  # one 16-bit copy of the encoder output for k and v
+        k = self.k_proj(mk).view(b, memory.shape[1], -1, self.head_dim)
+        v = self.v_proj(mv).view(b, memory.shape[1], -1, self.head_dim)
         y = self.core(q, k, v, None, False)
         return self.resid_dropout(self.o_proj(y.reshape(b, t, -1)))
 

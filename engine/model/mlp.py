@@ -10,6 +10,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.model import ops
 from engine.model.layers import Dropout
+from engine.model.shared_cast import shared_autocast_inputs
 
 
 class MLP(nn.Module):
@@ -27,7 +28,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            h = ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend)
+            xg, xu = shared_autocast_inputs(x, 2)  # one 16-bit copy of x kept for gate and up, not two
+            h = ops.swiglu(self.gate_proj(xg), self.up_proj(xu), backend=self.backend)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")  # GPT-2's tanh approximation
         return self.dropout(self.down_proj(h))

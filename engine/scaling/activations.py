@@ -2,13 +2,13 @@
 
 Why: `memory.estimate_activations` is Korthikanti et al. 2022's tally for their GPT block (16-bit residual stream,
 dropout masks, the s x s scores). This engine trains differently: fp32 weights under bf16 autocast (so the residual
-stream and every norm's input are fp32, and each linear saves its own bf16 cast of its input), flash attention
+stream and every norm's input are fp32, and the projections save a bf16 cast of their input), flash attention
 (softmax statistics instead of scores), dropout 0 by default, a SwiGLU MLP for llama. Measured on CPU with
 `torch.autograd.graph.saved_tensors_hooks` (tests/scaling/test_activation_tally.py), the tally here equals what the
 model saves byte for byte, for both kernel backends, every recompute mode, and tp 2 with and without sequence
-parallelism. At a 7B-like shape (d_model 4096, 32 heads, seq 4096) an engine layer stores 1.18x Korthikanti's
-selective-recompute figure for gpt2, 1.24x for llama with the Triton kernels and 1.63x with the torch ones (whose
-RMSNorm keeps its fp32 normalised input and whose SwiGLU keeps silu(gate)).
+parallelism. At a 7B-like shape (d_model 4096, 32 heads, seq 4096) an engine layer stores 1.06x Korthikanti's
+selective-recompute figure for gpt2 and for llama with the Triton kernels, 1.45x with the torch ones (whose RMSNorm
+keeps its fp32 normalised input and whose SwiGLU keeps silu(gate)).
 
 Notation: n = tokens of one micro-batch on the rank (micro_batch * seq_len / cp), h = d_model, a = heads, f =
 ffn_hidden, t = tp, r = t with sequence parallelism else 1 (what sp shards along the sequence), v = padded vocabulary,
@@ -18,8 +18,8 @@ because t does not divide them). Per layer, recompute "none":
     norm inputs, fp32 residual        2 * 4nh / r
     norm statistics, fp32             2 * n * (8 LayerNorm: mean, rstd | 4 RMSNorm: rstd; + 4h for the torch
                                       RMSNorm, which keeps its normalised input) / r
-    linear input casts, bf16          (3 + 2 llama | 1 gpt2) * 2nh      each of q/k/v and the first MLP linears
-                                      casts the norm output itself and keeps its copy; at the full sequence even
+    projection inputs, bf16           2 * 2nh                           each norm output cast once and shared by
+                                      q/k/v (gate/up) (engine/model/shared_cast.py); at the full sequence even
                                       with sp (the projections save the gathered input, not this rank's shard)
     q, k, v as attention saves them   2n(h/t + 2 kvw)                   (llama: q and k after rotary embedding)
     attention output                  2nh / t                           (also the output projection's input)
@@ -35,11 +35,10 @@ head's bf16 input cast (2nh), the fp32 log-softmax (4nv/t) and, under tp, the vo
 the Triton path's fused linear cross-entropy computes the gradients in the forward pass and keeps them: d(input), 2nh,
 and d(weight), 4vh/t, which does not grow with the batch. Both keep the int64 targets (8n).
 
-Where it goes, and what would cut it: the per-linear casts are the largest term with sp (Llama 3 70B at tp 8 + sp,
-8192 tokens: 50 of 71 GiB over 80 layers). Casting the norm output once for the projections that read it would keep
-two copies a layer instead of five, but autograd would then sum the q/k/v (gate/up) input gradients in bf16, one
-more rounding; fused q/k/v and gate/up linears keep that sum inside one GEMM's fp32 accumulation. Saving the sequence
-shard and all-gathering it again in the backward pass (as Megatron does) divides what is left by t.
+Where it goes, and what would cut it: with sp the projections' inputs are the largest term (Llama 3 70B at tp 8 + sp,
+8192 tokens: 20 of 41 GiB over 80 layers; 50 of 71 before the projections shared one cast), because they are kept at
+the full sequence. Saving the sequence shard and all-gathering it again in the backward pass (as Megatron does)
+would divide that term by t.
 
 Besides activations, autocast keeps a bf16 copy of the matmul weights for the backward pass (2 bytes a parameter);
 `autocast_weight_bytes` counts them for a rank's local parameters.
@@ -97,7 +96,7 @@ def layer_terms(cfg: ModelConfig, tokens: int, tp: int = 1, sp: bool = False, re
     terms = {
         "norm inputs, fp32": Fraction(2 * 4 * n * h, r),
         "norm statistics": Fraction(2 * n * _norm_stats(cfg, kernels), r),
-        "linear input casts, bf16": Fraction((3 + (2 if llama else 1)) * 2 * n * h),
+        "projection inputs, bf16": Fraction(2 * 2 * n * h),
         "q, k, v": 2 * n * (Fraction(h, t) + 2 * kvw),
         "attention output": Fraction(2 * n * h, t),
         "softmax statistics": Fraction(4 * n * a, t),

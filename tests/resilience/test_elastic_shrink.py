@@ -12,9 +12,9 @@ resharding it from dp 2 to dp 1 with the same global batch, and the job runs to 
 
 The launcher (written into the test's directory) wraps `engine.train.main`: it records, per agent, attempt and
 rank, the worker's start (with WORLD_SIZE and the node rank), each step and how the worker ended; on attempt 0 it
-sleeps before each step so the kill lands mid-run. Losses, gradient norms and learning rates for every step equal
-an uninterrupted two-process torchrun run's to 1e-5 relative (the engine's layout-invariance contract; the dp-2
-steps before the kill match bit for bit).
+sleeps before each step so the kill lands mid-run. Losses and learning rates for every step equal an uninterrupted
+two-process torchrun run's to 1e-5 relative, gradient norms to 1e-4 (the engine's layout-invariance contract; the
+dp-2 steps before the kill match bit for bit).
 """
 
 import json
@@ -222,8 +222,8 @@ def test_lost_node_shrinks_dp_and_training_continues(tmp_path):
     got, want = _by_step(run_dir), _by_step(ref_dir)
     assert sorted(got) == sorted(want) == list(range(0, STEPS + 1))  # step 0: the evaluation before training
     for step in range(1, STEPS + 1):
-        for key in ("loss", "grad_norm", "lr"):
-            assert _close(got[step][key], want[step][key]), (step, key, got[step][key], want[step][key])
+        for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4), ("lr", 1e-5)):  # norms to 1e-4, as test_model_tp's
+            assert _close(got[step][key], want[step][key], rel), (step, key, got[step][key], want[step][key])
     for step in range(0, STEPS + 1, COMMON["eval__every"]):
         assert _close(got[step]["val_loss"], want[step]["val_loss"]), (step, got[step], want[step])
     for step in range(1, resume_step + 1):  # the dp-2 steps before the kill: the same layout, bit for bit
