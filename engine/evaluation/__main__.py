@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -31,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog="python -m engine.evaluation", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="a run directory, its checkpoints folder or one step directory")
-    p.add_argument("--data", help="held-out dataset prefix (PREFIX.bin/.idx); default: the run's data.valid_path")
+    p.add_argument("--data", help="held-out dataset prefix (PREFIX.bin/.idx) or blend \"w1 prefix1 w2 prefix2\"; "
+                   "default: the run's data.valid_path")
     p.add_argument("--batches", type=int, help="global batches of held-out samples; default: the run's eval.batches")
     p.add_argument("--no-perplexity", action="store_true", help="skip the validation loss")
     p.add_argument("--tasks", nargs="+", default=[], metavar="FILE.jsonl", help="multiple-choice task files")
@@ -74,6 +76,8 @@ def _print(out: dict[str, Any]) -> None:
     if v:
         print(f"validation: loss {v['loss']:.6f}  perplexity {v['perplexity']:.4f}  ({v['samples']} samples of "
               f"{v['data']})")  # fmt: skip
+        for name, loss in v.get("components", {}).items():
+            print(f"  {name}: loss {loss:.6f}  perplexity {math.exp(min(loss, 50.0)):.4f}")
     for path, r in out["tasks"].items():
         err = f" (+- {r['acc_stderr']:.4f})" if r["acc_stderr"] is not None else ""
         print(f"{r['task']}: acc {r['acc']:.4f}{err}  acc_norm {r['acc_norm']:.4f}  "

@@ -43,6 +43,20 @@ def test_perplexity_is_the_trainers_validation_loss(trained_run, tiny_data, caps
     assert more["samples"] == 12 and more["loss"] != v["loss"] and more["loss"] < logged[0]
 
 
+def test_a_blend_reports_each_component(trained_run, tiny_data, capsys):
+    """Held-out data given as a blend: the loss per component (the trainer's val_loss/<name>), the overall loss
+    their token-weighted mean, so between them."""
+    run_dir = trained_run[0]
+    blend = f"1 {tiny_data[1]} 1 {tiny_data[0]}"
+    v = _run_json(capsys, run_dir, "--data", blend, "--batches", 2)["validation"]
+    names = [p.rsplit("/", 1)[-1] for p in (tiny_data[1], tiny_data[0])]
+    assert list(v["components"]) == names and v["data"] == blend
+    assert min(v["components"].values()) <= v["loss"] <= max(v["components"].values())
+    assert main([str(run_dir), "--data", blend, "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {n}: loss " in out for n in names), out
+
+
 class ConstantLogits(nn.Module):
     """A language model whose next-token logits are the same at every position: `logits`."""
 
@@ -135,9 +149,10 @@ def test_tasks_through_the_cli(trained_run, tmp_path, capsys):
         ("answer", r"t.jsonl:2: answer 2 is out of range for 2 choices"),
         ("shots", "3 shots need 4 items in the task file, it has 2"),
         ("data", r"held-out data .*nowhere.bin/.idx not found"),
+        ("blend", r"held-out data .*nowhere.bin/.idx not found"),
     ],
 )
-def test_bad_input_is_one_line(case, expected, trained_run, tmp_path, capsys):
+def test_bad_input_is_one_line(case, expected, trained_run, tiny_data, tmp_path, capsys):
     ok = json.dumps({"context": "a", "choices": ["b", "c"], "answer": 0})
     run, extra = trained_run[0], []
     if case == "missing":
@@ -147,6 +162,8 @@ def test_bad_input_is_one_line(case, expected, trained_run, tmp_path, capsys):
         run.mkdir()
     elif case == "data":
         extra = ["--data", str(tmp_path / "nowhere")]
+    elif case == "blend":  # the valid split exists, the second component does not
+        extra = ["--data", f"1 {tiny_data[1]} 1 {tmp_path / 'nowhere'}"]
     else:
         lines = {"bad_json": [ok, "{oops"], "no_choices": ['{"context": "a", "answer": 0}'],
                  "answer": [ok, ok.replace('"answer": 0', '"answer": 2')], "shots": [ok, ok]}[case]  # fmt: skip
