@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.steps, args.span, args.batch, args.eval_every, args.eval_batch, args.vocab - 1) < 1 or args.seq_len < 8:
         print("error: --steps, --span, --batch, --eval-every, --eval-batch must be >= 1, --vocab >= 2, --seq-len >= 8")
         return 2
+    evaluations = -(-args.steps // args.eval_every) + 1
+    if evaluations < 2 * args.span + 1:
+        print(f"error: {evaluations} evaluations (--steps / --eval-every + 1) are too few to find the fall over "
+              f"--span {args.span} intervals: need {2 * args.span + 1}")
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     run = InductionTraining(

@@ -135,7 +135,7 @@ class InductionTraining:
     steps: int = 1500
     batch: int = 16
     lr: float = 3e-3
-    warmup: int = 100  # steps of linear learning-rate warmup, then constant
+    warmup: int = 300  # steps of linear learning-rate warmup, then constant
     weight_decay: float = 0.0
     eval_every: int = 25
     eval_batch: int = 64
