@@ -127,6 +127,10 @@ def previous_token_scores(probs: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class InductionTraining:
+    """One run's shape and budget. The defaults show the phase change on 2 CPU cores in about 1.5 minutes
+    (docs/icl.md: seeds 0-3 change between steps 650 and 950); the 300-step warmup keeps a seed from settling on
+    uniform predictions, as seed 2 did with 100."""
+
     seq_len: int = 128
     vocab: int = 64
     n_layers: int = 2
