@@ -10,6 +10,7 @@ Every step trains on fresh prompts: no task is seen twice, so a low error is in-
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
@@ -58,7 +59,8 @@ class RegressionTransformer(nn.Module):
 
 @dataclasses.dataclass
 class RegressionTraining:
-    """One run: d, prompt length, model shape and Adam; curriculum_every > 0 grows the active dimension from
+    """One run: d, prompt length, model shape and Adam (linear warmup, then constant or cosine-decayed lr);
+    curriculum_every > 0 grows the active dimension from
     `curriculum_start` by 1 (and the prompt by 2 points) every that many steps (Garg et al.'s curriculum)."""
 
     d: int = 5
@@ -70,6 +72,7 @@ class RegressionTraining:
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 50
+    min_lr_ratio: float = 1.0  # < 1: cosine decay from lr to lr * min_lr_ratio after the warmup; 1: constant
     curriculum_start: int = 0  # 0: no curriculum
     curriculum_every: int = 0
     seed: int = 0
@@ -89,6 +92,13 @@ class RegressionTraining:
         points = min(self.n_points, self.n_points - 2 * (self.d - dims))
         return dims, max(points, 2)
 
+    def lr_factor(self, step: int) -> float:
+        """The lr multiplier at `step`: linear warmup to 1, then a cosine down to `min_lr_ratio` at the last step."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - 1 - self.warmup)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
 
 def train_regression(run: RegressionTraining, log_every: int = 0) -> tuple[RegressionTransformer, list[dict]]:
     """Trains on fresh prompts each step (mean squared error over every prediction of the prompt, / d); returns the
@@ -97,7 +107,7 @@ def train_regression(run: RegressionTraining, log_every: int = 0) -> tuple[Regre
     gen = torch.Generator().manual_seed(run.seed)
     model = RegressionTransformer(run.d, run.model_config(), seed=run.seed)
     opt = torch.optim.Adam(model.parameters(), lr=run.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(run.warmup, 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, run.lr_factor)
     log, start = [], time.perf_counter()
     for step in range(run.steps):
         dims, points = run.curriculum(step)
