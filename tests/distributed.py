@@ -65,6 +65,17 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, env: dict, args
             dist.destroy_process_group()
 
 
+def _drain(queue, errors: dict[int, str], expected: int, wait: float = 3.0) -> None:
+    """Collects up to `expected` more error reports, each arriving within `wait` seconds."""
+    for _ in range(expected):
+        try:
+            rank, status, payload = queue.get(timeout=wait)
+        except Exception:  # queue.Empty: the others are blocked or done
+            return
+        if status != "ok":
+            errors[rank] = payload
+
+
 def _relay(logs: str, world_size: int) -> None:
     """Copies the ranks' stdout and stderr, rank by rank, to this process's, then removes the files."""
     for name, stream in (("out", sys.stdout), ("err", sys.stderr)):
@@ -113,7 +124,9 @@ def run_distributed(
                 results[rank] = payload
             else:
                 errors[rank] = payload
-                # One failing rank usually leaves the others blocked in a collective: stop waiting for them.
+                # One failing rank usually leaves the others blocked in a collective: stop waiting for them,
+                # but keep the errors the others report soon after (the first to arrive may not be the cause).
+                _drain(queue, errors, world_size - len(results) - len(errors))
                 break
     finally:
         for p in procs:
@@ -125,5 +138,6 @@ def run_distributed(
         _relay(logs, world_size)
     if errors:
         first = min(errors)
-        raise RuntimeError(f"rank {first} failed:\n{errors[first]}")
+        others = "".join(f"\n--- rank {r} also failed ---\n{tb}" for r, tb in sorted(errors.items()) if r != first)
+        raise RuntimeError(f"rank {first} failed:\n{errors[first]}{others}")
     return [results[r] for r in range(world_size)]
