@@ -5,7 +5,7 @@ row gets a prefix length P drawn uniformly in [`--objective.prefix_min_frac`, `-
 length (default the whole range [0, 1]); attention is bidirectional over the first P positions and causal after them,
 and the loss covers only the tokens after the prefix. The same model then generates left to right conditioned on a
 bidirectionally read prompt. With no flags: the tiny default model on the embedded corpus, into runs/prefix_lm unless
-`--run.dir` (or a --config) says otherwise; tp, dp and dp_shard apply, pp and cp are refused. Every flag is that of
+`--run.dir` (or a --config) says otherwise; tp, pp, dp and dp_shard apply, cp is refused. Every flag is that of
 `python -m engine.train` (README.md, Configuration).
 """
 
