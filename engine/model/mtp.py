@@ -17,10 +17,13 @@ memory-saving backward (sec. 2, Fig. 2) is `per_head_backward`: each head's forw
 detached copy of h^0 whose gradient accumulates, then one backward through the trunk, so only one head's logits are
 alive at a time.
 
-The model stays plain (no parallelism inside): `engine.parallel.parallelize` converts the modules' blocks with the
-same tensor-parallel plan as the trunk's and refuses the layouts they do not support (pipeline and context
-parallelism, sequence parallelism). In eval mode, or without targets, the forward is the main model's alone, so a
-validation loss is the next-token loss, comparable with a clm run's.
+The model stays plain (no parallelism inside): `engine.parallel.parallelize` converts the modules' blocks with the same
+tensor-parallel plan as the trunk's and refuses the layouts they do not support (context parallelism, sequence
+parallelism). Under pipeline parallelism the modules sit on the last stage, beside the output head they share, as in
+DeepSeek-V3 and Megatron-Core: that stage holds a copy of the token embedding for the sequential kind (`mtp_emb`, the
+embedding's one name in checkpoints, its gradient summed with the first stage's like a tied output weight's) and takes
+the micro-batch's token ids as `input_ids`. In eval mode, or without targets, the forward is the main model's alone, so
+a validation loss is the next-token loss, comparable with a clm run's.
 """
 
 from __future__ import annotations
@@ -103,6 +106,20 @@ class MultiTokenGPT(GPT):
     def mtp_depth(self) -> int:
         return len(self.mtp)
 
+    @property
+    def tied_aliases(self) -> dict[str, str]:
+        """GPT's, plus the last pipeline stage's copy of the embedding the sequential modules read."""
+        extra = {"mtp_emb.weight": "tok_emb.weight"} if self.mtp_kind == "sequential" else {}
+        return {**super().tied_aliases, **extra}
+
+    @property
+    def takes_input_ids(self) -> bool:
+        """A last pipeline stage whose sequential modules embed token ids it does not receive as its input."""
+        return self.tok_emb is None and self.mtp is not None and self.mtp_kind == "sequential"
+
+    def _embedding(self) -> nn.Module:
+        return self.tok_emb if self.tok_emb is not None else self.mtp_emb
+
     def mtp_hidden_states(
         self, h: torch.Tensor, tokens: torch.Tensor, mask=None, causal: bool = True, **attention_kw
     ) -> list[torch.Tensor]:
@@ -126,17 +143,23 @@ class MultiTokenGPT(GPT):
             if self.mtp_kind == "parallel":
                 yield lambda x, m=module: m(x, *rope, mask, causal, **attention_kw)
             else:
-                emb = self.tok_emb(shift_left(tokens, k, 0))
+                emb = self._embedding()(shift_left(tokens, k, 0))
                 yield lambda x, m=module, e=emb: m(x, e, *rope, mask, causal, **attention_kw)
 
     def mtp_loss_sums(
-        self, tokens: torch.Tensor, targets: torch.Tensor, mask=None, causal: bool = True, **attention_kw
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self, tokens: torch.Tensor, targets: torch.Tensor, mask=None, causal: bool = True,
+        input_ids: torch.Tensor | None = None, **attention_kw,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
         """(the main loss, [L_1 .. L_D]) as sums of per-token cross-entropies: L_k of depth k's prediction of
-        t_{i+k+1} = targets[i + k] (positions with i + k past the end, or an ignored target, carry none)."""
+        t_{i+k+1} = targets[i + k] (positions with i + k past the end, or an ignored target, carry none). On a last
+        pipeline stage `tokens` are the previous stage's hidden states and `input_ids` the micro-batch's token ids."""
+        if input_ids is None:
+            if self.takes_input_ids:
+                raise ValueError("a last pipeline stage with sequential MTP modules needs the token ids (input_ids)")
+            input_ids = tokens
         h = self.hidden_states(tokens, mask, causal, **attention_kw)
         main = self.output(h, targets, "sum")
-        depths = self.mtp_hidden_states(h, tokens, mask, causal, **attention_kw)
+        depths = self.mtp_hidden_states(h, input_ids, mask, causal, **attention_kw)
         return main, [self.output(hk, shift_left(targets, k, IGNORE_INDEX), "sum") for k, hk in enumerate(depths, 1)]
 
     @torch.no_grad()
@@ -148,10 +171,12 @@ class MultiTokenGPT(GPT):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 causal: bool = True, reduction: str = "mean", **attention_kw) -> torch.Tensor:  # fmt: skip
         """As GPT.forward; in train mode with targets, the MTP objective L_main + (lambda / D) sum_k L_k, each term a
-        sum of per-token losses ("sum"), or that sum over the main loss's tokens ("mean")."""
-        if targets is None or not self.training:
+        sum of per-token losses ("sum"), or that sum over the main loss's tokens ("mean"). `input_ids` (keyword): the
+        token ids, for a last pipeline stage (`takes_input_ids`)."""
+        input_ids = attention_kw.pop("input_ids", None)
+        if targets is None or not self.training or self.mtp is None:  # or a pipeline stage before the last
             return super().forward(tokens, targets, mask, causal, reduction, **attention_kw)
-        main, depths = self.mtp_loss_sums(tokens, targets, mask, causal, **attention_kw)
+        main, depths = self.mtp_loss_sums(tokens, targets, mask, causal, input_ids, **attention_kw)
         total = main + self.mtp_weight / len(depths) * torch.stack(depths).sum()
         if reduction == "sum":
             return total

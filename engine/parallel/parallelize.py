@@ -55,6 +55,7 @@ from engine.precision.fp8 import Fp8Recipe, convert_to_fp8
 # starting with "sequence_" apply only with sequence parallelism.
 TP_PLAN: dict[str, str] = {
     "tok_emb": "vocab_embedding",
+    "mtp_emb": "vocab_embedding",  # a last pipeline stage's copy for multi-token prediction (pipeline/stages.py)
     "pos_emb": "sequence_positions",
     "emb_dropout": "sequence_dropout",
     "layers.*.attn_norm": "sequence_norm",
@@ -106,14 +107,14 @@ TP_PLAN.update(
 )
 
 
-def check_mtp_layout(pp: int, cp: int, sequence_parallel: bool) -> None:
+def check_mtp_layout(cp: int, sequence_parallel: bool) -> None:
     """One-line ConfigError for the layouts a model with multi-token prediction modules cannot run in: module k
-    shifts the whole sequence by k tokens (which pipeline stages, context-parallel chunks and sequence-parallel shards
-    each hold only part of)."""
-    for enabled, what in ((pp > 1, "parallel.pp > 1"), (cp > 1, "parallel.cp > 1"), (sequence_parallel, "parallel.sp")):
+    shifts the whole sequence by k tokens (which context-parallel chunks and sequence-parallel shards each hold only
+    part of). Pipeline stages hold whole sequences: the modules run on the last one."""
+    for enabled, what in ((cp > 1, "parallel.cp > 1"), (sequence_parallel, "parallel.sp")):
         if enabled:
             raise ConfigError(
-                f"train.objective mtp with {what} is not supported yet: use tp (without sp), dp or dp_shard"
+                f"train.objective mtp with {what} is not supported yet: use tp (without sp), pp, dp or dp_shard"
             )
 
 
@@ -182,8 +183,10 @@ def _convert(model: nn.Module, name: str, module: nn.Module, style: str, ctx: _T
     elif style == "vocab_embedding":
         _set_child(model, name, VocabParallelEmbedding.from_embedding(module, **kw))
     elif style == "vocab_output":
-        tok_emb = getattr(model, "tok_emb", None)
-        tied = tok_emb.weight if ctx.cfg.tie_embeddings and tok_emb is not None else None
+        # the embedding, or on a last pipeline stage the MTP modules' copy of it (converted first: it sits before)
+        embedding = getattr(model, "tok_emb", None)
+        embedding = embedding if embedding is not None else getattr(model, "mtp_emb", None)
+        tied = embedding.weight if ctx.cfg.tie_embeddings and embedding is not None else None
         _set_child(model, name, VocabParallelOutputHead(module, ctx.group, ctx.sp, tied_weight=tied))
     elif style in ("enter_region", "enter_region_cross"):
         module.register_forward_pre_hook(_enter_region_hook(ctx, 2 if style == "enter_region_cross" else 1))
@@ -365,7 +368,7 @@ def parallelize_gpt(
                           "gradients land after FSDP2 has resharded the weights); use 1f1b, gpipe or interleaved")
     sp = cfg.parallel.sp and dims.tp_enabled
     if getattr(model, "mtp", None) is not None:
-        check_mtp_layout(dims.pp, dims.cp, sp)
+        check_mtp_layout(dims.cp, sp)
     on_meta = any(p.is_meta for p in model.parameters())
     chunks = pipeline_split(model, dims, cfg)
     for chunk in chunks:

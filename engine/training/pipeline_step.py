@@ -1,11 +1,11 @@
 """The training step under pipeline parallelism: the schedule's runner replaces TrainStep's forward/backward; the
 rest is the same bookkeeping across stages.
 
-After the schedule: partial tensor-parallel gradients are summed per chunk, the tied embedding's two copies (first
-and last stage) sum their gradients over the embedding group, data-parallel gradients are summed over dp (the loss
-was already divided by the global token count), and the clipping norm is taken over tp x pp counting every element
-once (tp-replicated parameters on tp rank 0, the tied weight on the first stage only). The loss, held by the last
-stage, is summed over the pipeline group so every rank logs it.
+After the schedule: partial tensor-parallel gradients are summed per chunk, the tied embedding's two copies (first and
+last stage; also the multi-token prediction modules' copy) sum their gradients over the embedding group, data-parallel
+gradients are summed over dp (the loss was already divided by the global token count), and the clipping norm is taken
+over tp x pp counting every element once (tp-replicated parameters on tp rank 0, the tied weight on the first stage
+only). The loss, held by the last stage, is summed over the pipeline group so every rank logs it.
 """
 
 from __future__ import annotations
@@ -28,14 +28,27 @@ from engine.parallel.sharding import sharding_of
 from engine.training.step import Batch, StepResult, count_tokens, is_fsdp, update, zero1_update_args
 
 
+def shares_embedding(chunk: nn.Module) -> bool:
+    """Whether the model's token embedding has a copy on the last stage: a tied output weight, or the embedding the
+    sequential multi-token prediction modules read (engine.model.mtp)."""
+    return "tok_emb.weight" in getattr(chunk, "tied_aliases", {}).values()
+
+
 def tied_copy(chunk: nn.Module) -> nn.Parameter | None:
-    """The copy of a tied embedding a chunk holds: the embedding on the first stage, the output weight on the last
-    (None when the model is untied or the chunk holds neither)."""
-    if not chunk.cfg.tie_embeddings:
+    """The copy of a shared embedding a chunk holds: the embedding on the first stage; on the last, the tied output
+    weight or the MTP modules' embedding (one parameter when both). None when the model shares none or the chunk
+    holds neither."""
+    if not shares_embedding(chunk):
         return None
     if chunk.tok_emb is not None:
         return chunk.tok_emb.weight
-    return chunk.output.proj.weight if chunk.output is not None else None
+    for alias, canonical in chunk.tied_aliases.items():
+        if canonical == "tok_emb.weight":
+            try:
+                return chunk.get_parameter(alias)
+            except AttributeError:  # not on this chunk
+                continue
+    return None
 
 
 class PipelineStep:
@@ -63,7 +76,7 @@ class PipelineStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         tied = [t for t in (tied_copy(c) for c in self.chunks) if t is not None]
         # every rank takes part in making the embedding groups (a collective), middle stages included
-        group = dims.group("embedding") if self.chunks[0].cfg.tie_embeddings else None
+        group = dims.group("embedding") if shares_embedding(self.chunks[0]) else None
         self.tied, self.embedding_group = tied, (group if tied else None)
         last_copy = [t for c in self.chunks if c.tok_emb is None and (t := tied_copy(c)) is not None]
         self.norm_params = [

@@ -27,6 +27,43 @@ def test_balance_costs_the_embedding_and_the_head_as_a_layer_each():
     assert stage_layer_counts(16, 4, "2,6,6,2") == [2, 6, 6, 2]
 
 
+def test_balance_costs_multi_token_prediction_modules_on_the_last_stage():
+    assert stage_layer_counts(8, 2, last_stage_extra=1) == [5, 3]  # costs 6, 5
+    assert stage_layer_counts(16, 4, last_stage_extra=2) == [4, 5, 5, 2]  # costs 5, 5, 5, 5
+    assert stage_layer_counts(2, 2, last_stage_extra=2) == [2, 0]
+    assert stage_layer_counts(4, 4, last_stage_extra=5) == [2, 2, 0, 0]  # the deficit walks in past its neighbour
+    for layers, stages, extra in ((16, 4, 1), (32, 8, 3), (5, 2, 2), (12, 8, 1), (9, 3, 2)):
+        counts = stage_layer_counts(layers, stages, last_stage_extra=extra)
+        assert sum(counts) == layers and min(counts) >= 0
+        costs = [c + (i == 0) + (i == stages - 1) * (1 + extra) for i, c in enumerate(counts)]
+        assert max(costs) - min(costs) <= 1, (layers, stages, extra, counts)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "parallel"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_multi_token_prediction_stages_compose_into_the_whole_models_loss(kind, tie):
+    """The modules go to the last stage; for the sequential kind with a copy of the embedding (named `mtp_emb`, placed
+    before the output head) that embeds the token ids it is given."""
+    from engine.model.mtp import MultiTokenGPT
+
+    cfg = ModelConfig(n_layers=4, d_model=32, n_heads=2, seq_len=16, vocab_size=64, tie_embeddings=tie)
+    model = MultiTokenGPT(cfg, depth=2, weight=0.5, kind=kind, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
+    first, last = split_model(model, 2, 0), split_model(model, 2, 1)
+    assert first.mtp is None and first.output is None and len(last.mtp) == 2 and last.tok_emb is None
+    assert last.takes_input_ids == (kind == "sequential") and hasattr(last, "mtp_emb") == (kind == "sequential")
+    if kind == "sequential":
+        names = [n for n, _ in last.named_modules() if n in ("mtp_emb", "output")]
+        assert names == ["mtp_emb", "output"] and torch.equal(last.mtp_emb.weight, model.tok_emb.weight)
+        assert (last.mtp_emb.weight is last.output.proj.weight) == tie
+        with pytest.raises(ValueError, match="needs the token ids"):
+            last(first(x), y, reduction="sum")
+    kw = {"input_ids": x} if last.takes_input_ids else {}
+    got = last(first(x), y, reduction="sum", **kw)
+    assert got.item() == pytest.approx(model(x, y, reduction="sum").item(), rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "layers, stages, explicit, needle",
     [

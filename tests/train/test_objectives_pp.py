@@ -1,7 +1,10 @@
 """The decoder-only objectives under pipeline parallelism (`--parallel.pp 2`): fim, mlm (`causal=False` on every
-stage) and prefix (each row's `prefix_lengths` on every stage) give the one-process training losses, gradient norms
-and validation losses (fp32, the tolerance of tests/train/test_train_pp.py), under 1f1b and, for prefix, the
-interleaved schedule (two chunks per rank)."""
+stage), prefix (each row's `prefix_lengths` on every stage) and mtp (the prediction modules on the last stage, which
+holds a copy of the embedding for the sequential kind and gets the token ids) give the one-process training losses,
+gradient norms and validation losses (fp32, the tolerance of tests/train/test_train_pp.py), under 1f1b and other
+schedules: interleaved (two chunks per rank), zb (deferred weight gradients) and gpipe."""
+
+from pathlib import Path
 
 import pytest
 
@@ -12,49 +15,85 @@ from tests.train.conftest import tiny_args
 
 # Two micro-batches per step (global batch 4 at micro-batch 2): the loss is normalised over the whole step's targets.
 BASE = dict(train__micro_batch=2, checkpoint__every=0, optim__clip=0.5)
-PP_CASES = {  # label: (objective, pipeline flags)
-    "fim 1f1b": ("fim", {}),
-    "mlm 1f1b": ("mlm", {}),
-    "prefix 1f1b": ("prefix", {}),
-    "prefix interleaved": ("prefix", dict(parallel__pp_schedule="interleaved", parallel__virtual_stages=2)),
-}
 # Prefixes of a quarter to three quarters of the sequence: every row mixes bidirectional and causal attention. Four
 # layers, as the prefix mask changes only the prefix's own outputs (a query after the prefix sees what a causal one
 # does): a stage must hold a layer before the last for a missing prefix to change the loss.
-OBJECTIVE_FLAGS = {
-    "prefix": dict(objective__prefix_min_frac=0.25, objective__prefix_max_frac=0.75, model__n_layers=4),
+PREFIX = dict(objective__prefix_min_frac=0.25, objective__prefix_max_frac=0.75, model__n_layers=4)
+# Two sequential modules, each reading the embedding of a later token: the last stage's copy of the embedding must
+# equal the first stage's and receive its part of the gradient (tied to the output head, and untied).
+MTP = dict(objective__mtp_depth=2, objective__mtp_lambda=0.5)
+GPIPE = dict(parallel__pp_schedule="gpipe")
+INTERLEAVED = dict(parallel__pp_schedule="interleaved", parallel__virtual_stages=2)
+CASES = {  # label: (objective, its flags (the one-process reference runs them too), pipeline flags)
+    "fim 1f1b": ("fim", {}, {}),
+    "mlm 1f1b": ("mlm", {}, {}),
+    "prefix 1f1b": ("prefix", PREFIX, {}),
+    "prefix interleaved": ("prefix", PREFIX, INTERLEAVED),
+    "mtp sequential 1f1b": ("mtp", MTP, {}),
+    "mtp sequential untied gpipe": ("mtp", dict(MTP, model__tie_embeddings="false"), GPIPE),
+    "mtp sequential interleaved": ("mtp", dict(MTP, model__n_layers=4), INTERLEAVED),
+    "mtp parallel zb": ("mtp", dict(MTP, objective__mtp_kind="parallel"), dict(parallel__pp_schedule="zb")),
 }
+
+
+def _key(objective, flags):
+    return objective, tuple(sorted(flags.items()))
 
 
 def _run(run_dir, data, objective, **kw):
     """(losses, gradient norms, validation losses) by step of a tiny run of `objective`."""
-    flags = {**BASE, **OBJECTIVE_FLAGS.get(objective, {}), **kw}
+    flags = {**BASE, **kw}
     result = train(load_config(tiny_args(run_dir, *data, train__objective=objective, **flags)))
     return result.losses, result.grad_norms, result.val_losses
 
 
 def _pp_worker(rank, world, root, data):
-    from pathlib import Path
-
     import torch.distributed as dist
 
     out = {}
-    for i, (label, (objective, kw)) in enumerate(PP_CASES.items()):
-        out[label] = _run(Path(root) / f"pp2_{i}", data, objective, parallel__pp=2, **kw)
+    for i, (label, (objective, flags, pipeline)) in enumerate(CASES.items()):
+        out[label] = _run(Path(root) / f"pp2_{i}", data, objective, parallel__pp=2, **flags, **pipeline)
         dist.barrier()
     return out
 
 
 @pytest.mark.distributed
 def test_decoder_only_objectives_at_pp2_give_the_one_process_losses(tmp_path, tiny_data):
-    got = run_distributed(_pp_worker, 2, str(tmp_path), tiny_data, timeout=180)
-    refs = {o: _run(tmp_path / f"one_{o}", tiny_data, o) for o in sorted({o for o, _ in PP_CASES.values()})}
-    for label, (objective, _) in PP_CASES.items():
+    got = run_distributed(_pp_worker, 2, str(tmp_path), tiny_data, timeout=240)
+    refs = {}
+    for objective, flags, _ in CASES.values():
+        if _key(objective, flags) not in refs:
+            refs[_key(objective, flags)] = _run(tmp_path / f"one_{len(refs)}", tiny_data, objective, **flags)
+    for label, (objective, flags, _) in CASES.items():
         for m, what in enumerate(("loss", "grad norm", "val loss")):
-            ref = refs[objective][m]
+            ref = refs[_key(objective, flags)][m]
             assert ref, (label, what)
             for rank in (0, 1):
                 values = got[rank][label][m]
                 assert sorted(values) == sorted(ref), (label, what, rank)
                 for s, want in ref.items():
                     assert values[s] == pytest.approx(want, rel=1e-5, abs=0), (label, what, rank, s, values, ref)
+
+
+def _tp_pp_worker(rank, world, root, data):
+    return _run(Path(root) / "tp2pp2", data, "mtp", parallel__tp=2, parallel__pp=2, checkpoint__every=3, **MTP)
+
+
+@pytest.mark.distributed
+def test_mtp_at_tp2_pp2_gives_the_one_process_losses_and_its_checkpoint_resumes_in_one_process(tmp_path, tiny_data):
+    """Tensor parallelism converts the last stage's embedding copy before the output head tied to it (one vocab-split
+    parameter); the checkpoint holds the embedding once, under its own name, and resumes without pipelining."""
+    got = run_distributed(_tp_pp_worker, 4, str(tmp_path), tiny_data, timeout=180)
+    ref = _run(tmp_path / "one", tiny_data, "mtp", **MTP)
+    step3 = tmp_path / "tp2pp2" / "checkpoints" / "step_00000003"
+    resumed = _run(tmp_path / "resumed", tiny_data, "mtp", resume=str(step3), **MTP)
+    for m, what in enumerate(("loss", "grad norm", "val loss")):
+        assert ref[m], what
+        for rank in range(4):
+            assert sorted(got[rank][m]) == sorted(ref[m]), (what, rank)
+            for s, want in ref[m].items():
+                assert got[rank][m][s] == pytest.approx(want, rel=1e-5, abs=0), (what, rank, s, got[rank][m], ref[m])
+        after = {s: v for s, v in ref[m].items() if s > 3}
+        assert after and sorted(resumed[m]) == sorted(after), what
+        for s, want in after.items():
+            assert resumed[m][s] == pytest.approx(want, rel=1e-5, abs=0), (what, s, resumed[m], after)

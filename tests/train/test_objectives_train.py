@@ -185,7 +185,6 @@ def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
         (dict(train__objective="mlm", parallel__cp=2), "train.objective mlm (a bidirectional encoder) with parallel"),
         (dict(train__objective="prefix", parallel__cp=2), "train.objective prefix (a bidirectional prefix) with"),
         (dict(train__objective="prefix", objective__prefix_max_frac=1.5), "objective.prefix_max_frac 1.5 is outside"),
-        (dict(train__objective="mtp", parallel__pp=2), "train.objective mtp with parallel.pp > 1 is not supported"),
         (dict(train__objective="mtp", parallel__cp=2), "train.objective mtp with parallel.cp > 1 is not supported"),
         (dict(train__objective="mtp", parallel__tp=2, parallel__sp="true"), "train.objective mtp with parallel.sp is"),
         (dict(train__objective="mtp", objective__mtp_depth=0), "objective.mtp_depth must be a positive integer, got 0"),

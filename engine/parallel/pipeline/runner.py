@@ -9,7 +9,8 @@ simulator (simulate.py) proves the schedules deadlock-free, also for a backend w
 and that pairs messages by order (NCCL). Each message also carries a tag unique to (direction, stage, micro-batch),
 which gloo matches on. A chunk's saved input and output are dropped as soon as its backward has run. The last stage
 turns its output into the loss: the sum of per-token losses divided by the global batch's loss-bearing tokens (the
-step's normalisation), times the fp16 loss scale when there is one. Zero-bubble schedules (ZB-H1) split the
+step's normalisation), times the fp16 loss scale when there is one; a last stage with multi-token prediction
+modules also gets the micro-batch's token ids. Zero-bubble schedules (ZB-H1) split the
 backward: B runs inside the weight-gradient store's `deferring`, so the chunk's linear layers queue their weight
 gradients, and W computes them (deferred.py).
 """
@@ -93,6 +94,8 @@ class PipelineRunner:
                 inp = x if s == 0 else st.received.pop(("F", c, i)).requires_grad_()
                 with self.autocast():
                     if s == self.last_stage:
+                        if getattr(self.chunks[c], "takes_input_ids", False):  # MTP modules embed the token ids
+                            kw = {**kw, "input_ids": x}
                         loss_sum = self.chunks[c](inp, y, reduction="sum", **kw)
                         total += loss_sum.detach().double()
                         out = scale(loss_sum / denom)

@@ -6,8 +6,14 @@ per-name initialisation gives every stage exactly the values the unsplit model h
 embedding (and positions), the last the output head and loss; a tied output weight on the last stage has the
 embedding's one name, so it starts equal and its gradient is summed over the embedding group (first and last stage).
 
+Multi-token prediction modules (`mtp`, engine.model.mtp) go to the last stage with the output head they share. For the
+sequential kind that stage also keeps the token embedding, as `mtp_emb` placed where `tok_emb` was (so tensor
+parallelism converts it before the output head, which may be tied to it): a copy with the embedding's one name, like
+a tied output weight.
+
 Balance: layers are spread by count with the embedding and the head each costed as one layer (as torchtitan and
-Megatron-LM's "account for embedding/loss in pipeline split" do), or split explicitly (`parallel.pp_layers`).
+Megatron-LM's "account for embedding/loss in pipeline split" do), and each multi-token prediction module as one more
+on the last stage, or split explicitly (`parallel.pp_layers`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from torch import nn
 from engine.config import ConfigError
 
 
-def stage_layer_counts(n_layers: int, n_stages: int, explicit: str = "") -> list[int]:
-    """Layers per global stage. `explicit`: "3,5,5,3" (must sum to n_layers, one number per stage)."""
+def stage_layer_counts(n_layers: int, n_stages: int, explicit: str = "", last_stage_extra: int = 0) -> list[int]:
+    """Layers per global stage. `explicit`: "3,5,5,3" (must sum to n_layers, one number per stage).
+    `last_stage_extra`: blocks the last stage runs besides its layers (multi-token prediction modules), each costed
+    as one layer."""
     if explicit:
         try:
             counts = [int(x) for x in explicit.split(",")]
@@ -37,39 +45,59 @@ def stage_layer_counts(n_layers: int, n_stages: int, explicit: str = "") -> list
             f"{n_stages} pipeline stages (parallel.pp x parallel.virtual_stages) need at least as many layers, but "
             f"model.n_layers = {n_layers}"
         )
-    units = n_layers + 2  # the embedding and the head cost one layer each
+    units = n_layers + 2 + last_stage_extra  # the embedding and the head cost one layer each
     base, extra = divmod(units, n_stages)
     sizes = [base] * n_stages
     order = list(range(1, n_stages - 1)) + [0, n_stages - 1] if n_stages > 2 else list(range(n_stages))
     for i in order[:extra]:  # spare units to the middle stages first: the ends already carry embedding and head
         sizes[i] += 1
-    counts = [sizes[i] - (i == 0) - (i == n_stages - 1) for i in range(n_stages)]
-    for i in (0, n_stages - 1):  # an end stage too small for its embedding/head gives its layer deficit inwards
+    last = n_stages - 1
+    counts = [sizes[i] - (i == 0) - (i == last) * (1 + last_stage_extra) for i in range(n_stages)]
+    # An end stage too small for what it carries gives its layer deficit inwards, stage by stage.
+    for i in range(last):
         if counts[i] < 0:
-            j = 1 if i == 0 else n_stages - 2
-            counts[j] += counts[i]
+            counts[i + 1] += counts[i]
+            counts[i] = 0
+    for i in range(last, 0, -1):
+        if counts[i] < 0:
+            counts[i - 1] += counts[i]
             counts[i] = 0
     return counts
 
 
-def stage_layers(n_layers: int, n_stages: int, stage: int, explicit: str = "") -> range:
+def stage_layers(n_layers: int, n_stages: int, stage: int, explicit: str = "", last_stage_extra: int = 0) -> range:
     """The layer indices of global stage `stage`."""
-    counts = stage_layer_counts(n_layers, n_stages, explicit)
+    counts = stage_layer_counts(n_layers, n_stages, explicit, last_stage_extra)
     start = sum(counts[:stage])
     return range(start, start + counts[stage])
+
+
+def _insert_child_after(module: nn.Module, after: str, name: str, child: nn.Module) -> None:
+    """Registers `child` as `module.<name>` right after the child slot `after`: modules are visited (and converted
+    by a tensor-parallel plan) in registration order."""
+    items = list(module._modules.items())
+    at = [key for key, _ in items].index(after) + 1
+    module._modules = dict(items[:at] + [(name, child)] + items[at:])
 
 
 def split_model(model: nn.Module, n_stages: int, stage: int, explicit: str = "") -> nn.Module:
     """A copy of the plain GPT `model` (best on the meta device: nothing is allocated) holding only global stage
     `stage`'s part: its layers, the embedding when first, the output head when last."""
-    keep = stage_layers(len(model.layers), n_stages, stage, explicit)
+    mtp = getattr(model, "mtp", None)
+    keep = stage_layers(len(model.layers), n_stages, stage, explicit, len(mtp) if mtp is not None else 0)
     chunk = copy.deepcopy(model)
     for key in list(chunk.layers):
         if int(key) not in keep:
             del chunk.layers[key]
+    last = stage == n_stages - 1
     if stage > 0:
+        embedding = chunk.tok_emb
         chunk.tok_emb = None
         chunk.pos_emb = None
-    if stage < n_stages - 1:
+        if last and "mtp_emb.weight" in getattr(chunk, "tied_aliases", {}):
+            _insert_child_after(chunk, "tok_emb", "mtp_emb", embedding)
+    if not last:
         chunk.output = None
+        if getattr(chunk, "mtp", None) is not None:
+            chunk.mtp = None
     return chunk
