@@ -75,24 +75,36 @@ def test_decoder_only_objectives_at_pp2_give_the_one_process_losses(tmp_path, ti
                     assert values[s] == pytest.approx(want, rel=1e-5, abs=0), (label, what, rank, s, values, ref)
 
 
-def _tp_pp_worker(rank, world, root, data):
-    return _run(Path(root) / "tp2pp2", data, "mtp", parallel__tp=2, parallel__pp=2, checkpoint__every=3, **MTP)
+UNTIED = dict(MTP, model__tie_embeddings="false")
+
+
+def _four_rank_worker(rank, world, root, data):
+    import torch.distributed as dist
+
+    tp_pp = _run(Path(root) / "tp2pp2", data, "mtp", parallel__tp=2, parallel__pp=2, checkpoint__every=3, **MTP)
+    dist.barrier()
+    fsdp_pp = _run(Path(root) / "fsdp2pp2", data, "mtp", parallel__dp_shard=2, parallel__pp=2, **UNTIED)
+    return tp_pp, fsdp_pp
 
 
 @pytest.mark.distributed
-def test_mtp_at_tp2_pp2_gives_the_one_process_losses_and_its_checkpoint_resumes_in_one_process(tmp_path, tiny_data):
+def test_mtp_at_tp2_pp2_and_fsdp2_pp2_gives_the_one_process_losses_and_resumes_in_one_process(tmp_path, tiny_data):
     """Tensor parallelism converts the last stage's embedding copy before the output head tied to it (one vocab-split
-    parameter); the checkpoint holds the embedding once, under its own name, and resumes without pipelining."""
-    got = run_distributed(_tp_pp_worker, 4, str(tmp_path), tiny_data, timeout=180)
+    parameter); FSDP2 shards the untied copy like any parameter of the stage; the tp 2 x pp 2 checkpoint holds the
+    embedding once, under its own name, and resumes without pipelining."""
+    got = run_distributed(_four_rank_worker, 4, str(tmp_path), tiny_data, timeout=240)
     ref = _run(tmp_path / "one", tiny_data, "mtp", **MTP)
+    ref_untied = _run(tmp_path / "one_untied", tiny_data, "mtp", **UNTIED)
     step3 = tmp_path / "tp2pp2" / "checkpoints" / "step_00000003"
     resumed = _run(tmp_path / "resumed", tiny_data, "mtp", resume=str(step3), **MTP)
     for m, what in enumerate(("loss", "grad norm", "val loss")):
-        assert ref[m], what
+        assert ref[m] and ref_untied[m], what
         for rank in range(4):
-            assert sorted(got[rank][m]) == sorted(ref[m]), (what, rank)
-            for s, want in ref[m].items():
-                assert got[rank][m][s] == pytest.approx(want, rel=1e-5, abs=0), (what, rank, s, got[rank][m], ref[m])
+            for layout, want_by_step in ((0, ref[m]), (1, ref_untied[m])):
+                values = got[rank][layout][m]
+                assert sorted(values) == sorted(want_by_step), (what, rank, layout)
+                for s, want in want_by_step.items():
+                    assert values[s] == pytest.approx(want, rel=1e-5, abs=0), (what, rank, layout, s, values)
         after = {s: v for s, v in ref[m].items() if s > 3}
         assert after and sorted(resumed[m]) == sorted(after), what
         for s, want in after.items():
