@@ -35,6 +35,24 @@ head's bf16 input cast (2nh), the fp32 log-softmax (4nv/t) and, under tp, the vo
 the Triton path's fused linear cross-entropy computes the gradients in the forward pass and keeps them: d(input), 2nh,
 and d(weight), 4vh/t, which does not grow with the batch. Both keep the int64 targets (8n).
 
+Multi-token prediction (`--train.objective mtp`, engine.model.mtp; `mtp_terms`), on the last stage, per depth
+(never recomputed: the engine checkpoints the trunk's layers only; no sp):
+
+    sequential (DeepSeek-V3)          shifted token ids 8n (+ n under tp), the embedding norm's fp32 input 4nh, two
+                                      RMSNorms' statistics 2 * n * (4 | 4 + 4h torch), the 2d -> d projection's bf16
+                                      input 4nh, and with torch kernels past depth 1 the RMSNorm's fp32 copy of the
+                                      previous depth's output 4nh; then one layer whose residual stream is bf16 (the
+                                      projection's autocast output): its norms keep 2nh each (the torch RMSNorm an
+                                      fp32 copy, 4nh); then an output-head call on that bf16 output (final norm input
+                                      2nh, torch RMSNorm 4nh)
+    parallel (Gloeckle et al.)        one layer less its first norm's input (the trunk's output, which the main head
+                                      keeps), then an output-head call
+Each head call keeps the output terms above, except that the Triton fused loss keeps no targets: so D + 1 calls keep
+D + 1 weight gradients (4vh/t each). The modules count as layers (times the micro-batches in flight), their head
+calls as the output term. Autocast copies each depth's block weights and the (replicated) 2h x h projection; the
+head's copy is one. Parallel heads backpropagated one at a time (per_head_backward, which TrainStep uses without pp,
+DDP, FSDP2 or gradient buffers) peak at the trunk plus one head: its whole layer and one head call.
+
 Where it goes, and what would cut it: with sp the projections' inputs are the largest term (Llama 3 70B at tp 8 + sp,
 8192 tokens: 20 of 41 GiB over 80 layers; 50 of 71 before the projections shared one cast), because they are kept at
 the full sequence. Saving the sequence shard and all-gathering it again in the backward pass (as Megatron does)
@@ -58,6 +76,7 @@ from engine.scaling.memory import estimate_activations
 
 _RECOMPUTE = ("none", "selective", "full")
 _KERNELS = ("torch", "triton")
+_MTP_KINDS = ("sequential", "parallel")
 
 
 def _check(cfg: ModelConfig, tp: int, recompute: str, kernels: str) -> None:
@@ -85,6 +104,13 @@ def layer_terms(cfg: ModelConfig, tokens: int, tp: int = 1, sp: bool = False, re
     """Bytes one transformer layer of the engine stores for one micro-batch of `tokens` tokens on one tp rank, by
     term (module docstring). `cfg` resolved (n_kv_heads and ffn_hidden set)."""
     _check(cfg, tp, recompute, kernels)
+    return _layer_terms(cfg, tokens, tp, sp, recompute, kernels)
+
+
+def _layer_terms(cfg: ModelConfig, tokens: int, tp: int, sp: bool, recompute: str, kernels: str,
+                 bf16_residual: bool = False) -> dict[str, Fraction]:  # fmt: skip
+    """`layer_terms`; `bf16_residual`: a block whose input is a bf16 tensor (a sequential MTP module's), whose
+    norms keep their bf16 inputs, 2nh each, except the torch RMSNorm, which keeps an fp32 copy (4nh)."""
     n, h, a, f, t = tokens, cfg.d_model, cfg.n_heads, cfg.ffn_hidden, tp
     r = t if sp and t > 1 else 1
     if recompute == "full":
@@ -93,8 +119,9 @@ def layer_terms(cfg: ModelConfig, tokens: int, tp: int = 1, sp: bool = False, re
     kvw = Fraction(cfg.n_kv_heads * head_dim, t if cfg.n_kv_heads % t == 0 else 1)
     llama = cfg.arch == "llama"
     mlp_tensors = (4 if kernels == "torch" else 3) if llama else 2
+    width = 2 if bf16_residual and (kernels == "triton" or not llama) else 4
     terms = {
-        "norm inputs, fp32": Fraction(2 * 4 * n * h, r),
+        ("norm inputs, bf16" if width == 2 else "norm inputs, fp32"): Fraction(2 * width * n * h, r),
         "norm statistics": Fraction(2 * n * _norm_stats(cfg, kernels), r),
         "projection inputs, bf16": Fraction(2 * 2 * n * h),
         "q, k, v": 2 * n * (Fraction(h, t) + 2 * kvw),
@@ -118,10 +145,18 @@ def output_terms(cfg: ModelConfig, tokens: int, tp: int = 1, sp: bool = False, k
     """The last stage's stored tensors for one micro-batch: final norm, output head and loss (module docstring);
     `cfg.vocab_size` is the padded vocabulary."""
     _check(cfg, tp, "none", kernels)
+    return _output_terms(cfg, tokens, tp, sp, kernels)
+
+
+def _output_terms(cfg: ModelConfig, tokens: int, tp: int, sp: bool, kernels: str, bf16_input: bool = False
+                  ) -> dict[str, Fraction]:  # fmt: skip
+    """`output_terms`; `bf16_input`: the head of a sequential MTP module, whose bf16 output the final norm keeps as
+    it is (2nh), except the torch RMSNorm, which keeps an fp32 copy (4nh)."""
     n, h, v, t = tokens, cfg.d_model, cfg.vocab_size, tp
     r = t if sp and t > 1 else 1
+    bf16 = bf16_input and (kernels == "triton" or cfg.arch == "gpt2")
     terms = {
-        "final norm input, fp32": Fraction(4 * n * h, r),
+        ("final norm input, bf16" if bf16 else "final norm input, fp32"): Fraction((2 if bf16 else 4) * n * h, r),
         "final norm statistics": Fraction(n * _norm_stats(cfg, kernels), r),
     }
     if kernels == "triton":
@@ -136,11 +171,70 @@ def output_terms(cfg: ModelConfig, tokens: int, tp: int = 1, sp: bool = False, k
     return terms
 
 
+def _check_mtp(depth: int, kind: str) -> None:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"mtp_depth must be a non-negative integer, got {depth!r}")
+    if kind not in _MTP_KINDS:
+        raise ValueError(f"mtp_kind must be sequential or parallel, got {kind!r}")
+
+
+def _add(total: dict[str, Fraction], terms: dict[str, Fraction], prefix: str = "") -> None:
+    for key, value in terms.items():
+        total[prefix + key] = total.get(prefix + key, Fraction(0)) + value
+
+
+def _mtp_parts(cfg: ModelConfig, tokens: int, depth: int, kind: str, tp: int, kernels: str
+               ) -> tuple[dict[str, Fraction], dict[str, Fraction]]:  # fmt: skip
+    """(the D modules' terms, their D output-head calls' terms), each summed over the depths (module docstring)."""
+    n, h = tokens, cfg.d_model
+    modules: dict[str, Fraction] = {}
+    heads: dict[str, Fraction] = {}
+    for k in range(1, depth + 1):
+        head = _output_terms(cfg, n, tp, False, kernels, bf16_input=kind == "sequential")
+        if kernels == "triton":  # the fused loss keeps its two gradients, not the targets
+            del head["targets, int64"]
+        _add(heads, head)
+        if kind == "parallel":
+            block = _layer_terms(cfg, n, tp, False, "none", kernels)
+            block["norm inputs, fp32"] -= 4 * n * h  # the first is the trunk's output, kept by the main head's norm
+        else:
+            own = {
+                "shifted token ids": Fraction(embedding_bytes(n, tp)),
+                "embedding norm input, fp32": Fraction(4 * n * h),
+                "input norms' statistics": Fraction(2 * n * (4 + (4 * h if kernels == "torch" else 0))),
+                "projection input, bf16": Fraction(4 * n * h),
+            }
+            if kernels == "torch" and k > 1:  # the torch RMSNorm's fp32 copy of the previous depth's bf16 output
+                own["previous depth's output, fp32 copy"] = Fraction(4 * n * h)
+            _add(modules, own)
+            block = _layer_terms(cfg, n, tp, False, "none", kernels, bf16_residual=True)
+        _add(modules, block, "block: ")
+    return modules, heads
+
+
+def mtp_terms(cfg: ModelConfig, tokens: int, depth: int, kind: str = "sequential", tp: int = 1, sp: bool = False,
+              kernels: str = "triton") -> dict[str, Fraction]:  # fmt: skip
+    """Bytes the `depth` multi-token prediction modules of `kind` (sequential | parallel; engine.model.mtp) store
+    for one micro-batch of `tokens` tokens on one tp rank, by term summed over the depths, their output-head calls
+    included ("head: " terms; module docstring). Whatever model.recompute says: the engine checkpoints the trunk's
+    layers only. Sequence parallelism is refused with MTP (engine.parallel.parallelize.check_mtp_layout)."""
+    _check(cfg, tp, "none", kernels)
+    _check_mtp(depth, kind)
+    if sp and tp > 1:
+        raise ValueError("MTP modules do not run under sequence parallelism")
+    modules, heads = _mtp_parts(cfg, tokens, depth, kind, tp, kernels)
+    _add(modules, heads, "head: ")
+    return modules
+
+
 def autocast_weight_bytes(cfg: ModelConfig, layers: int, tp: int = 1, recompute: str = "none",
-                          kernels: str = "triton", last_stage: bool = True) -> int:  # fmt: skip
+                          kernels: str = "triton", last_stage: bool = True, mtp_depth: int = 0,
+                          mtp_kind: str = "sequential") -> int:  # fmt: skip
     """The bf16 copies of a rank's matmul weights that autocast makes in the forward pass and the backward pass
     needs (fp32 weights): each layer's projections (none under full recomputation, which casts them again in the
-    backward) and, on the last stage, the output head (not with the Triton fused loss, which reads the fp32 weight)."""
+    backward) and, on the last stage, the output head (not with the Triton fused loss, which reads the fp32 weight)
+    and the `mtp_depth` MTP modules' blocks and projections (whatever `recompute`: only the trunk's layers are
+    checkpointed); the head's copy is one, shared by its D + 1 calls (autocast caches it)."""
     _check(cfg, tp, recompute, kernels)
     h, f, t = cfg.d_model, cfg.ffn_hidden, tp
     kv_heads = cfg.n_kv_heads if cfg.n_kv_heads % t else cfg.n_kv_heads // t
@@ -148,39 +242,66 @@ def autocast_weight_bytes(cfg: ModelConfig, layers: int, tp: int = 1, recompute:
     n = 0 if recompute == "full" else per_layer * layers
     if last_stage and kernels == "torch":
         n += cfg.vocab_size * h // t
+    if last_stage and mtp_depth:  # the MTP blocks are never recomputed; the sequential 2d -> d projection is replicated
+        _check_mtp(mtp_depth, mtp_kind)
+        n += mtp_depth * (per_layer + (2 * h * h if mtp_kind == "sequential" else 0))
     return 2 * n
 
 
 def engine_activation_bytes(cfg: ModelConfig, micro_batch: int, layers: int, tp: int = 1, sp: bool = False,
                             cp: int = 1, recompute: str = "none", kernels: str = "triton", first_stage: bool = True,
-                            last_stage: bool = True, in_flight_microbatches: float = 1) -> int:  # fmt: skip
+                            last_stage: bool = True, in_flight_microbatches: float = 1, mtp_depth: int = 0,
+                            mtp_kind: str = "sequential", mtp_per_head: bool = False) -> int:  # fmt: skip
     """One rank's stored activations at its peak: `layers` layers and the embedding for `in_flight_microbatches`
-    micro-batches, plus the output term for one (as `memory.estimate_activations` composes Korthikanti's)."""
+    micro-batches, plus the output term for one (as `memory.estimate_activations` composes Korthikanti's). On the
+    last stage, `mtp_depth` MTP modules of `mtp_kind`: their modules counted as layers, their output-head calls as
+    the output term; `mtp_per_head` (parallel heads backpropagated one at a time, engine.model.mtp.per_head_backward):
+    the peak, the trunk with the largest head's graph (one MTP head with the trunk's output it keeps)."""
     tokens = micro_batch * cfg.seq_len // cp
     layer = sum(layer_terms(cfg, tokens, tp, sp, recompute, kernels).values())
     held = layer * layers + (embedding_bytes(tokens, tp) if first_stage else 0)
     total = held * Fraction(in_flight_microbatches)
     if last_stage:
-        total += sum(output_terms(cfg, tokens, tp, sp, kernels).values())
+        out = sum(output_terms(cfg, tokens, tp, sp, kernels).values())
+        if mtp_depth:
+            mtp = mtp_terms(cfg, tokens, 1 if mtp_per_head else mtp_depth, mtp_kind, tp, sp, kernels)
+            modules = sum(v for k, v in mtp.items() if not k.startswith("head: "))
+            heads = sum(v for k, v in mtp.items() if k.startswith("head: "))
+            if mtp_per_head:
+                if mtp_kind != "parallel":
+                    raise ValueError("mtp_per_head needs parallel heads (mtp_kind parallel)")
+                out = max(out, modules + 4 * tokens * cfg.d_model + heads)
+            else:
+                total += modules * Fraction(in_flight_microbatches)
+                out += heads
+        total += out
     return math.ceil(total)
 
 
 def rank_activation_bytes(cfg: ModelConfig, micro_batch: int, layers: int, tp: int = 1, sp: bool = False,
                           cp: int = 1, recompute: str = "none", first_stage: bool = True, last_stage: bool = True,
-                          in_flight_microbatches: float = 1, autocast_copies: bool = True) -> int:  # fmt: skip
+                          in_flight_microbatches: float = 1, autocast_copies: bool = True, mtp_depth: int = 0,
+                          mtp_kind: str = "sequential", mtp_per_head: bool = False) -> int:  # fmt: skip
     """What the dry run and the layout planner count as a rank's activations on a GPU: this module's tally for the
     kernels a GPU run uses (Triton unless `model.kernels` is torch) plus, with `autocast_copies` (fp32 weights under
     autocast), the weights' bf16 copies; for configs the tally does not cover (dropout > 0, other archs),
     Korthikanti et al.'s (memory.estimate_activations; selective with flash attention, whose scores are never
-    stored)."""
+    stored). `mtp_depth`, `mtp_kind`, `mtp_per_head`: a last stage's multi-token prediction modules
+    (`engine_activation_bytes`); outside the tally each counts as one more layer with an output term."""
     if cfg.dropout == 0 and cfg.arch in ("gpt2", "llama"):
         kernels = "torch" if cfg.kernels == "torch" else "triton"
         act = engine_activation_bytes(cfg, micro_batch, layers, tp, sp, cp, recompute, kernels, first_stage,
-                                      last_stage, in_flight_microbatches)  # fmt: skip
-        copies = autocast_weight_bytes(cfg, layers, tp, recompute, kernels, last_stage) if autocast_copies else 0
+                                      last_stage, in_flight_microbatches, mtp_depth, mtp_kind,
+                                      mtp_per_head)  # fmt: skip
+        copies = 0
+        if autocast_copies:
+            depth = 1 if mtp_per_head and mtp_depth else mtp_depth  # one head's block cast at a time
+            copies = autocast_weight_bytes(cfg, layers, tp, recompute, kernels, last_stage, depth, mtp_kind)
         return act + copies
-    return estimate_activations(
-        cfg.seq_len // cp, micro_batch, cfg.d_model, cfg.n_heads, cfg.vocab_size, layers, tp=tp, sp=sp,
-        recompute=recompute, first_stage=first_stage, last_stage=last_stage,
-        in_flight_microbatches=in_flight_microbatches,
-    ).total_bytes  # fmt: skip
+    depth = mtp_depth if last_stage else 0
+    est = estimate_activations(
+        cfg.seq_len // cp, micro_batch, cfg.d_model, cfg.n_heads, cfg.vocab_size,
+        layers + (1 if mtp_per_head and depth else depth), tp=tp, sp=sp, recompute=recompute,
+        first_stage=first_stage, last_stage=last_stage, in_flight_microbatches=in_flight_microbatches,
+    )  # fmt: skip
+    return est.total_bytes + (0 if mtp_per_head else depth) * est.output_bytes

@@ -7,7 +7,8 @@ trainer uses. Nothing is allocated: the counts come from the local parameter sha
 gradients in fp32 (the master weights; 4 bytes each), the optimizer state (engine.scaling.optimizer_state_bytes), and
 the activations of the micro-batches the schedule holds: engine.scaling.activations' tally of what this engine's
 layers save for the backward pass on a GPU (checked tensor by tensor against the CPU model), with the bf16 weight
-copies autocast keeps, or Korthikanti et al. 2022's formula for configs that tally does not cover (dropout > 0).
+copies autocast keeps, or Korthikanti et al. 2022's formula for configs that tally does not cover (dropout > 0);
+with `--train.objective mtp`, the multi-token prediction modules' share on the rank holding them (the last stage).
 """
 
 from __future__ import annotations
@@ -68,10 +69,18 @@ def _rank_memory(cfg: Config, model_cfg, dims: ParallelDims, micro: int, micro_b
     # the engine's own tally (engine.scaling.activations) where it covers the config, Korthikanti's otherwise;
     # under context parallelism a rank holds seq_len / cp of each sequence
     copies = cfg.train.dtype != "fp32" and cfg.train.param_dtype == "fp32" and dims.dp_shard == 1
+    # multi-token prediction modules: on the chunk that holds them (the last stage under pp). Parallel heads run
+    # one at a time (per_head_backward) where engine.training.step's TrainStep does so: without pp, DDP, FSDP2 or
+    # our gradient buffers (ZeRO-1 at dp > 1, bf16 parameters); the peak is then the trunk with one head's graph.
+    mtp_depth = sum(len(c.mtp) for c in chunks if getattr(c, "mtp", None) is not None)
+    mtp_kind = getattr(model, "mtp_kind", "sequential")
+    per_head = mtp_kind == "parallel" and not dims.pp_enabled and dims.dp * dims.cp == 1
+    per_head = per_head and cfg.train.param_dtype != "bf16"
     act = rank_activation_bytes(
         model_cfg, micro, sum(len(c.layers) for c in chunks), dims.tp, sp, dims.cp, model_cfg.recompute,
         first_stage=any(c.tok_emb is not None for c in chunks), last_stage=any(c.output is not None for c in chunks),
-        in_flight_microbatches=in_flight, autocast_copies=copies,
+        in_flight_microbatches=in_flight, autocast_copies=copies, mtp_depth=mtp_depth, mtp_kind=mtp_kind,
+        mtp_per_head=per_head and mtp_depth > 0,
     )  # fmt: skip
     # ZeRO-1: this rank's shard of the optimizer state (engine.optim.distributed), up to each bucket's padding;
     # FSDP2: its shard of parameters, gradients and state over dp_shard x cp (up to each tensor's padding)

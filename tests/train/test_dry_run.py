@@ -76,3 +76,41 @@ def test_bf16_parameters_with_zero1_bytes(monkeypatch):
             "--parallel.zero1", "true", "--train.param_dtype", "bf16"]  # fmt: skip
     r = dry_run(load_config(args), out=lambda s: None).ranks[0]
     assert (r.param_bytes, r.grad_bytes, r.optimizer_bytes) == (2 * r.params, 4 * r.params, 12 * -(-r.params // 4))
+
+
+def _mtp_args(*extra):
+    return ["--model.n_layers", "4", "--model.d_model", "32", "--model.n_heads", "4", "--model.vocab_size", "64",
+            "--model.seq_len", "16", "--train.global_batch", "4", "--train.micro_batch", "1",
+            "--train.objective", "mtp", *extra]  # fmt: skip
+
+
+def test_mtp_modules_count_on_the_last_stage():
+    """pp 2 with 2 sequential MTP modules: the last stage (1 layer + the modules; stage balance costs a module as a
+    layer) adds the tally's MTP term (engine.scaling.activations.mtp_terms, checked against saved tensors in
+    tests/scaling/test_activation_tally_mtp.py) and the modules' autocast copies; the first stage has none."""
+    from engine.model.gpt import resolve
+    from engine.scaling.activations import autocast_weight_bytes, mtp_terms, rank_activation_bytes
+
+    cfg = load_config(_mtp_args("--objective.mtp_depth", "2", "--parallel.pp", "2"))
+    report = dry_run(cfg, out=lambda s: None)
+    m = resolve(cfg.model)
+    first, last = report.ranks
+    assert first.activation_bytes == rank_activation_bytes(m, 1, 3, last_stage=False, in_flight_microbatches=2)
+    plain = rank_activation_bytes(m, 1, 1, first_stage=False)  # 1f1b: one micro-batch in flight on the last stage
+    mtp = sum(mtp_terms(m, 16, 2).values()) + autocast_weight_bytes(m, 1, mtp_depth=2) - autocast_weight_bytes(m, 1)
+    assert last.activation_bytes == plain + mtp > plain
+
+
+def test_parallel_heads_count_one_head_at_a_time_where_the_step_does(monkeypatch):
+    """Parallel heads without data parallelism: TrainStep backpropagates them one at a time (per_head_backward),
+    so the dry run counts that peak; at dp 2 (DDP) they are all alive at once."""
+    from engine.model.gpt import resolve
+    from engine.scaling.activations import rank_activation_bytes
+
+    args = _mtp_args("--objective.mtp_depth", "3", "--objective.mtp_kind", "parallel")
+    m = resolve(load_config(args).model)
+    one = dry_run(load_config(args), out=lambda s: None).ranks[0].activation_bytes
+    assert one == rank_activation_bytes(m, 1, 4, mtp_depth=3, mtp_kind="parallel", mtp_per_head=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ddp = dry_run(load_config(args), out=lambda s: None).ranks[0].activation_bytes
+    assert ddp == rank_activation_bytes(m, 1, 4, mtp_depth=3, mtp_kind="parallel") > one
