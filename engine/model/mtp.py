@@ -55,7 +55,9 @@ class MTPModule(nn.Module):
         self.block = Block(cfg)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, cos, sin, mask, causal, **attention_kw) -> torch.Tensor:
-        x = self.proj(torch.cat([self.hidden_norm(h), self.embed_norm(emb)], dim=-1))
+        # The projection's output joins the residual stream in its dtype (fp32 under autocast, as the trunk's):
+        # left in autocast's bf16, the block's residual sums and the head's norm would run in bf16.
+        x = self.proj(torch.cat([self.hidden_norm(h), self.embed_norm(emb)], dim=-1)).to(h.dtype)
         return self.block(x, cos, sin, mask, causal, **attention_kw)
 
 

@@ -40,11 +40,9 @@ Multi-token prediction (`--train.objective mtp`, engine.model.mtp; `mtp_terms`),
 
     sequential (DeepSeek-V3)          shifted token ids 8n (+ n under tp), the embedding norm's fp32 input 4nh, two
                                       RMSNorms' statistics 2 * n * (4 | 4 + 4h torch), the 2d -> d projection's bf16
-                                      input 4nh, and with torch kernels past depth 1 the RMSNorm's fp32 copy of the
-                                      previous depth's output 4nh; then one layer whose residual stream is bf16 (the
-                                      projection's autocast output): its norms keep 2nh each (the torch RMSNorm an
-                                      fp32 copy, 4nh); then an output-head call on that bf16 output (final norm input
-                                      2nh, torch RMSNorm 4nh)
+                                      input 4nh (the hidden norm's input is the previous depth's output, which that
+                                      depth's head already keeps); then one layer (its output back in the residual
+                                      stream's fp32, as the trunk's) and an output-head call
     parallel (Gloeckle et al.)        one layer less its first norm's input (the trunk's output, which the main head
                                       keeps), then an output-head call
 Each head call keeps the output terms above, except that the Triton fused loss keeps no targets: so D + 1 calls keep
@@ -107,10 +105,9 @@ def layer_terms(cfg: ModelConfig, tokens: int, tp: int = 1, sp: bool = False, re
     return _layer_terms(cfg, tokens, tp, sp, recompute, kernels)
 
 
-def _layer_terms(cfg: ModelConfig, tokens: int, tp: int, sp: bool, recompute: str, kernels: str,
-                 bf16_residual: bool = False) -> dict[str, Fraction]:  # fmt: skip
-    """`layer_terms`; `bf16_residual`: a block whose input is a bf16 tensor (a sequential MTP module's), whose
-    norms keep their bf16 inputs, 2nh each, except the torch RMSNorm, which keeps an fp32 copy (4nh)."""
+def _layer_terms(cfg: ModelConfig, tokens: int, tp: int, sp: bool, recompute: str, kernels: str
+                 ) -> dict[str, Fraction]:  # fmt: skip
+    """`layer_terms` without the argument checks."""
     n, h, a, f, t = tokens, cfg.d_model, cfg.n_heads, cfg.ffn_hidden, tp
     r = t if sp and t > 1 else 1
     if recompute == "full":
@@ -119,9 +116,8 @@ def _layer_terms(cfg: ModelConfig, tokens: int, tp: int, sp: bool, recompute: st
     kvw = Fraction(cfg.n_kv_heads * head_dim, t if cfg.n_kv_heads % t == 0 else 1)
     llama = cfg.arch == "llama"
     mlp_tensors = (4 if kernels == "torch" else 3) if llama else 2
-    width = 2 if bf16_residual and (kernels == "triton" or not llama) else 4
     terms = {
-        ("norm inputs, bf16" if width == 2 else "norm inputs, fp32"): Fraction(2 * width * n * h, r),
+        "norm inputs, fp32": Fraction(2 * 4 * n * h, r),
         "norm statistics": Fraction(2 * n * _norm_stats(cfg, kernels), r),
         "projection inputs, bf16": Fraction(2 * 2 * n * h),
         "q, k, v": 2 * n * (Fraction(h, t) + 2 * kvw),
@@ -148,15 +144,12 @@ def output_terms(cfg: ModelConfig, tokens: int, tp: int = 1, sp: bool = False, k
     return _output_terms(cfg, tokens, tp, sp, kernels)
 
 
-def _output_terms(cfg: ModelConfig, tokens: int, tp: int, sp: bool, kernels: str, bf16_input: bool = False
-                  ) -> dict[str, Fraction]:  # fmt: skip
-    """`output_terms`; `bf16_input`: the head of a sequential MTP module, whose bf16 output the final norm keeps as
-    it is (2nh), except the torch RMSNorm, which keeps an fp32 copy (4nh)."""
+def _output_terms(cfg: ModelConfig, tokens: int, tp: int, sp: bool, kernels: str) -> dict[str, Fraction]:
+    """`output_terms` without the argument checks."""
     n, h, v, t = tokens, cfg.d_model, cfg.vocab_size, tp
     r = t if sp and t > 1 else 1
-    bf16 = bf16_input and (kernels == "triton" or cfg.arch == "gpt2")
     terms = {
-        ("final norm input, bf16" if bf16 else "final norm input, fp32"): Fraction((2 if bf16 else 4) * n * h, r),
+        "final norm input, fp32": Fraction(4 * n * h, r),
         "final norm statistics": Fraction(n * _norm_stats(cfg, kernels), r),
     }
     if kernels == "triton":
@@ -189,8 +182,8 @@ def _mtp_parts(cfg: ModelConfig, tokens: int, depth: int, kind: str, tp: int, ke
     n, h = tokens, cfg.d_model
     modules: dict[str, Fraction] = {}
     heads: dict[str, Fraction] = {}
-    for k in range(1, depth + 1):
-        head = _output_terms(cfg, n, tp, False, kernels, bf16_input=kind == "sequential")
+    for _ in range(depth):
+        head = _output_terms(cfg, n, tp, False, kernels)
         if kernels == "triton":  # the fused loss keeps its two gradients, not the targets
             del head["targets, int64"]
         _add(heads, head)
@@ -204,10 +197,8 @@ def _mtp_parts(cfg: ModelConfig, tokens: int, depth: int, kind: str, tp: int, ke
                 "input norms' statistics": Fraction(2 * n * (4 + (4 * h if kernels == "torch" else 0))),
                 "projection input, bf16": Fraction(4 * n * h),
             }
-            if kernels == "torch" and k > 1:  # the torch RMSNorm's fp32 copy of the previous depth's bf16 output
-                own["previous depth's output, fp32 copy"] = Fraction(4 * n * h)
             _add(modules, own)
-            block = _layer_terms(cfg, n, tp, False, "none", kernels, bf16_residual=True)
+            block = _layer_terms(cfg, n, tp, False, "none", kernels)
         _add(modules, block, "block: ")
     return modules, heads
 
