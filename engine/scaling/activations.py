@@ -33,7 +33,7 @@ projections produced and consume them), so with flash attention it saves little.
 mask (1 byte a token). Last stage: the final norm's input and statistics (as above), then the torch path keeps the
 head's bf16 input cast (2nh), the fp32 log-softmax (4nv/t) and, under tp, the vocab-parallel loss's two masks (2n);
 the Triton path's fused linear cross-entropy computes the gradients in the forward pass and keeps them: d(input), 2nh,
-and d(weight), 4vh/t, which does not grow with the batch. Both keep the int64 targets (8n).
+and d(weight), 4vh/t, which does not grow with the batch; only the torch path keeps the int64 targets (8n).
 
 Multi-token prediction (`--train.objective mtp`, engine.model.mtp; `mtp_terms`), on the last stage, per depth
 (never recomputed: the engine checkpoints the trunk's layers only; no sp):
@@ -45,10 +45,10 @@ Multi-token prediction (`--train.objective mtp`, engine.model.mtp; `mtp_terms`),
                                       stream's fp32, as the trunk's) and an output-head call
     parallel (Gloeckle et al.)        one layer less its first norm's input (the trunk's output, which the main head
                                       keeps), then an output-head call
-Each head call keeps the output terms above, except that the Triton fused loss keeps no targets: so D + 1 calls keep
-D + 1 weight gradients (4vh/t each). The modules count as layers (times the micro-batches in flight), their head
-calls as the output term. Autocast copies each depth's block weights and the (replicated) 2h x h projection; the
-head's copy is one. Parallel heads backpropagated one at a time (per_head_backward, which TrainStep uses without pp,
+Each head call keeps the output terms above (its own shifted targets with the torch loss): so with the Triton fused loss
+D + 1 calls keep D + 1 weight gradients (4vh/t each). The modules count as layers (times the micro-batches in flight),
+their head calls as the output term. Autocast copies each depth's block weights and the (replicated) 2h x h projection;
+the head's copy is one. Parallel heads backpropagated one at a time (per_head_backward, which TrainStep uses without pp,
 DDP, FSDP2 or gradient buffers) peak at the trunk plus one head: its whole layer and one head call.
 
 Where it goes, and what would cut it: with sp the projections' inputs are the largest term (Llama 3 70B at tp 8 + sp,
@@ -155,12 +155,12 @@ def _output_terms(cfg: ModelConfig, tokens: int, tp: int, sp: bool, kernels: str
     if kernels == "triton":
         terms["fused loss: input gradient"] = Fraction(2 * n * h)
         terms["fused loss: weight gradient, fp32"] = Fraction(4 * v * h, t)
-    else:
+    else:  # the torch loss keeps its targets; the fused one, done with them in the forward pass, does not
         terms["head input cast, bf16"] = Fraction(2 * n * h)
         terms["log-softmax, fp32"] = Fraction(4 * n * v, t)
         if t > 1:
             terms["vocab-parallel loss masks"] = Fraction(2 * n)
-    terms["targets, int64"] = Fraction(8 * n)
+        terms["targets, int64"] = Fraction(8 * n)
     return terms
 
 
@@ -184,8 +184,6 @@ def _mtp_parts(cfg: ModelConfig, tokens: int, depth: int, kind: str, tp: int, ke
     heads: dict[str, Fraction] = {}
     for _ in range(depth):
         head = _output_terms(cfg, n, tp, False, kernels)
-        if kernels == "triton":  # the fused loss keeps its two gradients, not the targets
-            del head["targets, int64"]
         _add(heads, head)
         if kind == "parallel":
             block = _layer_terms(cfg, n, tp, False, "none", kernels)

@@ -58,7 +58,9 @@ def _saved_bytes(model, batch):
             seen[ptr] = t.untyped_storage().nbytes()
         return t
 
-    tokens, targets = torch.randint(0, VOCAB, (2, batch, S), generator=torch.Generator().manual_seed(0))
+    # two storages, as a training batch has (one would hide whichever of the two a path does not keep)
+    pair = torch.randint(0, VOCAB, (2, batch, S), generator=torch.Generator().manual_seed(0))
+    tokens, targets = pair[0].clone(), pair[1].clone()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         model(tokens, targets)
     return sum(seen.values()), model
