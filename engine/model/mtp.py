@@ -18,8 +18,9 @@ detached copy of h^0 whose gradient accumulates, then one backward through the t
 alive at a time.
 
 The model stays plain (no parallelism inside): `engine.parallel.parallelize` converts the modules' blocks with the same
-tensor-parallel plan as the trunk's and refuses the layouts they do not support (context parallelism, sequence
-parallelism). Under pipeline parallelism the modules sit on the last stage, beside the output head they share, as in
+tensor-parallel plan as the trunk's (under sequence parallelism the modules run on the rank's sequence shard, their
+replicated norms and projection summing partial gradients over tp) and refuses context parallelism, whose chunks a shift
+would cross. Under pipeline parallelism the modules sit on the last stage, beside the output head they share, as in
 DeepSeek-V3 and Megatron-Core: that stage holds a copy of the token embedding for the sequential kind (`mtp_emb`, the
 embedding's one name in checkpoints, its gradient summed with the first stage's like a tied output weight's) and takes
 the micro-batch's token ids as `input_ids`. In eval mode, or without targets, the forward is the main model's alone, so

@@ -76,10 +76,14 @@ TP_PLAN: dict[str, str] = {
     "output.norm": "sequence_norm",
 }
 # Multi-token prediction modules (engine.model.mtp, train.objective mtp): each depth's block is split as the trunk's
-# blocks; its two norms and 2d -> d projection stay replicated (they see the whole hidden states and embeddings, as
-# sequence parallelism is refused for them: `check_mtp_layout`).
+# blocks; its two norms and 2d -> d projection stay replicated. They act token by token, so with sequence parallelism
+# they run on this rank's sequence shard (the previous depth's output, and the shifted embeddings the vocab-parallel
+# embedding reduce-scatters), and their gradients are partial sums over tp, as a norm's are.
 TP_PLAN.update(
     {"mtp.*.block." + k[len("layers.*.") :]: v for k, v in list(TP_PLAN.items()) if k.startswith("layers.*.")}
+)
+TP_PLAN.update(
+    {"mtp.*.hidden_norm": "sequence_norm", "mtp.*.embed_norm": "sequence_norm", "mtp.*.proj": "sequence_replicated"}
 )
 # The t5 encoder-decoder (engine.model.encoder_decoder): its encoder's and decoder's blocks are split as the trunk's;
 # the decoder's cross-attention as a self-attention whose keys and values read the encoder's output: q, k, v column
@@ -107,15 +111,15 @@ TP_PLAN.update(
 )
 
 
-def check_mtp_layout(cp: int, sequence_parallel: bool) -> None:
+def check_mtp_layout(cp: int) -> None:
     """One-line ConfigError for the layouts a model with multi-token prediction modules cannot run in: module k
-    shifts the whole sequence by k tokens (which context-parallel chunks and sequence-parallel shards each hold only
-    part of). Pipeline stages hold whole sequences: the modules run on the last one."""
-    for enabled, what in ((cp > 1, "parallel.cp > 1"), (sequence_parallel, "parallel.sp")):
-        if enabled:
-            raise ConfigError(
-                f"train.objective mtp with {what} is not supported yet: use tp (without sp), pp, dp or dp_shard"
-            )
+    shifts the sequence by k tokens, which crosses context-parallel chunks (held by different ranks). Sequence
+    parallelism shifts the token ids, which every tp rank holds whole, and pipeline stages hold whole sequences (the
+    modules run on the last one)."""
+    if cp > 1:
+        raise ConfigError(
+            "train.objective mtp with parallel.cp > 1 is not supported yet: use tp, sp, pp, dp or dp_shard"
+        )
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> None:
@@ -196,7 +200,8 @@ def _convert(model: nn.Module, name: str, module: nn.Module, style: str, ctx: _T
             module.rng_context = lambda: ctx.tracker.fork("tp")
     elif style == "sequence_positions":
         _set_child(model, name, SequenceShardedPositionEmbedding(module.weight, ctx.group))
-    elif style != "sequence_norm":  # norms need no conversion: the registry marks their gradients partial
+    elif style not in ("sequence_norm", "sequence_replicated"):  # no conversion: the registry marks their
+        # gradients partial (a replicated module that sees only this rank's tokens under sequence parallelism)
         raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
 
 
@@ -223,7 +228,7 @@ def apply_tensor_parallel(
         style = next((st for pattern, st in compiled if pattern.match(cname)), None)
         if style is None or (style.startswith("sequence_") and not sequence_parallel):
             continue
-        if style in ("sequence_norm", "sequence_positions"):
+        if style in ("sequence_norm", "sequence_positions", "sequence_replicated"):
             sp_modules.add(cname)
         _convert(model, name, module, style, ctx)
     registry = collect_sharding(model, frozenset(sp_modules), tp_group=group)
@@ -368,7 +373,7 @@ def parallelize_gpt(
                           "gradients land after FSDP2 has resharded the weights); use 1f1b, gpipe or interleaved")
     sp = cfg.parallel.sp and dims.tp_enabled
     if getattr(model, "mtp", None) is not None:
-        check_mtp_layout(dims.cp, sp)
+        check_mtp_layout(dims.cp)
     on_meta = any(p.is_meta for p in model.parameters())
     chunks = pipeline_split(model, dims, cfg)
     for chunk in chunks:

@@ -36,13 +36,14 @@ the Triton path's fused linear cross-entropy computes the gradients in the forwa
 and d(weight), 4vh/t, which does not grow with the batch; only the torch path keeps the int64 targets (8n).
 
 Multi-token prediction (`--train.objective mtp`, engine.model.mtp; `mtp_terms`), on the last stage, per depth
-(never recomputed: the engine checkpoints the trunk's layers only; no sp):
+(never recomputed: the engine checkpoints the trunk's layers only; with sp, on the sequence shard, r = t, as the
+trunk's layers):
 
-    sequential (DeepSeek-V3)          shifted token ids 8n (+ n under tp), the embedding norm's fp32 input 4nh, two
-                                      RMSNorms' statistics 2 * n * (4 | 4 + 4h torch), the 2d -> d projection's bf16
-                                      input 4nh (the hidden norm's input is the previous depth's output, which that
-                                      depth's head already keeps); then one layer (its output back in the residual
-                                      stream's fp32, as the trunk's) and an output-head call
+    sequential (DeepSeek-V3)          shifted token ids 8n (+ n under tp), the embedding norm's fp32 input 4nh/r,
+                                      two RMSNorms' statistics 2 * n * (4 | 4 + 4h torch) / r, the 2d -> d
+                                      projection's bf16 input 4nh/r (the hidden norm's input is the previous depth's
+                                      output, which that depth's head already keeps); then one layer (its output
+                                      back in the residual stream's fp32, as the trunk's) and an output-head call
     parallel (Gloeckle et al.)        one layer less its first norm's input (the trunk's output, which the main head
                                       keeps), then an output-head call
 Each head call keeps the output terms above (its own shifted targets with the torch loss): so with the Triton fused loss
@@ -176,27 +177,27 @@ def _add(total: dict[str, Fraction], terms: dict[str, Fraction], prefix: str = "
         total[prefix + key] = total.get(prefix + key, Fraction(0)) + value
 
 
-def _mtp_parts(cfg: ModelConfig, tokens: int, depth: int, kind: str, tp: int, kernels: str
+def _mtp_parts(cfg: ModelConfig, tokens: int, depth: int, kind: str, tp: int, sp: bool, kernels: str
                ) -> tuple[dict[str, Fraction], dict[str, Fraction]]:  # fmt: skip
     """(the D modules' terms, their D output-head calls' terms), each summed over the depths (module docstring)."""
     n, h = tokens, cfg.d_model
+    r = tp if sp and tp > 1 else 1
     modules: dict[str, Fraction] = {}
     heads: dict[str, Fraction] = {}
     for _ in range(depth):
-        head = _output_terms(cfg, n, tp, False, kernels)
-        _add(heads, head)
+        _add(heads, _output_terms(cfg, n, tp, sp, kernels))
         if kind == "parallel":
-            block = _layer_terms(cfg, n, tp, False, "none", kernels)
-            block["norm inputs, fp32"] -= 4 * n * h  # the first is the trunk's output, kept by the main head's norm
+            block = _layer_terms(cfg, n, tp, sp, "none", kernels)
+            block["norm inputs, fp32"] -= Fraction(4 * n * h, r)  # the trunk's output, kept by the main head's norm
         else:
-            own = {
+            own = {  # the lookup takes the whole shifted ids; the rest acts on this rank's sequence shard under sp
                 "shifted token ids": Fraction(embedding_bytes(n, tp)),
-                "embedding norm input, fp32": Fraction(4 * n * h),
-                "input norms' statistics": Fraction(2 * n * (4 + (4 * h if kernels == "torch" else 0))),
-                "projection input, bf16": Fraction(4 * n * h),
+                "embedding norm input, fp32": Fraction(4 * n * h, r),
+                "input norms' statistics": Fraction(2 * n * (4 + (4 * h if kernels == "torch" else 0)), r),
+                "projection input, bf16": Fraction(4 * n * h, r),
             }
             _add(modules, own)
-            block = _layer_terms(cfg, n, tp, False, "none", kernels)
+            block = _layer_terms(cfg, n, tp, sp, "none", kernels)
         _add(modules, block, "block: ")
     return modules, heads
 
@@ -206,12 +207,10 @@ def mtp_terms(cfg: ModelConfig, tokens: int, depth: int, kind: str = "sequential
     """Bytes the `depth` multi-token prediction modules of `kind` (sequential | parallel; engine.model.mtp) store
     for one micro-batch of `tokens` tokens on one tp rank, by term summed over the depths, their output-head calls
     included ("head: " terms; module docstring). Whatever model.recompute says: the engine checkpoints the trunk's
-    layers only. Sequence parallelism is refused with MTP (engine.parallel.parallelize.check_mtp_layout)."""
+    layers only. With sequence parallelism the modules run on the rank's sequence shard."""
     _check(cfg, tp, "none", kernels)
     _check_mtp(depth, kind)
-    if sp and tp > 1:
-        raise ValueError("MTP modules do not run under sequence parallelism")
-    modules, heads = _mtp_parts(cfg, tokens, depth, kind, tp, kernels)
+    modules, heads = _mtp_parts(cfg, tokens, depth, kind, tp, sp, kernels)
     _add(modules, heads, "head: ")
     return modules
 
@@ -259,7 +258,8 @@ def engine_activation_bytes(cfg: ModelConfig, micro_batch: int, layers: int, tp:
             if mtp_per_head:
                 if mtp_kind != "parallel":
                     raise ValueError("mtp_per_head needs parallel heads (mtp_kind parallel)")
-                out = max(out, modules + 4 * tokens * cfg.d_model + heads)
+                trunk_output = Fraction(4 * tokens * cfg.d_model, tp if sp and tp > 1 else 1)  # its head keeps it
+                out = max(out, modules + trunk_output + heads)
             else:
                 total += modules * Fraction(in_flight_microbatches)
                 out += heads

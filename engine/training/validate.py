@@ -65,7 +65,7 @@ def check_config(cfg: Config) -> None:
     if cfg.train.objective == "mtp":  # the MTP modules shift whole sequences (parallelize_gpt checks it too)
         from engine.parallel.parallelize import check_mtp_layout
 
-        check_mtp_layout(p.cp, p.sp and p.tp > 1)
+        check_mtp_layout(p.cp)
     if p.cp > 1 and cfg.model.window:
         raise TrainError("model.window (sliding-window attention) with parallel.cp > 1 is not supported yet")
     if p.cp > 1 and cfg.model.dropout > 0:

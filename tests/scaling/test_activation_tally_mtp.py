@@ -36,8 +36,9 @@ def _cfg(arch, kernels, recompute="none"):
                        seq_len=S, vocab_size=VOCAB, kernels=kernels, recompute=recompute)  # fmt: skip
 
 
-def _build(model_cfg, depth, kind, tp=1):
-    """The GPT (depth 0) or MultiTokenGPT of `model_cfg`, as the trainer builds it at tp 1 or tp (no sp)."""
+def _build(model_cfg, depth, kind, tp=1, sp=False):
+    """The GPT (depth 0) or MultiTokenGPT of `model_cfg`, as the trainer builds it at tp 1 or tp (with or without
+    sp)."""
     cfg = resolve(model_cfg)
     make = (lambda: GPT(cfg, seed=1)) if depth == 0 else (lambda: MultiTokenGPT(cfg, depth, kind=kind, seed=1))
     if tp == 1:
@@ -45,7 +46,7 @@ def _build(model_cfg, depth, kind, tp=1):
         apply_recompute(model, model_cfg.recompute)
         return model
     conf = Config(model=model_cfg)
-    conf.parallel.tp = tp
+    conf.parallel.tp, conf.parallel.sp = tp, sp
     with torch.device("meta"):
         model = make()
     [wrapped] = parallelize_gpt(model, ParallelDims.from_world(tp=tp), conf, device="cpu")
@@ -113,20 +114,21 @@ def _saved(model, b):
     return saved.total
 
 
-def _measure(arch, kernels, kind, depth, recompute="none", tp=1):
+def _measure(arch, kernels, kind, depth, recompute="none", tp=1, sp=False):
     """{b: the depth-D model's saved bytes minus the plain GPT's} for b = 1, 2."""
     model_cfg = _cfg(arch, kernels, recompute)
     return {
-        b: _saved(_build(model_cfg, depth, kind, tp), b) - _saved(_build(model_cfg, 0, kind, tp), b) for b in (1, 2)
+        b: _saved(_build(model_cfg, depth, kind, tp, sp), b) - _saved(_build(model_cfg, 0, kind, tp, sp), b)
+        for b in (1, 2)
     }
 
 
-def _expected(arch, kernels, kind, depth, recompute="none", tp=1):
+def _expected(arch, kernels, kind, depth, recompute="none", tp=1, sp=False):
     cfg = resolve(_cfg(arch, kernels, recompute))
     copies = autocast_weight_bytes(cfg, 1, tp, recompute, kernels, mtp_depth=depth, mtp_kind=kind)
     copies -= autocast_weight_bytes(cfg, 1, tp, recompute, kernels)
     scalars = 4 * depth if kernels == "torch" and tp == 1 else 0  # each torch loss call keeps an fp32 scalar
-    return {b: sum(mtp_terms(cfg, b * S, depth, kind, tp, kernels=kernels).values()) + copies + scalars for b in (1, 2)}
+    return {b: sum(mtp_terms(cfg, b * S, depth, kind, tp, sp, kernels).values()) + copies + scalars for b in (1, 2)}
 
 
 def _check(case, measured):
@@ -155,6 +157,8 @@ def test_mtp_tally_equals_saved_tensors(case):
 TP = [
     dict(arch="llama", kernels="torch", kind="sequential", depth=2, tp=2),
     dict(arch="llama", kernels="torch", kind="parallel", depth=2, tp=2),
+    dict(arch="llama", kernels="torch", kind="sequential", depth=2, tp=2, sp=True),
+    dict(arch="gpt2", kernels="torch", kind="parallel", depth=2, tp=2, sp=True),
 ]
 
 
@@ -212,7 +216,6 @@ def test_rank_bytes_add_the_mtp_modules_on_the_last_stage_only():
     [
         (dict(depth=-1), "mtp_depth must be"),
         (dict(kind="tree"), "mtp_kind must be"),
-        (dict(tp=2, sp=True), "sequence parallelism"),
     ],
 )
 def test_bad_mtp_arguments(kw, message):

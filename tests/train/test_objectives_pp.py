@@ -84,13 +84,16 @@ def _four_rank_worker(rank, world, root, data):
     tp_pp = _run(Path(root) / "tp2pp2", data, "mtp", parallel__tp=2, parallel__pp=2, checkpoint__every=3, **MTP)
     dist.barrier()
     fsdp_pp = _run(Path(root) / "fsdp2pp2", data, "mtp", parallel__dp_shard=2, parallel__pp=2, **UNTIED)
-    return tp_pp, fsdp_pp
+    dist.barrier()
+    sp_pp = _run(Path(root) / "sp2pp2", data, "mtp", parallel__tp=2, parallel__sp="true", parallel__pp=2, **MTP)
+    return tp_pp, fsdp_pp, sp_pp
 
 
 @pytest.mark.distributed
-def test_mtp_at_tp2_pp2_and_fsdp2_pp2_gives_the_one_process_losses_and_resumes_in_one_process(tmp_path, tiny_data):
+def test_mtp_at_tp2_pp2_fsdp2_pp2_and_sp_pp2_gives_the_one_process_losses_and_resumes(tmp_path, tiny_data):
     """Tensor parallelism converts the last stage's embedding copy before the output head tied to it (one vocab-split
-    parameter); FSDP2 shards the untied copy like any parameter of the stage; the tp 2 x pp 2 checkpoint holds the
+    parameter); FSDP2 shards the untied copy like any parameter of the stage; with sequence parallelism the copy
+    reduce-scatters the shifted embeddings to the stage's sequence shard. The tp 2 x pp 2 checkpoint holds the
     embedding once, under its own name, and resumes without pipelining."""
     got = run_distributed(_four_rank_worker, 4, str(tmp_path), tiny_data, timeout=240)
     ref = _run(tmp_path / "one", tiny_data, "mtp", **MTP)
@@ -100,7 +103,7 @@ def test_mtp_at_tp2_pp2_and_fsdp2_pp2_gives_the_one_process_losses_and_resumes_i
     for m, what in enumerate(("loss", "grad norm", "val loss")):
         assert ref[m] and ref_untied[m], what
         for rank in range(4):
-            for layout, want_by_step in ((0, ref[m]), (1, ref_untied[m])):
+            for layout, want_by_step in ((0, ref[m]), (1, ref_untied[m]), (2, ref[m])):
                 values = got[rank][layout][m]
                 assert sorted(values) == sorted(want_by_step), (what, rank, layout)
                 for s, want in want_by_step.items():

@@ -137,12 +137,19 @@ def test_each_objective_trains_on_the_embedded_corpus_through_the_cli(tmp_path, 
 
 
 TP_OBJECTIVES = ("fim", "mlm", "mtp", "prefix", "span", "ul2")
-
-
-def _objective_args(objective):
-    """The flags of an objective: span and ul2 train the t5 encoder-decoder (at tp 2: its cross-attention split by
-    heads as the self-attention, q/k/v column and o row parallel)."""
-    return dict(T5, train__objective=objective) if objective in ("span", "ul2") else dict(train__objective=objective)
+# Multi-token prediction under sequence parallelism: the modules run on each rank's sequence shard (two depths, so the
+# second reads the first's sharded output; both kinds).
+MTP2 = dict(train__objective="mtp", objective__mtp_depth=2)
+TP_CASES = {
+    **{objective: ({}, objective) for objective in TP_OBJECTIVES},
+    "mtp sp sequential": (dict(parallel__sp="true"), "mtp2 sequential"),
+    "mtp sp parallel": (dict(parallel__sp="true"), "mtp2 parallel"),
+}  # label: (layout flags beside tp 2, the objective's flags in OBJECTIVE_ARGS)
+OBJECTIVE_ARGS = {
+    **{o: dict(T5, train__objective=o) if o in ("span", "ul2") else dict(train__objective=o) for o in TP_OBJECTIVES},
+    "mtp2 sequential": MTP2,
+    "mtp2 parallel": dict(MTP2, objective__mtp_kind="parallel"),
+}  # span and ul2 train the t5 encoder-decoder (at tp 2: its cross-attention split by heads as the self-attention)
 
 
 def _tp_worker(rank, world, root, data):
@@ -151,24 +158,28 @@ def _tp_worker(rank, world, root, data):
     import torch.distributed as dist
 
     out = {}
-    for objective in TP_OBJECTIVES:
-        cfg = load_config(tiny_args(Path(root) / f"tp2_{objective}", *data, **_objective_args(objective),
+    for i, (label, (layout, objective)) in enumerate(TP_CASES.items()):
+        cfg = load_config(tiny_args(Path(root) / f"tp2_{i}", *data, **OBJECTIVE_ARGS[objective], **layout,
                                     parallel__tp=2, eval__every=0, checkpoint__every=0))  # fmt: skip
-        out[objective] = train(cfg).losses
+        out[label] = train(cfg).losses
         dist.barrier()
     return out
 
 
 @pytest.mark.distributed
 def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
-    got = run_distributed(_tp_worker, 2, str(tmp_path), tiny_data, timeout=180)
-    for objective in TP_OBJECTIVES:
-        one = train(load_config(tiny_args(tmp_path / f"one_{objective}", *tiny_data, **_objective_args(objective),
-                                          eval__every=0, checkpoint__every=0))).losses  # fmt: skip
+    got = run_distributed(_tp_worker, 2, str(tmp_path), tiny_data, timeout=240)
+    one = {}
+    for objective in {objective for _, objective in TP_CASES.values()}:
+        one[objective] = train(load_config(tiny_args(tmp_path / f"one_{len(one)}", *tiny_data,
+                                                     **OBJECTIVE_ARGS[objective], eval__every=0,
+                                                     checkpoint__every=0))).losses  # fmt: skip
+    for label, (_, objective) in TP_CASES.items():
+        want = one[objective]
         for rank in (0, 1):
-            assert sorted(got[rank][objective]) == sorted(one)
-            for s, v in one.items():
-                assert got[rank][objective][s] == pytest.approx(v, rel=1e-5, abs=0), (objective, s)
+            assert sorted(got[rank][label]) == sorted(want), label
+            for s, v in want.items():
+                assert got[rank][label][s] == pytest.approx(v, rel=1e-5, abs=0), (label, s)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +197,6 @@ def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
         (dict(train__objective="prefix", parallel__cp=2), "train.objective prefix (a bidirectional prefix) with"),
         (dict(train__objective="prefix", objective__prefix_max_frac=1.5), "objective.prefix_max_frac 1.5 is outside"),
         (dict(train__objective="mtp", parallel__cp=2), "train.objective mtp with parallel.cp > 1 is not supported"),
-        (dict(train__objective="mtp", parallel__tp=2, parallel__sp="true"), "train.objective mtp with parallel.sp is"),
         (dict(train__objective="mtp", objective__mtp_depth=0), "objective.mtp_depth must be a positive integer, got 0"),
         (dict(train__objective="mtp", objective__mtp_lambda=-1), "objective.mtp_lambda must be >= 0, got -1.0"),
     ],
