@@ -55,8 +55,6 @@ def check_encoder_decoder(cfg: Config) -> None:
     for key, value in (("parallel.pp", p.pp), ("parallel.cp", p.cp)):
         if value > 1:
             raise ConfigError(f"model.arch t5 with {key} > 1 is not supported yet: use tp, dp or dp_shard")
-    if p.sp and p.tp > 1:
-        raise ConfigError("model.arch t5 with parallel.sp is not supported yet: use tp without sp")
     if cfg.data.document_mask or cfg.data.reset_positions:
         raise ConfigError("model.arch t5 does not support data.document_mask or data.reset_positions: each sample "
                           "is one denoising task")  # fmt: skip

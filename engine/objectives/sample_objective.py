@@ -55,6 +55,7 @@ class SampleObjective:
     ul2_r_rate: float = 0.4
     ul2_x_rate: float = 0.4
     ul2_s_rate: float = 0.2
+    decoder_multiple: int = 1  # span, ul2: the decoder length's multiple (tp under sequence parallelism)
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
@@ -88,7 +89,8 @@ class SampleObjective:
         else:
             denoisers = ul2_weights(self.ul2_r_rate, self.ul2_x_rate, self.ul2_s_rate)
         mode_ids = None if self.name == "span" else {p: modes[t] for p, t in MODE_TOKENS.items()}
-        return DenoiserMixture(self.seq_len, denoisers, sentinels, tok.eod_id, tok.bos_id, tok.pad_id, mode_ids)
+        return DenoiserMixture(self.seq_len, denoisers, sentinels, tok.eod_id, tok.bos_id, tok.pad_id, mode_ids,
+                               self.decoder_multiple)  # fmt: skip
 
     @property
     def window_length(self) -> int:

@@ -19,7 +19,8 @@ span_noise_density), 3 and 0.15 by default (T5's), without a mode token.
 
 Every sample has the same shapes whatever its denoiser: the encoder input exactly `seq_len` tokens; labels (the
 targets padded with the ignore index) and decoder inputs (the targets shifted right behind the start id, padded with
-the pad id) `decoder_length` tokens, the longest targets of the mixture's denoisers; each denoiser reads the first
+the pad id) `decoder_length` tokens, the longest targets of the mixture's denoisers (rounded up to a multiple of
+`decoder_multiple`: sequence parallelism splits the decoder's sequence over the tp ranks); each denoiser reads the first
 `raw` tokens of a window of `window_length` (the most any of them needs). The loss-bearing tokens are the targets,
 EOS included. A denoiser with more spans than the tokenizer has sentinels is refused when the mixture is built.
 """
@@ -86,6 +87,7 @@ class DenoiserMixture:
         start_id: int,
         pad_id: int,
         mode_ids: dict[str, int] | None = None,
+        decoder_multiple: int = 1,
     ) -> None:
         active = [(d, p) for d, p in denoisers if p > 0]
         if not active or not np.isclose(sum(p for _, p in active), 1.0):
@@ -116,7 +118,9 @@ class DenoiserMixture:
                 )
             self.raw.append(raw)
             targets.append(n_targets)
-        self.window_length, self.decoder_length = max(self.raw), max(targets)
+        # Padding past the longest targets changes no loss: the decoder is causal and the labels there are ignored.
+        self.window_length = max(self.raw)
+        self.decoder_length = -(-max(targets) // decoder_multiple) * decoder_multiple
 
     def draw(self, rng: np.random.Generator) -> int:
         """The index (into `self.denoisers`) of a sample's denoiser."""

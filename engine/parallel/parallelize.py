@@ -87,8 +87,8 @@ TP_PLAN.update(
 )
 # The t5 encoder-decoder (engine.model.encoder_decoder): its encoder's and decoder's blocks are split as the trunk's;
 # the decoder's cross-attention as a self-attention whose keys and values read the encoder's output: q, k, v column
-# parallel (this rank's heads), o row parallel, and both inputs entering the tp region (sequence parallelism is
-# refused for t5, so the encoder's final norm stays replicated).
+# parallel (this rank's heads), o row parallel, and both inputs entering the tp region (under sequence parallelism
+# both are gathered there: the decoder's sequence shard and the encoder's, normalised by a sequence-parallel norm).
 TP_PLAN.update(
     {
         stack + k[len("layers.*.") :]: v
@@ -99,6 +99,7 @@ TP_PLAN.update(
 )
 TP_PLAN.update(
     {
+        "encoder_norm": "sequence_norm",
         "decoder_layers.*.cross_norm": "sequence_norm",
         "decoder_layers.*.cross_attn": "enter_region_cross",
         "decoder_layers.*.cross_attn.q_proj": "column",

@@ -130,7 +130,8 @@ class SequenceLayout:
                 objective = SampleObjective(cfg.train.objective, cfg.train.seed, tokenizer, o.fim_rate,
                                             o.fim_spm_rate, o.mlm_mask_rate, o.prefix_min_frac, o.prefix_max_frac,
                                             cfg.model.seq_len, o.span_noise_density, o.span_mean_length,
-                                            o.ul2_r_rate, o.ul2_x_rate, o.ul2_s_rate)  # fmt: skip
+                                            o.ul2_r_rate, o.ul2_x_rate, o.ul2_s_rate,
+                                            decoder_multiple=cfg.parallel.tp if cfg.parallel.sp else 1)  # fmt: skip
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         return cls(eod, d.document_mask, d.reset_positions, cfg.parallel.cp, cp_rank, objective)
