@@ -19,12 +19,13 @@ alive at a time.
 
 The model stays plain (no parallelism inside): `engine.parallel.parallelize` converts the modules' blocks with the same
 tensor-parallel plan as the trunk's (under sequence parallelism the modules run on the rank's sequence shard, their
-replicated norms and projection summing partial gradients over tp) and refuses context parallelism, whose chunks a shift
-would cross. Under pipeline parallelism the modules sit on the last stage, beside the output head they share, as in
-DeepSeek-V3 and Megatron-Core: that stage holds a copy of the token embedding for the sequential kind (`mtp_emb`, the
-embedding's one name in checkpoints, its gradient summed with the first stage's like a tied output weight's) and takes
-the micro-batch's token ids as `input_ids`. In eval mode, or without targets, the forward is the main model's alone, so
-a validation loss is the next-token loss, comparable with a clm run's.
+replicated norms and projection summing partial gradients over tp) and gives them the context-parallel attention; under
+context parallelism each depth's ids and labels come shifted before the cut into chunks (`mtp_ids`, `mtp_labels`:
+engine.training.samples.collate). Under pipeline parallelism the modules sit on the last stage, beside the output head
+they share, as in DeepSeek-V3 and Megatron-Core: that stage holds a copy of the token embedding for the sequential kind
+(`mtp_emb`, the embedding's one name in checkpoints, its gradient summed with the first stage's like a tied output
+weight's) and takes the micro-batch's token ids as `input_ids`. In eval mode, or without targets, the forward is the
+main model's alone, so a validation loss is the next-token loss, comparable with a clm run's.
 """
 
 from __future__ import annotations
@@ -124,46 +125,55 @@ class MultiTokenGPT(GPT):
         return self.tok_emb if self.tok_emb is not None else self.mtp_emb
 
     def mtp_hidden_states(
-        self, h: torch.Tensor, tokens: torch.Tensor, mask=None, causal: bool = True, **attention_kw
-    ) -> list[torch.Tensor]:
+        self, h: torch.Tensor, tokens: torch.Tensor | None, mask=None, causal: bool = True,
+        mtp_ids: torch.Tensor | None = None, **attention_kw,
+    ) -> list[torch.Tensor]:  # fmt: skip
         """h^1..h^D (each (b, s, d), before the output head's norm) from the main model's h^0 = `h` and its input
         `tokens` (b, s). Sequential: depth k at position i sees h^{k-1} and the embedding of t_{i+k} (positions past
         the end get token 0, whose predictions carry no loss and, attention being causal, reach no earlier position).
         Parallel: head k sees h^0 alone."""
         out, x = [], h
-        for head in self.depth_heads(h, tokens, mask, causal, **attention_kw):
+        for head in self.depth_heads(h, tokens, mask, causal, mtp_ids, **attention_kw):
             x = head(h if self.mtp_kind == "parallel" else x)
             out.append(x)
         return out
 
     def depth_heads(
-        self, h: torch.Tensor, tokens: torch.Tensor, mask=None, causal: bool = True, **attention_kw
-    ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        self, h: torch.Tensor, tokens: torch.Tensor | None, mask=None, causal: bool = True,
+        mtp_ids: torch.Tensor | None = None, **attention_kw,
+    ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:  # fmt: skip
         """Depth k's hidden states as a function of its input hidden states, k = 1..D in turn: h^{k-1} for the
-        sequential kind (each function is called on the previous one's output), h^0 for the parallel one."""
+        sequential kind (each function is called on the previous one's output), h^0 for the parallel one. `mtp_ids`
+        (D, b, s): the ids depth k embeds, mtp_ids[k - 1] (default: `tokens` shifted k left); given where a rank
+        holds only chunks of the sequence (context parallelism), so the shift is made before the cut."""
         rope = (self.rope_cos, self.rope_sin)
         for k, module in enumerate(self.mtp, start=1):
             if self.mtp_kind == "parallel":
                 yield lambda x, m=module: m(x, *rope, mask, causal, **attention_kw)
             else:
-                emb = self._embedding()(shift_left(tokens, k, 0))
+                ids = shift_left(tokens, k, 0) if mtp_ids is None else mtp_ids[k - 1]
+                emb = self._embedding()(ids)
                 yield lambda x, m=module, e=emb: m(x, e, *rope, mask, causal, **attention_kw)
 
     def mtp_loss_sums(
         self, tokens: torch.Tensor, targets: torch.Tensor, mask=None, causal: bool = True,
-        input_ids: torch.Tensor | None = None, **attention_kw,
+        input_ids: torch.Tensor | None = None, mtp_ids: torch.Tensor | None = None,
+        mtp_labels: torch.Tensor | None = None, **attention_kw,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
         """(the main loss, [L_1 .. L_D]) as sums of per-token cross-entropies: L_k of depth k's prediction of
         t_{i+k+1} = targets[i + k] (positions with i + k past the end, or an ignored target, carry none). On a last
-        pipeline stage `tokens` are the previous stage's hidden states and `input_ids` the micro-batch's token ids."""
-        if input_ids is None:
+        pipeline stage `tokens` are the previous stage's hidden states and `input_ids` the micro-batch's token ids.
+        `mtp_ids`, `mtp_labels` (D, b, s): each depth's ids and targets, shifted before a context-parallel cut."""
+        if input_ids is None and mtp_ids is None:
             if self.takes_input_ids:
                 raise ValueError("a last pipeline stage with sequential MTP modules needs the token ids (input_ids)")
             input_ids = tokens
         h = self.hidden_states(tokens, mask, causal, **attention_kw)
         main = self.output(h, targets, "sum")
-        depths = self.mtp_hidden_states(h, input_ids, mask, causal, **attention_kw)
-        return main, [self.output(hk, shift_left(targets, k, IGNORE_INDEX), "sum") for k, hk in enumerate(depths, 1)]
+        depths = self.mtp_hidden_states(h, input_ids, mask, causal, mtp_ids, **attention_kw)
+        labels = [shift_left(targets, k, IGNORE_INDEX) if mtp_labels is None else mtp_labels[k - 1]
+                  for k in range(1, len(depths) + 1)]  # fmt: skip
+        return main, [self.output(hk, y, "sum") for hk, y in zip(depths, labels, strict=True)]
 
     @torch.no_grad()
     def all_logits(self, tokens: torch.Tensor, mask=None, causal: bool = True, **attention_kw) -> list[torch.Tensor]:
@@ -174,12 +184,13 @@ class MultiTokenGPT(GPT):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 causal: bool = True, reduction: str = "mean", **attention_kw) -> torch.Tensor:  # fmt: skip
         """As GPT.forward; in train mode with targets, the MTP objective L_main + (lambda / D) sum_k L_k, each term a
-        sum of per-token losses ("sum"), or that sum over the main loss's tokens ("mean"). `input_ids` (keyword): the
-        token ids, for a last pipeline stage (`takes_input_ids`)."""
-        input_ids = attention_kw.pop("input_ids", None)
+        sum of per-token losses ("sum"), or that sum over the main loss's tokens ("mean"). Keywords: `input_ids`, the
+        token ids, for a last pipeline stage (`takes_input_ids`); `mtp_ids` and `mtp_labels`, each depth's shifted ids
+        and targets, under context parallelism (`mtp_loss_sums`)."""
+        shifted = {key: attention_kw.pop(key, None) for key in ("input_ids", "mtp_ids", "mtp_labels")}
         if targets is None or not self.training or self.mtp is None:  # or a pipeline stage before the last
             return super().forward(tokens, targets, mask, causal, reduction, **attention_kw)
-        main, depths = self.mtp_loss_sums(tokens, targets, mask, causal, input_ids, **attention_kw)
+        main, depths = self.mtp_loss_sums(tokens, targets, mask, causal, **shifted, **attention_kw)
         total = main + self.mtp_weight / len(depths) * torch.stack(depths).sum()
         if reduction == "sum":
             return total
@@ -214,13 +225,16 @@ def per_head_backward(
     gradients are those of backpropagating the whole MTP loss at once. Returns the loss's sum, detached."""
     if model.mtp_kind != "parallel":
         raise ValueError("per_head_backward needs parallel heads (objective.mtp_kind parallel)")
+    attention_kw.pop("mtp_ids", None)  # parallel heads embed nothing
+    labels = attention_kw.pop("mtp_labels", None)
     with autocast():
         h = model.hidden_states(tokens, mask, causal, **attention_kw)
     trunk = h.detach().requires_grad_()
     heads = model.depth_heads(trunk, tokens, mask, causal, **attention_kw)
     w = model.mtp_weight / model.mtp_depth
     terms = [(1.0, lambda x: x, targets)]
-    terms += [(w, head, shift_left(targets, k, IGNORE_INDEX)) for k, head in enumerate(heads, start=1)]
+    terms += [(w, head, shift_left(targets, k, IGNORE_INDEX) if labels is None else labels[k - 1])
+              for k, head in enumerate(heads, start=1)]  # fmt: skip
     total = torch.zeros((), dtype=torch.float64, device=h.device)
     for weight, head, target in terms:
         with autocast():

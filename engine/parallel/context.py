@@ -367,6 +367,8 @@ class ContextParallelAttentionCore(AttentionCore):
 
 
 def apply_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup, impl: str) -> None:
-    """Swaps every layer's attention core for its context-parallel form over `group`."""
-    for block in model.layers.values():
+    """Swaps every layer's attention core (the multi-token prediction modules' blocks' too) for its
+    context-parallel form over `group`."""
+    blocks = [*model.layers.values(), *(m.block for m in (getattr(model, "mtp", None) or ()))]
+    for block in blocks:
         block.attn.core = ContextParallelAttentionCore(block.attn.core, group, impl)

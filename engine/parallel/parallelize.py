@@ -112,17 +112,6 @@ TP_PLAN.update(
 )
 
 
-def check_mtp_layout(cp: int) -> None:
-    """One-line ConfigError for the layouts a model with multi-token prediction modules cannot run in: module k
-    shifts the sequence by k tokens, which crosses context-parallel chunks (held by different ranks). Sequence
-    parallelism shifts the token ids, which every tp rank holds whole, and pipeline stages hold whole sequences (the
-    modules run on the last one)."""
-    if cp > 1:
-        raise ConfigError(
-            "train.objective mtp with parallel.cp > 1 is not supported yet: use tp, sp, pp, dp or dp_shard"
-        )
-
-
 def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> None:
     """One-line ConfigError when a resolved model shape cannot be split over `tp` ranks."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
@@ -373,8 +362,6 @@ def parallelize_gpt(
         raise ConfigError("parallel.dp_shard (FSDP2) with the zb schedule is not implemented yet (deferred weight "
                           "gradients land after FSDP2 has resharded the weights); use 1f1b, gpipe or interleaved")
     sp = cfg.parallel.sp and dims.tp_enabled
-    if getattr(model, "mtp", None) is not None:
-        check_mtp_layout(dims.cp)
     on_meta = any(p.is_meta for p in model.parameters())
     chunks = pipeline_split(model, dims, cfg)
     for chunk in chunks:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from engine.config import Config, ConfigError
+from engine.model.head import IGNORE_INDEX
+from engine.model.mtp import shift_left
 
 
 @dataclass
@@ -115,6 +117,7 @@ class SequenceLayout:
     cp: int = 1
     cp_rank: int = 0
     objective: Any = None  # an engine.objectives SampleObjective other than clm: inputs and labels come from it
+    mtp_depth: int = 0  # multi-token prediction under cp: the ids and labels each depth reads, cut as the rest
 
     @classmethod
     def from_config(cls, cfg: Config, tokenizer: Any, cp_rank: int) -> SequenceLayout:
@@ -134,7 +137,8 @@ class SequenceLayout:
                                             decoder_multiple=cfg.parallel.tp if cfg.parallel.sp else 1)  # fmt: skip
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        return cls(eod, d.document_mask, d.reset_positions, cfg.parallel.cp, cp_rank, objective)
+        mtp_depth = o.mtp_depth if cfg.train.objective == "mtp" and cfg.parallel.cp > 1 else 0
+        return cls(eod, d.document_mask, d.reset_positions, cfg.parallel.cp, cp_rank, objective, mtp_depth)
 
     def stream_seq_len(self, seq_len: int) -> int:
         """The length the sample streams are built with (each sample holds it + 1 tokens): seq_len, or one less than
@@ -191,7 +195,15 @@ def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceL
             extra["positions"] = positions
     if layout.cp > 1:
         extra.setdefault("positions", torch.arange(x.shape[1], device=device).expand_as(x))
-    cut = lambda t: shard_sequence(t, layout.cp, layout.cp_rank) if torch.is_tensor(t) and t.dim() == 2 else t  # noqa: E731
+    if layout.mtp_depth:  # depth k reads the ids and labels k positions on, which may lie in another rank's chunk
+        extra["mtp_ids"] = torch.stack([shift_left(x, k, 0) for k in range(1, layout.mtp_depth + 1)])
+        extra["mtp_labels"] = torch.stack([shift_left(y, k, IGNORE_INDEX) for k in range(1, layout.mtp_depth + 1)])
+
+    def cut(t):  # (b, s) tensors, and (D, b, s) ones, to this rank's chunks of the sequence
+        if not torch.is_tensor(t) or t.dim() < 2:
+            return t
+        return shard_sequence(t, layout.cp, layout.cp_rank, dim=t.dim() - 1)
+
     return cut(x), cut(y), {k: cut(v) for k, v in extra.items()}
 
 

@@ -62,10 +62,6 @@ def check_config(cfg: Config) -> None:
         from engine.model.encoder_decoder import check_encoder_decoder
 
         check_encoder_decoder(cfg)
-    if cfg.train.objective == "mtp":  # the MTP modules shift whole sequences (parallelize_gpt checks it too)
-        from engine.parallel.parallelize import check_mtp_layout
-
-        check_mtp_layout(p.cp)
     if p.cp > 1 and cfg.model.window:
         raise TrainError("model.window (sliding-window attention) with parallel.cp > 1 is not supported yet")
     if p.cp > 1 and cfg.model.dropout > 0:

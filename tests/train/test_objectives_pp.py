@@ -86,16 +86,19 @@ def _four_rank_worker(rank, world, root, data):
     fsdp_pp = _run(Path(root) / "fsdp2pp2", data, "mtp", parallel__dp_shard=2, parallel__pp=2, **UNTIED)
     dist.barrier()
     sp_pp = _run(Path(root) / "sp2pp2", data, "mtp", parallel__tp=2, parallel__sp="true", parallel__pp=2, **MTP)
-    return tp_pp, fsdp_pp, sp_pp
+    dist.barrier()
+    cp_pp = _run(Path(root) / "cp2pp2", data, "mtp", parallel__cp=2, parallel__pp=2, **MTP)
+    return tp_pp, fsdp_pp, sp_pp, cp_pp
 
 
 @pytest.mark.distributed
-def test_mtp_at_tp2_pp2_fsdp2_pp2_and_sp_pp2_gives_the_one_process_losses_and_resumes(tmp_path, tiny_data):
+def test_mtp_with_pp2_and_tp_fsdp2_sp_or_cp_gives_the_one_process_losses_and_resumes(tmp_path, tiny_data):
     """Tensor parallelism converts the last stage's embedding copy before the output head tied to it (one vocab-split
     parameter); FSDP2 shards the untied copy like any parameter of the stage; with sequence parallelism the copy
-    reduce-scatters the shifted embeddings to the stage's sequence shard. The tp 2 x pp 2 checkpoint holds the
-    embedding once, under its own name, and resumes without pipelining."""
-    got = run_distributed(_four_rank_worker, 4, str(tmp_path), tiny_data, timeout=240)
+    reduce-scatters the shifted embeddings to the stage's sequence shard; with context parallelism every stage gets
+    the depths' ids and labels, shifted before the cut, and the last one reads them. The tp 2 x pp 2 checkpoint holds
+    the embedding once, under its own name, and resumes without pipelining."""
+    got = run_distributed(_four_rank_worker, 4, str(tmp_path), tiny_data, timeout=300)
     ref = _run(tmp_path / "one", tiny_data, "mtp", **MTP)
     ref_untied = _run(tmp_path / "one_untied", tiny_data, "mtp", **UNTIED)
     step3 = tmp_path / "tp2pp2" / "checkpoints" / "step_00000003"
@@ -103,7 +106,7 @@ def test_mtp_at_tp2_pp2_fsdp2_pp2_and_sp_pp2_gives_the_one_process_losses_and_re
     for m, what in enumerate(("loss", "grad norm", "val loss")):
         assert ref[m] and ref_untied[m], what
         for rank in range(4):
-            for layout, want_by_step in ((0, ref[m]), (1, ref_untied[m]), (2, ref[m])):
+            for layout, want_by_step in ((0, ref[m]), (1, ref_untied[m]), (2, ref[m]), (3, ref[m])):
                 values = got[rank][layout][m]
                 assert sorted(values) == sorted(want_by_step), (what, rank, layout)
                 for s, want in want_by_step.items():

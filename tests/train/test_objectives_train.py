@@ -141,14 +141,18 @@ TP_OBJECTIVES = ("fim", "mlm", "mtp", "prefix", "span", "ul2")
 # reads the first's sharded output; both kinds); t5's encoder and decoder each on theirs, the cross-attention
 # gathering both.
 MTP2 = dict(train__objective="mtp", objective__mtp_depth=2)
+TP2, SP = dict(parallel__tp=2), dict(parallel__tp=2, parallel__sp="true")
+CP2 = dict(parallel__cp=2)  # mtp: each depth's ids and labels shifted before the cut into the ranks' chunks
 TP_CASES = {
-    **{objective: ({}, objective) for objective in TP_OBJECTIVES},
-    "mtp sp sequential": (dict(parallel__sp="true"), "mtp2 sequential"),
-    "mtp sp parallel": (dict(parallel__sp="true"), "mtp2 parallel"),
-    "span sp": (dict(parallel__sp="true"), "span"),
-    "ul2 sp": (dict(parallel__sp="true"), "ul2"),
-    "span sp, odd decoder length": (dict(parallel__sp="true"), "span seq 36"),
-}  # label: (layout flags beside tp 2, the objective's flags in OBJECTIVE_ARGS)
+    **{objective: (TP2, objective) for objective in TP_OBJECTIVES},
+    "mtp sp sequential": (SP, "mtp2 sequential"),
+    "mtp sp parallel": (SP, "mtp2 parallel"),
+    "span sp": (SP, "span"),
+    "ul2 sp": (SP, "ul2"),
+    "span sp, odd decoder length": (SP, "span seq 36"),
+    "mtp cp sequential": (CP2, "mtp2 sequential"),
+    "mtp cp parallel": (CP2, "mtp2 parallel"),
+}  # label: (the layout's flags, the objective's flags in OBJECTIVE_ARGS)
 OBJECTIVE_ARGS = {
     **{o: dict(T5, train__objective=o) if o in ("span", "ul2") else dict(train__objective=o) for o in TP_OBJECTIVES},
     "mtp2 sequential": MTP2,
@@ -166,7 +170,7 @@ def _tp_worker(rank, world, root, data):
     out = {}
     for i, (label, (layout, objective)) in enumerate(TP_CASES.items()):
         cfg = load_config(tiny_args(Path(root) / f"tp2_{i}", *data, **OBJECTIVE_ARGS[objective], **layout,
-                                    parallel__tp=2, eval__every=0, checkpoint__every=0))  # fmt: skip
+                                    eval__every=0, checkpoint__every=0))  # fmt: skip
         result = train(cfg)
         out[label] = (result.losses, result.grad_norms)
         dist.barrier()
@@ -174,7 +178,7 @@ def _tp_worker(rank, world, root, data):
 
 
 @pytest.mark.distributed
-def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
+def test_objectives_at_tp2_sp_and_cp2_give_the_one_process_losses(tmp_path, tiny_data):
     got = run_distributed(_tp_worker, 2, str(tmp_path), tiny_data, timeout=240)
     one = {}
     for objective in {objective for _, objective in TP_CASES.values()}:
@@ -203,7 +207,6 @@ def test_objectives_at_tp2_give_the_one_process_losses(tmp_path, tiny_data):
         (dict(train__objective="mlm", parallel__cp=2), "train.objective mlm (a bidirectional encoder) with parallel"),
         (dict(train__objective="prefix", parallel__cp=2), "train.objective prefix (a bidirectional prefix) with"),
         (dict(train__objective="prefix", objective__prefix_max_frac=1.5), "objective.prefix_max_frac 1.5 is outside"),
-        (dict(train__objective="mtp", parallel__cp=2), "train.objective mtp with parallel.cp > 1 is not supported"),
         (dict(train__objective="mtp", objective__mtp_depth=0), "objective.mtp_depth must be a positive integer, got 0"),
         (dict(train__objective="mtp", objective__mtp_lambda=-1), "objective.mtp_lambda must be >= 0, got -1.0"),
     ],
