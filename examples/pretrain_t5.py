@@ -7,7 +7,7 @@ writing out the spans), or with UL2's mixture of denoisers when the flags say `-
 2022: R, X and S denoisers announced by mode tokens; rates `--objective.ul2_r_rate` / `ul2_x_rate` / `ul2_s_rate`).
 The encoder reads exactly `--model.seq_len` tokens; `--model.n_decoder_layers` sets the decoder's depth (default:
 `--model.n_layers`). With no flags: the tiny default model on the embedded corpus, into runs/t5 unless `--run.dir` (or a
---config) says otherwise; tp (with or without sp), dp and dp_shard apply, pp and cp are refused. Every flag is that of
+--config) says otherwise; tp (with or without sp), cp, dp and dp_shard apply, pp is refused. Every flag is that of
 `python -m engine.train` (README.md, Configuration).
 """
 

@@ -52,9 +52,8 @@ def check_encoder_decoder(cfg: Config) -> None:
     if objective not in ENCODER_DECODER_OBJECTIVES:
         raise ConfigError(f"model.arch t5 (an encoder-decoder) trains with train.objective span or ul2, not "
                           f"{objective}: use --model.arch llama for {objective}")  # fmt: skip
-    for key, value in (("parallel.pp", p.pp), ("parallel.cp", p.cp)):
-        if value > 1:
-            raise ConfigError(f"model.arch t5 with {key} > 1 is not supported yet: use tp, dp or dp_shard")
+    if p.pp > 1:
+        raise ConfigError("model.arch t5 with parallel.pp > 1 is not supported yet: use tp, sp, cp, dp or dp_shard")
     if cfg.data.document_mask or cfg.data.reset_positions:
         raise ConfigError("model.arch t5 does not support data.document_mask or data.reset_positions: each sample "
                           "is one denoising task")  # fmt: skip
@@ -92,8 +91,9 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = Norm(cfg.d_model, "rms", cfg.norm_eps, cfg.kernels)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, None, True)
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        x = x + self.attn(self.attn_norm(x), cos, sin, None, True, positions)
         x = x + self.cross_attn(self.cross_norm(x), memory)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -133,21 +133,25 @@ class EncoderDecoder(GPT):
             return self.rope_cos, self.rope_sin
         return ops.rope_cos_sin(n, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, self.rope_cos.device)
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The encoder's normalised output (b, s, d) for input ids (b, s), attended bidirectionally."""
+    def encode(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's normalised output (b, s, d) for input ids (b, s), attended bidirectionally. `positions`
+        (b, s): each token's position (default 0..s-1; a context-parallel rank's chunks)."""
         if tokens.shape[1] > self.cfg.seq_len:
             raise ValueError(f"encoder input length {tokens.shape[1]} exceeds model.seq_len {self.cfg.seq_len}")
         x = self.emb_dropout(self.tok_emb(tokens))
         for layer in self.encoder_layers.values():
-            x = layer(x, self.rope_cos, self.rope_sin, None, False)
+            x = layer(x, self.rope_cos, self.rope_sin, None, False, positions)
         return self.encoder_norm(x)
 
-    def decode(self, decoder_inputs: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """The decoder's last hidden states (b, t, d), before the output head's norm."""
-        cos, sin = self._rope(decoder_inputs.shape[1])
+    def decode(self, decoder_inputs: torch.Tensor, memory: torch.Tensor,
+               positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The decoder's last hidden states (b, t, d), before the output head's norm. `positions` (b, t): each
+        decoder token's position (default 0..t-1)."""
+        n = decoder_inputs.shape[1] if positions is None else int(positions.max()) + 1
+        cos, sin = self._rope(n)
         x = self.emb_dropout(self.tok_emb(decoder_inputs))
         for layer in self.decoder_layers.values():
-            x = layer(x, memory, cos, sin)
+            x = layer(x, memory, cos, sin, positions)
         return x
 
     def hidden_states(self, *args, **kwargs) -> torch.Tensor:
@@ -159,9 +163,14 @@ class EncoderDecoder(GPT):
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
         decoder_inputs: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        decoder_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`positions`, `decoder_positions`: the encoder's and the decoder's token positions, where a rank holds
+        chunks of each sequence (context parallelism); default 0..length-1."""
         if decoder_inputs is None:
             raise ValueError("the t5 model needs decoder_inputs (the targets shifted right behind a start id)")
         if targets is not None and targets.shape != decoder_inputs.shape:
             raise ValueError(f"targets {tuple(targets.shape)} and decoder_inputs {tuple(decoder_inputs.shape)} differ")
-        return self.output(self.decode(decoder_inputs, self.encode(tokens)), targets, reduction)
+        memory = self.encode(tokens, positions)
+        return self.output(self.decode(decoder_inputs, memory, decoder_positions), targets, reduction)

@@ -367,8 +367,11 @@ class ContextParallelAttentionCore(AttentionCore):
 
 
 def apply_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup, impl: str) -> None:
-    """Swaps every layer's attention core (the multi-token prediction modules' blocks' too) for its
+    """Swaps every layer's attention core (the multi-token prediction modules' blocks' too, and a t5 decoder's
+    cross-attention: its unmasked attention of this rank's decoder chunks over every rank's encoder chunks) for its
     context-parallel form over `group`."""
     blocks = [*model.layers.values(), *(m.block for m in (getattr(model, "mtp", None) or ()))]
     for block in blocks:
-        block.attn.core = ContextParallelAttentionCore(block.attn.core, group, impl)
+        for attention in (block.attn, getattr(block, "cross_attn", None)):
+            if attention is not None:
+                attention.core = ContextParallelAttentionCore(attention.core, group, impl)

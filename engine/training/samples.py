@@ -134,7 +134,7 @@ class SequenceLayout:
                                             o.fim_spm_rate, o.mlm_mask_rate, o.prefix_min_frac, o.prefix_max_frac,
                                             cfg.model.seq_len, o.span_noise_density, o.span_mean_length,
                                             o.ul2_r_rate, o.ul2_x_rate, o.ul2_s_rate,
-                                            decoder_multiple=cfg.parallel.tp if cfg.parallel.sp else 1)  # fmt: skip
+                                            decoder_multiple=decoder_multiple(cfg))  # fmt: skip
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         mtp_depth = o.mtp_depth if cfg.train.objective == "mtp" and cfg.parallel.cp > 1 else 0
@@ -159,6 +159,13 @@ def documents(inputs: torch.Tensor, eod_id: int) -> tuple[torch.Tensor, torch.Te
     starts = torch.zeros_like(idx)
     starts[:, 1:] = torch.where(eod[:, :-1], idx[:, 1:], 0)
     return segment_ids, idx - torch.cummax(starts, dim=1).values
+
+
+def decoder_multiple(cfg: Config) -> int:
+    """What an encoder-decoder's decoder length must be a multiple of: tp under sequence parallelism (each rank a
+    shard), 2 cp under context parallelism (each rank two zigzag chunks)."""
+    p = cfg.parallel
+    return (p.tp if p.sp and p.tp > 1 else 1) * (2 * p.cp if p.cp > 1 else 1)
 
 
 def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceLayout | None = None) -> tuple:
@@ -195,6 +202,9 @@ def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceL
             extra["positions"] = positions
     if layout.cp > 1:
         extra.setdefault("positions", torch.arange(x.shape[1], device=device).expand_as(x))
+        if "decoder_inputs" in extra:  # an encoder-decoder's second sequence, cut into chunks too
+            t = extra["decoder_inputs"]
+            extra["decoder_positions"] = torch.arange(t.shape[1], device=device).expand_as(t)
     if layout.mtp_depth:  # depth k reads the ids and labels k positions on, which may lie in another rank's chunk
         extra["mtp_ids"] = torch.stack([shift_left(x, k, 0) for k in range(1, layout.mtp_depth + 1)])
         extra["mtp_labels"] = torch.stack([shift_left(y, k, IGNORE_INDEX) for k in range(1, layout.mtp_depth + 1)])

@@ -154,6 +154,9 @@ TP_CASES = {
     "mtp cp parallel": (CP2, "mtp2 parallel"),
     "mlm cp": (CP2, "mlm"),  # the ring attention without the causal mask
     "mlm cp all-to-all": (dict(CP2, parallel__cp_impl="alltoall"), "mlm"),
+    "span cp": (CP2, "span"),  # the encoder's and the decoder's sequences each cut into chunks, the decoder's padded
+    "ul2 cp all-to-all": (dict(CP2, parallel__cp_impl="alltoall"), "ul2"),
+    "span cp, odd decoder length": (CP2, "span seq 36"),
 }  # label: (the layout's flags, the objective's flags in OBJECTIVE_ARGS)
 OBJECTIVE_ARGS = {
     **{o: dict(T5, train__objective=o) if o in ("span", "ul2") else dict(train__objective=o) for o in TP_OBJECTIVES},
