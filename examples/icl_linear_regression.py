@@ -2,6 +2,7 @@
 (x_1, y_1, ..., x_k, y_k, x_query) and compare its error vs k with least squares, 3-nearest neighbours and averaging.
 
     python examples/icl_linear_regression.py --threads 1     # d = 5, 4800 steps: about 10 min on one CPU core
+    python examples/icl_linear_regression.py --threads 1 --steps 24000   # about 43 min: near least squares
     python examples/icl_linear_regression.py --d 20 --points 41 --steps 2000 --min-lr-ratio 1 --threads 1
 
 Writes curves.json (normalised squared error per k for each predictor) and, with matplotlib, curves.png.
