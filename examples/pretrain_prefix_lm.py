@@ -1,12 +1,12 @@
 """Prefix-LM pretraining: `torchrun --nproc-per-node N examples/pretrain_prefix_lm.py [--flags]`.
 
-Trains with `--train.objective prefix` (Raffel et al. 2020, sec. 3.2.1, the decoder-only "prefix LM"): each packed
-row gets a prefix length P drawn uniformly in [`--objective.prefix_min_frac`, `--objective.prefix_max_frac`] of its
-length (default the whole range [0, 1]); attention is bidirectional over the first P positions and causal after them,
-and the loss covers only the tokens after the prefix. The same model then generates left to right conditioned on a
+Trains with `--train.objective prefix` (Raffel et al. 2020, sec. 3.2.1, the decoder-only "prefix LM"): each packed row
+gets a prefix length P drawn uniformly in [`--objective.prefix_min_frac`, `--objective.prefix_max_frac`] of its length
+(default the whole range [0, 1]); attention is bidirectional over the first P positions and causal after them, and the
+loss covers only the tokens after the prefix. The same model then generates left to right conditioned on a
 bidirectionally read prompt. With no flags: the tiny default model on the embedded corpus, into runs/prefix_lm unless
-`--run.dir` (or a --config) says otherwise; tp, pp, dp and dp_shard apply, cp is refused. Every flag is that of
-`python -m engine.train` (README.md, Configuration).
+`--run.dir` (or a --config) says otherwise; tp, pp, dp, dp_shard and cp with `--parallel.cp_impl alltoall` apply (ring
+cp is refused). Every flag is that of `python -m engine.train` (README.md, Configuration).
 """
 
 import sys

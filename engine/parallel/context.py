@@ -321,26 +321,31 @@ def ulysses_attention(
     causal: bool = True,
     segment_ids: torch.Tensor | None = None,
     backend: str = "auto",
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of this rank's zigzag chunks over the whole sequence by all-to-all (module docstring)."""
+    """Attention of this rank's zigzag chunks over the whole sequence by all-to-all (module docstring): each rank
+    attends over the whole sequence, in natural order, for its share of the heads, so `prefix_lengths` (b,) (prefix
+    LM) applies as in one process."""
     n = dist.get_world_size(group)
     hq, hk = q.shape[2], k.shape[2]
     if hq % n:
         raise LayoutError(f"all-to-all context parallelism needs heads ({hq}) divisible by cp ({n})")
     if hk % n:  # replicate kv heads so each rank's query heads find theirs
         k, v = k.repeat_interleave(hq // hk, dim=2), v.repeat_interleave(hq // hk, dim=2)
-    s_local = q.shape[1]
-    seq = s_local * n
-    # the gathered order is rank 0's chunks, rank 1's, ...: `order` maps it to natural positions
-    order = torch.cat([zigzag_positions(seq, n, r, q.device) for r in range(n)])
-    natural = torch.argsort(order)
-    qg, kg, vg = (_AllToAll.apply(t, group, True)[:, natural] for t in (q, k, v))
+    def gathered_order(s_local: int) -> torch.Tensor:
+        """The gathered sequence is rank 0's chunks, rank 1's, ...: their natural positions, in that order."""
+        return torch.cat([zigzag_positions(s_local * n, n, r, q.device) for r in range(n)])
+
+    order = gathered_order(q.shape[1])
+    natural, kv_natural = torch.argsort(order), torch.argsort(gathered_order(k.shape[1]))  # k/v: a cross-attention's
+    qg = _AllToAll.apply(q, group, True)[:, natural]  # may be longer or shorter than q
+    kg, vg = (_AllToAll.apply(t, group, True)[:, kv_natural] for t in (k, v))
     seg = None
     if segment_ids is not None:
         parts = [torch.empty_like(segment_ids) for _ in range(n)]
         dist.all_gather(parts, segment_ids.contiguous(), group=group)
         seg = torch.cat(parts, dim=1)[:, natural]
-    y = ops.attention(qg, kg, vg, causal=causal, backend=backend, segment_ids=seg)
+    y = ops.attention(qg, kg, vg, causal=causal, backend=backend, segment_ids=seg, prefix_lengths=prefix_lengths)
     return _AllToAll.apply(y[:, order], group, False)
 
 
@@ -355,12 +360,15 @@ class ContextParallelAttentionCore(AttentionCore):
         self.rng_context = core.rng_context
         self.group, self.impl = group, impl
 
-    def forward(self, q, k, v, mask=None, causal: bool = True, segment_ids=None):
+    def forward(self, q, k, v, mask=None, causal: bool = True, segment_ids=None, prefix_lengths=None):
         if mask is not None:
             raise ValueError("context parallelism takes no explicit attention mask; use segment ids")
         if self.impl == "ring":
+            if prefix_lengths is not None:
+                raise LayoutError("a per-row prefix (prefix LM) under ring context parallelism is not supported: "
+                                  "use parallel.cp_impl alltoall")  # fmt: skip
             return ring_attention(q, k, v, self.group, causal, segment_ids, backend=self.backend)
-        return ulysses_attention(q, k, v, self.group, causal, segment_ids, backend=self.backend)
+        return ulysses_attention(q, k, v, self.group, causal, segment_ids, self.backend, prefix_lengths)
 
     def extra_repr(self) -> str:
         return f"impl={self.impl}, cp={dist.get_world_size(self.group)}"
