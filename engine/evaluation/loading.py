@@ -41,6 +41,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", verify: bool 
     if not p.exists():
         raise CheckpointError(f"run directory {p} does not exist")
     state, cfg, ckpt = read_checkpoint(p, verify=verify)  # CheckpointError: no complete checkpoint under it
+    # A multi-token prediction run's next-token model: its tensors without the extra modules' (engine.model.mtp)
+    state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
     model = model_from_state(state, cfg.model, source=str(ckpt))
     device = torch.device(device)
     tokenizer = load_data_sources(cfg).tokenizer

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.config import ConfigError
 from engine.data._files import cache_root
@@ -58,7 +58,8 @@ def validation_perplexity(run: LoadedRun, data: str | None = None, batches: int 
     index_cache = os.path.join(cache_root(cfg.data.cache_dir or None), "indices")
     ds = eval_dataset(prefix, batches * gb, m.seq_len, cfg.train.seed, m.vocab_size, index_cache)
     micro, _ = batch_layout(gb, cfg.train.micro_batch, 1)
-    layout = SequenceLayout.from_config(cfg, run.tokenizer, 0)
+    # one process holds whole sequences, whatever layout the run trained in (no context-parallel cut)
+    layout = SequenceLayout.from_config(replace(cfg, parallel=replace(cfg.parallel, cp=1)), run.tokenizer, 0)
     dtype = resolve_dtype(cfg, run.device)
     loss = evaluate(run.model, ds, batches, gb, micro, 0, 1, run.device, lambda: autocast(dtype, run.device),
                     None, layout)  # fmt: skip

@@ -143,15 +143,16 @@ class MultiTokenGPT(GPT):
         mtp_ids: torch.Tensor | None = None, **attention_kw,
     ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:  # fmt: skip
         """Depth k's hidden states as a function of its input hidden states, k = 1..D in turn: h^{k-1} for the
-        sequential kind (each function is called on the previous one's output), h^0 for the parallel one. `mtp_ids`
-        (D, b, s): the ids depth k embeds, mtp_ids[k - 1] (default: `tokens` shifted k left); given where a rank
-        holds only chunks of the sequence (context parallelism), so the shift is made before the cut."""
+        sequential kind (each function is called on the previous one's output), h^0 for the parallel one. `tokens`
+        (b, s): the token ids, or None with `mtp_ids` (b, D, s): the ids depth k embeds, mtp_ids[:, k - 1] (default:
+        `tokens` shifted k left); given where a rank holds only chunks of the sequence (context parallelism), so the
+        shift is made before the cut."""
         rope = (self.rope_cos, self.rope_sin)
         for k, module in enumerate(self.mtp, start=1):
             if self.mtp_kind == "parallel":
                 yield lambda x, m=module: m(x, *rope, mask, causal, **attention_kw)
             else:
-                ids = shift_left(tokens, k, 0) if mtp_ids is None else mtp_ids[k - 1]
+                ids = shift_left(tokens, k, 0) if mtp_ids is None else mtp_ids[:, k - 1]
                 emb = self._embedding()(ids)
                 yield lambda x, m=module, e=emb: m(x, e, *rope, mask, causal, **attention_kw)
 
@@ -163,7 +164,7 @@ class MultiTokenGPT(GPT):
         """(the main loss, [L_1 .. L_D]) as sums of per-token cross-entropies: L_k of depth k's prediction of
         t_{i+k+1} = targets[i + k] (positions with i + k past the end, or an ignored target, carry none). On a last
         pipeline stage `tokens` are the previous stage's hidden states and `input_ids` the micro-batch's token ids.
-        `mtp_ids`, `mtp_labels` (D, b, s): each depth's ids and targets, shifted before a context-parallel cut."""
+        `mtp_ids`, `mtp_labels` (b, D, s): each depth's ids and targets, shifted before a context-parallel cut."""
         if input_ids is None and mtp_ids is None:
             if self.takes_input_ids:
                 raise ValueError("a last pipeline stage with sequential MTP modules needs the token ids (input_ids)")
@@ -171,7 +172,7 @@ class MultiTokenGPT(GPT):
         h = self.hidden_states(tokens, mask, causal, **attention_kw)
         main = self.output(h, targets, "sum")
         depths = self.mtp_hidden_states(h, input_ids, mask, causal, mtp_ids, **attention_kw)
-        labels = [shift_left(targets, k, IGNORE_INDEX) if mtp_labels is None else mtp_labels[k - 1]
+        labels = [shift_left(targets, k, IGNORE_INDEX) if mtp_labels is None else mtp_labels[:, k - 1]
                   for k in range(1, len(depths) + 1)]  # fmt: skip
         return main, [self.output(hk, y, "sum") for hk, y in zip(depths, labels, strict=True)]
 
@@ -233,7 +234,7 @@ def per_head_backward(
     heads = model.depth_heads(trunk, tokens, mask, causal, **attention_kw)
     w = model.mtp_weight / model.mtp_depth
     terms = [(1.0, lambda x: x, targets)]
-    terms += [(w, head, shift_left(targets, k, IGNORE_INDEX) if labels is None else labels[k - 1])
+    terms += [(w, head, shift_left(targets, k, IGNORE_INDEX) if labels is None else labels[:, k - 1])
               for k, head in enumerate(heads, start=1)]  # fmt: skip
     total = torch.zeros((), dtype=torch.float64, device=h.device)
     for weight, head, target in terms:

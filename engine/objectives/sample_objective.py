@@ -55,7 +55,7 @@ class SampleObjective:
     ul2_r_rate: float = 0.4
     ul2_x_rate: float = 0.4
     ul2_s_rate: float = 0.2
-    decoder_multiple: int = 1  # span, ul2: the decoder length's multiple (tp under sequence parallelism)
+    decoder_multiple: int = 1  # span, ul2: the decoder length's multiple (samples.decoder_multiple: tp under sp, 2 cp)
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:

@@ -17,12 +17,13 @@ with the rates `[objective] ul2_r_rate / ul2_x_rate / ul2_s_rate` (normalised by
 paradigm's denoisers uniformly. `span` is the single denoiser (mu, r) = ([objective] span_mean_length,
 span_noise_density), 3 and 0.15 by default (T5's), without a mode token.
 
-Every sample has the same shapes whatever its denoiser: the encoder input exactly `seq_len` tokens; labels (the
-targets padded with the ignore index) and decoder inputs (the targets shifted right behind the start id, padded with
-the pad id) `decoder_length` tokens, the longest targets of the mixture's denoisers (rounded up to a multiple of
-`decoder_multiple`: sequence parallelism splits the decoder's sequence over the tp ranks); each denoiser reads the first
-`raw` tokens of a window of `window_length` (the most any of them needs). The loss-bearing tokens are the targets,
-EOS included. A denoiser with more spans than the tokenizer has sentinels is refused when the mixture is built.
+Every sample has the same shapes whatever its denoiser: the encoder input exactly `seq_len` tokens; labels (the targets
+padded with the ignore index) and decoder inputs (the targets shifted right behind the start id, padded with the pad id)
+`decoder_length` tokens, the longest targets of the mixture's denoisers (rounded up to a multiple of `decoder_multiple`:
+sequence parallelism splits the decoder's sequence over the tp ranks, context parallelism into 2 cp chunks); each
+denoiser reads the first `raw` tokens of a window of `window_length` (the most any of them needs). The loss-bearing
+tokens are the targets, EOS included. A denoiser with more spans than the tokenizer has sentinels is refused when the
+mixture is built.
 """
 
 from __future__ import annotations

@@ -337,8 +337,9 @@ def ulysses_attention(
         return torch.cat([zigzag_positions(s_local * n, n, r, q.device) for r in range(n)])
 
     order = gathered_order(q.shape[1])
-    natural, kv_natural = torch.argsort(order), torch.argsort(gathered_order(k.shape[1]))  # k/v: a cross-attention's
-    qg = _AllToAll.apply(q, group, True)[:, natural]  # may be longer or shorter than q
+    # k and v have their own order: a cross-attention's may be longer or shorter than q
+    natural, kv_natural = torch.argsort(order), torch.argsort(gathered_order(k.shape[1]))
+    qg = _AllToAll.apply(q, group, True)[:, natural]
     kg, vg = (_AllToAll.apply(t, group, True)[:, kv_natural] for t in (k, v))
     seg = None
     if segment_ids is not None:

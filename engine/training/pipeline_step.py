@@ -84,10 +84,10 @@ class PipelineStep:
             if not any(p is t for t in last_copy)  # the tied weight counts once: on the first stage
         ]  # fmt: skip
         self.buffers = grad_buffers_of(self.chunks[0])  # ZeRO-1
-        # FSDP2 reduces each chunk's gradients itself, by a mean over dp: the loss is scaled by dp to keep the sum
+        # FSDP2 reduces each chunk's gradients itself, by a mean over dp (x cp): the loss is scaled by that to keep sums
         self.fsdp = is_fsdp(self.chunks[0])
         self.reduce_dtype = torch.bfloat16 if reduce_bf16 else None  # parallel.grad_reduce_dtype (without ZeRO-1)
-        self.loss_factor = dims.dp if self.fsdp else 1
+        self.loss_factor = dist.get_world_size(self.dp_group) if self.fsdp and self.dp_group is not None else 1
         if self.buffers is not None:
             self.params, self.norm_params, self.mp_group = zero1_update_args(optimizer, self.params, self.norm_params)
 

@@ -172,8 +172,9 @@ def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceL
     """(inputs, labels) of shape (len(indices), seq_len): labels are the inputs shifted by one token, or what the
     layout's objective makes of each sample. With a `layout` that is not plain, (inputs, labels, model keyword
     arguments): `positions` and/or `segment_ids` and the objective's (mlm: `causal=False`; prefix: `prefix_lengths`
-    (b,); span, ul2: `decoder_inputs` (b, t), with labels (b, t) and inputs the encoder's), every (b, s) tensor cut
-    to this rank's context-parallel chunks."""
+    (b,); span, ul2: `decoder_inputs` (b, t), with labels (b, t) and inputs the encoder's), every sequence cut to
+    this rank's context-parallel chunks (with their `positions`; t5's decoder with `decoder_positions`; mtp's depths'
+    shifted `mtp_ids` and `mtp_labels`, (b, D, s), shifted before the cut)."""
     from engine.parallel.context import shard_sequence
 
     if layout is not None and layout.objective is not None:  # inputs and labels per sample, from the objective
@@ -206,10 +207,11 @@ def collate(ds: Any, indices: list[int], device: torch.device, layout: SequenceL
             t = extra["decoder_inputs"]
             extra["decoder_positions"] = torch.arange(t.shape[1], device=device).expand_as(t)
     if layout.mtp_depth:  # depth k reads the ids and labels k positions on, which may lie in another rank's chunk
-        extra["mtp_ids"] = torch.stack([shift_left(x, k, 0) for k in range(1, layout.mtp_depth + 1)])
-        extra["mtp_labels"] = torch.stack([shift_left(y, k, IGNORE_INDEX) for k in range(1, layout.mtp_depth + 1)])
+        depths = range(1, layout.mtp_depth + 1)  # (b, D, s), batch first as every per-row keyword
+        extra["mtp_ids"] = torch.stack([shift_left(x, k, 0) for k in depths], dim=1)
+        extra["mtp_labels"] = torch.stack([shift_left(y, k, IGNORE_INDEX) for k in depths], dim=1)
 
-    def cut(t):  # (b, s) tensors, and (D, b, s) ones, to this rank's chunks of the sequence
+    def cut(t):  # (b, s) tensors (an encoder-decoder's (b, t) ones too), and (b, D, s) ones, to this rank's chunks
         if not torch.is_tensor(t) or t.dim() < 2:
             return t
         return shard_sequence(t, layout.cp, layout.cp_rank, dim=t.dim() - 1)

@@ -210,3 +210,16 @@ def test_python_m_engine_evaluate_is_the_same_command(trained_run, tmp_path):
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["tasks"][task]["n"] == 3
+
+
+def test_a_multi_token_prediction_run_evaluates_as_its_next_token_model(tmp_path, tiny_data, capsys):
+    """An mtp checkpoint loads without its extra modules (`mtp.*`); the trainer's validation loss is the next-token
+    loss, so the perplexity is that loss."""
+    from engine.config import load_config
+    from engine.train import train
+    from tests.train.conftest import tiny_args
+
+    run_dir = tmp_path / "mtp"
+    result = train(load_config(tiny_args(run_dir, *tiny_data, train__objective="mtp", objective__mtp_depth=2)))
+    v = _run_json(capsys, run_dir)["validation"]
+    assert v["loss"] == pytest.approx(result.val_losses[6], rel=1e-6, abs=0)

@@ -31,7 +31,12 @@ def test_balance_costs_multi_token_prediction_modules_on_the_last_stage():
     assert stage_layer_counts(8, 2, last_stage_extra=1) == [5, 3]  # costs 6, 5
     assert stage_layer_counts(16, 4, last_stage_extra=2) == [4, 5, 5, 2]  # costs 5, 5, 5, 5
     assert stage_layer_counts(2, 2, last_stage_extra=2) == [2, 0]
-    assert stage_layer_counts(4, 4, last_stage_extra=5) == [2, 2, 0, 0]  # the deficit walks in past its neighbour
+    assert stage_layer_counts(4, 4, last_stage_extra=5) == [2, 1, 1, 0]  # every middle stage keeps a layer
+    assert stage_layer_counts(4, 4, last_stage_extra=3) == [1, 2, 1, 0]
+    for layers, stages in ((4, 4), (6, 4), (8, 8), (5, 3)):
+        for extra in range(8):
+            counts = stage_layer_counts(layers, stages, last_stage_extra=extra)
+            assert sum(counts) == layers and min(counts[1:-1]) >= 1, (layers, stages, extra, counts)
     for layers, stages, extra in ((16, 4, 1), (32, 8, 3), (5, 2, 2), (12, 8, 1), (9, 3, 2)):
         counts = stage_layer_counts(layers, stages, last_stage_extra=extra)
         assert sum(counts) == layers and min(counts) >= 0

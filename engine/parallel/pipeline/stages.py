@@ -53,15 +53,14 @@ def stage_layer_counts(n_layers: int, n_stages: int, explicit: str = "", last_st
         sizes[i] += 1
     last = n_stages - 1
     counts = [sizes[i] - (i == 0) - (i == last) * (1 + last_stage_extra) for i in range(n_stages)]
-    # An end stage too small for what it carries gives its layer deficit inwards, stage by stage.
-    for i in range(last):
-        if counts[i] < 0:
-            counts[i + 1] += counts[i]
-            counts[i] = 0
-    for i in range(last, 0, -1):
-        if counts[i] < 0:
-            counts[i - 1] += counts[i]
-            counts[i] = 0
+    # An end stage too small for what it carries takes its layer deficit from the stage holding the most layers (the
+    # nearest on a tie). While a count is negative another holds at least two (the counts sum to n_layers >=
+    # n_stages), so no stage that had a layer is left without one.
+    for i in (0, last):
+        while counts[i] < 0:
+            j = max((j for j in range(n_stages) if j != i), key=lambda j: (counts[j], -abs(j - i)))
+            counts[j] -= 1
+            counts[i] += 1
     return counts
 
 
@@ -82,7 +81,8 @@ def _insert_child_after(module: nn.Module, after: str, name: str, child: nn.Modu
 
 def split_model(model: nn.Module, n_stages: int, stage: int, explicit: str = "") -> nn.Module:
     """A copy of the plain GPT `model` (best on the meta device: nothing is allocated) holding only global stage
-    `stage`'s part: its layers, the embedding when first, the output head when last."""
+    `stage`'s part: its layers, the embedding when first, the output head when last (with the multi-token prediction
+    modules, and for the sequential kind the embedding's copy `mtp_emb`)."""
     mtp = getattr(model, "mtp", None)
     keep = stage_layers(len(model.layers), n_stages, stage, explicit, len(mtp) if mtp is not None else 0)
     chunk = copy.deepcopy(model)
