@@ -19,6 +19,8 @@ tokens, h = d_model, e = bytes per activation element, L layers:
        llama G = (2L + 1) h (norm gains); gpt2 G = 2(2L + 1) h (norm gains and biases) + 2L h (row-parallel
        biases) + seq_len h (learned positions).
        wire = 2(t-1)/t * ((4L + 2) n h e + 12 n + 4 G)
+       and 2L more all-gathers in the backward pass: the attention's and the MLP's projections keep their input as
+       this rank's shard and gather it again (engine/parallel/regather.py): + (t-1)/t * 2L n h e
   GQA with fewer kv heads than t (kv projections replicated, `ReplicatedKVLinear`): their 2L (kv*hd) x h weight
   gradients are partial sums too: one more all-reduce without sp, the same flat buffer with sp.
 
@@ -77,8 +79,8 @@ def closed_form(
     if sp:
         n = 4 * n_layers + 2
         g = (2 * n_layers + 1) * d if arch == "llama" else 2 * (2 * n_layers + 1) * d + 2 * n_layers * d + seq_len * d
-        calls = {"all_gather": n, "reduce_scatter": n, "all_reduce": 3}
-        wire = ring * (n * big + 12 * tokens + 4 * (g + partial))
+        calls = {"all_gather": n + 2 * n_layers, "reduce_scatter": n, "all_reduce": 3}
+        wire = ring * ((n + n_layers) * big + 12 * tokens + 4 * (g + partial))
     else:
         calls = {"all_reduce": 4 * n_layers + 2 + 2 + (1 if partial else 0)}
         wire = ring * ((4 * n_layers + 2) * big + 12 * tokens + 4 * partial)

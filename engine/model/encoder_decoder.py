@@ -70,7 +70,8 @@ class CrossAttention(Attention):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim)
+        [xq] = shared_autocast_inputs(x, 1)  # F.linear's cast, or the one sequence parallelism made (regather)
+        q = self.q_proj(xq).view(b, t, -1, self.head_dim)
         mk, mv = shared_autocast_inputs(memory, 2)  # one 16-bit copy of the encoder output for k and v
         k = self.k_proj(mk).view(b, memory.shape[1], -1, self.head_dim)
         v = self.v_proj(mv).view(b, memory.shape[1], -1, self.head_dim)

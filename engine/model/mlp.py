@@ -31,5 +31,6 @@ class MLP(nn.Module):
             xg, xu = shared_autocast_inputs(x, 2)  # one 16-bit copy of x kept for gate and up, not two
             h = ops.swiglu(self.gate_proj(xg), self.up_proj(xu), backend=self.backend)
         else:
-            h = F.gelu(self.up_proj(x), approximate="tanh")  # GPT-2's tanh approximation
+            [xu] = shared_autocast_inputs(x, 1)  # F.linear's cast, or the one sequence parallelism made (regather)
+            h = F.gelu(self.up_proj(xu), approximate="tanh")  # GPT-2's tanh approximation
         return self.dropout(self.down_proj(h))

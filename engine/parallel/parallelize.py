@@ -37,6 +37,7 @@ from engine.parallel.context import apply_context_parallel, check_context_parall
 from engine.parallel.data_parallel import attach_grad_buffers, build_grad_buffers
 from engine.parallel.dims import ParallelDims
 from engine.parallel.output import VocabParallelOutputHead
+from engine.parallel.regather import regather_region_inputs
 from engine.parallel.rng import TP_SEED_OFFSET, RNGStatesTracker, attach_rng_tracker, recompute_context_fn
 from engine.parallel.sequence import SequenceShardedPositionEmbedding
 from engine.parallel.sharding import ShardingRegistry, attach_sharding, collect_sharding, sharding_of
@@ -183,7 +184,13 @@ def _convert(model: nn.Module, name: str, module: nn.Module, style: str, ctx: _T
         tied = embedding.weight if ctx.cfg.tie_embeddings and embedding is not None else None
         _set_child(model, name, VocabParallelOutputHead(module, ctx.group, ctx.sp, tied_weight=tied))
     elif style in ("enter_region", "enter_region_cross"):
-        module.register_forward_pre_hook(_enter_region_hook(ctx, 2 if style == "enter_region_cross" else 1))
+        n_inputs = 2 if style == "enter_region_cross" else 1
+        # under sp the projections keep this rank's shard, gathered again in backward (regather.py), except in a
+        # fully recomputed trunk block, which keeps only its input anyway
+        if ctx.sp and not (ctx.cfg.recompute == "full" and canonical_name(name).startswith("layers.")):
+            regather_region_inputs(module, ctx.group, n_inputs)
+        else:
+            module.register_forward_pre_hook(_enter_region_hook(ctx, n_inputs))
     elif style in ("split_heads_rng", "sequence_dropout"):
         # this rank's heads (or tokens) differ from the other tp ranks': its own dropout stream
         if ctx.tracker is not None:

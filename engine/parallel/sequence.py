@@ -5,6 +5,9 @@ along the sequence instead, so norms, dropout and residual adds run on s/t token
 becomes a reduce-scatter (leaving a tp region) plus an all-gather (entering one): the same bytes on a ring, since
 all-reduce = reduce-scatter + all-gather, but activation memory outside the tp regions drops by t (paper sec. 4.2.2).
 
+The projections reading a gathered input keep it for their weight gradients as this rank's shard, and all-gather it
+again in the backward pass (regather.py), so that activation too is divided by t.
+
 The collectives here are paired autograd functions: the backward of an all-gather is a reduce-scatter and vice
 versa. Tensors are batch-first, (batch, seq, ...), so `seq_dim` defaults to 1 (Megatron's [s, b, h] uses 0).
 
@@ -15,7 +18,7 @@ tokens under SP, so their gradients must be summed over tp: the sharding registr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -62,6 +65,22 @@ def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Ten
     out = torch.empty((n * xt.shape[0], *xt.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_fn()(out, xt, group=group)
     return out.movedim(0, dim).contiguous()
+
+
+def all_gather_async(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> Callable[[], torch.Tensor]:
+    """Starts `all_gather(x, dim, group)` and returns the function that waits for it and gives the result."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return lambda: x
+    xt = x.movedim(dim, 0).contiguous()
+    out = torch.empty((n * xt.shape[0], *xt.shape[1:]), dtype=x.dtype, device=x.device)
+    work = _all_gather_fn()(out, xt, group=group, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return out.movedim(0, dim).contiguous()
+
+    return wait
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:

@@ -18,9 +18,9 @@ because t does not divide them). Per layer, recompute "none":
     norm inputs, fp32 residual        2 * 4nh / r
     norm statistics, fp32             2 * n * (8 LayerNorm: mean, rstd | 4 RMSNorm: rstd; + 4h for the torch
                                       RMSNorm, which keeps its normalised input) / r
-    projection inputs, bf16           2 * 2nh                           each norm output cast once and shared by
-                                      q/k/v (gate/up) (engine/model/shared_cast.py); at the full sequence even
-                                      with sp (the projections save the gathered input, not this rank's shard)
+    projection inputs, bf16           2 * 2nh / r                       each norm output cast once and shared by
+                                      q/k/v (gate/up) (engine/model/shared_cast.py); with sp kept as this rank's
+                                      shard and all-gathered again in backward (engine/parallel/regather.py)
     q, k, v as attention saves them   2n(h/t + 2 kvw)                   (llama: q and k after rotary embedding)
     attention output                  2nh / t                           (also the output projection's input)
     softmax statistics (lse), fp32    4na / t
@@ -52,10 +52,10 @@ their head calls as the output term. Autocast copies each depth's block weights 
 the head's copy is one. Parallel heads backpropagated one at a time (per_head_backward, which TrainStep uses without pp,
 DDP, FSDP2 or gradient buffers) peak at the trunk plus one head: its whole layer and one head call.
 
-Where it goes, and what would cut it: with sp the projections' inputs are the largest term (Llama 3 70B at tp 8 + sp,
-8192 tokens: 20 of 41 GiB over 80 layers; 50 of 71 before the projections shared one cast), because they are kept at
-the full sequence. Saving the sequence shard and all-gathering it again in the backward pass (as Megatron does)
-would divide that term by t.
+Where it goes: with sp the projections' inputs were the largest term while they were kept at the full sequence
+(Llama 3 70B at tp 8 + sp, 8192 tokens: 20 of 41 GiB over 80 layers; 50 of 71 before the projections shared one
+cast). Kept as the sequence shard and all-gathered again in the backward pass (as Megatron does), they take 2.5 of
+24 GiB; the MLP's three tensors (13 GiB) lead now.
 
 Besides activations, autocast keeps a bf16 copy of the matmul weights for the backward pass (2 bytes a parameter);
 `autocast_weight_bytes` counts them for a rank's local parameters.
@@ -120,7 +120,7 @@ def _layer_terms(cfg: ModelConfig, tokens: int, tp: int, sp: bool, recompute: st
     terms = {
         "norm inputs, fp32": Fraction(2 * 4 * n * h, r),
         "norm statistics": Fraction(2 * n * _norm_stats(cfg, kernels), r),
-        "projection inputs, bf16": Fraction(2 * 2 * n * h),
+        "projection inputs, bf16": Fraction(2 * 2 * n * h, r),
         "q, k, v": 2 * n * (Fraction(h, t) + 2 * kvw),
         "attention output": Fraction(2 * n * h, t),
         "softmax statistics": Fraction(4 * n * a, t),

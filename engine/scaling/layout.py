@@ -22,9 +22,10 @@ For every layout that divides the model and the batch it estimates, per GPU:
   for GPipe and 1F1B, (p - 1) / (v m + p - 1) interleaved, (p - 1) / (3 m + p - 1) for ZB-H1.
 - **Communication** per step and GPU, ring algorithm (engine.parallel.comm_count's wire bytes), in the 16-bit
   activation / parameter and fp32 gradient dtypes the trainer uses: tp 4 all-reduces (or all-gather + reduce-scatter
-  pairs with sp, the same bytes) of a micro-batch's activations per layer (6 with full recomputation), not
-  overlapped; cp's ring sends each K/V chunk cp - 1 times forward and K/V plus their gradients backward, overlapped
-  with the attention it feeds; pp sends an activation and a gradient per micro-batch and chunk boundary, exposed;
+  pairs with sp, the same bytes, and 2 all-gathers more in the backward pass) of a micro-batch's activations per
+  layer (6 with full recomputation), not overlapped (the backward gathers are prefetched, but not credited here);
+  cp's ring sends each K/V chunk cp - 1 times forward and K/V plus their gradients backward, overlapped with the
+  attention it feeds; pp sends an activation and a gradient per micro-batch and chunk boundary, exposed;
   the gradient reduction over dp x cp (all-reduce; ZeRO-1: reduce-scatter of fp32 gradients + all-gather of 16-bit
   parameters; FSDP: two all-gathers of 16-bit parameters + a reduce-scatter of fp32 gradients over dp_shard)
   overlapped with the backward pass except its last bucket. A group whose ranks lie in one node (tp fastest, then
@@ -157,12 +158,14 @@ def _group_bw(device: Device, span: int) -> float:
 
 
 def tp_wire_bytes(layers: float, micro_batches: int, tokens: int, d_model: int, tp: int, elem: int = 2,
-                  recompute: str = "none", ends: int = 2) -> float:  # fmt: skip
+                  recompute: str = "none", ends: int = 2, sp: bool = False) -> float:  # fmt: skip
     """Wire bytes per rank and step of Megatron tensor parallelism: 4 all-reduces of a micro-batch's activations
     (tokens x d_model) per layer, forward and backward (6 with full recomputation, whose forward runs again), plus
     one per pipeline end (the vocabulary-parallel embedding's forward, the output's input gradient). Sequence
-    parallelism replaces each all-reduce by an all-gather and a reduce-scatter: the same bytes."""
-    per_layer = 6 if recompute == "full" else 4
+    parallelism replaces each all-reduce by an all-gather and a reduce-scatter (the same bytes) and, outside full
+    recomputation, all-gathers the projections' saved inputs again in the backward pass: two all-gathers a layer,
+    one all-reduce's bytes (engine/parallel/regather.py)."""
+    per_layer = 6 if recompute == "full" else (5 if sp else 4)
     return float((per_layer * layers + ends) * micro_batches * tokens * d_model * elem * _ring("all_reduce", tp))
 
 
@@ -296,7 +299,7 @@ def estimate_layout(cfg: ModelConfig, layout: Layout, global_batch: int, device:
     comm_bytes: dict[str, float] = {}
     exposed: dict[str, float] = {}
     if lt.tp > 1:
-        comm_bytes["tp"] = tp_wire_bytes(layers_local, m, tokens_micro, h, lt.tp, 2, lt.recompute, ends)
+        comm_bytes["tp"] = tp_wire_bytes(layers_local, m, tokens_micro, h, lt.tp, 2, lt.recompute, ends, lt.sp)
         exposed["tp"] = comm_bytes["tp"] / _group_bw(device, lt.tp)
     if lt.cp > 1:
         kv = 2 * tokens_micro * cfg.n_kv_heads * head_dim * 2 // lt.tp  # this rank's K and V chunk, 16-bit

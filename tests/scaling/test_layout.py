@@ -64,7 +64,7 @@ def test_tp_bytes_match_the_counted_closed_form():
 
     for sp in (False, True):
         counted = closed_form(8, sp, 32, 4096, 8192, elem=2, n_heads=32, kv_heads=8)["wire_bytes"]
-        ours = tp_wire_bytes(32, 1, 8192, 4096, 8, elem=2)
+        ours = tp_wire_bytes(32, 1, 8192, 4096, 8, elem=2, sp=sp)
         assert ours <= counted < ours * 1.001
 
 
