@@ -25,7 +25,9 @@ tokens, h = d_model, e = bytes per activation element, L layers:
   gradients are partial sums too: one more all-reduce without sp, the same flat buffer with sp.
 
 GPU (`--gpu`): one process, tp = 1; times forward+backward of one real decoder block (engine.model.gpt.Block, llama)
-with the plain PyTorch ops (`model.kernels=torch`) and with our fused Triton kernels (`model.kernels=triton`).
+with the plain PyTorch ops (`model.kernels=torch`) and with our fused Triton kernels (`model.kernels=triton`), each
+without and with selective recomputation (the attention core checkpointed, the MLP activation's output rebuilt in
+backward), and the peak memory of a step above the weights and inputs.
 
     python -m benchmarks.bench_tp --gpu [--d-model 4096 --heads 32 --ffn 11008 --batch 4 --seq 2048]
     python -m benchmarks.bench_tp --time    # the same on CPU, small shapes, fp32, torch ops only
@@ -39,10 +41,12 @@ import sys
 import time
 
 import torch
+from torch.distributed._composable import checkpoint
 
 from engine.config import Config, ModelConfig
 from engine.model.gpt import GPT, Block, resolve
 from engine.model.ops import rope_cos_sin
+from engine.parallel.activation_recompute import recompute_output
 from engine.parallel.comm_count import count_collectives
 from engine.parallel.dims import ParallelDims
 from engine.parallel.grads import finish_tp_grads
@@ -161,24 +165,37 @@ def run_timing(args: argparse.Namespace) -> int:
         backends.append("triton")
     else:
         rows.append(("block, kernels=triton (fused)", "GPU only (the CPU runs Triton in the interpreter)"))
-    for backend in backends:
+    for backend, recompute in [(b, r) for b in backends for r in ("none", "selective")]:
         cfg = model_config(dict(vars(args), layers=1, vocab=64, arch="llama"))
         cfg.kernels = backend
+        name = f"block, kernels={backend}, recompute={recompute}"
         try:
             block = Block(resolve(cfg)).to(dev, dtype)
+            if recompute == "selective":  # apply_recompute's: the attention core, and the MLP activation's output
+                checkpoint(block.attn.core)
+                recompute_output(block.mlp.act, block.mlp.down_proj)
 
             def step(block=block):
                 block(x, cos, sin).backward(dy)
 
-            rows.append((f"block, kernels={backend}", f"{_time(step, args.iters, cuda):.3f} ms"))
+            ms = _time(step, args.iters, cuda)
+            if cuda:  # the peak over one more step, above what is allocated before it (weights, x, dy)
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                rows.append((name, f"{ms:.3f} ms, peak +{peak:.0f} MiB"))
+            else:
+                rows.append((name, f"{ms:.3f} ms"))
         except Exception as e:  # noqa: BLE001 - report, do not fail, when a backend is unavailable
-            rows.append((f"block, kernels={backend}", f"unavailable: {type(e).__name__}: {e}"))
+            rows.append((name, f"unavailable: {type(e).__name__}: {e}"))
     print(
         f"one llama block fwd+bwd on {dev}, b={args.batch} s={args.seq} d={args.d_model} heads={args.heads} "
         f"ffn={args.ffn} {str(dtype).removeprefix('torch.')}"
     )
     for name, value in rows:
-        print(f"{name:32} {value}")
+        print(f"{name:48} {value}")
     return 0
 
 

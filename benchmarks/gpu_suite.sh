@@ -43,7 +43,7 @@ if "$py" -c "import xdist" 2>/dev/null; then workers=(-n 8); fi
 step build_ext 40 "$py" setup.py -q build_ext --inplace  # the C++ data index; NumPy fallback if it fails
 step gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider "${workers[@]}" -m gpu tests
 step kernels 230 "$py" -m benchmarks.kernels --csv "$out/kernels.csv"
-step tp_block 45 "$py" -m benchmarks.bench_tp --gpu
+step tp_block 60 "$py" -m benchmarks.bench_tp --gpu
 step fp8 150 "$py" -m benchmarks.bench_fp8 --json "$out/fp8.json"
 # ~40 s estimated: two 0.7B-parameter Llama models with a 128k vocabulary (built on the GPU), 6 steps of 8192 tokens
 # each, plus compiling our kernels; needs transformers in the image (else one line and rc 2).

@@ -5,8 +5,9 @@ Order (torchtitan's), each step its own function so later parallelisms slot in b
   1. `apply_tensor_parallel`: the plan below (module-name pattern -> style) swaps nn.Linear / nn.Embedding / the
      output head for their Megatron tensor-parallel forms (Shoeybi et al. 2019) and, with sequence parallelism
      (Korthikanti et al. 2022), marks the norms and dropouts that run on sequence shards;
-  2. `apply_recompute`: activation checkpointing per block (full) or of the attention core (selective), with torch's
-     composable checkpoint (parameter names unchanged), replaying the per-rank dropout stream;
+  2. `apply_recompute`: activation checkpointing per block (full) or of the attention core (selective, which also
+     recomputes the MLP activation's output), with torch's composable checkpoint (parameter names unchanged),
+     replaying the per-rank dropout stream;
   3. `materialize_and_init`: a model built on the meta device is allocated on the target device and every parameter
      (or local shard) initialised from its own seeded generator (engine.model.init), so any layout gets the same
      values;
@@ -33,6 +34,7 @@ from torch import nn
 
 from engine.config import Config, ConfigError, ModelConfig
 from engine.model.init import canonical_name, init_weights, materialize_
+from engine.parallel.activation_recompute import recompute_output
 from engine.parallel.context import apply_context_parallel, check_context_parallel
 from engine.parallel.data_parallel import attach_grad_buffers, build_grad_buffers
 from engine.parallel.dims import ParallelDims
@@ -136,6 +138,7 @@ class _TPContext:
     sp: bool
     tracker: RNGStatesTracker | None
     cfg: ModelConfig
+    fully_recomputed: frozenset[int] = frozenset()  # ids of the modules inside blocks apply_recompute checkpoints
 
 
 def _pattern(p: str) -> re.Pattern:
@@ -186,8 +189,8 @@ def _convert(model: nn.Module, name: str, module: nn.Module, style: str, ctx: _T
     elif style in ("enter_region", "enter_region_cross"):
         n_inputs = 2 if style == "enter_region_cross" else 1
         # under sp the projections keep this rank's shard, gathered again in backward (regather.py), except in a
-        # fully recomputed trunk block, which keeps only its input anyway
-        if ctx.sp and not (ctx.cfg.recompute == "full" and canonical_name(name).startswith("layers.")):
+        # fully recomputed block (apply_recompute's), which keeps only its input anyway
+        if ctx.sp and id(module) not in ctx.fully_recomputed:
             regather_region_inputs(module, ctx.group, n_inputs)
         else:
             module.register_forward_pre_hook(_enter_region_hook(ctx, n_inputs))
@@ -218,7 +221,9 @@ def apply_tensor_parallel(
     tp = dist.get_world_size(group)
     check_tensor_parallel(cfg, tp, sequence_parallel)
     compiled = [(_pattern(p), style) for p, style in (TP_PLAN if plan is None else plan).items()]
-    ctx = _TPContext(group, tp, sequence_parallel, tracker, cfg)
+    recomputed = model.layers.values() if cfg.recompute == "full" and hasattr(model, "layers") else ()
+    ctx = _TPContext(group, tp, sequence_parallel, tracker, cfg,
+                     frozenset(id(m) for block in recomputed for m in block.modules()))  # fmt: skip
     sp_modules = set()
     for name, module in list(model.named_modules()):
         cname = canonical_name(name) if name else ""
@@ -245,8 +250,9 @@ def tp_dropout_tracker(dims: ParallelDims, seed: int) -> RNGStatesTracker:
 
 
 def apply_recompute(model: nn.Module, mode: str) -> None:
-    """Activation checkpointing: "full" recomputes each block in backward, "selective" only the attention core
-    (Korthikanti et al. 2022, sec. 5); "none" does nothing. Parameter names are unchanged."""
+    """Activation checkpointing: "full" recomputes each block in backward; "selective" the attention core
+    (Korthikanti et al. 2022, sec. 5) and the MLP activation's output, which the down projection saves
+    (activation_recompute.py); "none" does nothing. Parameter names are unchanged."""
     if mode == "none":
         return
     from torch.distributed._composable import checkpoint
@@ -256,6 +262,8 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
     context_fn = recompute_context_fn(rng_tracker_of(model))
     for block in model.layers.values():
         checkpoint(block if mode == "full" else block.attn.core, context_fn=context_fn)
+        if mode == "selective":
+            recompute_output(block.mlp.act, block.mlp.down_proj)
 
 
 def materialize_and_init(model: nn.Module, device: torch.device | str, seed: int) -> None:

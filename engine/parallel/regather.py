@@ -7,20 +7,20 @@ and all-gathers it again in the backward pass (Korthikanti et al. 2022, sec. 4.2
 activation outside the attention core assumes it). `regather_region_inputs` does the same for a whole block side (q, k
 and v; gate and up; a cross-attention's two inputs) without touching the projections:
 
-- its forward pre-hook gathers the inputs (as `enter_tp_region`) and, during the module's forward, installs
-  `torch.autograd.graph.saved_tensors_hooks` that save any saved tensor which is a gathered input or a view of it
-  (same storage and dtype: a projection saves its 3-d input folded to 2-d) as the shard it came from. Under autocast
-  the pre-hook also makes the gathered input's cast copy (`engine.model.shared_cast` hands it to the projections),
-  saved as the cast shard: bf16 on the wire in the backward;
-- the backward all-gathers a shard once for all its consumers, started (asynchronously) as soon as the gradient of
-  the module's output arrives, so it runs under the output projection's and the attention's (or the MLP's) backward
-  instead of in front of the projections that need it.
+- its forward pre-hook gathers the inputs (as `enter_tp_region`) and, for the module's forward, enters a
+  `SavedTensorScope` (saved_tensors.py) in which a saved gathered input, or a view of it, is saved as the shard it came
+  from. Under autocast the pre-hook also makes the gathered input's cast copy (`engine.model.shared_cast` hands it to
+  the projections), saved as the cast shard: bf16 on the wire in the backward;
+- the backward all-gathers a shard once for all its consumers, started (asynchronously) right after the region's
+  row-parallel projection has all-gathered its output gradient (the collective before it on the same group), so it
+  runs under that projection's matmuls and the attention's (or the activation's) backward instead of in front of the
+  projections that need it. Under the zero-bubble schedule a deferred weight gradient keeps the gathered tensor until
+  its W pass.
 
-Other saved tensors pass through unchanged, to the hooks that were active outside (activation checkpointing, offload,
-a measurement) when there are any: those nest as if this module were not here. Values and gradients are bit for bit
-those of saving the gathered tensor (a gather of the cast shards equals the cast of the gathered tensor); the cost is
-one more all-gather per region in the backward pass. Not used inside fully recomputed blocks, which save only their
-input anyway.
+Other saved tensors pass through, to the hooks that were active outside when there are any. Values and gradients are
+bit for bit those of saving the gathered tensor (a gather of the cast shards equals the cast of the gathered tensor);
+the cost is one more all-gather per region in the backward pass. Not used inside fully recomputed blocks, which save
+only their input anyway.
 """
 
 from __future__ import annotations
@@ -34,111 +34,54 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.model.shared_cast import attach_autocast_copy, autocast_dtype
-from engine.parallel.sequence import all_gather_async, gather_from_sequence_parallel_region
-
-_Key = tuple[int, torch.dtype]
-
-
-def _key(t: torch.Tensor) -> _Key | None:
-    """A saved tensor's storage and dtype (None: no real storage). A projection may save a view of its input (a 3-d
-    input is folded to 2-d for the matmul), so a gathered input is recognised by its storage, not its shape."""
-    if t.layout != torch.strided or t.device.type == "meta":
-        return None
-    ptr = t.untyped_storage().data_ptr()
-    return (ptr, t.dtype) if ptr else None
+from engine.parallel.saved_tensors import SavedSource, SavedTensorScope
+from engine.parallel.sequence import all_gather_async, gather_from_sequence_parallel_region, is_reduce_scatter_node
 
 
-class _SavedShard:
-    """One gathered input, kept as this rank's shard; gathered again once for all the consumers that saved it.
-    `shard` becomes None after the forward when other saved-tensor hooks are active outside: the shard then lives only
-    where they put it."""
+class _SavedShard(SavedSource):
+    """One gathered input, saved as this rank's shard (the payload); gathered again once for all its consumers."""
 
-    __slots__ = ("shard", "group", "dim", "packed", "unpacked", "_full", "_pending", "__weakref__")
+    __slots__ = ("group", "dim", "_pending")
 
-    def __init__(self, shard: torch.Tensor | None, group: dist.ProcessGroup, dim: int):
-        self.shard, self.group, self.dim = shard, group, dim
-        self.packed = self.unpacked = 0  # consumers that saved it / have taken it back
-        self._full: torch.Tensor | None = None
+    def __init__(self, shard: torch.Tensor, group: dist.ProcessGroup, dim: int):
+        super().__init__((shard,))
+        self.group, self.dim = group, dim
         self._pending: Callable[[], torch.Tensor] | None = None
 
-    def prefetch(self, shard: torch.Tensor | None = None) -> None:
-        """Starts the all-gather (asynchronously) unless it ran or runs already."""
-        shard = self.shard if shard is None else shard
-        if self._full is None and self._pending is None and shard is not None:
-            self._pending = all_gather_async(shard, self.dim, self.group)
+    def prefetch(self) -> None:
+        """Starts the all-gather (asynchronously) unless it ran or runs already, or the shard lives elsewhere."""
+        if self._value is None and self._pending is None and self.payload is not None:
+            self._pending = all_gather_async(self.payload[0], self.dim, self.group)
 
-    def full(self, shard: torch.Tensor) -> torch.Tensor:
-        """The gathered tensor: waits for the prefetch, or gathers now. Kept until every consumer took it back."""
-        if self._full is None:
-            self.prefetch(shard)
-            self._full, self._pending = self._pending(), None
-        full = self._full
-        self.unpacked += 1
-        if self.unpacked >= self.packed:  # the last consumer: the entry lets go (a retained graph gathers again)
-            self._full = None
+    def build(self, shard: torch.Tensor) -> torch.Tensor:
+        if self._pending is None:
+            self._pending = all_gather_async(shard, self.dim, self.group)
+        full, self._pending = self._pending(), None
         return full
 
 
-class _Token:
-    """What a consumer saved in place of a gathered input (or a view of it): the entry, the shard as the outer hooks
-    packed it, and the view's geometry."""
+def _prefetch_on_backward(sources: list[_SavedShard]) -> Callable[..., None]:
+    refs = [weakref.ref(s) for s in sources]  # the hook lives with the graph; the sources only while saved
 
-    __slots__ = ("entry", "packed_shard", "shape", "stride", "offset")
-
-    def __init__(self, entry: _SavedShard, packed_shard: Any, t: torch.Tensor):
-        self.entry, self.packed_shard = entry, packed_shard
-        self.shape, self.stride, self.offset = t.shape, t.stride(), t.storage_offset()
-
-    def unpack(self, shard: torch.Tensor) -> torch.Tensor:
-        full = self.entry.full(shard)  # contiguous from offset 0, as the forward's gathered tensor was
-        if full.shape == self.shape and full.stride() == self.stride and self.offset == 0:
-            return full
-        return full.as_strided(self.shape, self.stride, self.offset)
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-class _RegatherScope:
-    """The saved-tensor hooks of one forward call of a region (module docstring)."""
-
-    def __init__(self):
-        self.entries: dict[_Key, _SavedShard] = {}
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # hooks active outside, or None
-        self.outer_pack, self.outer_unpack = outer if outer is not None else (_identity, _identity)
-        self.nested = outer is not None
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-    def register(self, full: torch.Tensor, shard: torch.Tensor, group: dist.ProcessGroup, dim: int) -> None:
-        key = _key(full)
-        if key is not None:
-            self.entries[key] = _SavedShard(shard, group, dim)
-
-    def pack(self, t: torch.Tensor) -> Any:
-        key = _key(t)
-        entry = self.entries.get(key) if key is not None else None
-        if entry is None:
-            return self.outer_pack(t)
-        entry.packed += 1
-        return _Token(entry, self.outer_pack(entry.shard), t)
-
-    def unpack(self, packed: Any) -> torch.Tensor:
-        if isinstance(packed, _Token):
-            return packed.unpack(self.outer_unpack(packed.packed_shard))
-        return self.outer_unpack(packed)
-
-
-def _prefetch_hook(entries: list[_SavedShard]) -> Callable[[torch.Tensor], None]:
-    refs = [weakref.ref(e) for e in entries]  # the hook lives with the graph; the entries only while saved
-
-    def hook(grad: torch.Tensor) -> None:
+    def prefetch_on_backward(*grads: object) -> None:
         for ref in refs:
-            entry = ref()
-            if entry is not None and entry.packed > entry.unpacked:
-                entry.prefetch()
+            source = ref()
+            if source is not None and source.pending:
+                source.prefetch()
 
-    return hook
+    return prefetch_on_backward
+
+
+def _region_end(out: torch.Tensor, depth: int = 4) -> torch.autograd.graph.Node | None:
+    """The backward node of the reduce-scatter that ends the region (its row-parallel projection's), searched from
+    the region's output through at most `depth` nodes (a bias add, a dropout); None if there is none."""
+    frontier = [out.grad_fn]
+    for _ in range(depth):
+        for node in frontier:
+            if is_reduce_scatter_node(node):
+                return node
+        frontier = [fn for node in frontier if node is not None for fn, _ in node.next_functions]
+    return None
 
 
 class RegatherRegion:
@@ -147,20 +90,20 @@ class RegatherRegion:
 
     def __init__(self, group: dist.ProcessGroup, n_inputs: int = 1, seq_dim: int = 1):
         self.group, self.n_inputs, self.seq_dim = group, n_inputs, seq_dim
-        self._scopes: list[_RegatherScope | None] = []  # one per forward call in progress (None: no grad)
+        self._scopes: list[SavedTensorScope | None] = []  # one per forward call in progress (None: no grad)
 
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
         gathered = [gather_from_sequence_parallel_region(a, self.group, self.seq_dim) for a in args[: self.n_inputs]]
-        scope = _RegatherScope() if torch.is_grad_enabled() else None
+        scope = SavedTensorScope() if torch.is_grad_enabled() else None
         if scope is not None:
             dtype = autocast_dtype(gathered[0])
             for shard, full in zip(args, gathered, strict=False):
-                scope.register(full, shard.detach(), self.group, self.seq_dim)
+                scope.add(full, _SavedShard(shard.detach(), self.group, self.seq_dim))
                 if dtype is not None and full.is_floating_point() and full.dtype != dtype:
                     low = full.detach().to(dtype)  # the projections' shared cast (engine.model.shared_cast)
                     attach_autocast_copy(full, low)
-                    scope.register(low, shard.detach().to(dtype), self.group, self.seq_dim)
-            scope.hooks.__enter__()
+                    scope.add(low, _SavedShard(shard.detach().to(dtype), self.group, self.seq_dim))
+            scope.__enter__()
         self._scopes.append(scope)
         return (*gathered, *args[self.n_inputs :])
 
@@ -168,15 +111,17 @@ class RegatherRegion:
         scope = self._scopes.pop()
         if scope is None:
             return
-        scope.hooks.__exit__(None, None, None)
-        saved = [e for e in scope.entries.values() if e.packed]
-        if scope.nested:
-            for entry in saved:
-                entry.shard = None  # the outer hooks hold it (or dropped it, to recompute it)
-        scope.entries = {}  # storages may be reused from here on: nothing more is matched against them
+        saved = [s for s in scope.sources() if s.packed]
+        scope.__exit__(None, None, None)
         out = output[0] if isinstance(output, tuple) else output
         if saved and not scope.nested and isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(_prefetch_hook(saved))
+            # Started once the region's last collective in backward (the row-parallel projection's all-gather) is
+            # issued: before it, the prefetch would hold that gather up (one group's collectives run in order).
+            end = _region_end(out)
+            if end is not None:
+                end.register_hook(_prefetch_on_backward(saved))
+            else:
+                out.register_hook(_prefetch_on_backward(saved))
 
 
 def regather_region_inputs(module: nn.Module, group: dist.ProcessGroup, n_inputs: int = 1, seq_dim: int = 1

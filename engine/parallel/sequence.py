@@ -152,6 +152,12 @@ class _ReduceScatterToSequenceParallel(torch.autograd.Function):
         return all_gather(grad, ctx.dim, ctx.group), None, None
 
 
+def is_reduce_scatter_node(node: object) -> bool:
+    """Whether an autograd graph node is the backward of `reduce_scatter_to_sequence_parallel_region` (the
+    all-gather that starts a tp region's backward under sequence parallelism)."""
+    return type(node) is _ReduceScatterToSequenceParallel._backward_cls
+
+
 def scatter_to_sequence_parallel_region(
     x: torch.Tensor, group: dist.ProcessGroup | None = None, seq_dim: int = 1
 ) -> torch.Tensor:

@@ -27,8 +27,9 @@ because t does not divide them). Per layer, recompute "none":
     MLP, bf16                         gpt2: 2 * 2nf/t (GELU input, down-projection input)
                                       llama: 3 * 2nf/t with the Triton SwiGLU (gate, up, down input),
                                              4 * 2nf/t with the torch one (which also keeps silu(gate))
-"selective" recomputation drops only the lse: the attention core's inputs and output stay alive anyway (the
-projections produced and consume them), so with flash attention it saves little. "full" keeps each layer's fp32 input,
+"selective" recomputation drops the lse (the attention core's inputs and output stay alive anyway: the projections
+produced and consume them) and the MLP's down-projection input, recomputed from the activation's inputs
+(engine/parallel/activation_recompute.py): one MLP tensor, 2nf/t, less. "full" keeps each layer's fp32 input,
 4nh / r. First stage: the token ids (int64, 8n, shared by the lookups) and, under tp, the vocab-parallel embedding's
 mask (1 byte a token). Last stage: the final norm's input and statistics (as above), then the torch path keeps the
 head's bf16 input cast (2nh), the fp32 log-softmax (4nv/t) and, under tp, the vocab-parallel loss's two masks (2n);
@@ -52,17 +53,20 @@ their head calls as the output term. Autocast copies each depth's block weights 
 the head's copy is one. Parallel heads backpropagated one at a time (per_head_backward, which TrainStep uses without pp,
 DDP, FSDP2 or gradient buffers) peak at the trunk plus one head: its whole layer and one head call.
 
-Where it goes: with sp the projections' inputs were the largest term while they were kept at the full sequence
-(Llama 3 70B at tp 8 + sp, 8192 tokens: 20 of 41 GiB over 80 layers; 50 of 71 before the projections shared one
-cast). Kept as the sequence shard and all-gathered again in the backward pass (as Megatron does), they take 2.5 of
-24 GiB; the MLP's three tensors (13 GiB) lead now.
+Where it goes (Llama 3 70B at tp 8 + sp, 8192 tokens, selective, 80 layers): the projections' inputs were the
+largest term while they were kept at the full sequence, 20 of 41 GiB (50 of 71 before the projections shared one
+cast). Kept as the sequence shard and all-gathered again in the backward pass (as Megatron does) they take 2.5 GiB,
+and with the down projection's input recomputed the layers keep 19.1 GiB, the MLP's gate and up (8.75 GiB) and the
+fp32 norm inputs (5 GiB) the largest terms.
 
 Besides activations, autocast keeps a bf16 copy of the matmul weights for the backward pass (2 bytes a parameter);
 `autocast_weight_bytes` counts them for a rank's local parameters.
 
 Not covered: dropout > 0 (the torch attention then falls back to a path that stores the s x s probabilities; use
 Korthikanti's tally, which counts masks), the fp16/fp32 precisions (every "bf16" above becomes the compute dtype's
-width), and the t5 encoder-decoder. Small tensors that do not grow with n (rotary tables, scalars) are left out.
+width), the t5 encoder-decoder, and the zero-bubble schedule's deferred weight gradients (between a micro-batch's B and
+W passes its projections' inputs stay alive, at the full sequence under sp). Small tensors that do not grow with n
+(rotary tables, scalars) are left out.
 """
 
 from __future__ import annotations
@@ -128,6 +132,7 @@ def _layer_terms(cfg: ModelConfig, tokens: int, tp: int, sp: bool, recompute: st
     }
     if recompute == "selective":
         del terms["softmax statistics"]
+        terms["MLP"] -= Fraction(2 * n * f, t)  # the down projection's input, recomputed from the activation's inputs
     return terms
 
 

@@ -4,13 +4,16 @@ give bit for bit the losses and gradients of saving the gathered tensor.
 One 2-rank gloo world builds the real GPT at tp 2 + sp twice, once as parallelize_gpt does (regathering) and once
 with the plain all-gather hook in its place, and compares loss and every gradient exactly: llama (GQA, SwiGLU) and
 gpt2 (biases, the GELU MLP), fp32 and bf16 autocast, no and selective recomputation, a t5 (its cross-attention
-regathers the decoder's and the encoder's shards), a block under torch's checkpoint (the saved-tensor hooks nest in
-checkpoint's) and a graph backpropagated twice (retain_graph: gathered again after the cache let go). It also checks
-that every backward gather starts from the prefetch hook, ahead of the projections, and that the hooks are gone after a
-forward, a no-grad forward and a forward that raised. The memory saved is checked to the byte by
+regathers the decoder's and the encoder's shards; fully recomputed, it gathers no more than before), a block under
+torch's checkpoint (the saved-tensor hooks nest in checkpoint's) and a graph backpropagated twice (retain_graph:
+gathered again after the cache let go). It also checks that every backward gather starts from the prefetch hook,
+right after the row-parallel projection's own all-gather (ahead of the projections that need it, behind the
+collective before it), also in a retained graph's second backward, and that the hooks are gone after a forward, a
+no-grad forward and a forward that raised. The memory saved is checked to the byte by
 tests/scaling/test_activation_tally.py."""
 
 import contextlib
+import traceback
 
 import pytest
 import torch
@@ -18,10 +21,12 @@ from torch.utils.checkpoint import checkpoint
 
 import engine.parallel.parallelize as parallelize_module
 import engine.parallel.regather as regather_module
+import engine.parallel.sequence as sequence_module
 from engine.config import Config, ModelConfig
 from engine.model.gpt import GPT, Block, resolve
 from engine.model.mtp import build_gpt
 from engine.model.ops import rope_cos_sin
+from engine.parallel.comm_count import count_collectives
 from engine.parallel.dims import ParallelDims
 from engine.parallel.parallelize import apply_tensor_parallel, block_plan, parallelize_gpt
 from engine.parallel.sequence import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
@@ -128,6 +133,17 @@ def _worker(rank, world):
                 plain = _grads(_model(model_cfg, dims, "span" if cfg["arch"] == "t5" else "clm"), run, autocast)
             out[name] = _same(regathered, plain)
 
+        # fully recomputed blocks (t5's encoder and decoder ones too) keep only their input: nothing to regather
+        counts = []
+        for plain in (False, True):
+            with _plain_gather() if plain else contextlib.nullcontext():
+                model = _model(ModelConfig(**dict(BASE, arch="t5", recompute="full")), dims, "span")
+            loss = _t5_run(model)
+            with count_collectives() as counter:
+                loss.backward()
+            counts.append(counter.by_op())
+        out["full recompute"] = (counts[0] == counts[1], counts)
+
         out["checkpointed block"] = _same(_block_grads(dims, True, False), _block_grads(dims, False, True))
 
         # retain_graph: the second backward gathers again (the first let go of the cached tensor) and doubles the grads
@@ -139,24 +155,37 @@ def _worker(rank, world):
         loss.backward()
         out["twice"] = (all(torch.equal(p.grad, 2 * once[n]) for n, p in model.named_parameters()), [])
 
-        # every backward gather of the regions starts from the prefetch hook (ahead of the projections' backward)
-        starts = []
-        real = regather_module.all_gather_async
+        # every backward gather of the regions starts from the prefetch hook, each right after the region's
+        # row-parallel all-gather (the collective before it on the tp group), so it cannot hold that one up; and a
+        # retained graph's second backward prefetches (and gathers once per region) again
+        log = []
+        real_async, real_sync = regather_module.all_gather_async, sequence_module.all_gather
 
-        def spy(x, dim, group):
-            import traceback
+        def spy_async(x, dim, group):
+            log.append("prefetch" if any(f.name == "prefetch_on_backward" for f in traceback.extract_stack())
+                       else "unpack")  # fmt: skip
+            return real_async(x, dim, group)
 
-            starts.append(any(f.name == "hook" for f in traceback.extract_stack()))
-            return real(x, dim, group)
+        def spy_sync(x, dim, group):
+            log.append("gather")
+            return real_sync(x, dim, group)
 
-        regather_module.all_gather_async = spy
+        regather_module.all_gather_async, sequence_module.all_gather = spy_async, spy_sync
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = _gpt_run(model)
+            log.clear()  # the forward's gathers
+            loss.backward(retain_graph=True)
+            first, log[:] = list(log), []
             loss.backward()
         finally:
-            regather_module.all_gather_async = real
-        out["prefetched"] = (len(starts) == 2 * 2 and all(starts), starts)
+            regather_module.all_gather_async, sequence_module.all_gather = real_async, real_sync
+        ok = True
+        for run in (first, log):
+            prefetches = [i for i, op in enumerate(run) if op == "prefetch"]
+            ok &= len(prefetches) == 2 * 2 and "unpack" not in run  # 2 layers x (attention, MLP), all prefetched
+            ok &= all(i > 0 and run[i - 1] == "gather" for i in prefetches)
+        out["prefetched"] = (ok, [first, log])
 
         # no hooks left behind: after a forward, a no-grad forward, and a forward that raised
         top = torch._C._autograd._top_saved_tensors_default_hooks
