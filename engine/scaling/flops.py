@@ -34,6 +34,8 @@ both (46.2% MFU, 57.8% HFU for PaLM 540B with rematerialisation). Peaks: `peak_f
 
 from __future__ import annotations
 
+import dataclasses
+
 from engine.config import ModelConfig
 from engine.metrics import _BF16_PEAK_FLOPS, model_flops_utilization
 from engine.model.gpt import count_params, flops_per_token, resolve
@@ -43,6 +45,7 @@ __all__ = [
     "flops_per_token",
     "hardware_flops_per_token",
     "hardware_flops_utilization",
+    "mtp_flops_per_token",
     "model_flops_utilization",
     "peak_flops_of",
     "training_flops",
@@ -101,6 +104,22 @@ def hardware_flops_per_token(cfg: ModelConfig, recompute: str | None = None) -> 
     if mode == "selective":
         return model + attention_fwd
     return model + 2 * count_params(cfg, non_embedding=True) + attention_fwd  # full: the layers' forward again
+
+
+def mtp_flops_per_token(cfg: ModelConfig, depth: int, kind: str = "sequential") -> int:
+    """Model FLOPs per trained token of `depth` multi-token prediction modules (engine.model.mtp), forward + backward:
+    each a transformer layer (6 N_layer + 12 H Q T, as a trunk layer) and an output-head call (6 V d), plus for the
+    sequential kind its 2d -> d projection (6 x 2 d^2). Never recomputed, so the same in hardware FLOPs."""
+    if not depth:
+        return 0
+    cfg = resolve(cfg)
+    one = resolve(dataclasses.replace(cfg, n_layers=1))
+    layer = count_params(one, non_embedding=True) - count_params(dataclasses.replace(one, n_layers=0),
+                                                                 non_embedding=True)  # fmt: skip
+    head_dim = cfg.d_model // cfg.n_heads
+    keys = min(cfg.seq_len, cfg.window) if cfg.window else cfg.seq_len
+    proj = 2 * cfg.d_model * cfg.d_model if kind == "sequential" else 0
+    return depth * (6 * (layer + proj + cfg.vocab_size * cfg.d_model) + 12 * cfg.n_heads * head_dim * keys)
 
 
 def training_flops(flops_per_token_: float, tokens: float) -> float:

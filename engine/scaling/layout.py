@@ -5,13 +5,15 @@ model on a cluster, estimated before any GPU is spent.
 
 For every layout that divides the model and the batch it estimates, per GPU:
 
-- **Memory**: parameters, gradients and optimizer state of the worst pipeline rank (`rank_params`: the layers
+- **Memory** of the worst pipeline rank: its parameters, gradients and optimizer state (`rank_params`: the layers
   split the way `engine.parallel.pipeline.stages` splits them, each tensor sharded over tp as engine/parallel/tensor.py
-  shards it, then by FSDP2 or ZeRO-1 as `--train.dry_run` counts them: the tests check the counts equal), plus the
-  activations the schedule holds on the first stage (`engine.scaling.activations.rank_activation_bytes`: what this
-  engine's layers save for the backward pass with its Triton kernels, checked tensor by tensor against the model,
-  with the in-flight micro-batches of the bounds engine/parallel/pipeline/schedules.py implements; Korthikanti et al.
-  2022's formula for configs it does not cover). With fp32 weights, autocast's bf16 weight copies count too.
+  shards it, then by FSDP2 or ZeRO-1 as `--train.dry_run` counts them), plus the activations the schedule holds on
+  that rank (`engine.scaling.activations.rank_activation_bytes`: what this engine's layers save for the backward pass
+  with its Triton kernels, checked tensor by tensor against the model, with the in-flight micro-batches of the bounds
+  engine/parallel/pipeline/schedules.py implements; Korthikanti et al. 2022's formula for configs it does not cover);
+  the tests check both equal the dry run's, rank by rank. With fp32 weights, autocast's bf16 weight copies count too.
+  A trainer config with `train.objective = "mtp"` adds its multi-token prediction modules to the last stage (their
+  parameters, activations and FLOPs, and the stage balance that costs each as a layer).
   Under FSDP each rank also holds one gathered layer in 16 bits, twice (the prefetch). A fraction of the device
   (`MEMORY_HEADROOM`) is kept for the CUDA context, NCCL buffers, temporaries and fragmentation.
 - **Compute**: the hardware FLOPs of a step (`hardware_flops_per_token`, recomputation included) over tp x cp x pp,
@@ -49,10 +51,10 @@ from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
-from engine.config import ConfigError, ModelConfig, load_config
+from engine.config import Config, ConfigError, ModelConfig, load_config
 from engine.model.gpt import count_params, flops_per_token, resolve
 from engine.scaling.activations import rank_activation_bytes
-from engine.scaling.flops import hardware_flops_per_token
+from engine.scaling.flops import hardware_flops_per_token, mtp_flops_per_token
 from engine.scaling.memory import format_bytes
 
 MATMUL_EFFICIENCY = 0.75  # large bf16 GEMMs reach ~70-80% of the dense peak on H100/A100 (cuBLAS)
@@ -208,34 +210,48 @@ def _layer_params_local(cfg: ModelConfig, tp: int) -> int:
     return attention + (f * d + f) // tp + f * d // tp + d + 4 * d
 
 
-def rank_params(cfg: ModelConfig, tp: int = 1, pp: int = 1, virtual_stages: int = 1) -> list[int]:
+def _mtp_params_local(cfg: ModelConfig, tp: int, pp: int, depth: int, kind: str) -> int:
+    """The multi-token prediction modules' parameters on the last stage's tp rank (engine.model.mtp): per depth a
+    block split as the trunk's, and for the sequential kind two RMSNorm gains and the replicated 2d -> d projection;
+    under pp the sequential kind's copy of the embedding (`mtp_emb`), which is the output weight itself when tied."""
+    if not depth:
+        return 0
+    d = cfg.d_model
+    own = 2 * d + 2 * d * d if kind == "sequential" else 0
+    copy = cfg.vocab_size * d // tp if kind == "sequential" and pp > 1 and not cfg.tie_embeddings else 0
+    return depth * (_layer_params_local(cfg, tp) + own) + copy
+
+
+def rank_params(cfg: ModelConfig, tp: int = 1, pp: int = 1, virtual_stages: int = 1, mtp_depth: int = 0,
+                mtp_kind: str = "sequential") -> list[int]:  # fmt: skip
     """Parameters held by each pipeline rank (all its chunks) on one tp rank: layers split the way
     engine.parallel.pipeline.stages splits them, the vocabulary-parallel embedding (and gpt2's replicated positions)
     on the first stage, the final norm and the vocabulary-parallel output on the last; a tied output weight counts on
-    both ends when they are different ranks, as both hold it. `cfg` resolved (its vocabulary divisible by tp)."""
-    from engine.parallel.pipeline.stages import stage_layer_counts
-
+    both ends when they are different ranks, as both hold it; `mtp_depth` multi-token prediction modules of
+    `mtp_kind` on the last stage. `cfg` resolved (its vocabulary divisible by tp)."""
     d, v = cfg.d_model, cfg.vocab_size
     n_stages = pp * virtual_stages
     out = [0] * pp
-    for stage, count in enumerate(stage_layer_counts(cfg.n_layers, n_stages)):
+    for stage, count in enumerate(_stage_counts(cfg, pp * virtual_stages, mtp_depth)):
         out[stage % pp] += count * _layer_params_local(cfg, tp)
     out[0] += v * d // tp + (cfg.seq_len * d if cfg.arch == "gpt2" else 0)
     last = (n_stages - 1) % pp
     out[last] += (d if cfg.arch == "llama" else 2 * d) + (v * d // tp if (not cfg.tie_embeddings or pp > 1) else 0)
+    out[last] += _mtp_params_local(cfg, tp, pp, mtp_depth, mtp_kind)
     return out
 
 
-def _in_flight(schedule: str, pp: int, v: int, m: int) -> Fraction:
-    """Micro-batches whose activations rank 0 holds at its peak, in units of its whole share of layers (the bounds
-    tests/parallel/test_pipeline_schedules.py checks the schedules against)."""
+def _in_flight(schedule: str, pp: int, v: int, m: int, rank: int = 0) -> Fraction:
+    """Micro-batches whose activations pipeline rank `rank` holds at its peak, in units of its whole share of layers
+    (the bounds tests/parallel/test_pipeline_schedules.py checks the schedules against: pp - rank for 1F1B; pp on
+    every rank for ZB-H1, whose deferred weight gradients keep a later rank's micro-batches until their W pass)."""
     if pp == 1:
         return Fraction(1)
     if schedule == "gpipe":
         return Fraction(m)
     if schedule == "interleaved":
-        return Fraction(min((pp - 1) * 2 + (v - 1) * pp + 1, v * m), v)
-    return Fraction(min(pp, m))  # 1f1b, zb
+        return Fraction(min((pp - 1 - rank) * 2 + (v - 1) * pp + 1, v * m), v)
+    return Fraction(min(pp if schedule == "zb" else pp - rank, m))  # 1f1b, zb
 
 
 def bubble_fraction(schedule: str, pp: int, v: int, m: int) -> float:
@@ -248,36 +264,53 @@ def bubble_fraction(schedule: str, pp: int, v: int, m: int) -> float:
 
 
 def estimate_layout(cfg: ModelConfig, layout: Layout, global_batch: int, device: Device, optimizer: str = "adamw",
-             param_dtype: str = "bf16") -> Estimate:  # fmt: skip
-    """Memory, time and MFU of one layout (module docstring). `cfg` resolved; `global_batch` in sequences."""
+                    param_dtype: str = "bf16", mtp_depth: int = 0, mtp_kind: str = "sequential"
+                    ) -> Estimate:  # fmt: skip
+    """Memory, time and MFU of one layout (module docstring). `cfg` resolved; `global_batch` in sequences;
+    `mtp_depth` multi-token prediction modules of `mtp_kind` (train.objective mtp) on the last stage."""
     lt = layout
     s, h, L = cfg.seq_len, cfg.d_model, cfg.n_layers
     replicas = lt.dp * lt.dp_shard
     m = global_batch // (lt.micro_batch * replicas)
     cfg_rc = replace(cfg, recompute=lt.recompute)
-    # Memory: parameters, gradients, optimizer state of the worst pipeline rank
-    local = max(rank_params(cfg, lt.tp, lt.pp, lt.virtual_stages))
+    # Memory of each pipeline rank: parameters, gradients, optimizer state, activations; the worst one counts
+    params = rank_params(cfg, lt.tp, lt.pp, lt.virtual_stages, mtp_depth, mtp_kind)
+    counts = _stage_counts(cfg, lt.pp * lt.virtual_stages, mtp_depth)
     fsdp_ranks = lt.dp_shard * lt.cp if lt.dp_shard > 1 else 1  # FSDP2 shards over dp_shard x cp (parallelize.py)
-    held = math.ceil(local / fsdp_ranks)
-    state_n = math.ceil(local / (lt.dp * lt.cp)) if lt.zero1 else held
     bf16 = param_dtype == "bf16" and lt.dp_shard == 1  # FSDP2 keeps fp32 shards, which are the masters
-    state_bytes = (8 if optimizer == "adamw" else 4) * state_n + (4 * state_n if bf16 else 0)
-    param_state = (2 if bf16 else 4) * held + 4 * held + state_bytes
     gathered = 2 * 2 * _layer_params_local(cfg, lt.tp) if lt.dp_shard > 1 else 0  # one layer + the prefetched one
-    layers_rank0 = sum(c for i, c in enumerate(_stage_counts(cfg, lt)) if i % lt.pp == 0)
     copies = param_dtype == "fp32" and lt.dp_shard == 1  # autocast's bf16 weight copies (fp32 weights)
-    act = rank_activation_bytes(
-        cfg_rc, lt.micro_batch, layers_rank0, lt.tp, lt.sp, lt.cp, lt.recompute, first_stage=True,
-        last_stage=lt.pp == 1, in_flight_microbatches=_in_flight(lt.schedule, lt.pp, lt.virtual_stages, m),
-        autocast_copies=copies,
-    )  # fmt: skip
-    memory = param_state + gathered + act
+
+    def param_state_of(local: int) -> int:
+        held = math.ceil(local / fsdp_ranks)
+        state_n = math.ceil(local / (lt.dp * lt.cp)) if lt.zero1 else held
+        state_bytes = (8 if optimizer == "adamw" else 4) * state_n + (4 * state_n if bf16 else 0)
+        return (2 if bf16 else 4) * held + 4 * held + state_bytes
+
+    # parallel heads backpropagated one at a time where the trainer does so (engine.training.dry_run's condition)
+    per_head = mtp_kind == "parallel" and lt.pp == 1 and lt.dp * lt.cp == 1 and param_dtype != "bf16"
+
+    def activations_of(rank: int) -> int:
+        last = rank == lt.pp - 1
+        return rank_activation_bytes(
+            cfg_rc, lt.micro_batch, sum(c for i, c in enumerate(counts) if i % lt.pp == rank), lt.tp, lt.sp, lt.cp,
+            lt.recompute, first_stage=rank == 0, last_stage=last,
+            in_flight_microbatches=_in_flight(lt.schedule, lt.pp, lt.virtual_stages, m, rank),
+            autocast_copies=copies, mtp_depth=mtp_depth if last else 0, mtp_kind=mtp_kind,
+            mtp_per_head=per_head and mtp_depth > 0,
+        )  # fmt: skip
+
+    local = max(params)  # the rank with the most parameters: the one whose gradients take longest to reduce
+    held = math.ceil(local / fsdp_ranks)
+    param_state = max(param_state_of(p) for p in params)
+    memory, act = max((param_state_of(params[r]) + gathered + a, a) for r in range(lt.pp) for a in [activations_of(r)])
     fits = memory <= device.memory_bytes * (1 - MEMORY_HEADROOM)
 
-    # Compute per GPU and step
+    # Compute per GPU and step (the MTP modules are never recomputed)
     tokens = global_batch * s
-    model_flops = flops_per_token(cfg) * tokens
-    hw = hardware_flops_per_token(cfg_rc) * tokens
+    extra = mtp_flops_per_token(cfg, mtp_depth, mtp_kind) * tokens
+    model_flops = flops_per_token(cfg) * tokens + extra
+    hw = hardware_flops_per_token(cfg_rc) * tokens + extra
     head_dim = h // cfg.n_heads
     keys = min(s, cfg.window) if cfg.window else s
     attn_per_token = 12 * L * cfg.n_heads * head_dim * keys + (4 * L * cfg.n_heads * head_dim * keys
@@ -325,10 +358,10 @@ def estimate_layout(cfg: ModelConfig, layout: Layout, global_batch: int, device:
     return Estimate(lt, fits, memory, param_state, act, m, compute, bubble, exposed, comm_bytes, step, mfu)
 
 
-def _stage_counts(cfg: ModelConfig, lt: Layout) -> list[int]:
+def _stage_counts(cfg: ModelConfig, n_stages: int, mtp_depth: int = 0) -> list[int]:
     from engine.parallel.pipeline.stages import stage_layer_counts
 
-    return stage_layer_counts(cfg.n_layers, lt.pp * lt.virtual_stages)
+    return stage_layer_counts(cfg.n_layers, n_stages, last_stage_extra=mtp_depth)
 
 
 class LayoutError(ValueError):
@@ -369,9 +402,11 @@ def _model_splits(cfg: ModelConfig, gpus: int, device: Device) -> list[tuple[int
 
 
 def plan_layouts(cfg: ModelConfig, gpus: int, global_batch: int, device: str = "h100", top: int = 5,
-                 optimizer: str = "adamw") -> tuple[list[Estimate], dict[str, int]]:  # fmt: skip
+                 optimizer: str = "adamw", mtp_depth: int = 0, mtp_kind: str = "sequential"
+                 ) -> tuple[list[Estimate], dict[str, int]]:  # fmt: skip
     """The `top` fastest layouts that fit, each with the reason it trails the best, and the number of layouts
-    rejected by reason ("out of memory", or invalid for the model/batch: not enumerated)."""
+    rejected by reason ("out of memory", or invalid for the model/batch: not enumerated). `mtp_depth`, `mtp_kind`:
+    multi-token prediction modules (train.objective mtp)."""
     if device not in DEVICES:
         raise LayoutError(f"unknown device {device!r}; one of {', '.join(DEVICES)}")
     if gpus < 1 or global_batch < 1:
@@ -381,7 +416,8 @@ def plan_layouts(cfg: ModelConfig, gpus: int, global_batch: int, device: str = "
     if not cands:
         raise LayoutError(f"no layout divides {gpus} GPUs, a global batch of {global_batch} and this model "
                           f"(heads {cfg.n_heads}, layers {cfg.n_layers}, seq_len {cfg.seq_len})")  # fmt: skip
-    ests = [estimate_layout(cfg, lt, global_batch, dev, optimizer) for lt in cands]
+    ests = [estimate_layout(cfg, lt, global_batch, dev, optimizer, mtp_depth=mtp_depth, mtp_kind=mtp_kind)
+            for lt in cands]  # fmt: skip
     fitting = sorted((e for e in ests if e.fits), key=lambda e: e.step_s)
     rejected = {"out of memory": sum(not e.fits for e in ests)}
     best = fitting[:top]
@@ -400,18 +436,31 @@ def _why_slower(e: Estimate, best: Estimate) -> str:
     return f"{k} +{v * 1e3:.1f} ms"
 
 
-def model_config_from(path: str) -> ModelConfig:
-    """The model of a trainer config file (its [model] table over the defaults, read by the trainer's own loader);
-    one-line errors. A vocabulary left to the tokenizer (0) is taken as 32000: no tokenizer is loaded here."""
+def _trainer_config(path: str) -> Config:
     if not Path(path).is_file():
         raise LayoutError(f"--config {path}: no such file")
     try:
-        model = load_config(["--config", str(path)]).model
+        return load_config(["--config", str(path)])
     except (OSError, ValueError) as e:  # ConfigError is a ValueError
         raise LayoutError(f"--config {path}: {e}") from None
+
+
+def model_config_from(path: str) -> ModelConfig:
+    """The model of a trainer config file (its [model] table over the defaults, read by the trainer's own loader);
+    one-line errors. A vocabulary left to the tokenizer (0) is taken as 32000: no tokenizer is loaded here."""
+    model = _trainer_config(path).model
     if model.vocab_size == 0:
         model.vocab_size = 32000
     return model
+
+
+def mtp_from(path: str) -> tuple[int, str]:
+    """(depth, kind) of the multi-token prediction modules a trainer config file trains (train.objective mtp and its
+    [objective] table), or (0, "sequential")."""
+    cfg = _trainer_config(path)
+    if cfg.train.objective != "mtp":
+        return 0, "sequential"
+    return cfg.objective.mtp_depth, cfg.objective.mtp_kind
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -438,7 +487,9 @@ def cli_main(argv: list[str]) -> int:
         if args.vocab:
             cfg.vocab_size = args.vocab
         cfg = resolve(cfg)
-        best, rejected = plan_layouts(cfg, args.gpus, args.global_batch, args.device, args.top, args.optimizer)
+        depth, kind = mtp_from(args.config)
+        best, rejected = plan_layouts(cfg, args.gpus, args.global_batch, args.device, args.top, args.optimizer,
+                                      depth, kind)  # fmt: skip
     except (LayoutError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -446,7 +497,8 @@ def cli_main(argv: list[str]) -> int:
         print(json.dumps({"best": [asdict(e) for e in best], "rejected": rejected}, indent=1))
         return 0
     dev = DEVICES[args.device]
-    print(f"{count_params(cfg) / 1e9:.2f}B parameters, {cfg.n_layers} layers, d_model {cfg.d_model}, seq_len "
+    mtp = f", {depth} {kind} MTP module{'s' * (depth > 1)}" if depth else ""
+    print(f"{count_params(cfg) / 1e9:.2f}B parameters, {cfg.n_layers} layers{mtp}, d_model {cfg.d_model}, seq_len "
           f"{cfg.seq_len}; {args.gpus} x {dev.name}, global batch {args.global_batch}")  # fmt: skip
     if not best:
         print(f"no layout fits in {format_bytes(int(dev.memory_bytes))}: {rejected['out of memory']} out of memory")

@@ -56,6 +56,68 @@ def test_parameter_state_bytes_equal_the_dry_run(kw, monkeypatch):
     assert est.param_state_bytes == want
 
 
+MEMORY_CASES = [  # tp, pp, virtual stages, schedule, mtp depth, mtp kind, tied
+    (1, 1, 1, "1f1b", 2, "parallel", True),  # parallel heads one at a time (per_head_backward)
+    (2, 2, 1, "1f1b", 2, "sequential", False),  # the embedding's copy on the last stage
+    (1, 2, 1, "gpipe", 1, "parallel", True),
+    (1, 2, 2, "interleaved", 1, "sequential", True),
+    (2, 2, 1, "zb", 0, "sequential", True),  # no mtp: the last stage's head against the first's in-flight layers
+]
+
+
+@pytest.mark.parametrize("tp, pp, v, schedule, depth, kind, tied", MEMORY_CASES)
+def test_parameters_and_memory_of_every_rank_equal_the_dry_runs(tp, pp, v, schedule, depth, kind, tied, monkeypatch):
+    """Parameters of every rank and the worst rank's memory (parameters, gradients, AdamW state, activations at the
+    schedule's in-flight bound, autocast's weight copies) equal the dry run's, which builds the sharded model, with
+    multi-token prediction modules on the last stage (train.objective mtp) and without."""
+    cfg = Config(model=_tiny(tie_embeddings=tied, n_layers=6))
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.virtual_stages, cfg.parallel.pp_schedule = tp, pp, v, schedule
+    cfg.parallel.sp = tp > 1
+    cfg.train.global_batch, cfg.train.micro_batch = 8, 1
+    if depth:
+        cfg.train.objective, cfg.objective.mtp_depth, cfg.objective.mtp_kind = "mtp", depth, kind
+    monkeypatch.setenv("WORLD_SIZE", str(tp * pp))
+    report = dry_run(cfg, out=lambda _: None)
+    want = rank_params(cfg.model, tp, pp, v, depth, kind)
+    assert {r.rank: r.params for r in report.ranks} == {st * tp + t: want[st] for st in range(pp) for t in range(tp)}
+    lt = Layout(tp=tp, pp=pp, sp=tp > 1, schedule=schedule, virtual_stages=v)
+    est = estimate_layout(cfg.model, lt, 8, H100, param_dtype="fp32", mtp_depth=depth, mtp_kind=kind)
+    assert est.memory_bytes == max(r.total_bytes for r in report.ranks)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "parallel"])
+def test_mtp_flops_count_each_modules_matmuls(kind):
+    """Per depth: 6 x (the module's block and projection weights, norm gains included as for the trunk, and the
+    shared output head) + the block's attention, 12 H Q T; counted from a built MultiTokenGPT."""
+    from engine.model.mtp import MultiTokenGPT
+    from engine.scaling.flops import mtp_flops_per_token
+
+    cfg = _tiny()
+    model = MultiTokenGPT(cfg, 3, kind=kind)
+    module = model.mtp[0]
+    weights = sum(p.numel() for n, p in module.named_parameters() if n.startswith(("block.", "proj.")))
+    attention = 12 * cfg.n_heads * (cfg.d_model // cfg.n_heads) * cfg.seq_len
+    assert mtp_flops_per_token(cfg, 3, kind) == 3 * (6 * (weights + cfg.vocab_size * cfg.d_model) + attention)
+    est = {d: estimate_layout(cfg, Layout(), 8, H100, mtp_depth=d, mtp_kind=kind) for d in (0, 3)}
+    assert est[3].step_s > est[0].step_s and est[3].memory_bytes > est[0].memory_bytes
+
+
+def test_cli_plans_the_configs_mtp_modules(tmp_path, capsys):
+    toml = tmp_path / "m.toml"
+    toml.write_text('[model]\nn_layers = 8\nd_model = 256\nn_heads = 4\nseq_len = 512\nvocab_size = 32000\n'
+                    '[train]\nobjective = "mtp"\n[objective]\nmtp_depth = 2\n')  # fmt: skip
+    args = ["layout", "--config", str(toml), "--gpus", "8", "--global-batch", "16", "--json", "--top", "1"]
+    assert scaling_main(args) == 0
+    with_mtp = json.loads(capsys.readouterr().out)["best"][0]
+    toml.write_text(toml.read_text().replace('objective = "mtp"', 'objective = "clm"'))
+    assert scaling_main(args) == 0
+    without = json.loads(capsys.readouterr().out)["best"][0]
+    assert with_mtp["step_s"] > without["step_s"]
+    toml.write_text(toml.read_text().replace('objective = "clm"', 'objective = "mtp"'))
+    assert scaling_main(args[:-3]) == 0
+    assert "2 sequential MTP modules" in capsys.readouterr().out
+
+
 def test_tp_bytes_match_the_counted_closed_form():
     """bench_tp's closed form (checked against counted collectives in tests/parallel/test_comm_count.py) at a real
     shape: the planner's tp term is its activation part exactly; the rest (cross-entropy statistics, replicated
