@@ -14,7 +14,8 @@ its own two chunks; for s < r both its query chunks see all of s's first chunk (
 only its second query chunk sees anything, all of s's two chunks. Blocks the causal mask hides are never computed,
 and every step costs the same (2c x c query-key pairs for chunk length c). The backward recomputes with the final
 lse (FlashAttention-2's backward per block), rotating k/v again; each k/v's gradient accumulator (fp32) travels one
-rank behind it and arrives at its owner after the last step.
+rank behind it and arrives at its owner after the last step. A per-row prefix (prefix LM) adds, at each later step,
+the block the causal mask hid, its keys limited to the prefix (`_step_blocks`).
 
 All-to-all (`ulysses_attention`; Jacobs et al. 2023, DeepSpeed-Ulysses): an all-to-all turns (sequence shard, all
 heads) into (whole sequence, heads / cp); attention runs over the whole sequence locally (in natural order: the
@@ -91,26 +92,27 @@ def _block_fns(backend: str, q: torch.Tensor):
     return fa.flash_attention_forward_reference, fa.flash_attention_backward_reference
 
 
-def _cpu_block_args(q, k, v, causal, seg_q, seg_k):
+def _cpu_block_args(q, k, v, causal, seg_q, seg_k, prefix_lengths=None):
     """(q, k, v as (b, h, s, d) with kv heads repeated to q's, is_causal, additive mask or None, rows with keys or
-    None) for torch's CPU flash attention. Segment ids become an additive mask of q's dtype (the op takes no bool
-    one), with the causal triangle folded in."""
+    None) for torch's CPU flash attention. Segment ids and a prefix become an additive mask of q's dtype (the op takes
+    no bool one), with the causal triangle folded in."""
     from kernels.attention import attention_mask
 
     group = q.shape[2] // k.shape[2]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if group > 1:
         kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
-    if seg_q is None:
+    if seg_q is None and prefix_lengths is None:
         return qh, kh, vh, causal, None, None
-    allowed = attention_mask("ring attention", q, k, causal, (seg_q, seg_k))  # (b, 1, sq, sk)
+    segs = None if seg_q is None else (seg_q, seg_k)
+    allowed = attention_mask("ring attention", q, k, causal, segs, prefix_lengths=prefix_lengths)  # (b, 1, sq, sk)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     return qh, kh, vh, False, mask, allowed.any(-1)
 
 
-def _cpu_flash_forward(q, k, v, causal, scale, window=None, seg_q=None, seg_k=None):
+def _cpu_flash_forward(q, k, v, causal, scale, window=None, seg_q=None, seg_k=None, prefix_lengths=None):
     """One block's (out, lse) by torch's fused CPU flash attention (no window: context parallelism takes none)."""
-    qh, kh, vh, is_causal, mask, seen = _cpu_block_args(q, k, v, causal, seg_q, seg_k)
+    qh, kh, vh, is_causal, mask, seen = _cpu_block_args(q, k, v, causal, seg_q, seg_k, prefix_lengths)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qh, kh, vh, 0.0, is_causal, attn_mask=mask, scale=scale
     )
@@ -120,13 +122,14 @@ def _cpu_flash_forward(q, k, v, causal, scale, window=None, seg_q=None, seg_k=No
     return out.transpose(1, 2), lse.float()
 
 
-def _cpu_flash_backward(dout, dlse, q, k, v, out, lse, causal, scale, window=None, seg_q=None, seg_k=None):
+def _cpu_flash_backward(dout, dlse, q, k, v, out, lse, causal, scale, window=None, seg_q=None, seg_k=None,
+                        prefix_lengths=None):  # fmt: skip
     """One block's (dq, dk, dv) from the merged out and lse by the op's backward (no lse gradient: ring attention
     passes none); kv-head gradients summed over their query-head group."""
     if dlse is not None:
         raise ValueError("the CPU flash block backward takes no lse gradient")
     b, sk, hk, d = k.shape
-    qh, kh, vh, is_causal, mask, _ = _cpu_block_args(q, k, v, causal, seg_q, seg_k)
+    qh, kh, vh, is_causal, mask, _ = _cpu_block_args(q, k, v, causal, seg_q, seg_k, prefix_lengths)
     lse = torch.where(torch.isneginf(lse), float("inf"), lse)  # a row without keys: p = exp(s - inf) = 0
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -160,6 +163,46 @@ def _step_plan(t: int, rank: int, cp: int, causal: bool, c: int) -> tuple[slice,
     return slice(c, None), everything, False  # only the second query chunk sees src, all of it
 
 
+def _step_blocks(t: int, rank: int, cp: int, causal: bool, c: int, seg: torch.Tensor | None,
+                 seg_kv: torch.Tensor | None, prefix: torch.Tensor | None) -> list[tuple]:  # fmt: skip
+    """The blocks ring step t computes on `rank`: (query rows, key rows, causal, seg_q, seg_k, kernel prefix).
+
+    Without a prefix, `_step_plan`'s one block. With a per-row prefix (prefix LM: key j visible to every query when
+    j < prefix_lengths[b], besides the causal keys), keys after the queries become visible up to the prefix, where the
+    causal plan skips them. The zigzag chunks of a rank are in increasing position order, so the keys inside the
+    prefix are always a leading run of a block's keys: at step 0 the kernel's own prefix (the run's length, which may
+    span both chunks) widens the causal block; at later steps the block the causal mask hides is computed too, its
+    keys past the run masked by segment ids (the documents' ids where there are documents, -1 past the run)."""
+    rows, cols, blk_causal = _step_plan(t, rank, cp, causal, c)
+
+    def segs(r, k):
+        return (None, None) if seg is None else (seg[:, r].contiguous(), seg_kv[:, k].contiguous())
+
+    if prefix is None or not causal:
+        return [(rows, cols, blk_causal, *segs(rows, cols), None)]
+
+    def inside(start: int) -> torch.Tensor:  # keys of the chunk starting at `start` inside each row's prefix
+        return (prefix - start).clamp(0, c)
+
+    if t == 0:
+        return [(rows, cols, True, *segs(rows, cols), inside(rank * c) + inside((2 * cp - 1 - rank) * c))]
+    src = (rank - t) % cp
+    first, second = src * c, (2 * cp - 1 - src) * c
+    if src < rank:  # hidden: src's second chunk, after both query chunks
+        hidden_rows, hidden_cols, run = slice(None), slice(c, None), inside(second)
+    else:  # hidden: both of src's chunks, after this rank's first chunk
+        hidden_rows, hidden_cols, run = slice(0, c), slice(None), inside(first) + inside(second)
+    n_rows = 2 * c if hidden_rows.start is None else c
+    n_cols = 2 * c if hidden_cols.start is None else c
+    seg_q, seg_k = segs(hidden_rows, hidden_cols)
+    if seg_q is None:
+        seg_q = torch.zeros(prefix.shape[0], n_rows, dtype=torch.int32, device=prefix.device)
+        seg_k = torch.zeros(prefix.shape[0], n_cols, dtype=torch.int32, device=prefix.device)
+    past = torch.arange(n_cols, device=prefix.device) >= run[:, None]
+    seg_k = seg_k.masked_fill(past, -1)
+    return [(rows, cols, blk_causal, *segs(rows, cols), None), (hidden_rows, hidden_cols, False, seg_q, seg_k, None)]
+
+
 class _Ring:
     """The cp group's ring: this rank's neighbours and the batched transfers of one step."""
 
@@ -189,12 +232,12 @@ class RingAttentionFunction(torch.autograd.Function):
     chunks, `seg` (b, 2c) their segment ids or None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seg, causal, scale, group, backend):
+    def forward(ctx, q, k, v, seg, causal, scale, group, backend, prefix=None):
         with torch.autocast(q.device.type, enabled=False):  # the blocks pick their own precision (fp32 statistics)
-            return RingAttentionFunction._forward(ctx, q, k, v, seg, causal, scale, group, backend)
+            return RingAttentionFunction._forward(ctx, q, k, v, seg, causal, scale, group, backend, prefix)
 
     @staticmethod
-    def _forward(ctx, q, k, v, seg, causal, scale, group, backend):
+    def _forward(ctx, q, k, v, seg, causal, scale, group, backend, prefix):
         ring = _Ring(group)
         fwd, _ = _block_fns(backend, q)
         c = q.shape[1] // 2
@@ -204,18 +247,18 @@ class RingAttentionFunction(torch.autograd.Function):
         kv = [k, v] if seg is None else [k, v, seg]
         for t in range(ring.size):
             nxt, works = ring.exchange(kv) if t < ring.size - 1 else (None, [])
-            rows, cols, blk_causal = _step_plan(t, ring.rank, ring.size, causal, c)
-            sq = None if seg is None else seg[:, rows].contiguous()
-            sk = None if seg is None else kv[2][:, cols].contiguous()
-            blk_out, blk_lse = fwd(
-                q[:, rows].contiguous(), kv[0][:, cols].contiguous(), kv[1][:, cols].contiguous(), blk_causal, scale,
-                seg_q=sq, seg_k=sk,
-            )  # fmt: skip
-            _merge(out[:, rows], lse[:, :, rows], blk_out, blk_lse)
+            seg_kv = None if seg is None else kv[2]
+            for rows, cols, blk_causal, sq, sk, blk_prefix in _step_blocks(t, ring.rank, ring.size, causal, c, seg,
+                                                                           seg_kv, prefix):  # fmt: skip
+                blk_out, blk_lse = fwd(
+                    q[:, rows].contiguous(), kv[0][:, cols].contiguous(), kv[1][:, cols].contiguous(), blk_causal,
+                    scale, seg_q=sq, seg_k=sk, prefix_lengths=blk_prefix,
+                )  # fmt: skip
+                _merge(out[:, rows], lse[:, :, rows], blk_out, blk_lse)
             _wait(works)
             kv = nxt
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, seg, out, lse)
+        ctx.save_for_backward(q, k, v, seg, out, lse, prefix)
         ctx.causal, ctx.scale, ctx.group, ctx.backend = causal, scale, group, backend
         return out
 
@@ -226,7 +269,7 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout):
-        q, k, v, seg, out, lse = ctx.saved_tensors
+        q, k, v, seg, out, lse, prefix = ctx.saved_tensors
         ring = _Ring(ctx.group)
         _, bwd = _block_fns(ctx.backend, q)
         c = q.shape[1] // 2
@@ -236,26 +279,29 @@ class RingAttentionFunction(torch.autograd.Function):
         acc, acc_works = None, []  # the gradient accumulator of the k/v held now, arriving from the previous rank
         for t in range(ring.size):
             nxt, works = ring.exchange(kv) if t < ring.size - 1 else (None, [])
-            rows, cols, blk_causal = _step_plan(t, ring.rank, ring.size, ctx.causal, c)
-            sq = None if seg is None else seg[:, rows].contiguous()
-            sk = None if seg is None else kv[2][:, cols].contiguous()
-            dq_b, dk_b, dv_b = bwd(
-                dout[:, rows].contiguous(), None, q[:, rows].contiguous(), kv[0][:, cols].contiguous(),
-                kv[1][:, cols].contiguous(), out[:, rows].contiguous(), lse[:, :, rows].contiguous(), blk_causal,
-                ctx.scale, seg_q=sq, seg_k=sk,
-            )  # fmt: skip
-            dq[:, rows] += dq_b.float()
+            seg_kv = None if seg is None else kv[2]
+            grads = []
+            for rows, cols, blk_causal, sq, sk, blk_prefix in _step_blocks(t, ring.rank, ring.size, ctx.causal, c, seg,
+                                                                           seg_kv, prefix):  # fmt: skip
+                dq_b, dk_b, dv_b = bwd(
+                    dout[:, rows].contiguous(), None, q[:, rows].contiguous(), kv[0][:, cols].contiguous(),
+                    kv[1][:, cols].contiguous(), out[:, rows].contiguous(), lse[:, :, rows].contiguous(), blk_causal,
+                    ctx.scale, seg_q=sq, seg_k=sk, prefix_lengths=blk_prefix,
+                )  # fmt: skip
+                dq[:, rows] += dq_b.float()
+                grads.append((cols, dk_b, dv_b))
             _wait(acc_works)
             if acc is None:
                 acc = [torch.zeros(k.shape, dtype=torch.float32, device=k.device) for _ in range(2)]
-            acc[0][:, cols] += dk_b.float()
-            acc[1][:, cols] += dv_b.float()
+            for cols, dk_b, dv_b in grads:
+                acc[0][:, cols] += dk_b.float()
+                acc[1][:, cols] += dv_b.float()
             if ring.size > 1:  # on to the next rank; the previous rank's arrives for step t + 1
                 sent, (acc, acc_works) = acc, ring.exchange(acc)  # noqa: F841 (`sent` lives until the works end)
             _wait(works)
             kv = nxt
         _wait(acc_works)  # after the last step: this rank's own k/v gradients, home from their trip
-        return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype), None, None, None, None, None, None
 
 
 def ring_attention(
@@ -267,15 +313,24 @@ def ring_attention(
     segment_ids: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's zigzag chunks q, k, v (b, 2c, heads, head_dim) over the whole sequence held by the
-    cp `group` (module docstring); `segment_ids` (b, 2c): this rank's chunks of the documents' ids."""
+    cp `group` (module docstring); `segment_ids` (b, 2c): this rank's chunks of the documents' ids; `prefix_lengths`
+    (b,): each row's prefix in positions of the whole sequence, seen by every query (prefix LM, with `causal`)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if q.shape[1] % 2:
         raise LayoutError(f"ring attention needs an even local sequence (two zigzag chunks), got {q.shape[1]}")
     if segment_ids is not None:
         segment_ids = segment_ids.to(torch.int32).contiguous()
-    return RingAttentionFunction.apply(q, k, v, segment_ids, bool(causal), scale, group, backend)
+    if prefix_lengths is not None:
+        if not causal:
+            raise ValueError("ring attention: prefix_lengths needs causal=True (without it every key is visible)")
+        if tuple(prefix_lengths.shape) != (q.shape[0],) or prefix_lengths.is_floating_point():
+            raise ValueError(f"ring attention: prefix_lengths must be an integer tensor of shape ({q.shape[0]},), "
+                             f"got {prefix_lengths.dtype} {tuple(prefix_lengths.shape)}")  # fmt: skip
+        prefix_lengths = prefix_lengths.to(device=q.device, dtype=torch.int64)
+    return RingAttentionFunction.apply(q, k, v, segment_ids, bool(causal), scale, group, backend, prefix_lengths)
 
 
 # --- all-to-all (Ulysses) ---
@@ -365,10 +420,8 @@ class ContextParallelAttentionCore(AttentionCore):
         if mask is not None:
             raise ValueError("context parallelism takes no explicit attention mask; use segment ids")
         if self.impl == "ring":
-            if prefix_lengths is not None:
-                raise LayoutError("a per-row prefix (prefix LM) under ring context parallelism is not supported: "
-                                  "use parallel.cp_impl alltoall")  # fmt: skip
-            return ring_attention(q, k, v, self.group, causal, segment_ids, backend=self.backend)
+            return ring_attention(q, k, v, self.group, causal, segment_ids, backend=self.backend,
+                                  prefix_lengths=prefix_lengths)  # fmt: skip
         return ulysses_attention(q, k, v, self.group, causal, segment_ids, self.backend, prefix_lengths)
 
     def extra_repr(self) -> str:

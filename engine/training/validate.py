@@ -54,9 +54,6 @@ def check_config(cfg: Config) -> None:
             check_context_parallel(cfg.model.seq_len, p.cp, p.cp_impl, cfg.model.n_heads // p.tp)
         except ValueError as e:
             raise TrainError(str(e)) from None
-    if cfg.train.objective == "prefix" and p.cp > 1 and p.cp_impl == "ring":  # all-to-all attends in natural order
-        raise TrainError("train.objective prefix (a bidirectional prefix) with ring context parallelism is not "
-                         "supported yet: use --parallel.cp_impl alltoall, or tp, pp, dp or dp_shard")  # fmt: skip
     if cfg.train.objective in ("span", "ul2") or cfg.model.arch == "t5":
         from engine.model.encoder_decoder import check_encoder_decoder
 

@@ -44,42 +44,54 @@ def _case(seed, b=2, s=24, hq=4, hk=2, d=8, docs=False):
 
 
 def _check_layouts(rank, world, impls, backend="torch", s=24):
+    """Each case (impl, causal, docs, kv heads[, per-row prefix lengths]) against one-process attention."""
     group = dist.group.WORLD
-    for seed, (impl, causal, docs, hk) in enumerate(impls):
-        q, k, v, dy, seg = _case(seed, s=s, hk=hk, docs=docs)
+    for seed, (impl, causal, docs, hk, *prefix) in enumerate(impls):
+        prefix = torch.tensor(prefix[0]) if prefix else None
+        q, k, v, dy, seg = _case(seed, b=2 if prefix is None else len(prefix), s=s, hk=hk, docs=docs)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref = attention(*leaves, causal=causal, backend="torch", segment_ids=seg)
+        ref = attention(*leaves, causal=causal, backend="torch", segment_ids=seg, prefix_lengths=prefix)
         ref.backward(dy)
         mine = [shard_sequence(t, world, rank).requires_grad_() for t in (q, k, v)]
         my_seg = None if seg is None else shard_sequence(seg, world, rank)
         if impl == "ring":
-            out = ring_attention(*mine, group, causal=causal, segment_ids=my_seg, backend=backend)
+            out = ring_attention(*mine, group, causal=causal, segment_ids=my_seg, backend=backend,
+                                 prefix_lengths=prefix)  # fmt: skip
         else:
-            out = ulysses_attention(*mine, group, causal=causal, segment_ids=my_seg, backend=backend)
+            out = ulysses_attention(*mine, group, causal=causal, segment_ids=my_seg, backend=backend,
+                                    prefix_lengths=prefix)  # fmt: skip
         out.backward(shard_sequence(dy, world, rank))
-        what = f"{impl} cp={world} causal={causal} docs={docs} hk={hk} {backend}"
+        what = f"{impl} cp={world} causal={causal} docs={docs} hk={hk} prefix={prefix} {backend}"
         _close(out, shard_sequence(ref, world, rank), f"{what} out")
         for name, m, full in zip("qkv", mine, leaves):
             _close(m.grad, shard_sequence(full.grad, world, rank), f"{what} d{name}")
     return True
 
 
+# Per-row prefixes (prefix LM) over 24 tokens (cp 2: chunks of 6, rank 0 holding positions 0-5 and 18-23; cp 4:
+# chunks of 3): none, inside the first chunk, across a chunk boundary, into the last chunk, the whole row.
+PREFIXES = (0, 5, 8, 19, 24)
+
+
 def test_ring_and_alltoall_match_whole_sequence_attention_cp2():
     cases = [("ring", True, False, 2), ("ring", True, True, 2), ("ring", False, True, 4), ("ring", True, True, 1),
-             ("alltoall", True, False, 2), ("alltoall", True, True, 1), ("alltoall", False, True, 4)]  # fmt: skip
+             ("alltoall", True, False, 2), ("alltoall", True, True, 1), ("alltoall", False, True, 4),
+             ("ring", True, False, 2, PREFIXES), ("ring", True, True, 1, PREFIXES)]  # fmt: skip
     assert all(run_distributed(_check_layouts, 2, cases))
 
 
 def test_ring_and_alltoall_match_whole_sequence_attention_cp4():
-    cases = [("ring", True, True, 2), ("ring", False, False, 2), ("alltoall", True, True, 4)]
+    cases = [("ring", True, True, 2), ("ring", False, False, 2), ("alltoall", True, True, 4),
+             ("ring", True, False, 2, PREFIXES + (13, 2))]  # fmt: skip
     assert all(run_distributed(_check_layouts, 4, cases))
 
 
 def test_ring_with_our_flash_attention_kernel_cp2():
     """The ring's blocks through the Triton kernel's host functions (interpreter): segment ids of the query and the
     travelling key blocks, of different lengths in the half-sequence steps; 40 tokens make 20-token chunks, more than
-    one 16-wide tile."""
-    cases = [("ring", True, True, 2), ("ring", False, True, 1)]
+    one 16-wide tile; per-row prefixes (the kernel's own at step 0, a key run by segment ids after it)."""
+    cases = [("ring", True, True, 2), ("ring", False, True, 1), ("ring", True, False, 2, (0, 7, 23, 31, 40)),
+             ("ring", True, True, 1, (3, 27))]  # fmt: skip
     env = {"TRITON_INTERPRET": "1"}
     assert all(run_distributed(_check_layouts, 2, cases, "triton", 40, env=env))
 

@@ -160,6 +160,7 @@ TP_CASES = {
     "span cp, odd decoder length": (CP2, "span seq 36"),
     "span cp all-to-all": (dict(CP2, parallel__cp_impl="alltoall"), "span"),  # 8 decoder tokens, 32 encoder ones
     "prefix cp all-to-all": (dict(CP2, parallel__cp_impl="alltoall"), "prefix"),
+    "prefix cp": (CP2, "prefix"),  # the ring: keys after the queries visible up to each row's prefix
 }  # label: (the layout's flags, the objective's flags in OBJECTIVE_ARGS)
 OBJECTIVE_ARGS = {
     **{o: dict(T5, train__objective=o) if o in ("span", "ul2") else dict(train__objective=o) for o in TP_OBJECTIVES},
@@ -211,7 +212,6 @@ def test_objectives_at_tp2_sp_and_cp2_give_the_one_process_losses(tmp_path, tiny
         (dict(T5, train__objective="span", parallel__pp=2), "model.arch t5 with parallel.pp > 1 is not supported"),
         (dict(T5, train__objective="ul2", model__seq_len=1024), "more than the tokenizer's 100 sentinel ids"),
         (dict(train__objective="fim", objective__fim_rate=1.5), "objective.fim_rate 1.5 is outside [0, 1]"),
-        (dict(train__objective="prefix", parallel__cp=2), "train.objective prefix (a bidirectional prefix) with ring"),
         (dict(train__objective="prefix", objective__prefix_max_frac=1.5), "objective.prefix_max_frac 1.5 is outside"),
         (dict(train__objective="mtp", objective__mtp_depth=0), "objective.mtp_depth must be a positive integer, got 0"),
         (dict(train__objective="mtp", objective__mtp_lambda=-1), "objective.mtp_lambda must be >= 0, got -1.0"),
