@@ -14,6 +14,7 @@ kernel on the same inputs, so the same bits.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -21,61 +22,64 @@ import torch
 from torch import nn
 
 from engine.model.shared_cast import autocast_dtype
-from engine.parallel.saved_tensors import SavedSource, SavedTensorScope
+from engine.parallel.saved_tensors import SavedSource, SavedTensorScope, same_storage
 
 
 class _Recomputed(SavedSource):
-    """An output saved as the inputs it is computed from (the payload)."""
+    """An output saved as the inputs it is computed from (the payload), rebuilt under the forward's autocast state."""
 
-    __slots__ = ("fn", "autocast")
+    __slots__ = ("fn", "device", "autocast")
 
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
-                 autocast: tuple[str, torch.dtype] | None):  # fmt: skip
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]):
         super().__init__(inputs)
-        self.fn, self.autocast = fn, autocast
+        self.fn, self.device = fn, inputs[0].device.type
+        self.autocast = autocast_dtype(inputs[0])  # None: autocast was off, and stays off for the rebuild
 
     def build(self, *inputs: torch.Tensor) -> torch.Tensor:
-        cast = torch.autocast(self.autocast[0], self.autocast[1]) if self.autocast else contextlib.nullcontext()
+        if self.device not in ("cpu", "cuda"):
+            cast = contextlib.nullcontext()
+        elif self.autocast is None:
+            cast = torch.autocast(self.device, enabled=False)
+        else:
+            cast = torch.autocast(self.device, self.autocast)
         with torch.no_grad(), cast:
             return self.fn(*inputs)
 
 
-def _autocast_state(x: torch.Tensor) -> tuple[str, torch.dtype] | None:
-    dtype = autocast_dtype(x)
-    return (x.device.type, dtype) if dtype is not None else None
-
-
 class RecomputedOutput:
-    """Hooks that save `producer`'s output, where `consumer` saves it, as the producer's inputs (module docstring)."""
+    """Hooks that save `producer`'s output, where `consumer` saves it, as the producer's inputs (module docstring).
+    The output is held weakly between the two calls (a producer call no consumer follows keeps nothing alive), and
+    matched only if the consumer's first input is it (or a view of it), unchanged since the producer made it."""
 
     def __init__(self, producer: nn.Module, consumer: nn.Module):
         self.producer = producer
-        self._last: _Recomputed | None = None
-        self._output: torch.Tensor | None = None
+        self._last: tuple[weakref.ref, int, _Recomputed] | None = None  # (output, its version, its source)
         self._scopes: list[SavedTensorScope | None] = []
         producer.register_forward_hook(self.produced)
         consumer.register_forward_pre_hook(self.enter)
-        consumer.register_forward_hook(self.exit, always_call=True)
+        consumer.register_forward_hook(self.leave, always_call=True)
 
     def produced(self, module: nn.Module, args: tuple, output: Any) -> None:
         tensors = isinstance(output, torch.Tensor) and args and all(isinstance(a, torch.Tensor) for a in args)
         if not torch.is_grad_enabled() or not tensors:
-            self._last = self._output = None
+            self._last = None
             return
-        inputs = tuple(a.detach() for a in args)
-        self._last, self._output = _Recomputed(self.producer.forward, inputs, _autocast_state(args[0])), output
+        source = _Recomputed(self.producer.forward, tuple(a.detach() for a in args))
+        self._last = (weakref.ref(output), output._version, source)
 
     def enter(self, module: nn.Module, args: tuple) -> None:
+        last, self._last = self._last, None  # one consumer call per producer call
+        output = last[0]() if last is not None else None
         scope = None
-        if torch.is_grad_enabled() and self._last is not None:
+        if (output is not None and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor)
+                and output._version == last[1] and same_storage(args[0], output)):  # fmt: skip
             scope = SavedTensorScope()
-            scope.add(self._output, self._last)
+            scope.add(output, last[2])
             scope.__enter__()
-        self._last = self._output = None  # one consumer call per producer call
         self._scopes.append(scope)
 
-    def exit(self, module: nn.Module, args: tuple, output: Any) -> None:
-        scope = self._scopes.pop()
+    def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        scope = self._scopes.pop() if self._scopes else None  # empty if an earlier pre-hook raised before ours
         if scope is not None:
             scope.__exit__(None, None, None)
 

@@ -36,17 +36,24 @@ def _key(t: torch.Tensor) -> _Key | None:
     return (ptr, t.dtype) if ptr else None
 
 
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` is `b` or a view of the same storage, in the same dtype."""
+    key = _key(a)
+    return key is not None and key == _key(b)
+
+
 class SavedSource:
     """How to rebuild one registered tensor from `payload` (a tuple of tensors). Subclasses define `build`; the
     rebuilt tensor is kept until every operation that saved it took it back, then let go (a retained graph's next
     backward rebuilds it once more)."""
 
-    __slots__ = ("payload", "packed", "unpacked", "outer_packed", "_value", "__weakref__")
+    __slots__ = ("payload", "packed", "unpacked", "outer_packed", "layout", "_value", "__weakref__")
 
     def __init__(self, payload: tuple[torch.Tensor, ...]):
         self.payload: tuple[torch.Tensor, ...] | None = payload
         self.packed = self.unpacked = 0  # operations that saved it / have taken it back (in this backward)
         self.outer_packed: tuple | None = None  # the payload as the outer hooks packed it, once for all consumers
+        self.layout: tuple = ()  # the registered tensor's (shape, strides, storage offset), set by the scope
         self._value: torch.Tensor | None = None
 
     def build(self, *payload: torch.Tensor) -> torch.Tensor:
@@ -55,7 +62,11 @@ class SavedSource:
     def value(self, payload: Callable[[], tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """The rebuilt tensor; `payload()` is called only to build it (outer hooks may allow one unpack only)."""
         if self._value is None:
-            self._value = self.build(*payload())
+            value = self.build(*payload())
+            shape, stride, _ = self.layout
+            if tuple(value.shape) != shape or value.stride() != stride:  # laid out as the registered tensor was
+                value = torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device).copy_(value)
+            self._value = value
         value = self._value
         self.unpacked += 1
         if self.unpacked >= self.packed:  # the last consumer: let go, and count afresh for a retained graph
@@ -70,19 +81,20 @@ class SavedSource:
 
 class _Token:
     """What an operation saved in place of a registered tensor (or a view of it): the source, the payload as the
-    outer hooks packed it, and the view's geometry (relative to the rebuilt tensor, laid out as the original)."""
+    outer hooks packed it, and the view's geometry (its storage offset relative to the registered tensor's)."""
 
     __slots__ = ("source", "packed_payload", "shape", "stride", "offset")
 
     def __init__(self, source: SavedSource, packed_payload: tuple, t: torch.Tensor):
         self.source, self.packed_payload = source, packed_payload
-        self.shape, self.stride, self.offset = t.shape, t.stride(), t.storage_offset()
+        self.shape, self.stride = t.shape, t.stride()
+        self.offset = t.storage_offset() - source.layout[2]
 
     def unpack(self, payload: Callable[[], tuple[torch.Tensor, ...]]) -> torch.Tensor:
         value = self.source.value(payload)
-        if value.shape == self.shape and value.stride() == self.stride and value.storage_offset() == self.offset:
+        if value.shape == self.shape and value.stride() == self.stride and self.offset == 0:
             return value
-        return value.as_strided(self.shape, self.stride, self.offset)
+        return value.as_strided(self.shape, self.stride, value.storage_offset() + self.offset)
 
 
 class SavedTensorScope:
@@ -101,9 +113,12 @@ class SavedTensorScope:
 
     def add(self, tensor: torch.Tensor, source: SavedSource) -> None:
         """Registers `tensor` (held, so its storage is not reused while matched), as it is now: once modified in
-        place it no longer matches, and is saved as it is."""
+        place it no longer matches, and is saved as it is. Only a tensor that is its whole storage is registered:
+        any view of that storage is then a view of it."""
         key = _key(tensor)
-        if key is not None:
+        whole = tensor.is_contiguous() and tensor.storage_offset() == 0
+        if key is not None and whole and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+            source.layout = (tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
             self.entries[key] = (tensor, tensor._version, source)
 
     def sources(self) -> list[SavedSource]:

@@ -6,9 +6,9 @@ stream and every norm's input are fp32, and the projections save a bf16 cast of 
 (softmax statistics instead of scores), dropout 0 by default, a SwiGLU MLP for llama. Measured on CPU with
 `torch.autograd.graph.saved_tensors_hooks` (tests/scaling/test_activation_tally.py), the tally here equals what the
 model saves byte for byte, for both kernel backends, every recompute mode, and tp 2 with and without sequence
-parallelism. At a 7B-like shape (d_model 4096, 32 heads, seq 4096) an engine layer stores 1.06x Korthikanti's
-selective-recompute figure for gpt2 and for llama with the Triton kernels, 1.45x with the torch ones (whose RMSNorm
-keeps its fp32 normalised input and whose SwiGLU keeps silu(gate)).
+parallelism. At a 7B-like shape (d_model 4096, 32 heads, seq 4096) an engine layer without recomputation stores
+1.06x Korthikanti's selective-recompute figure for gpt2 and for llama with the Triton kernels, 1.45x with the torch
+ones (whose RMSNorm keeps its fp32 normalised input and whose SwiGLU keeps silu(gate)).
 
 Notation: n = tokens of one micro-batch on the rank (micro_batch * seq_len / cp), h = d_model, a = heads, f =
 ffn_hidden, t = tp, r = t with sequence parallelism else 1 (what sp shards along the sequence), v = padded vocabulary,
@@ -64,9 +64,10 @@ Besides activations, autocast keeps a bf16 copy of the matmul weights for the ba
 
 Not covered: dropout > 0 (the torch attention then falls back to a path that stores the s x s probabilities; use
 Korthikanti's tally, which counts masks), the fp16/fp32 precisions (every "bf16" above becomes the compute dtype's
-width), the t5 encoder-decoder, and the zero-bubble schedule's deferred weight gradients (between a micro-batch's B and
-W passes its projections' inputs stay alive, at the full sequence under sp). Small tensors that do not grow with n
-(rotary tables, scalars) are left out.
+width), the t5 encoder-decoder, the zero-bubble schedule's deferred weight gradients (between a micro-batch's B and W
+passes its projections' inputs stay alive, at the full sequence under sp), and FP8 linears (train.fp8: they keep
+their fp8 copy of the input instead, and the sp and selective savings above do not apply to it). Small tensors that do
+not grow with n (rotary tables, scalars) are left out.
 """
 
 from __future__ import annotations

@@ -122,3 +122,24 @@ def test_the_rebuild_runs_under_the_forward_autocast_state():
             y = c(p(a))
         y.float().square().sum().backward()
     assert torch.equal(consumer.weight.grad, ref_c.weight.grad) and torch.equal(producer.weight.grad, ref_p.weight.grad)
+
+
+def test_an_output_changed_in_place_or_never_consumed_is_left_alone():
+    """Changed in place between the producer and the consumer: saved as it is (no stale rebuild). A producer call no
+    consumer follows keeps nothing alive."""
+    import weakref
+
+    producer, consumer = torch.nn.GELU(approximate="tanh"), torch.nn.Linear(6, 3)
+    recompute_output(producer, consumer)
+    plain = torch.nn.Linear(6, 3)
+    plain.load_state_dict(consumer.state_dict())
+    a = torch.randn(4, 6)
+    consumer(producer(a).mul_(2.0)).square().sum().backward()
+    plain(torch.nn.functional.gelu(a, approximate="tanh").mul_(2.0)).square().sum().backward()
+    assert torch.equal(consumer.weight.grad, plain.weight.grad)
+
+    x = torch.randn(4, 6, requires_grad=True)
+    out = producer(x)
+    ref = weakref.ref(out)
+    del out
+    assert ref() is None

@@ -68,3 +68,23 @@ def test_outer_hooks_see_the_payload_once_and_every_other_tensor():
     assert (4, 3) in seen  # w, saved by the matmul: not registered, packed by the outer hooks
     want = _grads(x, w, register=False)
     assert all(torch.allclose(g, r, rtol=0, atol=1e-12) for g, r in zip(got, want, strict=True))
+
+
+def test_a_view_of_a_larger_storage_is_not_registered():
+    """Its storage holds more than it: another view of that storage must not be rebuilt from it."""
+    buffer = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)  # so that the products save their inputs
+    y = buffer * 1.0
+    part, other = y[:6], y[6:]
+    scope = SavedTensorScope()
+    _Halved.builds = 0
+    scope.add(part, _Halved((part.detach() / 2,)))
+    with scope:
+        loss = (part @ w).square().sum() + (other @ w).square().sum()
+    loss.backward()
+    assert _Halved.builds == 0
+    got_w, w.grad = w.grad, None
+    want = buffer.detach().clone().requires_grad_()
+    ((want * 1.0) @ w).square().sum().backward()
+    assert torch.allclose(buffer.grad, want.grad, rtol=0, atol=1e-12) and torch.allclose(got_w, w.grad, rtol=0,
+                                                                                        atol=1e-12)  # fmt: skip

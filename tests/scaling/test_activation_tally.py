@@ -117,6 +117,7 @@ TP = [
     dict(arch="gpt2", kernels="torch", tp=2),
     dict(arch="llama", kernels="torch", kv=2, tp=2, sp=True),
     dict(arch="llama", kernels="torch", kv=1, tp=2, recompute="selective"),
+    dict(arch="gpt2", kernels="torch", tp=2, sp=True, recompute="selective"),  # regathered, and the GELU recomputed
 ]
 
 
