@@ -31,6 +31,7 @@ from engine.checkpoint.checkpointer import (
     CheckpointError,
     _fsync_dir,
     complete_checkpoints,
+    damaged_checkpoints,
     resolve_checkpoint_path,
     verify_checkpoint,
 )
@@ -54,16 +55,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _root_of(path: str) -> Path | None:
+    """The checkpoints root PATH names (a run directory's `checkpoints`, or a root itself), or None for a checkpoint."""
+    p = Path(path)
+    if (p / MANIFEST).is_file() or not p.is_dir():
+        return None
+    return p if complete_checkpoints(p) or damaged_checkpoints(p) else p / "checkpoints"
+
+
 def _resolve(path: str) -> tuple[Path, Path | None]:
     """(the checkpoint directory, the checkpoints root when PATH was a run directory or a root, else None)."""
     try:
         ckpt = resolve_checkpoint_path(path)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
-    p = Path(path)
-    if (p / MANIFEST).is_file():
-        return ckpt, None
-    return ckpt, p if complete_checkpoints(p) else p / "checkpoints"
+    return ckpt, _root_of(path)
 
 
 def _summary(ckpt: Path, root: Path | None, with_tensors: bool) -> dict[str, Any]:
@@ -93,6 +99,7 @@ def _summary(ckpt: Path, root: Path | None, with_tensors: bool) -> dict[str, Any
         out["tensors"] = tensors
     if root is not None:
         out["checkpoints"] = [{"step": s, "path": str(d)} for s, d in complete_checkpoints(root)]
+        out["damaged"] = [{"step": s, "path": str(d), "problem": why} for s, d, why in damaged_checkpoints(root)]
         try:
             out["latest"] = (root / LATEST).read_text().strip() or None
         except OSError:
@@ -123,6 +130,8 @@ def _inspect(args) -> int:
         for c in s["checkpoints"]:
             mark = "  <- latest" if Path(c["path"]).name == s["latest"] else ""
             print(f"  step {c['step']}  {c['path']}{mark}")
+        for c in s["damaged"]:
+            print(f"  step {c['step']}  DAMAGED: {c['problem']}")
     return 0
 
 
@@ -134,15 +143,21 @@ def _verify_one(ckpt: Path) -> str:
 
 
 def _verify(args) -> int:
-    ckpt, root = _resolve(args.path)
-    targets = [d for _, d in complete_checkpoints(root)] if args.all and root is not None else [ckpt]
+    root = _root_of(args.path) if args.all else None
+    if root is None:  # one checkpoint: the path's, or the latest (an error if a newer one is damaged)
+        ckpt, _ = _resolve(args.path)
+        print(_verify_one(ckpt), flush=True)
+        return 0
+    found = [(s, d, None) for s, d in complete_checkpoints(root)] + damaged_checkpoints(root)
+    if not found:
+        raise UsageError(f"checkpoint path {args.path} holds no checkpoint")
     status = 0
-    for d in targets:
+    for _, d, problem in sorted(found, key=lambda x: x[0]):
         try:
+            if problem is not None:
+                raise CheckpointError(problem)
             print(_verify_one(d), flush=True)
         except CheckpointError as e:
-            if not args.all:
-                raise
             print(f"error: {e}", file=sys.stderr, flush=True)
             status = 1
     return status

@@ -198,18 +198,40 @@ def _remove_leftovers(root: Path, temporaries: bool = False) -> None:
                 warnings.warn(f"checkpoint: could not remove the leftover {d}: {e}", stacklevel=3)
 
 
-def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every complete checkpoint under `root` (those with a readable manifest), oldest first."""
+def _step_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every `step_X` directory under `root` (aside copies of an interrupted re-save recovered first)."""
     root = Path(root)
     if not root.is_dir():
         return []
     _recover_aside(root)
+    return [(int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_RE.match(d.name)) and d.is_dir()]
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under `root` (those with a readable manifest), oldest first."""
+    return sorted((step, d) for step, d in _step_dirs(root) if _manifest_ok(d))
+
+
+def damaged_checkpoints(root: str | Path) -> list[tuple[int, Path, str]]:
+    """(step, dir, problem) of every `step_X` directory under `root` whose manifest is missing or unreadable, oldest
+    first. A save renames its directory into place only once the manifest is on disk, so such a directory is damaged,
+    not unfinished: it is reported, never taken for absent (which would let a run start afresh over it)."""
     out = []
-    for d in root.iterdir():
-        m = _STEP_RE.match(d.name)
-        if m and d.is_dir() and _manifest_ok(d):
-            out.append((int(m.group(1)), d))
+    for step, d in _step_dirs(root):
+        if not _manifest_ok(d):
+            try:
+                read_manifest(d)
+                problem = f"checkpoint file {d / MANIFEST} is unreadable"
+            except CheckpointError as e:
+                problem = str(e)
+            out.append((step, d, problem))
     return sorted(out)
+
+
+def newer_damaged(root: str | Path, than: Path | None) -> list[tuple[int, Path, str]]:
+    """The damaged checkpoints under `root` newer than the complete one `than` (all of them when None)."""
+    step = int(_STEP_RE.match(than.name).group(1)) if than is not None and _STEP_RE.match(than.name) else -1
+    return [d for d in damaged_checkpoints(root) if d[0] > step]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -220,7 +242,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint directory from a user path: the directory itself, a checkpoints root, or a run directory."""
+    """A checkpoint directory from a user path: the directory itself, a checkpoints root, or a run directory (its
+    latest checkpoint; an error naming the problem when a newer one is damaged, rather than an older one silently)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist")
@@ -228,6 +251,10 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         return p
     for root in (p, p / "checkpoints"):
         found = latest_checkpoint(root)
+        damaged = newer_damaged(root, found)
+        if damaged:
+            older = f"; pass {found} to use the previous complete one" if found is not None else ""
+            raise CheckpointError(f"the latest checkpoint under {root} is damaged: {damaged[-1][2]}{older}")
         if found is not None:
             return found
     raise CheckpointError(f"checkpoint path {p} holds no complete checkpoint (no {MANIFEST})")

@@ -28,7 +28,9 @@ import torch.distributed as dist
 from engine.checkpoint.checkpointer import (
     CheckpointError,
     complete_checkpoints,
+    damaged_checkpoints,
     latest_checkpoint,
+    newer_damaged,
     resolve_checkpoint_path,
 )
 from engine.checkpoint.reader import CheckpointReader, verify_share
@@ -86,12 +88,19 @@ def resume_target(cfg: Config, ckpt_root: Path) -> Path | None:
             return resolve_checkpoint_path(cfg.resume)
         except CheckpointError as e:
             raise CheckpointError(f"--resume: {e}") from None
-    if cfg.resume == "never" and complete_checkpoints(ckpt_root):
+    if cfg.resume == "never" and (complete_checkpoints(ckpt_root) or damaged_checkpoints(ckpt_root)):
         raise CheckpointError(
             f"--resume never, but {ckpt_root} already holds checkpoints that this run would overwrite; "
             "use another --run.dir or --resume auto"
         )
-    return latest_checkpoint(ckpt_root) if cfg.resume == "auto" else None
+    if cfg.resume != "auto":
+        return None
+    found = latest_checkpoint(ckpt_root)
+    damaged = damaged_checkpoints(ckpt_root)
+    if found is None and damaged:  # starting afresh would overwrite them: the user decides
+        raise CheckpointError(f"no usable checkpoint under {ckpt_root}: {damaged[-1][2]}; move the run directory's "
+                              "checkpoints aside to start afresh")  # fmt: skip
+    return found
 
 
 def open_checkpoint(path: Path, cfg: Config, rcfg: Config, layout: dict[str, Any],
@@ -117,6 +126,8 @@ def open_checkpoint(path: Path, cfg: Config, rcfg: Config, layout: dict[str, Any
             raise CheckpointError(problem)
     else:
         raise CheckpointError(f"no usable checkpoint under {path.parent}: {problems[0]}")
+    if cfg.resume == "auto":  # damaged manifests (not listed as complete) newer than the one used
+        problems = [problem for _, _, problem in newer_damaged(path.parent, path)] + problems
     for problem in problems:
         notes.append(f"skipped an unusable checkpoint: {problem}; resuming from the previous complete one, {path}")
     reader = CheckpointReader(path)

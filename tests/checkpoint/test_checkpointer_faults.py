@@ -16,6 +16,7 @@ from engine.checkpoint.checkpointer import (
     CheckpointError,
     apply_retention,
     complete_checkpoints,
+    damaged_checkpoints,
     latest_checkpoint,
     resolve_checkpoint_path,
     save_checkpoint,
@@ -275,7 +276,11 @@ def test_corrupt_manifest_is_incomplete_and_named_on_load(tmp_path, content):
 
     assert _steps(tmp_path) == [1]
     assert latest_checkpoint(tmp_path).name == "step_00000001"  # `latest` names step 2: stale, so scanned
-    assert resolve_checkpoint_path(tmp_path).name == "step_00000001"
+    assert [(s, d.name) for s, d, _ in damaged_checkpoints(tmp_path)] == [(2, "step_00000002")]
+    with pytest.raises(CheckpointError) as info:  # a user path: the damage is named, not passed over for step 1
+        resolve_checkpoint_path(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "damaged" in message and str(manifest) in message and "step_00000001" in message
     assert apply_retention(tmp_path, 1) == []  # never counted, so never deleted in favour of it either
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)

@@ -110,6 +110,34 @@ def test_a_corrupt_or_partial_latest_checkpoint_falls_back_to_the_previous_one(t
     assert "step_00000008/optim_r00000.pt is missing" in line
 
 
+def test_a_damaged_manifest_is_named_and_never_passed_over_silently(tmp_path, tiny_data, capsys):
+    """A step directory whose manifest is truncated is a damaged checkpoint, not an absent one: --resume auto names it
+    and resumes from the previous complete one; with none left the run stops, leaving every file as it was, rather
+    than start afresh over them; the checkpoint CLI's verify fails on it."""
+    from engine.checkpoint.__main__ import main as checkpoint_main
+
+    run = tmp_path / "run"
+    assert main(tiny_args(run, *tiny_data, eval__every=0)) == 0  # checkpoints at steps 3 and 6
+    capsys.readouterr()
+    manifest = run / "checkpoints" / "step_00000006" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:100])
+    assert checkpoint_main(["verify", str(run)]) != 0
+    assert f"the latest checkpoint under {run / 'checkpoints'} is damaged: checkpoint file {manifest} is corrupt" in (
+        capsys.readouterr().err)  # fmt: skip
+    assert checkpoint_main(["verify", str(run), "--all"]) == 1
+    out = capsys.readouterr()
+    assert "ok: " in out.out and "step_00000003" in out.out and f"{manifest} is corrupt" in out.err
+    assert main(tiny_args(run, *tiny_data, eval__every=0, train__steps=7)) == 0
+    err = capsys.readouterr().err
+    assert f"skipped an unusable checkpoint: checkpoint file {manifest} is corrupt" in err
+    assert f"resuming from the previous complete one, {run / 'checkpoints' / 'step_00000003'}" in err
+    for m in (run / "checkpoints").glob("step_*/manifest.json"):
+        m.write_bytes(b"")
+    before = _snapshot(run)
+    _fails(capsys, tiny_args(run, *tiny_data, eval__every=0, train__steps=9), "no usable checkpoint under")
+    assert _snapshot(run) == before
+
+
 @pytest.mark.parametrize("bad", ["--train.steps", "--train.steps=x"])
 def test_flag_errors(bad, capsys):
     _fails(capsys, [bad], "train.steps")
