@@ -308,6 +308,8 @@ def _apply_mapping(cfg: Config, data: dict[str, Any], source: str) -> None:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory, not a TOML file")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
@@ -334,6 +336,8 @@ def load_config(argv: list[str] | None = None) -> Config:
         else:
             if i + 1 >= len(argv):
                 raise ConfigError(f"flag --{name} needs a value")
+            if argv[i + 1].startswith("--") and len(argv[i + 1]) > 2:  # a value never starts with --: a flag does
+                raise ConfigError(f"flag --{name} needs a value, got the flag {argv[i + 1]} instead")
             i += 1
             value = argv[i]
         pairs.append((name, value))

@@ -41,6 +41,8 @@ def test_to_toml_round_trip(tmp_path):
         (["--train.steps"], "needs a value"),
         (["train.steps", "3"], "unexpected argument"),
         (["--config", "/nonexistent.toml"], "does not exist"),
+        (["--config", "/"], "is a directory, not a TOML file"),
+        (["--model.d_model", "--run.dir", "x"], "flag --model.d_model needs a value, got the flag --run.dir instead"),
         (["--model", "3"], "is a section"),
     ],
 )
