@@ -12,10 +12,11 @@ Each block gives a partial output and log-sum-exp; they merge by the log-sum-exp
 With the zigzag layout, at step t rank r holds the k/v of rank s = r - t (mod cp): step 0 is causal attention over
 its own two chunks; for s < r both its query chunks see all of s's first chunk (and none of its second); for s > r
 only its second query chunk sees anything, all of s's two chunks. Blocks the causal mask hides are never computed,
-and every step costs the same (2c x c query-key pairs for chunk length c). The backward recomputes with the final
-lse (FlashAttention-2's backward per block), rotating k/v again; each k/v's gradient accumulator (fp32) travels one
-rank behind it and arrives at its owner after the last step. A per-row prefix (prefix LM) adds, at each later step,
-the block the causal mask hid, its keys limited to the prefix (`_step_blocks`).
+and every step costs the same (2c x c query-key pairs for chunk length c; with a prefix, up to twice that). The
+backward recomputes with the final lse (FlashAttention-2's backward per block), rotating k/v again; each k/v's
+gradient accumulator (fp32) travels one rank behind it and arrives at its owner after the last step. A per-row prefix
+(prefix LM) widens step 0's causal block by the kernel's own prefix and adds, at each later step, the block the causal
+mask hid, its keys limited to the prefix (`_step_blocks`).
 
 All-to-all (`ulysses_attention`; Jacobs et al. 2023, DeepSpeed-Ulysses): an all-to-all turns (sequence shard, all
 heads) into (whole sequence, heads / cp); attention runs over the whole sequence locally (in natural order: the
@@ -172,7 +173,8 @@ def _step_blocks(t: int, rank: int, cp: int, causal: bool, c: int, seg: torch.Te
     causal plan skips them. The zigzag chunks of a rank are in increasing position order, so the keys inside the
     prefix are always a leading run of a block's keys: at step 0 the kernel's own prefix (the run's length, which may
     span both chunks) widens the causal block; at later steps the block the causal mask hides is computed too, its
-    keys past the run masked by segment ids (the documents' ids where there are documents, -1 past the run)."""
+    keys past the run masked by segment ids (the documents' ids where there are documents; past the run, an id below
+    every query's of the row)."""
     rows, cols, blk_causal = _step_plan(t, rank, cp, causal, c)
 
     def segs(r, k):
@@ -196,10 +198,11 @@ def _step_blocks(t: int, rank: int, cp: int, causal: bool, c: int, seg: torch.Te
     n_cols = 2 * c if hidden_cols.start is None else c
     seg_q, seg_k = segs(hidden_rows, hidden_cols)
     if seg_q is None:
-        seg_q = torch.zeros(prefix.shape[0], n_rows, dtype=torch.int32, device=prefix.device)
-        seg_k = torch.zeros(prefix.shape[0], n_cols, dtype=torch.int32, device=prefix.device)
+        seg_q = torch.zeros(prefix.shape[0], n_rows, dtype=torch.int64, device=prefix.device)
+        seg_k = torch.zeros(prefix.shape[0], n_cols, dtype=torch.int64, device=prefix.device)
+    seg_q, seg_k = seg_q.long(), seg_k.long()  # the fill below must not wrap around
     past = torch.arange(n_cols, device=prefix.device) >= run[:, None]
-    seg_k = seg_k.masked_fill(past, -1)
+    seg_k = torch.where(past, seg_q.amin(1, keepdim=True) - 1, seg_k)  # an id no query of the row has
     return [(rows, cols, blk_causal, *segs(rows, cols), None), (hidden_rows, hidden_cols, False, seg_q, seg_k, None)]
 
 
@@ -326,7 +329,9 @@ def ring_attention(
     if prefix_lengths is not None:
         if not causal:
             raise ValueError("ring attention: prefix_lengths needs causal=True (without it every key is visible)")
-        if tuple(prefix_lengths.shape) != (q.shape[0],) or prefix_lengths.is_floating_point():
+        p = prefix_lengths
+        bad_dtype = p.is_floating_point() or p.is_complex() or p.dtype == torch.bool
+        if tuple(prefix_lengths.shape) != (q.shape[0],) or bad_dtype:
             raise ValueError(f"ring attention: prefix_lengths must be an integer tensor of shape ({q.shape[0]},), "
                              f"got {prefix_lengths.dtype} {tuple(prefix_lengths.shape)}")  # fmt: skip
         prefix_lengths = prefix_lengths.to(device=q.device, dtype=torch.int64)

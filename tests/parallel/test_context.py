@@ -48,7 +48,9 @@ def _check_layouts(rank, world, impls, backend="torch", s=24):
     group = dist.group.WORLD
     for seed, (impl, causal, docs, hk, *prefix) in enumerate(impls):
         prefix = torch.tensor(prefix[0]) if prefix else None
-        q, k, v, dy, seg = _case(seed, b=2 if prefix is None else len(prefix), s=s, hk=hk, docs=docs)
+        q, k, v, dy, seg = _case(seed, b=2 if prefix is None else len(prefix), s=s, hk=hk, docs=bool(docs))
+        if docs == "negative":  # any integer ids: none may meet the ring's fill past a prefix
+            seg = seg - 1
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = attention(*leaves, causal=causal, backend="torch", segment_ids=seg, prefix_lengths=prefix)
         ref.backward(dy)
@@ -76,7 +78,8 @@ PREFIXES = (0, 5, 8, 19, 24)
 def test_ring_and_alltoall_match_whole_sequence_attention_cp2():
     cases = [("ring", True, False, 2), ("ring", True, True, 2), ("ring", False, True, 4), ("ring", True, True, 1),
              ("alltoall", True, False, 2), ("alltoall", True, True, 1), ("alltoall", False, True, 4),
-             ("ring", True, False, 2, PREFIXES), ("ring", True, True, 1, PREFIXES)]  # fmt: skip
+             ("ring", True, False, 2, PREFIXES), ("ring", True, True, 1, PREFIXES),
+             ("ring", True, "negative", 2, PREFIXES)]  # fmt: skip
     assert all(run_distributed(_check_layouts, 2, cases))
 
 
