@@ -156,6 +156,19 @@ def _encode_chunk(texts: list[str], tokenizer: Tokenizer | None = None) -> tuple
     return flat, lengths, len(texts) - len(texts_kept)
 
 
+def check_output_prefix(output_prefix: str, files: Sequence[str], force: bool = True) -> None:
+    """One-line PreprocessError for an output prefix that names no file (ends in a separator), whose PREFIX.bin or
+    PREFIX.idx is one of the inputs (tokenising would overwrite what it reads), or, without `force`, exists."""
+    if not os.path.basename(output_prefix):
+        raise PreprocessError(f"--output-prefix {output_prefix!r} names a directory; give a file prefix like DIR/train")
+    inputs = {os.path.realpath(f) for f in files if f != "embedded"}
+    for out in (output_prefix + ".bin", output_prefix + ".idx"):
+        if os.path.realpath(out) in inputs:
+            raise PreprocessError(f"--output-prefix {output_prefix} would overwrite the input {out}")
+        if not force and os.path.exists(out):
+            raise PreprocessError(f"{out} exists; pass --force to replace it, or choose another --output-prefix")
+
+
 def preprocess(
     inputs: Sequence[str],
     output_prefix: str,
@@ -178,6 +191,7 @@ def preprocess(
     if chunk_docs < 1:  # 0 would silently send the whole corpus to one worker in one task
         raise PreprocessError(f"--chunk-docs must be at least 1, got {chunk_docs}")
     files = resolve_inputs(inputs)
+    check_output_prefix(output_prefix, files)
     tok = load_tokenizer(tokenizer, cache_dir, bpe_vocab)
     t0 = time.perf_counter()
     chunks = _chunks(iter_documents(files, json_key, split), chunk_docs)
@@ -228,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON-lines files (.jsonl/.json/.ndjson[.gz], one document per line), plain text files (one document "
         "per file), quoted globs (** allowed), or 'embedded' for the corpus shipped with Python",
     )
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (replaced if present)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (see --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing PREFIX.bin / PREFIX.idx")
     p.add_argument(
         "--tokenizer",
         default="bpe",
@@ -265,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_output_prefix(args.output_prefix, resolve_inputs(args.input), force=args.force)
         stats = preprocess(
             args.input,
             args.output_prefix,

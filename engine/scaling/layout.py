@@ -144,7 +144,8 @@ class Estimate:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small) | {n // d for d in small})
 
 
 def _ring(op: str, n: int) -> Fraction:
@@ -411,6 +412,8 @@ def plan_layouts(cfg: ModelConfig, gpus: int, global_batch: int, device: str = "
         raise LayoutError(f"unknown device {device!r}; one of {', '.join(DEVICES)}")
     if gpus < 1 or global_batch < 1:
         raise LayoutError(f"--gpus and --global-batch must be positive, got {gpus} and {global_batch}")
+    if top < 1:
+        raise LayoutError(f"--top must be at least 1, got {top}")
     dev = DEVICES[device]
     cands = layouts(cfg, gpus, global_batch, dev)
     if not cands:

@@ -110,6 +110,32 @@ def test_cli_final_line_and_help(tmp_path, capsys):
         assert flag in r.stdout
 
 
+def test_cli_never_overwrites_an_input_or_existing_output_unasked(tmp_path, capsys):
+    """An existing PREFIX.bin/.idx needs --force; an output that is one of the inputs is refused even with it; a
+    prefix ending in a separator names no file."""
+    src = write_jsonl(tmp_path / "in.jsonl", DOCS[:3])
+    prefix = str(tmp_path / "o")
+    assert main(["--input", src, "--tokenizer", "byte", "--output-prefix", prefix]) == 0
+    before = (tmp_path / "o.bin").read_bytes()
+    capsys.readouterr()
+    other = write_jsonl(tmp_path / "other.jsonl", DOCS[:1])
+    assert main(["--input", other, "--tokenizer", "byte", "--output-prefix", prefix]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {prefix}.bin exists; pass --force to replace it, or choose another --output-prefix"
+    assert (tmp_path / "o.bin").read_bytes() == before
+    assert main(["--input", other, "--tokenizer", "byte", "--output-prefix", prefix, "--force"]) == 0
+    assert (tmp_path / "o.bin").read_bytes() != before
+    victim = tmp_path / "text.bin"
+    victim.write_text("some text that is not tokens\n")
+    capsys.readouterr()
+    for force in ([], ["--force"]):
+        assert main(["--input", str(victim), "--output-prefix", str(tmp_path / "text"), *force]) == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+    assert victim.read_text() == "some text that is not tokens\n"
+    assert main(["--input", src, "--output-prefix", str(tmp_path) + "/"]) == 2
+    assert "names a directory" in capsys.readouterr().err
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------
 
 

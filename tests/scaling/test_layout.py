@@ -118,6 +118,18 @@ def test_cli_plans_the_configs_mtp_modules(tmp_path, capsys):
     assert "2 sequential MTP modules" in capsys.readouterr().out
 
 
+def test_divisors_and_a_huge_gpu_count():
+    """Divisors by trial up to the square root (a billion GPUs used to hang the planner); --top below 1 refused."""
+    from engine.scaling.layout import LayoutError, _divisors
+
+    assert all(_divisors(n) == [d for d in range(1, n + 1) if n % d == 0] for n in range(1, 300))
+    assert len(_divisors(10**12)) == 169  # 2^12 5^12
+    with pytest.raises(LayoutError, match="no layout divides 1000000000 GPUs"):  # at once, instead of hanging
+        plan_layouts(_tiny(), 10**9, 64, "h100", top=1)
+    with pytest.raises(LayoutError, match="--top must be at least 1, got 0"):
+        plan_layouts(_tiny(), 8, 8, "h100", top=0)
+
+
 def test_tp_bytes_match_the_counted_closed_form():
     """bench_tp's closed form (checked against counted collectives in tests/parallel/test_comm_count.py) at a real
     shape: the planner's tp term is its activation part exactly; the rest (cross-entropy statistics, replicated

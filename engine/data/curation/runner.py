@@ -69,6 +69,10 @@ def curate(
     if os.path.exists(output) and not os.path.isdir(output):
         raise CurationError(f"{output}: exists and is not a directory")
     paths = RunPaths(os.path.abspath(output))
+    others = set(os.listdir(output)) - {".curation"} if os.path.isdir(output) else set()
+    if others and not os.path.isfile(paths.manifest()):
+        raise CurationError(f"{output}: a non-empty directory that holds no curation run (its files would be "
+                            "overwritten); use a new --output")  # fmt: skip
     os.makedirs(paths.work, exist_ok=True)
     manifest = {
         "inputs": files,

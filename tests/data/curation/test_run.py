@@ -149,6 +149,21 @@ def test_cli_resumes_only_the_same_run(tmp_path, capsys):
     )
 
 
+def test_cli_refuses_a_non_empty_directory_that_holds_no_run(tmp_path, capsys):
+    """Its files would be overwritten (a report.json, a shard's name): refused, every file left as it was; the input's
+    own directory too."""
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": prose(1)}])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text("my notes")
+    for out in (mine, tmp_path):
+        rc, err = cli(capsys, "--input", good, "--output", out, "--steps", "pii")
+        assert rc == 2 and err == (f"error: {out}: a non-empty directory that holds no curation run (its files would "
+                                   "be overwritten); use a new --output")  # fmt: skip
+    assert (mine / "report.json").read_text() == "my notes"
+    assert sorted(p.name for p in mine.iterdir()) == ["report.json"]
+
+
 def test_parquet_needs_pyarrow(tmp_path, capsys):
     try:
         import pyarrow  # noqa: F401
