@@ -13,7 +13,8 @@ x MFU), since the laws' C = 6ND leaves out attention (and, for Kaplan, the vocab
 given in GPU-days.
 
 --toml writes the chosen law's model (--law, default chinchilla-1: Approach 1, ~20 tokens per parameter) as a config
-the trainer takes (`python -m engine.train --config OUT.toml`), with train.steps = ceil(D_opt / tokens per step).
+the trainer takes (`python -m engine.train --config OUT.toml`), with train.steps = ceil(D_opt / tokens per step); an
+existing OUT.toml is replaced only with --force.
 Only the model shape, the batch and the step count are planned: the layout (parallel section, micro_batch), the
 optimizer and the data are the trainer's defaults, to be set for the cluster.
 """
@@ -235,6 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length of the planned models (default 2048)")
     p.add_argument("--law", default="chinchilla-1", help=f"the law whose model --toml writes: {', '.join(LAWS)}")
     p.add_argument("--toml", help="write the --law row's model as a trainer config to this path")
+    p.add_argument("--force", action="store_true", help="replace an existing --toml file")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     return p
 
@@ -248,6 +250,8 @@ def cli_main(argv: list[str]) -> int:
         if args.vocab < 1 or args.seq_len < 1:
             raise PlanError("--vocab and --seq-len must be >= 1")
         device = args.device.lower()
+        if args.toml and Path(args.toml).exists() and not args.force:
+            raise PlanError(f"--toml {args.toml} exists; pass --force to replace it")
         rows = plan(args.flops, args.gpus, args.days, args.mfu, device, args.vocab, args.seq_len)
         if args.toml:
             row = next(r for r in rows if r.law == args.law)

@@ -82,6 +82,13 @@ def test_toml_round_trip_and_dry_run(tmp_path, capsys):
     assert train_main(["--config", str(out), "--train.dry_run", "true"]) == 0
     dry = capsys.readouterr().out
     assert f"{count_params(row.model):,} parameters" in dry
+    # an existing file is replaced only with --force
+    written = out.read_text()
+    out.write_text("my config")
+    assert cli_main(["--flops", "1e21", "--toml", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --toml {out} exists; pass --force to replace it"
+    assert out.read_text() == "my config"
+    assert cli_main(["--flops", "1e21", "--toml", str(out), "--force"]) == 0 and out.read_text() == written
 
 
 def test_json_and_the_module_entry_point(capsys):
