@@ -147,18 +147,21 @@ def cli_main(argv: list[str] | None = None) -> int:
         if not 0 <= args.drop_highest_loss <= len(runs) - 5:
             raise FitError(f"--drop-highest-loss must be between 0 and {len(runs) - 5} for {len(runs)} runs")
         fit3 = fit2 = None
-        if args.approach in ("3", "both"):
-            fit3 = fit_approach3(
-                runs.N,
-                runs.D,
-                runs.L,
-                grid=args.grid,
-                bootstrap=args.bootstrap,
-                seed=args.seed,
-                drop_highest_loss=args.drop_highest_loss,
-            )
-        if args.approach in ("2", "both"):
-            fit2 = fit_approach2(runs.N, runs.C, runs.L, bands_per_decade=args.bands_per_decade)
+        # the optimiser's trial points may overflow: the fits discard non-finite values, so numpy's warnings about
+        # them are noise on the terminal (a fit that fails says why in one line)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            if args.approach in ("3", "both"):
+                fit3 = fit_approach3(
+                    runs.N,
+                    runs.D,
+                    runs.L,
+                    grid=args.grid,
+                    bootstrap=args.bootstrap,
+                    seed=args.seed,
+                    drop_highest_loss=args.drop_highest_loss,
+                )
+            if args.approach in ("2", "both"):
+                fit2 = fit_approach2(runs.N, runs.C, runs.L, bands_per_decade=args.bands_per_decade)
         if args.plot:
             plot_fit(runs, fit3, fit2, args.plot, args.bands_per_decade)
     except FitError as exc:

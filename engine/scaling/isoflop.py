@@ -134,7 +134,8 @@ def fit_approach2(N, C, L, *, bands_per_decade: float = 4.0) -> Approach2Fit:
             )
         )
     if len(bands) < 2:
-        reasons = "; ".join(f"C={c:.3g} ({n} runs): {r}" for c, n, r in skipped) or "no bands"
+        reasons = "; ".join(f"C={c:.3g} ({n} runs): {r}" for c, n, r in skipped)
+        reasons = reasons or ("every run falls in one band" if bands else "no bands")
         raise FitError(f"Approach 2 needs at least 2 FLOP bands with a usable parabola, got {len(bands)} ({reasons})")
     cs = np.array([bd.C for bd in bands])
     a, k_n, a_se = _loglog_fit(cs, np.array([bd.N_opt for bd in bands]))

@@ -23,6 +23,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from itertools import product
 from pathlib import Path
 
@@ -323,6 +324,7 @@ def test_cli_flops_column_and_text_output(capsys):
         ("non_positive", "line 2: column 'N' value '-5' must be positive"),
         ("both", "not allowed with argument"),
         ("no_loss", "no loss column found"),
+        ("one_band", "got 1 (every run falls in one band)"),  # and no numpy warnings before the line
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, case, match):
@@ -344,9 +346,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case, match):
         argv += ["--tokens-column", "D", "--flops-column", "D"]
     elif case == "no_loss":
         write_csv(path, ["N", "D", "x"], good)
-    rc, out, err = run_cli(argv, capsys)
+    elif case == "one_band":  # every run at 1e18 FLOPs
+        write_csv(path, ["N", "C", "L"], [[1000 * (i + 1), 1e18, 3.0 + 0.1 * i] for i in range(10)])
+        argv += ["--flops-column", "C", "--approach", "both"]
+    with warnings.catch_warnings(record=True) as caught:  # a terminal would print them above the error line
+        warnings.simplefilter("always")
+        rc, out, err = run_cli(argv, capsys)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and match in err, err
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
 
 
 def test_cli_plot_without_matplotlib_is_one_line(tmp_path, capsys, monkeypatch):
