@@ -107,7 +107,9 @@ def document_writer(path: str, compresslevel: int = 6) -> Iterator:
     with atomic_write(path, "wb") as raw:
         stream = raw
         if path.endswith(".gz"):
-            stream = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0)
+            # the header's name is the final file's (the temporary's otherwise: gzip reads it from `raw`)
+            name = os.path.basename(path)[: -len(".gz")]
+            stream = gzip.GzipFile(name, mode="wb", compresslevel=compresslevel, fileobj=raw, mtime=0)
         out = io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
 
         def write(doc: dict) -> None:

@@ -202,3 +202,9 @@ def test_writer_gzip_round_trip_and_values_json_lacks(tmp_path):
         write({"text": "é", "when": datetime.date(2020, 1, 2), "n": [1]})
     assert read_jsonl(tmp_path / "w.jsonl.gz") == [{"text": "é", "when": "2020-01-02", "n": [1]}]
     assert not list(tmp_path.glob(".*tmp*"))  # renamed into place
+    # the gzip header names the final file, not the temporary one: the same documents give the same bytes
+    assert (tmp_path / "w.jsonl.gz").read_bytes()[10:].startswith(b"w.jsonl\x00")
+    first = (tmp_path / "w.jsonl.gz").read_bytes()
+    with document_writer(str(tmp_path / "w.jsonl.gz")) as write:
+        write({"text": "é", "when": datetime.date(2020, 1, 2), "n": [1]})
+    assert (tmp_path / "w.jsonl.gz").read_bytes() == first
