@@ -58,6 +58,11 @@ def _from_hf(args: argparse.Namespace, rest: list[str]) -> str:
             note = f"; vocabulary padded {hf_cfg.vocab_size} -> {needed} for the tokenizer's reserved ids"
             hf_cfg, _ = hf_model_config(hf_dir, vocab_size=needed)
         cfg.data.tokenizer = str((run_dir / HF_SUBDIR / "tokenizer.json").resolve())
+    elif "data.tokenizer" not in keys and cfg.data.tokenizer == "bpe" and hf_cfg.vocab_size < cfg.data.bpe_vocab:
+        # the weights convert, but training this run as configured would fail on the vocabulary: say so now
+        note += (f"; note: {hf_dir} has no tokenizer.json and its vocabulary ({hf_cfg.vocab_size}) is smaller than "
+                 f"the default tokenizer's (bpe, {cfg.data.bpe_vocab}): to train it, convert again with "
+                 "--data.tokenizer (byte, or a tokenizer.json)")  # fmt: skip
     cfg.model = merge_model(hf_cfg, cfg.model, overridden, str(hf_dir / "config.json"))
     model = model_from_state(hf_to_ours(read_weights(hf_dir), cfg.model, str(hf_dir)), cfg.model, str(hf_dir))
     (run_dir / HF_SUBDIR).mkdir(parents=True, exist_ok=True)

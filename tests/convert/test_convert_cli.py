@@ -136,7 +136,8 @@ def test_bad_input_is_one_line(hf_dir, tmp_path, capsys):
     assert "model.d_model comes from" in _error(capsys, shaped)
     assert "model.seq_len comes from" in _error(capsys, [*shaped[:3], "--model.seq_len", "8"])  # learned positions
     assert main(["from-hf", str(hf_dir), str(tmp_path / "run"), "--model.dropout", "0.1"]) == 0
-    capsys.readouterr()
+    # no tokenizer.json and a vocabulary below the default BPE's: the conversion says how to make the run trainable
+    assert "--data.tokenizer (byte, or a tokenizer.json)" in capsys.readouterr().out
     assert "already holds checkpoints" in _error(capsys, ["from-hf", str(hf_dir), str(tmp_path / "run")])
     assert "already holds a model" in _error(capsys, ["to-hf", str(tmp_path / "run"), str(hf_dir)])
     assert "does not exist" in _error(capsys, ["to-hf", str(tmp_path / "nowhere"), str(tmp_path / "out")])
