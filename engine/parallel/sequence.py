@@ -58,13 +58,7 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     """Concatenates every rank's `x` along `dim`, in rank order."""
-    n = dist.get_world_size(group)
-    if n == 1:
-        return x
-    xt = x.movedim(dim, 0).contiguous()  # one contiguous block per rank, so a single flat collective does it
-    out = torch.empty((n * xt.shape[0], *xt.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_fn()(out, xt, group=group)
-    return out.movedim(0, dim).contiguous()
+    return all_gather_async(x, dim, group)()
 
 
 def all_gather_async(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> Callable[[], torch.Tensor]:
@@ -72,7 +66,7 @@ def all_gather_async(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> Cal
     n = dist.get_world_size(group)
     if n == 1:
         return lambda: x
-    xt = x.movedim(dim, 0).contiguous()
+    xt = x.movedim(dim, 0).contiguous()  # one contiguous block per rank, so a single flat collective does it
     out = torch.empty((n * xt.shape[0], *xt.shape[1:]), dtype=x.dtype, device=x.device)
     work = _all_gather_fn()(out, xt, group=group, async_op=True)
 
